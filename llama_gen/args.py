@@ -1,0 +1,125 @@
+"""The model's shape, read once from Meta's params.json and frozen."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+LLAMA_3_ROPE_LOW_FREQ_FACTOR = 1.0
+LLAMA_3_ROPE_HIGH_FREQ_FACTOR = 4.0
+LLAMA_3_ROPE_ORIGINAL_CONTEXT = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int  # -1 in Llama 1/2 files: resolved from the tokenizer by `with_vocab_size`
+    n_kv_heads: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float = 8.0  # Llama 3.1; Llama 3.2's small models use 32
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
+        """Validate a params.json dict strictly: unknown keys warn, missing or mistyped keys fail."""
+        if not isinstance(params, dict):
+            raise UserError(f"{source}: expected a JSON object, got {type(params).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in sorted(set(params) - set(fields)):
+            log.warning("%s: ignoring unknown field %r", source, key)
+        missing = [
+            name for name, f in fields.items()
+            if f.default is dataclasses.MISSING and name not in params
+        ]
+        if missing:
+            raise UserError(f"{source}: missing required field(s) {', '.join(missing)}")
+        values = {name: _checked(source, name, params[name], fields[name].type)
+                  for name in fields if name in params}
+        args = cls(**values)
+        args._check_shape(source)
+        return args
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelArgs:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: not found; a Meta checkpoint directory holds params.json "
+                            "and consolidated.NN.pth shards") from None
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        return cls.from_params(params, source=str(path))
+
+    def with_vocab_size(self, tokenizer_vocab: int, source: str = "params.json") -> ModelArgs:
+        """Resolve vocab_size -1 from the tokenizer, or check that both agree."""
+        if self.vocab_size == -1:
+            return dataclasses.replace(self, vocab_size=tokenizer_vocab)
+        if self.vocab_size != tokenizer_vocab:
+            raise UserError(
+                f"{source}: vocab_size {self.vocab_size} does not match the tokenizer's "
+                f"{tokenizer_vocab} tokens; pass the tokenizer that belongs to this checkpoint "
+                "with --tokenizer_path")
+        return self
+
+    def _check_shape(self, source: str) -> None:
+        problems = []
+        for name in ("dim", "n_layers", "n_heads", "multiple_of"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.vocab_size == 0 or self.vocab_size < -1:
+            problems.append("vocab_size must be positive or -1")
+        if self.n_heads > 0 and self.dim % self.n_heads:
+            problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads > 0 and self.dim // self.n_heads % 2:
+            problems.append("head dimension must be even for rotary embeddings")
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+        if problems:
+            raise UserError(f"{source}: {'; '.join(problems)}")
+
+
+def _checked(source: str, name: str, value: Any, annotation: str) -> Any:
+    """Check a params.json value against the field's annotation (a string, see __future__)."""
+    optional = "None" in annotation
+    if value is None and optional:
+        return None
+    if "bool" in annotation:
+        ok = isinstance(value, bool)
+    elif "int" in annotation:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:  # float
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    if not ok:
+        expected = annotation.replace(" | None", "")
+        raise UserError(f"{source}: field {name!r} must be {expected}, got {value!r}")
+    return value

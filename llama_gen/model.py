@@ -1,0 +1,185 @@
+"""The Llama transformer (Llama 1, 2, 3 and 3.1) with a slot-indexed KV cache.
+
+Pure math: the model-parallel layers come from a `ParallelLayers` handed in, so this file never
+touches process groups. Module names are Meta's checkpoint keys, so loading is a strict
+`load_state_dict`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import (LLAMA_3_ROPE_HIGH_FREQ_FACTOR, LLAMA_3_ROPE_LOW_FREQ_FACTOR,
+                   LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs)
+from .parallel import ParallelLayers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,), with Llama 3.1's long-context scaling if enabled."""
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    if not args.use_scaled_rope:
+        return freqs
+    factor = args.rope_scaling_factor
+    low, high = LLAMA_3_ROPE_LOW_FREQ_FACTOR, LLAMA_3_ROPE_HIGH_FREQ_FACTOR
+    context = LLAMA_3_ROPE_ORIGINAL_CONTEXT
+    wavelen = 2 * math.pi / freqs
+    smooth = (context / wavelen - low) / (high - low)
+    between = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = torch.where(wavelen > context / low, freqs / factor, between)
+    return torch.where(wavelen < context / high, freqs, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as Meta's reference does."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Keys and values for `slots` sequences of up to `max_seq_len` tokens each."""
+
+    k: torch.Tensor  # (slots, n_local_kv_heads, max_seq_len, head_dim)
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, slots: int, kv_heads: int, max_seq_len: int, head_dim: int,
+              device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (slots, kv_heads, max_seq_len, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(shape, device=device, dtype=dtype))
+
+
+@dataclass
+class Step:
+    """Where a forward pass reads and writes: per-token positions and the cache rows it uses.
+
+    Row i of the batch is cache slot `rows.start + i`; it attends to cache positions
+    0..positions[i, t] for its token t. `kv_len` bounds every position + 1.
+    """
+
+    positions: torch.Tensor  # (B, T) int64
+    rows: slice
+    kv_len: int
+    mask: torch.Tensor  # (B, 1, T, kv_len) bool: True where a query may attend
+    cos: torch.Tensor  # (B, T, 1, head_dim / 2)
+    sin: torch.Tensor
+    batch_index: torch.Tensor  # (B, 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layers: ParallelLayers):
+        super().__init__()
+        if args.n_heads % layers.world_size or args.kv_heads % layers.world_size:
+            raise ValueError("heads must divide the model-parallel size")  # checked earlier
+        self.n_local_heads = args.n_heads // layers.world_size
+        self.n_local_kv_heads = args.kv_heads // layers.world_size
+        self.head_dim = args.head_dim
+        self.wq = layers.column(args.dim, args.n_heads * args.head_dim)
+        self.wk = layers.column(args.dim, args.kv_heads * args.head_dim)
+        self.wv = layers.column(args.dim, args.kv_heads * args.head_dim)
+        self.wo = layers.row(args.n_heads * args.head_dim, args.dim)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        q = apply_rope(q, step.cos, step.sin)
+        k = apply_rope(k, step.cos, step.sin)
+
+        cache_k, cache_v = self.cache.k[step.rows], self.cache.v[step.rows]
+        cache_k[step.batch_index, :, step.positions] = k  # writes (B, T, kv, hd) into the cache
+        cache_v[step.batch_index, :, step.positions] = v
+        keys = cache_k[:, :, : step.kv_len]  # (B, kv, L, hd)
+        values = cache_v[:, :, : step.kv_len]
+
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                             attn_mask=step.mask, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, layers: ParallelLayers):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = layers.column(args.dim, hidden)
+        self.w2 = layers.row(hidden, args.dim)
+        self.w3 = layers.column(args.dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layers: ParallelLayers):
+        super().__init__()
+        self.attention = Attention(args, layers)
+        self.feed_forward = FeedForward(args, layers)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), step)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, layers: ParallelLayers):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = layers.embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, layers) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = layers.column(args.dim, args.vocab_size, gather_output=True)
+        self.max_seq_len = 0
+
+    def setup_cache(self, slots: int, max_seq_len: int) -> None:
+        """Allocate the KV cache and rotary tables on the model's device and dtype."""
+        weight = self.output.weight
+        for block in self.layers:
+            attn = block.attention
+            attn.cache = KVCache.empty(slots, attn.n_local_kv_heads, max_seq_len, attn.head_dim,
+                                       weight.device, weight.dtype)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32),
+                             rope_frequencies(self.args))  # (S, hd/2)
+        self.register_buffer("rope_cos", angles.cos().to(weight.device), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().to(weight.device), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int) -> Step:
+        key_positions = torch.arange(kv_len, device=positions.device)
+        mask = key_positions <= positions[:, :, None]  # (B, T, L)
+        return Step(
+            positions=positions, rows=rows, kv_len=kv_len, mask=mask.unsqueeze(1),
+            cos=self.rope_cos[positions].unsqueeze(2), sin=self.rope_sin[positions].unsqueeze(2),
+            batch_index=torch.arange(positions.shape[0], device=positions.device)[:, None],
+        )
+
+    def forward(self, tokens: torch.Tensor, step: Step, all_logits: bool = False) -> torch.Tensor:
+        """Float32 logits (B, T, vocab) if `all_logits`, else for each row's last token (B, vocab)."""
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for block in self.layers:
+            h = block(h, step)
+        h = h if all_logits else h[:, -1]
+        return self.output(self.norm(h)).float()

@@ -1,0 +1,160 @@
+"""Processes, devices and fairscale's model-parallel layers: the one place that knows about them.
+
+torchrun starts WORLD_SIZE processes. They form model-parallel groups of `model_parallel_size`
+consecutive ranks (each group holds one copy of the model, split across its ranks) and
+WORLD_SIZE / model_parallel_size data-parallel replicas. Without torchrun the same code runs as
+a group of one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel import layers as fs_layers
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    model_parallel_size: int
+
+    @property
+    def model_parallel_rank(self) -> int:
+        return self.rank % self.model_parallel_size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank // self.model_parallel_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.model_parallel_size
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment, or (0, 1, 0) without it."""
+    try:
+        return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as e:
+        raise UserError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({e})") from None
+
+
+def pick_device(local_rank: int, device: str | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(model_parallel_size: int | None, device: str | None = None,
+                     timeout_minutes: float = 30) -> Dist:
+    """Join (or, as a single process, create) the process group and fairscale's groups.
+
+    `model_parallel_size` None means the whole world is one model-parallel group.
+    """
+    rank, world_size, local_rank = launch_env()
+    mp = world_size if model_parallel_size is None else model_parallel_size
+    if mp <= 0 or world_size % mp:
+        raise UserError(f"--model_parallel_size {mp} must divide the number of processes "
+                        f"{world_size}")
+    dev = pick_device(local_rank, device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
+            if world_size != 1:
+                raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is unset: start with torchrun")
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=timeout_minutes),
+                                device_id=dev if dev.type == "cuda" else None)
+    if not fs_init.model_parallel_is_initialized():
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
+            fs_init.initialize_model_parallel(mp)
+    info = Dist(rank, world_size, local_rank, dev, backend, mp)
+    if rank == 0:
+        log.info("%d process(es) on %s with %s: model parallel %d x data parallel %d",
+                 world_size, dev.type, backend, mp, info.data_parallel_size)
+    return info
+
+
+def shutdown() -> None:
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_parallel_group() -> dist.ProcessGroup:
+    return fs_init.get_model_parallel_group()
+
+
+def broadcast_from_model_parallel_leader(obj: object) -> object:
+    """Send a picklable object of our own making from the group's first rank to the others."""
+    if fs_init.get_model_parallel_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=fs_init.get_model_parallel_src_rank(),
+                               group=model_parallel_group())
+    return holder[0]
+
+
+@dataclass(frozen=True)
+class ParallelLayers:
+    """Builds fairscale's layers for the model; `vocab_parallel_embedding` follows Meta's layout
+    (Llama 3 splits the embedding over the vocabulary, Llama 1/2 over the embedding dimension)."""
+
+    vocab_parallel_embedding: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return fs_init.get_model_parallel_world_size()
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        cls = (fs_layers.VocabParallelEmbedding if self.vocab_parallel_embedding
+               else fs_layers.ParallelEmbedding)
+        return cls(vocab_size, dim, init_method=_keep)
+
+    def column(self, in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
+        return fs_layers.ColumnParallelLinear(in_features, out_features, bias=False,
+                                              gather_output=gather_output, init_method=_keep)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return fs_layers.RowParallelLinear(in_features, out_features, bias=False,
+                                           input_is_parallel=True, init_method=_keep)
+
+
+def _keep(weight: torch.Tensor) -> torch.Tensor:
+    """No random init: every weight is overwritten by the checkpoint."""
+    return weight

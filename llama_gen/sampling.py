@@ -1,0 +1,53 @@
+"""Choosing the next token: pure functions of logits, settings and counter-based randomness.
+
+Each sequence draws its random numbers from (seed, counter) alone, where the counter is the index
+of the token being chosen. So a sequence's tokens do not depend on its batch neighbours, on the
+number of processes or on a resume, and every model-parallel rank draws the same number without
+communicating.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Thomas Mueller's) on int64 tensors holding values below 2**32.
+    Every product stays below 2**59, so nothing overflows."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform number in (0, 1) per row, a pure function of (seed, counter); float64."""
+    h = _mix32(counters & _MASK32)
+    h = _mix32(h ^ ((seeds >> 32) & _MASK32))
+    h = _mix32(h ^ (seeds & _MASK32))
+    return (h.double() + 0.5) / 2.0**32
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under the model's own distribution (temperature 1, no top-p)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+           uniform: torch.Tensor) -> torch.Tensor:
+    """Next tokens (B,) from float32 logits (B, V) with per-row settings (B,).
+
+    Temperature 0 is greedy. Otherwise top-p (nucleus) sampling: the smallest set of most likely
+    tokens whose mass reaches top_p, sampled by inverting its CDF at `uniform`.
+    """
+    greedy = logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    outside = cumulative - sorted_probs >= top_p.unsqueeze(-1)  # mass before it already enough
+    kept = sorted_probs.masked_fill(outside, 0.0).cumsum(dim=-1)
+    target = uniform.to(kept.dtype) * kept[:, -1]
+    pick = (kept <= target.unsqueeze(-1)).sum(dim=-1, keepdim=True)
+    pick = torch.minimum(pick, (~outside).sum(dim=-1, keepdim=True) - 1)
+    sampled = order.gather(-1, pick).squeeze(-1)
+    return torch.where(temperature == 0, greedy, sampled)
