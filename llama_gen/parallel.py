@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -85,12 +84,9 @@ def init_distributed(model_parallel_size: int | None, device: str | None = None,
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
-            if world_size != 1:
-                raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is unset: start with torchrun")
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        # Without torchrun there is no rendezvous to join: an in-memory store serves one process.
+        store = None if "WORLD_SIZE" in os.environ else dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=timeout_minutes),
                                 device_id=dev if dev.type == "cuda" else None)
     if not fs_init.model_parallel_is_initialized():
@@ -108,12 +104,6 @@ def shutdown() -> None:
         fs_init.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_parallel_group() -> dist.ProcessGroup:
@@ -158,3 +148,21 @@ class ParallelLayers:
 def _keep(weight: torch.Tensor) -> torch.Tensor:
     """No random init: every weight is overwritten by the checkpoint."""
     return weight
+
+
+def gather_to_rank0(items: list) -> list:
+    """Concatenate every data-parallel replica's `items` on global rank 0 (others get [])."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    everyone: list = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, everyone, dst=0)
+    if dist.get_rank() != 0:
+        return []
+    mp = fs_init.get_model_parallel_world_size()
+    return [item for rank, part in enumerate(everyone) if rank % mp == 0 for item in part]
+
+
+def record_errors(fn):
+    """Under torchrun, write a crashing rank's traceback where torchrun reports it."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+    return record(fn)

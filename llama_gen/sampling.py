@@ -7,6 +7,8 @@ communicating.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -51,3 +53,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     pick = torch.minimum(pick, (~outside).sum(dim=-1, keepdim=True) - 1)
     sampled = order.gather(-1, pick).squeeze(-1)
     return torch.where(temperature == 0, greedy, sampled)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts, e.g. (run seed, record id, sample index)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -48,3 +48,31 @@ def write_checkpoint(ckpt_dir: Path, params: dict[str, Any], weights: dict[str, 
         if rope_freqs:
             shard["rope.freqs"] = torch.ones(ModelArgs.from_params(params).head_dim // 2)
         torch.save(shard, ckpt_dir / f"consolidated.{i:02d}.pth")
+
+
+def make_tiny_model(out_dir: Path, family: str = "llama2", n_shards: int = 1,
+                    dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A complete tiny checkpoint directory: tokenizer.model, params.json and shards.
+
+    family "llama2": SentencePiece, multi-head attention, embedding split on dim 1, `rope.freqs`
+    in every shard, vocab_size -1. "llama3": tiktoken, grouped-query attention, Llama 3.1 scaled
+    RoPE, vocabulary-split embedding, explicit vocab_size.
+    """
+    from .tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
+    from .tokenizer import load_tokenizer
+
+    if family not in ("llama2", "llama3"):
+        raise ValueError(f"unknown family {family!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = out_dir / "tokenizer.model"
+    if family == "llama2":
+        build_sentencepiece_model(tokenizer_path)
+    else:
+        build_tiktoken_model(tokenizer_path)
+    vocab = load_tokenizer(tokenizer_path).n_words
+    params = dict(TINY_LLAMA2) if family == "llama2" else {**TINY_LLAMA3, "vocab_size": vocab}
+    args = ModelArgs.from_params({**params, "vocab_size": vocab})
+    write_checkpoint(out_dir, params, random_weights(args, seed), n_shards,
+                     vocab_parallel_embedding=family == "llama3", dtype=dtype,
+                     rope_freqs=family == "llama2")
+    return out_dir

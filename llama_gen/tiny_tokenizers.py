@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import regex
@@ -94,8 +95,8 @@ def build_tiktoken_model(path: str | Path, n_merges: int = 256) -> Path:
     known = set(ranks)
     for _ in range(n_merges):
         pairs: Counter[tuple[bytes, bytes]] = Counter()
-        for word, count in zip(words, counts):
-            for pair in zip(word, word[1:]):
+        for word, count in zip(words, counts, strict=True):
+            for pair in pairwise(word):
                 pairs[pair] += count
         if not pairs:
             break

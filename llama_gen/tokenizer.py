@@ -114,7 +114,8 @@ class Tokenizer(ABC):
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        return dict(self._special_tokens)
+        """Name -> id of every special token (none for SentencePiece); do not mutate."""
+        return self._special_tokens
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self._path)!r}, n_words={self._n_words})"
@@ -130,8 +131,8 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(_read(path))
-        except (RuntimeError, OSError) as e:
-            raise UserError(f"{path} is not a valid SentencePiece model ({e}); re-download it") from e
+        except (RuntimeError, OSError):
+            raise UserError(f"{path}: not a valid SentencePiece model; re-download it") from None
         super().__init__(
             path,
             n_words=self._sp.vocab_size(),
@@ -146,7 +147,8 @@ class SentencePieceTokenizer(Tokenizer):
         return [self.bos_id, *ids] if bos else ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode(list(ids))
+        text: str = self._sp.decode(list(ids))
+        return text
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -184,7 +186,8 @@ class TiktokenTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._enc.decode(list(ids))
+        text: str = self._enc.decode(list(ids))
+        return text
 
 
 def split_long_runs(text: str, max_run: int) -> Iterator[str]:
@@ -202,11 +205,11 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"tokenizer file {path} does not exist; check --tokenizer_path") from None
+        raise UserError(f"{path}: tokenizer file not found; check --tokenizer_path") from None
     except IsADirectoryError:
-        raise UserError(f"tokenizer path {path} is a directory; give the tokenizer.model file in it") from None
+        raise UserError(f"{path}: is a directory; give the tokenizer.model file in it") from None
     except OSError as e:
-        raise UserError(f"cannot read tokenizer file {path}: {e.strerror}") from None
+        raise UserError(f"{path}: cannot read the tokenizer file ({e.strerror})") from None
 
 
 def _parse_rank_file(path: Path, data: bytes) -> dict[bytes, int]:
@@ -222,7 +225,8 @@ def _parse_rank_file(path: Path, data: bytes) -> dict[bytes, int]:
             token = base64.b64decode(m[1], validate=True)
         except (ValueError, binascii.Error):
             raise UserError(
-                f"{path}, line {lineno}: expected '<base64 token> <rank>', got {line[:40].decode(errors='replace')!r}; "
+                f"{path}: line {lineno}: expected '<base64 token> <rank>', "
+                f"got {line[:40].decode(errors='replace')!r}; "
                 "the tiktoken file is damaged, re-download tokenizer.model"
             ) from None
         ranks[token] = int(m[2])
@@ -250,7 +254,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return SentencePieceTokenizer(path)
     except UserError:
         raise UserError(
-            f"{path} is neither a SentencePiece model (Llama 1/2) nor a tiktoken rank file "
+            f"{path}: neither a SentencePiece model (Llama 1/2) nor a tiktoken rank file "
             "(Llama 3); point --tokenizer_path at the checkpoint's tokenizer.model"
         ) from None
 
@@ -261,10 +265,11 @@ def find_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None = Non
     if tokenizer_path is not None:
         path = Path(tokenizer_path)
         if not path.is_file():
-            raise UserError(f"tokenizer file {path} does not exist; check --tokenizer_path")
+            raise UserError(f"{path}: tokenizer file not found; check --tokenizer_path")
         return path
     ckpt_dir = Path(ckpt_dir)
-    candidates = [ckpt_dir / "tokenizer.model", ckpt_dir.resolve().parent / "tokenizer.model"]
+    parent = Path(os.path.abspath(ckpt_dir)).parent  # abspath: keep symlinked dirs' own parent
+    candidates = [ckpt_dir / "tokenizer.model", parent / "tokenizer.model"]
     for path in candidates:
         if path.is_file():
             return path

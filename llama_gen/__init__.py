@@ -1,0 +1,3 @@
+"""llama-gen: dataset generation with Meta-format LLaMA checkpoints."""
+
+__version__ = "0.1.0"
