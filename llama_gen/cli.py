@@ -80,8 +80,13 @@ def run(settings: Settings) -> None:
             if c.logprobs is not None:
                 record["logprobs"] = c.logprobs
             results.append(record)
+        failed = []
         for record in sorted(parallel.gather_to_rank0(results), key=lambda r: r["index"]):
             print(json.dumps(record, ensure_ascii=False), flush=True)
+            if "error" in record:
+                failed.append(f"prompt {record['index']}: {record['error']}")
+        if failed:
+            raise UserError(f"{len(failed)} prompt(s) failed; first: {failed[0]}")
     finally:
         parallel.shutdown()
 

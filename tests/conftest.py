@@ -1,0 +1,41 @@
+"""Shared fixtures: one in-process model-parallel group of size 1, and tiny checkpoints on disk."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_gen import parallel
+from llama_gen.tiny import make_tiny_model
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def single_process():
+    """torch.distributed and fairscale initialised as one process on the CPU (gloo)."""
+    info = parallel.init_distributed(1, device="cpu")
+    yield info
+    parallel.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[tuple[str, int], Path]:
+    """Float32 tiny checkpoints keyed by (family, n_shards); same weights across shard counts."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {(family, n): make_tiny_model(root / f"{family}-{n}", family, n, dtype=torch.float32)
+            for family in ("llama2", "llama3") for n in (1, 2)}
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoints, tmp_path):
+    """A private, editable copy of a tiny checkpoint, for tests that damage it."""
+    def copy(family: str = "llama2", n_shards: int = 1) -> Path:
+        dst = tmp_path / f"{family}-{n_shards}"
+        shutil.copytree(tiny_checkpoints[(family, n_shards)], dst)
+        return dst
+    return copy
