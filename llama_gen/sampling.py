@@ -46,7 +46,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     cumulative = sorted_probs.cumsum(dim=-1)
-    outside = cumulative - sorted_probs >= top_p.unsqueeze(-1)  # mass before it already enough
+    # Outside the nucleus: the mass before it already reaches top_p (top_p 1 keeps the whole
+    # float32 tail), or it cannot be drawn at all.
+    outside = (cumulative - sorted_probs >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1)
+    outside |= sorted_probs == 0
     kept = sorted_probs.masked_fill(outside, 0.0).cumsum(dim=-1)
     target = uniform.to(kept.dtype) * kept[:, -1]
     pick = (kept <= target.unsqueeze(-1)).sum(dim=-1, keepdim=True)

@@ -1,0 +1,185 @@
+"""Sampling: counter-based uniforms, greedy and top-p selection, log-probs and seed derivation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama_gen.sampling import counter_uniform, derive_seed, sample, token_logprobs
+
+NEG_INF = float("-inf")
+U_MIN = 0.5 / 2**32  # the extremes counter_uniform can return
+U_MAX = 1 - 0.5 / 2**32
+SEEDS = [0, 1, 2, -1, -2, 2**32, 2**32 + 1, 2**33, 2**63 - 1, 2**63 - 2, -(2**63), 12345]
+
+
+def uniforms(seeds, counters) -> torch.Tensor:
+    return counter_uniform(torch.as_tensor(seeds, dtype=torch.int64),
+                           torch.as_tensor(counters, dtype=torch.int64))
+
+
+def draw(logits: list[float], temperature: float, top_p: float, n: int) -> torch.Tensor:
+    """n tokens from one row of logits, one per (seed, counter), as the engine draws them."""
+    seeds = torch.arange(n) // 1000 * 7919 + (torch.arange(n) // 1000 << 32)
+    u = counter_uniform(seeds, torch.arange(n) % 1000)
+    return sample(torch.tensor([logits]).expand(n, -1), torch.full((n,), temperature),
+                  torch.full((n,), top_p), u)
+
+
+def one(logits: list[float], temperature: float, top_p: float, u: float) -> int:
+    return sample(torch.tensor([logits]), torch.tensor([temperature]), torch.tensor([top_p]),
+                  torch.tensor([u], dtype=torch.float64)).item()
+
+
+def test_counter_uniform_is_deterministic_and_strictly_inside_the_unit_interval():
+    seeds = torch.tensor(SEEDS).repeat_interleave(1000)
+    counters = torch.arange(1000).repeat(len(SEEDS))
+    u = counter_uniform(seeds, counters)
+    assert u.dtype == torch.float64 and u.shape == (len(SEEDS) * 1000,)
+    assert torch.equal(u, counter_uniform(seeds.clone(), counters.clone()))
+    assert (u > 0).all() and (u < 1).all()
+    assert 0 < uniforms([0], [0]).item() < 1e-9  # the hash maps (0, 0) to 0: still not 0.0
+    assert 0 < U_MIN and U_MAX < 1
+
+
+def test_counter_uniform_differs_for_neighbouring_counters_and_seeds():
+    u = torch.stack([uniforms([s] * 1000, range(1000)) for s in SEEDS])  # (seeds, counters)
+    for row in u:
+        assert row.unique().numel() == 1000
+    for column in u.T:
+        assert column.unique().numel() == len(SEEDS)
+    # seeds equal in the low 32 bits, differing only in the high ones (the sign bit included)
+    for a, b in [(0, 2**32), (1, 2**32 + 1), (-1, 2**63 - 1), (0, -(2**63)), (5, 5 - 2**40)]:
+        assert (uniforms([a] * 100, range(100)) != uniforms([b] * 100, range(100))).all()
+
+
+@pytest.mark.parametrize("seeds", [torch.arange(100), torch.arange(100) << 32,
+                                   -torch.arange(1, 101), 2**63 - 1 - torch.arange(100)],
+                         ids=["small", "high-bits", "negative", "max"])
+def test_counter_uniform_is_statistically_uniform(seeds):
+    n_seeds, n_counters = 100, 1000
+    u = counter_uniform(seeds.repeat_interleave(n_counters), torch.arange(n_counters).repeat(n_seeds))
+    n = u.numel()
+    assert abs(u.mean().item() - 0.5) < 5 * (1 / 12 / n) ** 0.5
+    assert abs(u.var().item() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5
+    counts = torch.histc(u, bins=100, min=0, max=1)
+    chi2 = ((counts - n / 100) ** 2 / (n / 100)).sum().item()
+    assert chi2 < 99 + 8 * (2 * 99) ** 0.5  # df 99: mean 99, sd 14
+    grid = u.view(n_seeds, n_counters) - 0.5
+    along_counters = (grid[:, 1:] * grid[:, :-1]).mean().item() * 12
+    along_seeds = (grid[1:] * grid[:-1]).mean().item() * 12
+    assert abs(along_counters) < 0.02 and abs(along_seeds) < 0.02  # sd about 0.003
+
+
+def test_counter_uniform_does_not_depend_on_batch_composition():
+    seeds, counters = torch.tensor(SEEDS), torch.arange(len(SEEDS)) * 17
+    batch = counter_uniform(seeds, counters)
+    alone = torch.cat([counter_uniform(seeds[i:i + 1], counters[i:i + 1]) for i in range(len(SEEDS))])
+    perm = torch.randperm(len(SEEDS), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batch, alone)
+    assert torch.equal(counter_uniform(seeds[perm], counters[perm]), batch[perm])
+
+
+def test_temperature_zero_is_argmax_whatever_the_uniform_and_top_p():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    for u in (U_MIN, 0.5, U_MAX):
+        for top_p in (1e-6, 0.5, 1.0):
+            tokens = sample(logits, torch.zeros(6), torch.full((6,), top_p),
+                            torch.full((6,), u, dtype=torch.float64))
+            assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_mixed_batch_greedy_and_sampled_rows_match_each_row_alone():
+    logits = torch.randn(6, 20, generator=torch.Generator().manual_seed(1))
+    temperature = torch.tensor([0.0, 1.0, 0.0, 0.7, 1.3, 0.0])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.9, 0.95, 1.0])
+    u = torch.tensor([U_MAX, U_MAX, 0.3, U_MAX, 0.999, 0.7], dtype=torch.float64)
+    tokens = sample(logits, temperature, top_p, u)
+    alone = [sample(logits[i:i + 1], temperature[i:i + 1], top_p[i:i + 1], u[i:i + 1]).item()
+             for i in range(6)]
+    assert tokens.tolist() == alone
+    argmax = logits.argmax(-1)
+    assert (tokens == argmax)[temperature == 0].all()
+    assert (tokens != argmax)[1].item() and (tokens != argmax)[3].item()  # u near 1: not the top
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token():
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(2))
+    for u in (U_MIN, 0.5, U_MAX):
+        tokens = sample(logits, torch.full((8,), 1.5), torch.full((8,), 1e-6),
+                        torch.full((8,), u, dtype=torch.float64))
+        assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_top_p_one_can_pick_every_token():
+    assert draw([0.0, 1.0, 2.0, 3.0], 1.0, 1.0, 4000).bincount(minlength=4).min() > 50
+    # geometric tail: token 10 has p ~ 1.8e-9 > 1 - U_MAX, so the largest uniform reaches it
+    assert one([-2.0 * i for i in range(11)], 1.0, 1.0, U_MAX) == 10
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8), (1.5, 0.5), (1.0, 0.9)])
+def test_frequencies_match_the_renormalised_nucleus(temperature, top_p):
+    logits = [2.0, 1.5, 1.2, 0.4, 0.0, -0.5, -1.0, -3.0]
+    probs = torch.softmax(torch.tensor(logits, dtype=torch.float64) / temperature, -1)
+    before = probs.cumsum(-1) - probs  # logits are sorted, so this is the mass ahead of each token
+    nucleus = before < top_p
+    assert ((before - top_p).abs() > 1e-3).all()  # no token sits on the float32 boundary
+    expected = torch.where(nucleus, probs, 0.0) / probs[nucleus].sum()
+    n = 100_000
+    counts = draw(logits, temperature, top_p, n).bincount(minlength=len(logits)).double()
+    assert (counts[~nucleus] == 0).all()
+    chi2 = ((counts - n * expected)[nucleus] ** 2 / (n * expected[nucleus])).sum().item()
+    assert chi2 < 40  # df <= 7: p below 1e-5
+    assert ((counts / n - expected).abs() <= 5 * (expected * (1 - expected) / n).sqrt() + 1e-9).all()
+
+
+def test_ties_pick_the_first_greedily_and_masked_tokens_are_never_sampled():
+    logits = [NEG_INF, 3.0, 3.0, NEG_INF, 1.0, NEG_INF]
+    assert one(logits, 0.0, 1.0, 0.5) == 1
+    counts = draw(logits, 1.0, 1.0, 20_000).bincount(minlength=6)
+    assert counts[[0, 3, 5]].sum() == 0
+    assert abs(counts[1] - counts[2]) < 5 * (20_000 * 0.45) ** 0.5 and counts[4] > 0
+
+
+def test_extreme_uniforms_pick_the_first_and_last_kept_tokens():
+    for top_p in (1.0, 0.999, 0.9):
+        assert one([3.0, 1.0, 0.0, NEG_INF], 1.0, top_p, U_MIN) == 0
+    assert one([3.0, 1.0, 0.0, NEG_INF], 1.0, 0.9, U_MAX) == 1  # nucleus {0, 1}
+    assert one([3.0, 1.0, 0.0, NEG_INF], 1.0, 0.999, U_MAX) == 2
+    assert one([3.0, 1.0, 0.0, NEG_INF], 1.0, 1.0, U_MAX) == 2  # never the masked token 3
+    # the same through counter_uniform: (seed 0, counter 12770032) rounds to 1.0 in float32
+    u = uniforms([0], [12770032])
+    assert u.float().item() == 1.0
+    assert sample(torch.tensor([[3.0, 1.0, 0.0, NEG_INF]]), torch.ones(1), torch.ones(1), u).item() == 2
+
+
+def test_llama3_vocab_size_runs_and_respects_the_mask():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 128256, generator=gen) * 4
+    logits[:, 128000:] = NEG_INF
+    temperature, top_p = torch.tensor([0.0, 0.6, 1.0, 1.0]), torch.tensor([0.9, 0.9, 1.0, 0.5])
+    for u in (U_MIN, 0.5, U_MAX):
+        tokens = sample(logits, temperature, top_p, torch.full((4,), u, dtype=torch.float64))
+        assert tokens.shape == (4,) and tokens.dtype == torch.int64
+        assert (tokens < 128000).all() and tokens[0] == logits[0].argmax()
+
+
+def test_token_logprobs_is_log_softmax_gathered():
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(4)) * 3
+    logits[0, 7] = NEG_INF
+    tokens = torch.tensor([3, 0, 29, 12, 12])
+    got = token_logprobs(logits, tokens)
+    want = torch.tensor([torch.log_softmax(logits[i].double(), -1)[t].item()
+                         for i, t in enumerate(tokens.tolist())], dtype=torch.float64)
+    assert got.shape == (5,)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert token_logprobs(logits, torch.tensor([7, 0, 0, 0, 0]))[0].item() == NEG_INF
+
+
+def test_derive_seed_is_deterministic_63_bit_and_sensitive_to_every_part():
+    parts = [(0, "rec-1", 0), (0, "rec-1", 1), (0, "rec-2", 0), (1, "rec-1", 0), (0, "rec-10", 0),
+             ("rec-1", 0, 0), (0, 1, 0), (0, "1", 0), ()]
+    seeds = [derive_seed(*p) for p in parts]
+    assert seeds == [derive_seed(*p) for p in parts]
+    assert len(set(seeds)) == len(parts)
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)
+    assert torch.tensor(seeds, dtype=torch.int64).tolist() == seeds
