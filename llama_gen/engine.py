@@ -5,7 +5,7 @@ sequence's slot takes the next prompt, or else the last active sequence moves in
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -87,9 +87,11 @@ class Engine:
         return None
 
     @torch.inference_mode()
-    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+    def generate(self, requests: Iterable[Request],
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[Completion]:
         """Completions in the order they finish; all model-parallel ranks must pass the same
-        requests in the same order."""
+        requests in the same order. `should_stop` is asked before every decode step; when it
+        says yes, unfinished sequences are dropped."""
         pending = iter(requests)
         active: list[_Sequence] = []
         exhausted = False
@@ -107,7 +109,7 @@ class Engine:
                         yield seq.completion()
                     else:
                         active.append(seq)
-            if not active:
+            if not active or (should_stop is not None and should_stop()):
                 return
             self._decode(active)
             for slot in reversed(range(len(active))):

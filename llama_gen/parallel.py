@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -150,16 +151,60 @@ def _keep(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def gather_to_rank0(items: list) -> list:
-    """Concatenate every data-parallel replica's `items` on global rank 0 (others get [])."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return items
-    everyone: list = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(items, everyone, dst=0)
-    if dist.get_rank() != 0:
-        return []
-    mp = fs_init.get_model_parallel_world_size()
-    return [item for rank, part in enumerate(everyone) if rank % mp == 0 for item in part]
+def broadcast_from_rank0(obj: object) -> object:
+    """Send a picklable object of our own making from global rank 0 to every rank."""
+    if dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def leader_flag(flag: bool) -> bool:
+    """The model-parallel group's first rank's `flag`, on every rank of the group."""
+    if fs_init.get_model_parallel_world_size() == 1:
+        return flag
+    return bool(broadcast_from_model_parallel_leader(flag))
+
+
+class Mailbox:
+    """JSON messages from data-parallel replica leaders to global rank 0, through the process
+    group's key-value store, so replicas never wait for each other."""
+
+    def __init__(self, info: Dist):
+        self._store = dist.distributed_c10d._get_default_store()
+        self._replica = info.data_parallel_rank
+        self._replicas = info.data_parallel_size
+        self._sent = 0
+        self._received = [0] * self._replicas
+        self._closed = [False] * self._replicas
+
+    def send(self, message: dict) -> None:
+        self._store.set(f"mail/{self._replica}/{self._sent}", json.dumps(message))
+        self._sent += 1
+        self._store.set(f"mail/{self._replica}/count", str(self._sent))
+
+    def close(self) -> None:
+        self._store.set(f"mail/{self._replica}/closed", str(self._sent))
+
+    def receive(self) -> list[dict]:
+        """Messages that arrived since the last call (rank 0 only; never blocks)."""
+        messages = []
+        for r in range(1, self._replicas):
+            if not self._store.check([f"mail/{r}/count"]):
+                continue
+            count = int(self._store.get(f"mail/{r}/count"))
+            for i in range(self._received[r], count):
+                key = f"mail/{r}/{i}"
+                messages.append(json.loads(self._store.get(key)))
+                self._store.delete_key(key)
+            self._received[r] = count
+            if not self._closed[r] and self._store.check([f"mail/{r}/closed"]):
+                self._closed[r] = int(self._store.get(f"mail/{r}/closed")) == self._received[r]
+        return messages
+
+    def all_closed(self) -> bool:
+        return all(self._closed[1:])
 
 
 def record_errors(fn):

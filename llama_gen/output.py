@@ -1,0 +1,156 @@
+"""The job's files: out.jsonl (the truth), its errors file, run settings, lock and progress log.
+
+Output is only appended to, one whole line per write, or replaced atomically. On start-up the
+output file is read back: a torn last line (a crash mid-write) is cut off, and every (id, sample)
+pair already there is done.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputState:
+    done: set[tuple[Any, int]] = field(default_factory=set)
+    lines: int = 0
+    torn_bytes: int = 0
+
+
+def recover_output(path: Path) -> OutputState:
+    """What `path` already holds, after cutting off a torn last line."""
+    state = OutputState()
+    if not path.exists():
+        return state
+    good_end = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                state.torn_bytes = len(raw)
+                break
+            try:
+                obj = json.loads(raw)
+                key = (obj["id"], obj["sample"])
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}: line {number} is not a llama-gen output line; move the "
+                                "file away or pass --overwrite") from None
+            state.done.add(key)
+            state.lines += 1
+            good_end += len(raw)
+    if state.torn_bytes:
+        with path.open("r+b") as f:
+            f.truncate(good_end)
+            os.fsync(f.fileno())
+        log.warning("%s: removed a torn last line (%d bytes) left by an interrupted run", path,
+                    state.torn_bytes)
+    return state
+
+
+def recorded_error_lines(path: Path) -> set[int]:
+    """Line numbers already in the errors file (so a resume does not write them twice)."""
+    if not path.exists():
+        return set()
+    lines = set()
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.endswith(b"\n"):
+                try:
+                    lines.add(json.loads(raw)["line"])
+                except (ValueError, KeyError, TypeError):
+                    pass
+    return lines
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class JsonlAppender:
+    """Appends whole JSON lines; flushes every line, fsyncs every `sync_every` seconds and on close."""
+
+    def __init__(self, path: Path, sync_every: float = 2.0):
+        self.path = path
+        self._file = path.open("ab")
+        self._sync_every = sync_every
+        self._last_sync = time.monotonic()
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self._file.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._file.flush()
+        if time.monotonic() - self._last_sync >= self._sync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.sync()
+            self._file.close()
+
+
+class OutputLock:
+    """An exclusive lock on `<out_path>.lock`, released when the process ends however it ends."""
+
+    def __init__(self, out_path: Path):
+        self.path = out_path.with_name(out_path.name + ".lock")
+        self._file = None
+
+    def acquire(self) -> None:
+        f = self.path.open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"{self.path.with_suffix('')}: another llama-gen job ({holder}) is "
+                            "writing this file; wait for it to finish or choose another "
+                            "--out_path") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
+
+
+def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+class ProgressLog:
+    """Human-readable progress lines at --logging_path, for `tail -f`; never read for correctness."""
+
+    def __init__(self, path: Path):
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._file.write(f"{stamp} {message}\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

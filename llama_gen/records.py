@@ -1,0 +1,131 @@
+"""Prompt records: read a JSONL file line by line, validate each line, give each record an id.
+
+Plain Python on plain data. A bad line never stops the reading: it comes out as a `BadLine`
+with its line number and reason, for the errors file.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OUTPUT_FIELDS = ("id", "sample", "completion", "finish_reason", "prompt_tokens",
+                 "completion_tokens", "logprobs")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Per-record sampling settings; None means the command line's."""
+
+    max_gen_len: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    num_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    line: int  # 1-based line number in the prompt file
+    id: str | int
+    prompt: str
+    fields: dict[str, Any]  # the input object, unchanged
+    overrides: Overrides = field(default_factory=Overrides)
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    reason: str
+    text: str  # the line as read (invalid UTF-8 replaced), cut to a readable length
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# name -> (accepts, rule for the error message)
+OVERRIDE_RULES = {
+    "max_gen_len": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "seed": (_is_int, "an integer"),
+    "num_samples": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def check_overrides(obj: dict[str, Any]) -> tuple[Overrides | None, str | None]:
+    values = {}
+    for name, (accepts, rule) in OVERRIDE_RULES.items():
+        if name in obj:
+            if not accepts(obj[name]):
+                return None, f"{name} must be {rule}, got {json.dumps(obj[name])}"
+            values[name] = obj[name]
+    return Overrides(**values), None
+
+
+def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str,
+               id_key_required: bool) -> Record | BadLine | None:
+    """One line of the prompt file; None for a blank line."""
+    text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    shown = text if len(text) <= 1000 else text[:1000] + "..."
+    if not text.strip():
+        return None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadLine(line, f"invalid UTF-8 at byte {e.start}", shown)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return BadLine(line, f"invalid JSON: {e.msg} at column {e.colno}", shown)
+    if not isinstance(obj, dict):
+        return BadLine(line, f"expected a JSON object, got {type(obj).__name__}", shown)
+    prompt = obj.get(prompt_key)
+    if not isinstance(prompt, str) or not prompt:
+        problem = "missing" if prompt_key not in obj else (
+            "empty" if prompt == "" else f"not a string ({type(prompt).__name__})")
+        return BadLine(line, f"prompt field {prompt_key!r} is {problem}", shown)
+    if id_key in obj:
+        record_id = obj[id_key]
+        if not (isinstance(record_id, str) or _is_int(record_id)):
+            return BadLine(line, f"id field {id_key!r} must be a string or an integer", shown)
+    elif id_key_required:
+        return BadLine(line, f"id field {id_key!r} is missing", shown)
+    else:
+        record_id = line
+    taken = [k for k in OUTPUT_FIELDS if k in obj and not (k == id_key == "id")]
+    if taken:
+        return BadLine(line, f"field(s) {', '.join(taken)} are written by llama-gen; rename them "
+                       "in the input", shown)
+    overrides, problem = check_overrides(obj)
+    if problem:
+        return BadLine(line, problem, shown)
+    return Record(line, record_id, prompt, obj, overrides)
+
+
+def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = None
+                 ) -> Iterator[Record | BadLine]:
+    """Every non-blank line as a Record or a BadLine (a repeated id is a BadLine).
+
+    `id_key` None: records use their "id" field when they have one, else their line number.
+    """
+    seen: set[str | int] = set()
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            item = parse_line(raw, line, prompt_key, id_key or "id", id_key is not None)
+            if item is None:
+                continue
+            if isinstance(item, Record):
+                if item.id in seen:
+                    item = BadLine(line, f"duplicate id {json.dumps(item.id)}",
+                                   json.dumps(item.fields, ensure_ascii=False)[:1000])
+                else:
+                    seen.add(item.id)
+            yield item
