@@ -1,0 +1,221 @@
+"""The engine over the tiny checkpoints: a completion depends only on its own request, however the
+batch slots around it are filled, refilled and compacted; stops, lengths, errors, echo and tags."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from llama_gen.build import load_model
+from llama_gen.engine import Completion, Engine, Request, SamplingParams
+from llama_gen.model import Transformer
+from llama_gen.sampling import token_logprobs
+from llama_gen.tokenizer import load_tokenizer
+
+GREEDY = SamplingParams(temperature=0.0, logprobs=True)
+LOGPROB_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["llama2", "llama3"])
+def model(request, single_process, tiny_checkpoints) -> Transformer:
+    ckpt = tiny_checkpoints[(request.param, 1)]
+    return load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), single_process,
+                      torch.float32)
+
+
+def prompt(model: Transformer, n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(model.args.vocab_size, (n,), generator=gen).tolist()
+
+
+def params(base: SamplingParams = GREEDY, **changes) -> SamplingParams:
+    return dataclasses.replace(base, **changes)
+
+
+def run(engine: Engine, requests: list[Request]) -> dict:
+    """Completions by tag; every request gets exactly one, carrying that very request."""
+    done = list(engine.generate(requests))
+    by_tag = {c.request.tag: c for c in done}
+    assert len(done) == len(requests) == len(by_tag)
+    assert all(by_tag[r.tag].request is r for r in requests)
+    return by_tag
+
+
+def alone(model: Transformer, request: Request, max_seq_len: int = 64, stop_ids=()) -> Completion:
+    [done] = Engine(model, stop_ids, max_batch_size=1, max_seq_len=max_seq_len).generate([request])
+    return done
+
+
+def assert_same(got: Completion, want: Completion) -> None:
+    assert got.tokens == want.tokens
+    assert got.finish_reason == want.finish_reason
+    if want.logprobs is None:
+        assert got.logprobs is None
+    else:
+        assert [x is None for x in got.logprobs] == [x is None for x in want.logprobs]
+        torch.testing.assert_close(torch.tensor([x for x in got.logprobs if x is not None]),
+                                   torch.tensor([x for x in want.logprobs if x is not None]),
+                                   atol=LOGPROB_ATOL, rtol=0)
+
+
+def spy_moves(engine: Engine) -> list[tuple[int, int, int]]:
+    """Record the engine's slot compactions (src, dst, length)."""
+    moves, move = [], engine._move
+    engine._move = lambda src, dst, length: (moves.append((src, dst, length)),
+                                             move(src, dst, length))[1]
+    return moves
+
+
+# --- a completion depends only on its request --------------------------------------------------
+
+# (prompt length, max_gen_len): long and short prompts, long and short generations, so slots
+# finish out of order, are refilled with new prompts and compacted.
+CROWD = [(3, 20), (17, 3), (1, 15), (9, 1), (25, 8), (2, 25), (12, 5), (6, None), (30, 2), (4, 12)]
+
+
+def crowd(model: Transformer, base: SamplingParams) -> list[Request]:
+    return [Request(prompt(model, n, seed=i), params(base, max_gen_len=m, seed=100 + i), tag=i)
+            for i, (n, m) in enumerate(CROWD)]
+
+
+def test_greedy_alone_equals_crowded_batch(model):
+    requests = crowd(model, GREEDY)
+    engine = Engine(model, (), max_batch_size=3, max_seq_len=48)
+    moves = spy_moves(engine)
+    first = run(engine, requests)
+    assert any(src != dst for src, dst, _ in moves)  # compaction really happened
+    again = run(engine, requests[::-1])  # the same engine, its cache full of the first run
+    for r in requests:
+        want = alone(model, r, max_seq_len=48)
+        assert_same(first[r.tag], want)
+        assert_same(again[r.tag], want)
+    assert len(first[7].tokens) == 48 - 6  # max_gen_len None: until the context is full
+
+
+def test_sampling_alone_equals_batched_and_follows_the_seed(model):
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, logprobs=True)
+    requests = crowd(model, sampled)
+    base = prompt(model, 7, seed=99)
+    probes = [Request(base, params(sampled, max_gen_len=12, seed=s), tag=f"seed{s}")
+              for s in (5, 6)]
+    batched = run(Engine(model, (), max_batch_size=3, max_seq_len=48),
+                  requests[:4] + [probes[0]] + requests[4:] + [probes[1]])
+    for r in requests + probes:
+        assert_same(batched[r.tag], alone(model, r, max_seq_len=48))
+    assert batched["seed5"].tokens != batched["seed6"].tokens
+    # Sampling, not greedy decoding: the same prompt decoded greedily gives other tokens.
+    assert batched["seed5"].tokens != alone(model, Request(base, params(max_gen_len=12))).tokens
+
+
+# --- how a sequence ends ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("at", [0, 2])
+def test_stop_token_ends_the_sequence_and_is_dropped(model, at):
+    request = Request(prompt(model, 5, seed=3), params(max_gen_len=10))
+    free = alone(model, request).tokens
+    assert len(free) == 10 and free.index(free[at]) == at  # precondition: first occurrence
+    stop = free[at]
+    other = Request(prompt(model, 8, seed=4), params(max_gen_len=6), tag="other")
+    done = run(Engine(model, {stop}, max_batch_size=2, max_seq_len=64),
+               [Request(request.prompt_tokens, request.params, tag="stopped"), other])
+    assert done["stopped"].finish_reason == "stop"
+    assert done["stopped"].tokens == free[:at]
+    assert len(done["stopped"].logprobs) == at
+    assert_same(done["other"], alone(model, other, stop_ids={stop}))
+
+
+@pytest.mark.parametrize("max_gen_len", [0, 1, 5])
+def test_max_gen_len_gives_exactly_that_many_tokens(model, max_gen_len):
+    request = Request(prompt(model, 4, seed=5), params(max_gen_len=max_gen_len))
+    done = alone(model, request)
+    assert done.finish_reason == "length"
+    assert len(done.tokens) == done.completion_tokens == max_gen_len
+    assert done.prompt_tokens == 4
+
+
+def test_generation_stops_at_the_end_of_the_cache(model):
+    """prompt + completion fill max_seq_len exactly, and the last tokens are the ones a larger
+    cache would give (nothing is read or written past the end)."""
+    max_seq_len = 24
+    requests = [Request(prompt(model, n, seed=n), params(max_gen_len=None), tag=n)
+                for n in (23, 10, 1)]
+    done = run(Engine(model, (), max_batch_size=2, max_seq_len=max_seq_len), requests)
+    for r in requests:
+        n = len(r.prompt_tokens)
+        assert done[n].finish_reason == "length"
+        assert len(done[n].tokens) == max_seq_len - n
+        roomy = alone(model, Request(r.prompt_tokens, params(max_gen_len=max_seq_len - n)))
+        assert_same(done[n], roomy)
+
+
+def test_bad_prompts_are_errors_and_the_rest_complete(model):
+    max_seq_len = 24
+    good = [Request(prompt(model, n, seed=20 + n), params(max_gen_len=6), tag=f"ok{n}")
+            for n in (5, 23, 3)]  # 23 = max_seq_len - 1, the longest that fits
+    bad = {n: Request(prompt(model, n, seed=n), params(max_gen_len=6), tag=f"bad{n}")
+           for n in (max_seq_len, max_seq_len + 6, 0)}
+    order = [good[0], bad[max_seq_len], good[1], bad[0], bad[max_seq_len + 6], good[2]]
+    done = run(Engine(model, (), max_batch_size=2, max_seq_len=max_seq_len), order)
+
+    for n, r in bad.items():
+        c = done[r.tag]
+        assert (c.finish_reason, c.tokens, c.logprobs, c.prompt_tokens) == ("error", [], None, n)
+        assert c.error
+    for n in (max_seq_len, max_seq_len + 6):  # names the prompt's length and the limit
+        numbers = set(re.findall(r"\d+", done[f"bad{n}"].error))
+        assert {str(n), str(max_seq_len)} <= numbers, done[f"bad{n}"].error
+    assert "no tokens" in done["bad0"].error
+    for r in good:
+        assert done[r.tag].error is None
+        assert_same(done[r.tag], alone(model, r, max_seq_len=max_seq_len))
+
+
+# --- what a completion carries -----------------------------------------------------------------
+
+def test_echo_returns_the_prompt_first(model):
+    p = prompt(model, 9, seed=8)
+    plain = alone(model, Request(p, params(max_gen_len=5, logprobs=False)))
+    echoed = alone(model, Request(p, params(max_gen_len=5, logprobs=False, echo=True)))
+    assert echoed.tokens == p + plain.tokens
+    assert echoed.logprobs is None and plain.logprobs is None
+    assert (echoed.prompt_tokens, echoed.completion_tokens) == (9, 5)
+
+
+@pytest.mark.parametrize("n", [1, 9])
+def test_echo_logprobs_are_teacher_forced_for_the_prompt(model, n):
+    p = prompt(model, n, seed=9)
+    plain = alone(model, Request(p, params(max_gen_len=5)))
+    engine = Engine(model, (), max_batch_size=2, max_seq_len=64)
+    neighbour = Request(prompt(model, 14, seed=10), params(max_gen_len=3), tag="neighbour")
+    done = run(engine, [neighbour, Request(p, params(max_gen_len=5, echo=True), tag="echo")])
+    echoed = done["echo"]
+
+    assert echoed.tokens == p + plain.tokens
+    assert len(echoed.logprobs) == n + 5 and echoed.logprobs[0] is None
+    assert all(x is not None for x in echoed.logprobs[1:])
+    # The prompt's part: log p(p[t] | p[:t]) from one full forward pass.
+    model.setup_cache(1, n)
+    step = model.make_step(torch.arange(n)[None], slice(0, 1), kv_len=n)
+    with torch.inference_mode():
+        logits = model(torch.tensor([p]), step, all_logits=True)[0]
+    forced = token_logprobs(logits[:-1], torch.tensor(p[1:]))
+    torch.testing.assert_close(torch.tensor(echoed.logprobs[1:n]), forced,
+                               atol=LOGPROB_ATOL, rtol=0)
+    # The completion's part: the same as without echo.
+    torch.testing.assert_close(torch.tensor(echoed.logprobs[n:]), torch.tensor(plain.logprobs),
+                               atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_completions_carry_their_request_and_tag(model):
+    tags = [("record", 7, 0), {"id": "x"}, None, "empty"]
+    requests = [Request(prompt(model, 4, seed=1), params(max_gen_len=9), tag=tags[0]),
+                Request(prompt(model, 6, seed=2), params(max_gen_len=2), tag=tags[1]),
+                Request(prompt(model, 2, seed=3), params(max_gen_len=4), tag=tags[2]),
+                Request([], params(max_gen_len=4), tag=tags[3])]
+    done = list(Engine(model, (), max_batch_size=2, max_seq_len=32).generate(requests))
+    assert sorted(map(id, (c.request for c in done))) == sorted(map(id, requests))
+    for c in done:
+        assert c.request.tag is tags[requests.index(c.request)]
+        assert len(c.tokens) == (0 if c.request.tag == "empty" else c.request.params.max_gen_len)

@@ -1,0 +1,301 @@
+"""The transformer against an independent implementation (Hugging Face's Llama), and the KV cache
+against a full recompute.
+
+Hugging Face's `LlamaForCausalLM` shares no code with ours: its RoPE rotates halves rather than
+interleaved pairs (so q/k rows are permuted per head when converting), it computes Llama 3.1's
+scaled frequencies itself, and it runs eager attention without a cache. Agreement to 1e-4 in fp32
+on teacher-forced log-probabilities is what a Meta checkpoint run through both would show.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from llama_gen.args import LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs
+from llama_gen.build import load_model, read_model_args
+from llama_gen.engine import Engine, Request, SamplingParams
+from llama_gen.model import Transformer, rope_frequencies
+from llama_gen.parallel import ParallelLayers
+from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3, random_weights
+from llama_gen.tokenizer import load_tokenizer
+
+PARITY_ATOL = 1e-4
+CACHE_ATOL = 1e-5
+SEQ_LEN = 160  # long enough for every RoPE band, the interpolated one too, to move logprobs
+
+# name -> (params.json, vocabulary-parallel embedding)
+CONFIGS = {
+    # (a) Llama 2: multi-head attention, rope_theta 10000, embedding split on dim 1.
+    "llama2-mha": ({**TINY_LLAMA2, "vocab_size": 512}, False),
+    # (b) grouped-query attention (4 query heads per KV head), a non-default theta, no scaling.
+    "gqa-theta": ({"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 16,
+                   "ffn_dim_multiplier": 1.5, "norm_eps": 1e-6, "rope_theta": 100000.0,
+                   "vocab_size": 320}, True),
+    # (c) Llama 3.1: GQA, rope_theta 500000 and scaled RoPE.
+    "llama3.1-scaled": ({**TINY_LLAMA3, "vocab_size": 768}, True),
+}
+
+parity_diffs: dict[str, float] = {}  # measured max |ours - HF|, printed at the end of the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_parity_diffs():
+    yield
+    if parity_diffs:
+        print("\nmax |logprob ours - HF| (fp32): " +
+              ", ".join(f"{k}: {v:.2e}" for k, v in sorted(parity_diffs.items())))
+
+
+def build(args: ModelArgs, vocab_parallel: bool, seed: int = 0) -> Transformer:
+    model = Transformer(args, ParallelLayers(vocab_parallel))
+    model.load_state_dict(random_weights(args, seed), strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def config(name: str) -> tuple[ModelArgs, bool]:
+    params, vocab_parallel = CONFIGS[name]
+    return ModelArgs.from_params(params), vocab_parallel
+
+
+# --- the reference: Hugging Face transformers ---------------------------------------------------
+
+def hf_config(args: ModelArgs, rope_changes: dict | None = None, max_positions: int = 131072):
+    """`rope_changes` alters HF's RoPE only, for the controls that show the comparison is sharp."""
+    transformers = pytest.importorskip("transformers")
+    rope: dict = {"rope_type": "default"}
+    if args.use_scaled_rope:
+        rope = {"rope_type": "llama3", "factor": args.rope_scaling_factor, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": LLAMA_3_ROPE_ORIGINAL_CONTEXT}
+    rope |= rope_changes or {}
+    if rope["rope_type"] == "default":
+        rope = {"rope_type": "default"}
+    sizes = dict(hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+                 num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                 num_key_value_heads=args.kv_heads, rms_norm_eps=args.norm_eps,
+                 vocab_size=args.vocab_size, max_position_embeddings=max_positions,
+                 tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                 attn_implementation="eager")
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x: one `rope_parameters` dict
+        return transformers.LlamaConfig(**sizes, rope_parameters={**rope,
+                                                                  "rope_theta": args.rope_theta})
+    return transformers.LlamaConfig(**sizes, rope_theta=args.rope_theta,
+                                    rope_scaling=None if rope["rope_type"] == "default" else rope)
+
+
+def meta_to_hf(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Rename Meta's keys to Hugging Face's, permuting q/k rows per head from interleaved pairs
+    (x[2i], x[2i+1]) to halves (x[i], x[i + hd/2])."""
+    def to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+        return (w.view(heads, args.head_dim // 2, 2, args.dim).transpose(1, 2)
+                .reshape(heads * args.head_dim, args.dim))
+
+    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"],
+          "model.norm.weight": state["norm.weight"],
+          "lm_head.weight": state["output.weight"]}
+    for i in range(args.n_layers):
+        meta, ours = f"layers.{i}.", f"model.layers.{i}."
+        hf |= {
+            ours + "self_attn.q_proj.weight": to_halves(state[meta + "attention.wq.weight"],
+                                                        args.n_heads),
+            ours + "self_attn.k_proj.weight": to_halves(state[meta + "attention.wk.weight"],
+                                                        args.kv_heads),
+            ours + "self_attn.v_proj.weight": state[meta + "attention.wv.weight"],
+            ours + "self_attn.o_proj.weight": state[meta + "attention.wo.weight"],
+            ours + "mlp.gate_proj.weight": state[meta + "feed_forward.w1.weight"],
+            ours + "mlp.up_proj.weight": state[meta + "feed_forward.w3.weight"],
+            ours + "mlp.down_proj.weight": state[meta + "feed_forward.w2.weight"],
+            ours + "input_layernorm.weight": state[meta + "attention_norm.weight"],
+            ours + "post_attention_layernorm.weight": state[meta + "ffn_norm.weight"],
+        }
+    return hf
+
+
+def hf_model(args: ModelArgs, seed: int = 0, rope_changes: dict | None = None):
+    """HF's Llama holding `random_weights(args, seed)`."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM(hf_config(args, rope_changes))
+    model.load_state_dict(meta_to_hf(random_weights(args, seed), args), strict=True)
+    return model.eval()
+
+
+def hf_logits(args: ModelArgs, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(args, **kwargs)(input_ids=tokens[None]).logits[0].float()  # (T, vocab)
+
+
+def teacher_forced(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[t] | tokens[:t]) for t >= 1, from logits (T, vocab)."""
+    return torch.log_softmax(logits[:-1], dim=-1).gather(-1, tokens[1:, None]).squeeze(-1)
+
+
+def random_tokens(vocab_size: int, n: int = SEQ_LEN, seed: int = 1) -> torch.Tensor:
+    return torch.randint(vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# --- ours, two ways in ---------------------------------------------------------------------------
+
+def forward_all(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """One full forward over a fresh cache: logits (T, vocab)."""
+    n = len(tokens)
+    model.setup_cache(1, n)
+    step = model.make_step(torch.arange(n)[None], slice(0, 1), kv_len=n)
+    with torch.inference_mode():
+        return model(tokens[None], step, all_logits=True)[0]
+
+
+def echo_logprobs(model: Transformer, tokens: torch.Tensor) -> list[float | None]:
+    engine = Engine(model, stop_ids=(), max_batch_size=2, max_seq_len=len(tokens) + 4)
+    params = SamplingParams(temperature=0.0, max_gen_len=0, echo=True, logprobs=True)
+    [done] = engine.generate([Request(tokens.tolist(), params)])
+    assert done.tokens == tokens.tolist() and done.finish_reason == "length"
+    return done.logprobs
+
+
+# --- parity ---------------------------------------------------------------------------------------
+
+def test_tiny_rope_spans_all_three_llama31_bands():
+    """Precondition of the scaled-RoPE parity test: head_dim 16 with theta 500000 puts inverse
+    frequencies in the kept, interpolated and divided bands alike."""
+    args, _ = config("llama3.1-scaled")
+    base = rope_frequencies(dataclasses.replace(args, use_scaled_rope=False))
+    wavelen = 2 * torch.pi / base
+    assert (wavelen < 8192 / 4).any()
+    assert ((wavelen >= 8192 / 4) & (wavelen <= 8192)).any()
+    assert (wavelen > 8192).any()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_rope_frequencies_match_hf(name):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    args, _ = config(name)
+    cfg = hf_config(args)
+    if args.use_scaled_rope:
+        expected, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))
+    else:
+        expected = transformers.LlamaForCausalLM(cfg).model.rotary_emb.inv_freq
+    torch.testing.assert_close(rope_frequencies(args), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_matches_hf(single_process, name):
+    args, vocab_parallel = config(name)
+    tokens = random_tokens(args.vocab_size)
+    ours = forward_all(build(args, vocab_parallel), tokens)
+    theirs = hf_logits(args, tokens)
+
+    diff = (teacher_forced(ours, tokens) - teacher_forced(theirs, tokens)).abs().max().item()
+    parity_diffs[f"forward/{name}"] = diff
+    assert diff <= PARITY_ATOL
+    # The whole distribution at every position, not only the forced tokens.
+    full = (torch.log_softmax(ours, -1) - torch.log_softmax(theirs, -1)).abs().max().item()
+    assert full <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_engine_echo_logprobs_match_hf(single_process, name):
+    args, vocab_parallel = config(name)
+    tokens = random_tokens(args.vocab_size, seed=2)
+    logprobs = echo_logprobs(build(args, vocab_parallel), tokens)
+
+    assert logprobs[0] is None and len(logprobs) == len(tokens)
+    expected = teacher_forced(hf_logits(args, tokens), tokens)
+    diff = (torch.tensor(logprobs[1:]) - expected).abs().max().item()
+    parity_diffs[f"echo/{name}"] = diff
+    assert diff <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("family,n_shards", [("llama2", 1), ("llama2", 2), ("llama3", 1),
+                                             ("llama3", 2)])
+def test_loaded_checkpoint_matches_hf(single_process, tiny_checkpoints, family, n_shards):
+    """The tiny checkpoint on disk (Meta layout, 1 or 2 shards) loaded as the CLI loads it."""
+    ckpt = tiny_checkpoints[(family, n_shards)]
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    model = load_model(ckpt, tokenizer, single_process, torch.float32)
+    args = read_model_args(ckpt, tokenizer)
+    tokens = torch.tensor([tokenizer.bos_id] + random_tokens(args.vocab_size, seed=3).tolist())
+
+    logprobs = echo_logprobs(model, tokens)
+    expected = teacher_forced(hf_logits(args, tokens), tokens)
+    diff = (torch.tensor(logprobs[1:]) - expected).abs().max().item()
+    parity_diffs[f"checkpoint/{family}-{n_shards}shard"] = diff
+    assert diff <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("rope_changes", [
+    {"rope_type": "default"},  # no Llama 3.1 scaling at all
+    {"high_freq_factor": 3.0},  # only the interpolated band's frequency moves (by 1/3)
+], ids=["unscaled", "middle-band"])
+def test_parity_would_catch_a_rope_scaling_error(single_process, rope_changes):
+    """Control: over SEQ_LEN positions the 1e-4 comparison sees a wrong scaling, even one confined
+    to the interpolated band, so a model with such an error could not pass the tests above."""
+    args, vocab_parallel = config("llama3.1-scaled")
+    tokens = random_tokens(args.vocab_size)
+    ours = teacher_forced(forward_all(build(args, vocab_parallel), tokens), tokens)
+    theirs = teacher_forced(hf_logits(args, tokens, rope_changes=rope_changes), tokens)
+    assert (ours - theirs).abs().max().item() > 10 * PARITY_ATOL
+
+
+# --- the KV cache ---------------------------------------------------------------------------------
+
+def scribble(model: Transformer, seed: int = 7) -> None:
+    """Fill every cache slot with large finite junk, as slots reused by other sequences hold."""
+    gen = torch.Generator().manual_seed(seed)
+    for block in model.layers:
+        for t in (block.attention.cache.k, block.attention.cache.v):
+            t.copy_(100 * torch.randn(t.shape, generator=gen))
+
+
+def recompute_last(reference: Transformer, prefix: list[int]) -> torch.Tensor:
+    """Logits for the last token of `prefix` from a full forward over a fresh cache."""
+    return forward_all(reference, torch.tensor(prefix))[-1]
+
+
+@pytest.mark.parametrize("name", ["llama2-mha", "llama3.1-scaled"])
+def test_cached_decode_equals_full_recompute(single_process, name):
+    args, vocab_parallel = config(name)
+    model, reference = build(args, vocab_parallel), build(args, vocab_parallel)
+    seq = random_tokens(args.vocab_size, n=6, seed=4).tolist()
+    model.setup_cache(3, 32)
+    scribble(model)
+    slot = slice(1, 2)  # not the first row: the step's rows must address the right slot
+    with torch.inference_mode():
+        positions = torch.arange(len(seq))[None]
+        logits = model(torch.tensor([seq]), model.make_step(positions, slot, len(seq)))
+        for _ in range(16):
+            torch.testing.assert_close(logits[0], recompute_last(reference, seq),
+                                       atol=CACHE_ATOL, rtol=0)
+            seq.append(int(logits[0].argmax()))
+            pos = len(seq) - 1
+            step = model.make_step(torch.tensor([[pos]]), slot, kv_len=pos + 1)
+            logits = model(torch.tensor([[seq[-1]]]), step)
+    assert len(set(seq[6:])) > 1  # the decoded tokens are not one repeated token
+
+
+@pytest.mark.parametrize("name", ["llama2-mha", "llama3.1-scaled"])
+def test_decode_batch_of_mixed_prompt_lengths(single_process, name):
+    """Rows at different positions decode in one step; each row's logits are those of its own
+    prefix alone, whatever its neighbours hold beyond its position."""
+    args, vocab_parallel = config(name)
+    model, reference = build(args, vocab_parallel), build(args, vocab_parallel)
+    seqs = [random_tokens(args.vocab_size, n=n, seed=10 + n).tolist() for n in (2, 11, 5)]
+    model.setup_cache(len(seqs), 32)
+    scribble(model)
+    with torch.inference_mode():
+        logits = []
+        for row, seq in enumerate(seqs):  # prefill each prompt alone into its own slot
+            step = model.make_step(torch.arange(len(seq))[None], slice(row, row + 1), len(seq))
+            logits.append(model(torch.tensor([seq]), step)[0])
+        logits = torch.stack(logits)
+        for _ in range(8):
+            for row, seq in enumerate(seqs):
+                torch.testing.assert_close(logits[row], recompute_last(reference, seq),
+                                           atol=CACHE_ATOL, rtol=0)
+                seq.append(int(logits[row].argmax()))
+            positions = torch.tensor([[len(s) - 1] for s in seqs])
+            step = model.make_step(positions, slice(0, len(seqs)), int(positions.max()) + 1)
+            logits = model(torch.tensor([[s[-1]] for s in seqs]), step)
