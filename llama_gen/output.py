@@ -27,47 +27,63 @@ class OutputState:
     torn_bytes: int = 0
 
 
+def cut_torn_last_line(path: Path) -> int:
+    """Truncate `path` after its last newline (a crash mid-write leaves a partial line);
+    returns how many bytes were cut."""
+    if not path.exists():
+        return 0
+    with path.open("r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail_start = size
+        while tail_start > 0:
+            step = min(tail_start, 1 << 16)
+            f.seek(tail_start - step)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                tail_start = tail_start - step + newline + 1
+                break
+            tail_start -= step
+        if tail_start < size:
+            f.truncate(tail_start)
+            os.fsync(f.fileno())
+    if size - tail_start:
+        log.warning("%s: removed a torn last line (%d bytes) left by an interrupted run", path,
+                    size - tail_start)
+    return size - tail_start
+
+
 def recover_output(path: Path) -> OutputState:
-    """What `path` already holds, after cutting off a torn last line."""
+    """What `path` already holds; a torn last line is cut off once the rest checks out."""
     state = OutputState()
     if not path.exists():
         return state
-    good_end = 0
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.endswith(b"\n"):
-                state.torn_bytes = len(raw)
                 break
             try:
                 obj = json.loads(raw)
-                key = (obj["id"], obj["sample"])
+                state.done.add((obj["id"], obj["sample"]))
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{path}: line {number} is not a llama-gen output line; move the "
                                 "file away or pass --overwrite") from None
-            state.done.add(key)
             state.lines += 1
-            good_end += len(raw)
-    if state.torn_bytes:
-        with path.open("r+b") as f:
-            f.truncate(good_end)
-            os.fsync(f.fileno())
-        log.warning("%s: removed a torn last line (%d bytes) left by an interrupted run", path,
-                    state.torn_bytes)
+    state.torn_bytes = cut_torn_last_line(path)
     return state
 
 
 def recorded_error_lines(path: Path) -> set[int]:
     """Line numbers already in the errors file (so a resume does not write them twice)."""
+    cut_torn_last_line(path)
     if not path.exists():
         return set()
     lines = set()
     with path.open("rb") as f:
         for raw in f:
-            if raw.endswith(b"\n"):
-                try:
-                    lines.add(json.loads(raw)["line"])
-                except (ValueError, KeyError, TypeError):
-                    pass
+            try:
+                lines.add(json.loads(raw)["line"])
+            except (ValueError, KeyError, TypeError):
+                pass
     return lines
 
 

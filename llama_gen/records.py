@@ -85,6 +85,11 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str,
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         return BadLine(line, f"invalid JSON: {e.msg} at column {e.colno}", shown)
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return BadLine(line, "a \\u escape encodes half of a surrogate pair (not a character)",
+                       shown)
     if not isinstance(obj, dict):
         return BadLine(line, f"expected a JSON object, got {type(obj).__name__}", shown)
     prompt = obj.get(prompt_key)

@@ -1,72 +1,127 @@
-"""End to end: the installed `llama-gen` command, as one process and under torchrun."""
+"""End to end: the installed `llama-gen` command on prompt files, as one process and under
+torchrun, including kill -9 at random moments and resuming."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 LLAMA_GEN = str(Path(sys.executable).parent / "llama-gen")
-PROMPTS = ["Hello world", "Guten Morgen, wie geht's?", "नमस्ते दुनिया", "こんにちは世界", "a"]
+PROMPTS = [{"prompt": "Hello world"}, {"id": "de", "prompt": "Guten Morgen, wie geht's?"},
+           {"prompt": "नमस्ते दुनिया"}, {"prompt": "こんにちは世界", "num_samples": 2},
+           {"prompt": "a", "temperature": 0.9, "max_gen_len": 5}]
 GREEDY = ["--temperature", "0", "--max_gen_len", "12", "--logprobs", "--max_batch_size", "3",
           "--max_seq_len", "64"]
 
 
-def run(args: list[str], nproc: int | None = None) -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int | None = None, **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     launcher = [LLAMA_GEN] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
         str(nproc), "--no-python", LLAMA_GEN]
-    return subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(launcher + args, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
 
 
-def generate(ckpt: Path, nproc: int | None = None, extra: tuple[str, ...] = ()) -> list[dict]:
-    result = run(["--ckpt_dir", str(ckpt), "--prompt", json.dumps(PROMPTS), *GREEDY, *extra], nproc)
+def run(args: list[str], nproc: int | None = None) -> subprocess.CompletedProcess:
+    proc = launch(args, nproc)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def write_prompts(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
+    return path
+
+
+def read_output(path: Path) -> dict[tuple, dict]:
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    by_key = {(r["id"], r["sample"]): r for r in lines}
+    assert len(by_key) == len(lines), "a (record, sample) was written twice"
+    return by_key
+
+
+def generate(ckpt: Path, tmp: Path, nproc: int | None = None, extra: tuple = (),
+             prompts: list[dict] = PROMPTS) -> dict[tuple, dict]:
+    prompt_path = write_prompts(tmp / "prompts.jsonl", prompts)
+    out = tmp / f"out-{nproc}-{len(list(tmp.iterdir()))}.jsonl"
+    result = run(["--ckpt_dir", str(ckpt), "--prompt_path", str(prompt_path), "--out_path",
+                  str(out), *GREEDY, *extra], nproc)
     assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    return read_output(out)
 
 
-def assert_same_generation(got: list[dict], want: list[dict]) -> None:
-    assert [r["completion"] for r in got] == [r["completion"] for r in want]
-    for g, w in zip(got, want):
-        assert torch.allclose(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4)
+def assert_same_generation(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        assert got[key]["completion"] == w["completion"], key
+        assert torch.allclose(torch.tensor(got[key]["logprobs"]), torch.tensor(w["logprobs"]),
+                              atol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoints):
+def reference(tiny_checkpoints, tmp_path_factory):
     """One process, one shard, per family."""
-    return {family: generate(tiny_checkpoints[(family, 1)]) for family in ("llama2", "llama3")}
+    return {family: generate(tiny_checkpoints[(family, 1)], tmp_path_factory.mktemp(family))
+            for family in ("llama2", "llama3")}
 
 
-def test_one_process_writes_a_record_per_prompt(reference):
+def test_one_process_answers_every_record_and_sample(reference):
     for records in reference.values():
-        assert [r["prompt"] for r in records] == PROMPTS
-        for r in records:
+        assert sorted(records, key=str) == sorted(
+            [(1, 0), ("de", 0), (3, 0), (4, 0), (4, 1), (5, 0)], key=str)
+        for r in records.values():
             assert r["finish_reason"] in ("stop", "length")
-            assert len(r["logprobs"]) == r["completion_tokens"] <= 12
+            assert len(r["logprobs"]) == r["completion_tokens"]
+            assert r["completion_tokens"] <= (5 if r["id"] == 5 else 12)
             assert all(lp <= 0 for lp in r["logprobs"])
+        assert records[("de", 0)]["prompt"] == PROMPTS[1]["prompt"]
 
 
-def test_model_parallel_2_under_torchrun_matches_one_process(tiny_checkpoints, reference):
-    assert_same_generation(generate(tiny_checkpoints[("llama3", 2)], nproc=2), reference["llama3"])
+def test_model_parallel_2_under_torchrun_matches_one_process(tiny_checkpoints, reference, tmp_path):
+    assert_same_generation(generate(tiny_checkpoints[("llama3", 2)], tmp_path, nproc=2),
+                           reference["llama3"])
 
 
-def test_two_shards_on_one_process_and_one_shard_on_two(tiny_checkpoints, reference):
-    assert_same_generation(generate(tiny_checkpoints[("llama2", 2)]), reference["llama2"])
-    assert_same_generation(
-        generate(tiny_checkpoints[("llama2", 1)], nproc=2, extra=("--model_parallel_size", "2")),
-        reference["llama2"])
+def test_two_shards_on_one_process_and_one_shard_on_two(tiny_checkpoints, reference, tmp_path):
+    assert_same_generation(generate(tiny_checkpoints[("llama2", 2)], tmp_path),
+                           reference["llama2"])
+    assert_same_generation(generate(tiny_checkpoints[("llama2", 1)], tmp_path, nproc=2,
+                                    extra=("--model_parallel_size", "2")), reference["llama2"])
 
 
-def test_two_data_parallel_replicas_match_one_process(tiny_checkpoints, reference):
-    got = generate(tiny_checkpoints[("llama3", 1)], nproc=2)  # 1 shard: model parallel 1 x 2
+def test_two_replicas_match_one_process(tiny_checkpoints, reference, tmp_path):
+    got = generate(tiny_checkpoints[("llama3", 1)], tmp_path, nproc=2)  # model parallel 1 x 2
     assert_same_generation(got, reference["llama3"])
+
+
+def test_every_flag_survives_torchrun(tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints[("llama3", 2)]
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"uid": "x", "text": "Hello"}])
+    result = run(["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path",
+                  str(tmp_path / "o.jsonl"), "--logging_path", str(tmp_path / "o.log"),
+                  "--tokenizer_path", str(ckpt / "tokenizer.model"), "--max_seq_len", "32",
+                  "--max_batch_size", "2", "--max_gen_len", "3", "--temperature", "0.7",
+                  "--top_p", "0.8", "--seed", "3", "--dtype", "fp32", "--prompt_key", "text",
+                  "--id_key", "uid", "--num_samples", "2", "--logprobs", "--echo", "--strict",
+                  "--overwrite", "--model_parallel_size", "2", "--device", "cpu"], nproc=2)
+    assert result.returncode == 0, result.stderr
+    records = read_output(tmp_path / "o.jsonl")
+    assert set(records) == {("x", 0), ("x", 1)}
+    assert all(r["completion"].startswith("Hello") for r in records.values())  # --echo
+    assert "done 2/2 samples" in (tmp_path / "o.log").read_text()
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -78,17 +133,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in errors[0], errors[0]
 
 
-def test_clear_errors(checkpoint_copy):
+def test_clear_errors(checkpoint_copy, tmp_path):
     ckpt = checkpoint_copy("llama2", 2)
-    base = ["--ckpt_dir", str(ckpt), "--prompt", "hi"]
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    base = ["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path",
+            str(tmp_path / "o.jsonl")]
 
     assert_one_line_error(run(base + ["--dtype", "fp8"]), "--dtype 'fp8' is not one of")
-
-    long_prompt = " ".join(["word"] * 80)
-    result = run(["--ckpt_dir", str(ckpt), "--prompt", json.dumps(["hi", long_prompt]),
-                  "--max_seq_len", "32", "--max_gen_len", "4"])
-    assert_one_line_error(result, "prompt 1", "--max_seq_len 32 allows at most 31")
-    assert json.loads(result.stdout.splitlines()[0])["finish_reason"] == "length"
+    assert_one_line_error(run(base[:3] + ["nope.jsonl"] + base[4:]), "nope.jsonl: no such file")
+    assert_one_line_error(run(base[:5] + ["/no/such/dir/o.jsonl"]), "does not exist")
 
     params = json.loads((ckpt / "params.json").read_text())
     (ckpt / "params.json").write_text(json.dumps({**params, "vocab_size": 1000}))
@@ -106,3 +159,111 @@ def test_clear_errors(checkpoint_copy):
     for shard_path in ckpt.glob("consolidated.*.pth"):
         shard_path.unlink()
     assert_one_line_error(run(base), "no consolidated.NN.pth shards")
+
+
+def test_every_bad_line_is_recorded_and_the_rest_answered(tiny_checkpoints, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b"\n".join([
+        b'{"prompt": "fine"}', b'{"prompt": ', b'["not", "an", "object"]', b'{"text": "x"}',
+        b'{"prompt": ""}', b'{"prompt": 7}', b'{"prompt": "bad \xff utf8"}',
+        b'{"id": 1, "prompt": "duplicate of line 1"}', b'{"prompt": "' + b"word " * 80 + b'"}',
+        b'{"prompt": "x", "top_p": 2}', b'{"prompt": "also fine"}']) + b"\n")
+    out = tmp_path / "o.jsonl"
+    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
+            "--out_path", str(out), "--max_seq_len", "48", "--max_gen_len", "4"]
+    result = run(args)
+    assert result.returncode == 0, result.stderr
+    assert set(read_output(out)) == {(1, 0), (11, 0)}
+    errors = [json.loads(line) for line in (tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in sorted(errors, key=lambda e: e["line"])] == list(range(2, 11))
+    assert "9 bad line(s)" in result.stderr
+
+    again = run(args)  # resume: nothing to do, no error written twice
+    assert again.returncode == 0 and "0 sample(s) written" in again.stderr
+    assert len((tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()) == 9
+
+    strict = run(args + ["--strict", "--overwrite"])
+    assert_one_line_error(strict, "line 2", "--strict")
+
+
+def test_resume_refuses_changed_settings_and_a_second_job(tiny_checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    out = tmp_path / "o.jsonl"
+    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
+            "--out_path", str(out), "--max_gen_len", "3"]
+    assert run(args).returncode == 0
+    assert_one_line_error(run(args + ["--temperature", "0.1"]), "temperature: 0.6 -> 0.1",
+                          "--overwrite")
+    write_prompts(prompts, [{"prompt": "hi"}, {"prompt": "more"}])
+    assert_one_line_error(run(args), "prompt_file")
+    with open(tmp_path / "o.jsonl.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert_one_line_error(run(args + ["--overwrite"]), "another llama-gen job")
+    assert run(args + ["--overwrite"]).returncode == 0
+    assert set(read_output(out)) == {(1, 0), (2, 0)}
+
+
+def kill_when(proc: subprocess.Popen, out: Path, min_lines: int, sig: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= min_lines:
+            os.killpg(proc.pid, sig)
+            break
+        time.sleep(0.005)
+    proc.communicate(timeout=60)
+
+
+def test_kill_9_at_random_moments_then_resume_writes_each_sample_once(tiny_checkpoints,
+                                                                      tmp_path):
+    records = [{"prompt": f"Prompt number {i}: " + "lorem ipsum " * (i % 7)} for i in range(40)]
+    prompts = write_prompts(tmp_path / "p.jsonl", records)
+    ckpt = str(tiny_checkpoints[("llama3", 2)])
+    args = ["--ckpt_dir", ckpt, "--prompt_path", str(prompts), "--max_gen_len", "40",
+            "--num_samples", "2", "--max_batch_size", "4", "--temperature", "1"]
+    want = generate_all(args, tmp_path / "uninterrupted.jsonl")
+
+    out = tmp_path / "o.jsonl"
+    rng = random.Random(0)
+    before = b""
+    for kill in range(3):
+        proc = launch(args + ["--out_path", str(out)], nproc=2)
+        kill_when(proc, out, min_lines=len(before.splitlines()) + rng.randint(1, 20),
+                  sig=signal.SIGKILL)
+        assert proc.returncode != 0, "the job finished before it could be killed"
+        now = out.read_bytes()
+        complete = now[: now.rfind(b"\n") + 1]
+        assert complete.startswith(before), "a resumed run changed earlier records"
+        before = complete
+    with out.open("ab") as f:
+        f.write(b'{"id": 3, "sample": 0, "compl')  # a torn line, as a crash mid-write leaves
+    result = run(args + ["--out_path", str(out)], nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(before)
+    got = read_output(out)
+    assert got.keys() == want.keys()
+    assert all(got[k]["completion"] == want[k]["completion"] for k in want)
+
+
+def generate_all(args: list[str], out: Path) -> dict:
+    result = run(args + ["--out_path", str(out)], nproc=2)
+    assert result.returncode == 0, result.stderr
+    return read_output(out)
+
+
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(tiny_checkpoints, tmp_path):
+    records = [{"prompt": f"Prompt {i}"} for i in range(80)]
+    prompts = write_prompts(tmp_path / "p.jsonl", records)
+    out = tmp_path / "o.jsonl"
+    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
+            "--out_path", str(out), "--max_gen_len", "40", "--max_batch_size", "2"]
+    proc = launch(args)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "resume with the same command" in err
+    assert out.read_bytes().endswith(b"\n")
+    assert run(args).returncode == 0
+    assert len(read_output(out)) == 80
