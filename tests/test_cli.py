@@ -203,11 +203,25 @@ def test_resume_refuses_changed_settings_and_a_second_job(tiny_checkpoints, tmp_
     assert set(read_output(out)) == {(1, 0), (2, 0)}
 
 
+def descendants(pid: int) -> list[int]:
+    """torchrun starts its workers in sessions of their own, so killpg would miss them."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    return [d for c in map(int, children) for d in [c, *descendants(c)]]
+
+
 def kill_when(proc: subprocess.Popen, out: Path, min_lines: int, sig: int) -> None:
+    """Send `sig` to the launcher and all its workers once `out` has `min_lines` lines."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= min_lines:
-            os.killpg(proc.pid, sig)
+            for pid in [*descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
             break
         time.sleep(0.005)
     proc.communicate(timeout=60)
