@@ -281,3 +281,13 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tiny_checkpoints, tm
     assert out.read_bytes().endswith(b"\n")
     assert run(args).returncode == 0
     assert len(read_output(out)) == 80
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    result = subprocess.run([LLAMA_GEN, "demo", "--out_dir", str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    records = read_output(tmp_path / "out.jsonl")
+    assert set(records) == {("greeting", 0), ("german", 0), ("hindi", 0), ("japanese", 0),
+                            ("sampled", 0), ("sampled", 1)}
+    assert f"output: {tmp_path / 'out.jsonl'}" in result.stdout
