@@ -222,7 +222,7 @@ class Writer:
         self.progress = ProgressLog(s.log_path)
         self.total = total
         self.samples = self.tokens = self.bad_lines = 0
-        self.start = self._last_report = time.monotonic()
+        self.start = self._last_report = self._last_console = time.monotonic()
         self._bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -242,7 +242,8 @@ class Writer:
             message = (f"done {self.samples}/{self.total} samples, last line {source_line}, "
                        f"{self.tokens / self._elapsed():.1f} tok/s")
             self.progress.write(message)
-            if self._bar is None and self.samples % 100 == 0:
+            if self._bar is None and now - self._last_console >= 30:
+                self._last_console = now
                 log.info(message)
 
     def bad_line(self, bad: BadLine) -> None:

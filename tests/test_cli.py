@@ -291,3 +291,21 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert set(records) == {("greeting", 0), ("german", 0), ("hindi", 0), ("japanese", 0),
                             ("sampled", 0), ("sampled", 1)}
     assert f"output: {tmp_path / 'out.jsonl'}" in result.stdout
+
+
+def test_resume_with_another_number_of_processes(tiny_checkpoints, tmp_path):
+    """Killed as 2 data-parallel replicas, finished as 1 process: each sample once, greedy
+    completions as an uninterrupted run gives them."""
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": f"Line {i}"} for i in range(40)])
+    args = ["--ckpt_dir", str(tiny_checkpoints[("llama3", 1)]), "--prompt_path", str(prompts),
+            "--max_gen_len", "40", "--temperature", "0", "--max_batch_size", "2"]
+    want = generate_all(args, tmp_path / "uninterrupted.jsonl")
+    out = tmp_path / "o.jsonl"
+    proc = launch(args + ["--out_path", str(out)], nproc=2)
+    kill_when(proc, out, min_lines=10, sig=signal.SIGKILL)
+    assert proc.returncode != 0, "the job finished before it could be killed"
+    result = run(args + ["--out_path", str(out)])
+    assert result.returncode == 0, result.stderr
+    got = read_output(out)
+    assert {k: r["completion"] for k, r in got.items()} == {
+        k: r["completion"] for k, r in want.items()}
