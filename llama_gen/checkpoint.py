@@ -98,7 +98,6 @@ class Checkpoint:
     """Validated shards of one checkpoint, opened lazily with mmap."""
 
     shards: list[dict[str, torch.Tensor]]
-    paths: list[Path]
     embedding_split_dim: int
 
     @classmethod
@@ -113,7 +112,7 @@ class Checkpoint:
         expected = full_shapes(args)
         for path, shard in zip(paths, shards):
             _check_shard(path, shard, expected, embedding_dim, n)
-        return cls(shards, paths, embedding_dim)
+        return cls(shards, embedding_dim)
 
     def state_dict_for(self, mp_rank: int, mp_size: int, device: torch.device,
                        dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -66,6 +66,16 @@ class _Sequence:
                           self.finish_reason or "length", len(req.prompt_tokens))
 
 
+def prompt_problem(n_tokens: int, max_seq_len: int) -> str | None:
+    """Why a prompt of n_tokens cannot be generated from, or None: at least one token must fit."""
+    if n_tokens == 0:
+        return "the prompt has no tokens"
+    if n_tokens > max_seq_len - 1:
+        return (f"the prompt has {n_tokens} tokens; --max_seq_len {max_seq_len} allows at most "
+                f"{max_seq_len - 1}: shorten the prompt or raise --max_seq_len")
+    return None
+
+
 class Engine:
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
                  max_seq_len: int):
@@ -78,13 +88,7 @@ class Engine:
 
     def check(self, request: Request) -> str | None:
         """Why the request cannot run, or None."""
-        n, limit = len(request.prompt_tokens), self.max_seq_len - 1
-        if n == 0:
-            return "the prompt has no tokens"
-        if n > limit:
-            return (f"the prompt has {n} tokens; --max_seq_len {self.max_seq_len} allows at most "
-                    f"{limit}: shorten the prompt or raise --max_seq_len")
-        return None
+        return prompt_problem(len(request.prompt_tokens), self.max_seq_len)
 
     @torch.inference_mode()
     def generate(self, requests: Iterable[Request],

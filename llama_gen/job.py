@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import parallel
-from .engine import Completion, Engine, Request, SamplingParams
+from .engine import Completion, Engine, Request, SamplingParams, prompt_problem
 from .errors import UserError
 from .output import (JsonlAppender, OutputLock, ProgressLog, recorded_error_lines, recover_output,
                      settings_differences, write_atomically)
@@ -163,10 +163,8 @@ def pending_work(s: JobSettings, done: set[tuple[Any, int]], tokenizer: Tokenize
         if (owned - 1) % replicas != replica:
             continue
         tokens = tokenizer.encode(item.prompt, bos=True)
-        if len(tokens) > s.max_seq_len - 1:
-            yield BadLine(item.line, f"prompt has {len(tokens)} tokens; --max_seq_len "
-                          f"{s.max_seq_len} allows at most {s.max_seq_len - 1}",
-                          json.dumps(item.fields, ensure_ascii=False)[:1000])
+        if problem := prompt_problem(len(tokens), s.max_seq_len):
+            yield BadLine(item.line, problem, json.dumps(item.fields, ensure_ascii=False)[:1000])
             continue
         yield Work(item, tokens, samples)
 
@@ -261,6 +259,14 @@ class Writer:
                 f"{self.tokens} tokens generated in {elapsed:.1f}s "
                 f"({self.tokens / elapsed:.1f} tok/s)")
 
+    def finish(self) -> None:
+        """Close the bar, then say how it went (in the log and on the console)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.progress.write("end: " + self.summary())
+        log.info("%s", self.summary())
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -339,7 +345,14 @@ def run_job(s: JobSettings) -> None:
                     return
                 yield request
 
-        should_stop = lambda: parallel.leader_flag(bool(stop))  # noqa: E731
+        decode_steps = 0
+
+        def should_stop() -> bool:
+            """The leader's stop request, shared with its group every 8 decode steps."""
+            nonlocal decode_steps
+            decode_steps += 1
+            return decode_steps % 8 == 0 and parallel.leader_flag(bool(stop), info.device)
+
         for completion in engine.generate(group_requests(), should_stop):
             if leader:
                 record, _ = completion.request.tag
@@ -355,8 +368,7 @@ def run_job(s: JobSettings) -> None:
                     deliver(message)
                 time.sleep(0.05)
         if writer is not None:
-            log.info("%s", writer.summary())
-            writer.progress.write("end: " + writer.summary())
+            writer.finish()
         if strict_failure:
             bad = strict_failure[0]
             raise UserError(f"{s.prompt_path}: line {bad.line}: {bad.reason} (--strict; see "

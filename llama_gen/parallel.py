@@ -160,11 +160,13 @@ def broadcast_from_rank0(obj: object) -> object:
     return holder[0]
 
 
-def leader_flag(flag: bool) -> bool:
+def leader_flag(flag: bool, device: torch.device) -> bool:
     """The model-parallel group's first rank's `flag`, on every rank of the group."""
     if fs_init.get_model_parallel_world_size() == 1:
         return flag
-    return bool(broadcast_from_model_parallel_leader(flag))
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=fs_init.get_model_parallel_src_rank(), group=model_parallel_group())
+    return bool(value.item())
 
 
 class Mailbox:

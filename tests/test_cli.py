@@ -264,22 +264,27 @@ def generate_all(args: list[str], out: Path) -> dict:
     return read_output(out)
 
 
-def test_sigterm_stops_cleanly_and_the_same_command_resumes(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("nproc", [None, 2])
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(tiny_checkpoints, tmp_path, nproc):
+    """SIGTERM to the launcher: llama-gen itself, or torchrun, which passes it to its workers
+    (model parallel 2, so both ranks must stop at the same step)."""
     records = [{"prompt": f"Prompt {i}"} for i in range(80)]
     prompts = write_prompts(tmp_path / "p.jsonl", records)
     out = tmp_path / "o.jsonl"
-    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
-            "--out_path", str(out), "--max_gen_len", "40", "--max_batch_size", "2"]
-    proc = launch(args)
+    family = "llama2" if nproc is None else "llama3"
+    args = ["--ckpt_dir", str(tiny_checkpoints[(family, nproc or 1)]), "--prompt_path",
+            str(prompts), "--out_path", str(out), "--max_gen_len", "40", "--max_batch_size", "2"]
+    proc = launch(args, nproc)
     deadline = time.monotonic() + 120
     while not (out.exists() and out.read_bytes().count(b"\n") >= 3) and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "resume with the same command" in err
+    assert proc.returncode != 0 and (nproc or proc.returncode == 128 + signal.SIGTERM), err
+    assert "stopped by SIGTERM" in err and "resume with the same command" in err
     assert out.read_bytes().endswith(b"\n")
-    assert run(args).returncode == 0
+    assert len(read_output(out)) < 80
+    assert run(args, nproc).returncode == 0
     assert len(read_output(out)) == 80
 
 

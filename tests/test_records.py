@@ -301,7 +301,8 @@ def test_bad_lines_come_from_replica_0_and_too_long_prompts_from_their_owner(tmp
                      [("BadLine", 3), ("BadLine", 6)]]
     too_long = shares[1][0]
     n = len(tokenizer.encode(long_prompt, bos=True))
-    assert too_long.reason == (f"prompt has {n} tokens; --max_seq_len 32 allows at most 31")
+    assert too_long.reason.startswith(f"the prompt has {n} tokens; --max_seq_len 32 allows at "
+                                      "most 31")
     assert json.loads(too_long.text) == {"prompt": long_prompt, "id": "b"}
     # One replica reports everything.
     alone = collect(s, tokenizer, 1)[0]
