@@ -1,13 +1,18 @@
 """Generation over a fixed set of KV-cache slots: prefill each prompt, decode all slots together.
 
-Slots are kept contiguous (0..n-1), so a decode step reads the cache as a plain view: a finished
-sequence's slot takes the next prompt, or else the last active sequence moves into it.
+Two schedulers share the slots. "continuous": a finished sequence's slot takes the next prompt at
+once, or else the last active sequence moves into it, so active slots stay contiguous (0..n-1)
+and a decode step reads the cache as a plain view. "static": Meta's reference loop, kept as the
+baseline to measure against: a batch starts together at its shortest prompt, longer prompts are
+fed one forced token per step, and every row steps until the whole batch is done.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import time
 
 import torch
 
@@ -76,15 +81,46 @@ def prompt_problem(n_tokens: int, max_seq_len: int) -> str | None:
     return None
 
 
+@dataclass
+class EngineStats:
+    """Counters of what the engine did, for benchmarks and tests (not timings of record)."""
+
+    prefills: int = 0  # prompts prefilled
+    prefill_tokens: int = 0  # tokens through prefill forward passes (padding included)
+    decode_steps: int = 0  # decode forward passes
+    slot_steps: int = 0  # rows computed by decode passes
+    wasted_slot_steps: int = 0  # rows computed for sequences that had already finished
+    refills: int = 0  # prompts admitted into a slot that a finished sequence left
+    forward_seconds: float = 0.0  # wall time inside model forward passes
+
+    @property
+    def wasted_share(self) -> float:
+        return self.wasted_slot_steps / max(self.slot_steps, 1)
+
+
 class Engine:
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
-                 max_seq_len: int):
+                 max_seq_len: int, scheduler: Literal["continuous", "static"] = "continuous"):
+        if scheduler not in ("continuous", "static"):
+            raise ValueError(f"unknown scheduler {scheduler!r}")
         self.model = model
         self.device = model.output.weight.device
         self.stop_ids = frozenset(stop_ids)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.scheduler = scheduler
+        self.stats = EngineStats()
         model.setup_cache(max_batch_size, max_seq_len)
+        # Per-slot decoding state, kept on the device so a decode step copies nothing in.
+        zeros = lambda dtype: torch.zeros(max_batch_size, device=self.device, dtype=dtype)  # noqa: E731
+        self._next_token = zeros(torch.long)  # the last sampled token, input of the next step
+        self._position = zeros(torch.long)  # where that token goes in the cache
+        self._counter = zeros(torch.long)  # index of the token to draw next (the RNG counter)
+        self._seed = zeros(torch.long)
+        self._temperature = zeros(torch.float32)
+        self._top_p = zeros(torch.float32)
+        self._slot_state = (self._next_token, self._position, self._counter, self._seed,
+                            self._temperature, self._top_p)
 
     def check(self, request: Request) -> str | None:
         """Why the request cannot run, or None."""
@@ -96,24 +132,29 @@ class Engine:
         """Completions in the order they finish; all model-parallel ranks must pass the same
         requests in the same order. `should_stop` is asked before every decode step; when it
         says yes, unfinished sequences are dropped."""
-        pending = iter(requests)
+        run = self._continuous if self.scheduler == "continuous" else self._static
+        return run(iter(requests), should_stop or (lambda: False))
+
+    def _continuous(self, pending: Iterator[Request],
+                    should_stop: Callable[[], bool]) -> Iterator[Completion]:
         active: list[_Sequence] = []
-        exhausted = False
+        exhausted = started = False
         while True:
             while not exhausted and len(active) < self.max_batch_size:
                 request = next(pending, None)
                 if request is None:
                     exhausted = True
                 elif (problem := self.check(request)) is not None:
-                    yield Completion(request, [], None, "error", len(request.prompt_tokens),
-                                     problem)
+                    yield _error(request, problem)
                 else:
+                    self.stats.refills += started
                     seq = self._prefill(request, slot=len(active))
                     if seq.finish_reason:
                         yield seq.completion()
                     else:
                         active.append(seq)
-            if not active or (should_stop is not None and should_stop()):
+            started = True
+            if not active or should_stop():
                 return
             self._decode(active)
             for slot in reversed(range(len(active))):
@@ -123,57 +164,167 @@ class Engine:
                     active[slot] = active[-1]
                     active.pop()
 
+    def _static(self, pending: Iterator[Request],
+                should_stop: Callable[[], bool]) -> Iterator[Completion]:
+        while True:
+            batch: list[_Sequence] = []
+            while len(batch) < self.max_batch_size and (request := next(pending, None)):
+                if (problem := self.check(request)) is not None:
+                    yield _error(request, problem)
+                else:
+                    batch.append(_Sequence(request, self._budget(request)))
+            if not batch:
+                return
+            stopped = yield from self._static_batch(batch, should_stop)
+            if stopped:
+                return
+
+    def _budget(self, request: Request) -> int:
+        budget = self.max_seq_len - len(request.prompt_tokens)
+        max_gen_len = request.params.max_gen_len
+        return budget if max_gen_len is None else min(budget, max_gen_len)
+
+    def _set_slot(self, slot: int, seq: _Sequence) -> None:
+        p = seq.request.params
+        self._seed[slot] = p.seed
+        self._temperature[slot] = p.temperature
+        self._top_p[slot] = p.top_p
+        self._counter[slot] = 0
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice, kv_len: int,
+                 all_logits: bool = False) -> torch.Tensor:
+        start = time.perf_counter()
+        logits = self.model(tokens, self.model.make_step(positions, rows, kv_len), all_logits)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.forward_seconds += time.perf_counter() - start
+        return logits
+
     def _prefill(self, request: Request, slot: int) -> _Sequence:
         params, prompt = request.params, request.prompt_tokens
-        budget = self.max_seq_len - len(prompt)
-        if params.max_gen_len is not None:
-            budget = min(budget, params.max_gen_len)
-        seq = _Sequence(request, budget)
+        seq = _Sequence(request, self._budget(request))
+        self._set_slot(slot, seq)
         tokens = torch.tensor([prompt], device=self.device)
         positions = torch.arange(len(prompt), device=self.device).unsqueeze(0)
         want_prompt_logprobs = params.echo and params.logprobs
-        step = self.model.make_step(positions, slice(slot, slot + 1), kv_len=len(prompt))
-        logits = self.model(tokens, step, all_logits=want_prompt_logprobs)
+        logits = self._forward(tokens, positions, slice(slot, slot + 1), len(prompt),
+                               all_logits=want_prompt_logprobs)
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += len(prompt)
         if want_prompt_logprobs:
             seq.logprobs = [None] + token_logprobs(logits[0, :-1], tokens[0, 1:]).tolist()
             logits = logits[:, -1]
-        if budget <= 0:
+        if seq.budget <= 0:
             seq.finish_reason = "length"
             return seq
-        self._sample_and_append([seq], logits)
+        self._position[slot] = len(prompt)
+        self._sample_and_append([seq], slice(slot, slot + 1), logits)
         return seq
 
     def _decode(self, active: list[_Sequence]) -> None:
-        tokens = torch.tensor([[s.generated[-1]] for s in active], device=self.device)
-        positions = torch.tensor([[s.position] for s in active], device=self.device)
+        n = len(active)
         kv_len = max(s.position for s in active) + 1
-        step = self.model.make_step(positions, slice(0, len(active)), kv_len)
-        self._sample_and_append(active, self.model(tokens, step))
+        logits = self._forward(self._next_token[:n, None], self._position[:n, None],
+                               slice(0, n), kv_len)
+        self.stats.decode_steps += 1
+        self.stats.slot_steps += n
+        self._position[:n] += 1
+        self._sample_and_append(active, slice(0, n), logits)
 
-    def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        params = [s.request.params for s in seqs]
-        temperature = torch.tensor([p.temperature for p in params], device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], device=self.device)
-        seeds = torch.tensor([p.seed for p in params], device=self.device, dtype=torch.long)
-        counters = torch.tensor([len(s.generated) for s in seqs], device=self.device)
-        next_tokens = sample(logits, temperature, top_p, counter_uniform(seeds, counters))
-        logprobs = token_logprobs(logits, next_tokens).tolist() if any(p.logprobs for p in params) \
-            else None
+    def _draw(self, seqs: list[_Sequence], rows: slice, logits: torch.Tensor) -> torch.Tensor:
+        """Next tokens for `rows` (one per seq), each from its own (seed, counter) stream."""
+        if all(s.request.params.temperature == 0 for s in seqs):
+            tokens = logits.argmax(dim=-1)
+        else:
+            uniform = counter_uniform(self._seed[rows], self._counter[rows])
+            tokens = sample(logits, self._temperature[rows], self._top_p[rows], uniform)
+        self._counter[rows] += 1
+        return tokens
+
+    def _sample_and_append(self, seqs: list[_Sequence], rows: slice, logits: torch.Tensor) -> None:
+        next_tokens = self._draw(seqs, rows, logits)
+        self._next_token[rows] = next_tokens
+        want_logprobs = any(s.request.params.logprobs for s in seqs)
+        logprobs = token_logprobs(logits, next_tokens).tolist() if want_logprobs else None
         for i, (seq, token) in enumerate(zip(seqs, next_tokens.tolist())):
-            if token in self.stop_ids:
-                seq.finish_reason = "stop"
-                continue
-            seq.generated.append(token)
-            if logprobs is not None:
-                seq.logprobs.append(logprobs[i])
-            if len(seq.generated) >= seq.budget:
-                seq.finish_reason = "length"
+            self._append(seq, token, logprobs[i] if logprobs is not None else None)
+
+    def _append(self, seq: _Sequence, token: int, logprob: float | None) -> None:
+        if token in self.stop_ids:
+            seq.finish_reason = "stop"
+            return
+        seq.generated.append(token)
+        if seq.request.params.logprobs:
+            seq.logprobs.append(logprob)
+        if len(seq.generated) >= seq.budget:
+            seq.finish_reason = "length"
 
     def _move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cache positions of slot src into slot dst."""
+        """Move slot src's sequence into slot dst: its first `length` cache positions and its
+        decoding state."""
         if src == dst:
             return
         for block in self.model.layers:
             cache = block.attention.cache
             cache.k[dst, :, :length].copy_(cache.k[src, :, :length])
             cache.v[dst, :, :length].copy_(cache.v[src, :, :length])
+        for state in self._slot_state:
+            state[dst] = state[src]
+
+    def _static_batch(self, batch: list[_Sequence], should_stop: Callable[[], bool]):
+        """Meta's reference loop over one batch; returns True if stopped early."""
+        n = len(batch)
+        rows = slice(0, n)
+        prompts = [s.request.prompt_tokens for s in batch]
+        shortest = min(map(len, prompts))
+        end = min(self.max_seq_len, max(len(p) + s.budget for p, s in zip(prompts, batch)))
+        for slot, seq in enumerate(batch):
+            self._set_slot(slot, seq)
+            if seq.request.params.echo and seq.request.params.logprobs:
+                seq.logprobs = [None]
+        tokens = torch.tensor([p[:shortest] for p in prompts], device=self.device)
+        positions = torch.arange(shortest, device=self.device).expand(n, shortest)
+        echo_lp = any(s.request.params.echo and s.request.params.logprobs for s in batch)
+        logits = self._forward(tokens, positions, rows, shortest, all_logits=echo_lp)
+        self.stats.prefills += n
+        self.stats.prefill_tokens += n * shortest
+        if echo_lp:
+            prompt_lp = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
+            for seq, lps in zip(batch, prompt_lp):
+                if seq.request.params.echo and seq.request.params.logprobs:
+                    seq.logprobs += lps
+            logits = logits[:, -1]
+        for s in batch:
+            if s.budget <= 0:
+                s.finish_reason = "length"
+        for pos in range(shortest, end):  # choose the token at `pos` for every row
+            forced = [pos < len(p) for p in prompts]
+            drawn = self._draw(batch, rows, logits).tolist()
+            self._counter[rows] -= torch.tensor(forced, device=self.device, dtype=torch.long)
+            chosen = [p[pos] if f else t for p, f, t in zip(prompts, forced, drawn)]
+            chosen_t = torch.tensor(chosen, device=self.device)
+            want_logprobs = any(s.request.params.logprobs for s in batch)
+            lps = token_logprobs(logits, chosen_t).tolist() if want_logprobs else [None] * n
+            for seq, f, token, lp in zip(batch, forced, chosen, lps):
+                if seq.finish_reason:
+                    continue
+                if not f:
+                    self._append(seq, token, lp)
+                elif seq.request.params.echo and seq.request.params.logprobs:
+                    seq.logprobs.append(lp)
+            if all(s.finish_reason for s in batch) or pos == end - 1:
+                break
+            if should_stop():
+                return True
+            self.stats.decode_steps += 1
+            self.stats.slot_steps += n
+            self.stats.wasted_slot_steps += sum(1 for s in batch if s.finish_reason)
+            logits = self._forward(chosen_t[:, None], torch.full((n, 1), pos, device=self.device),
+                                   rows, pos + 1)
+        for seq in batch:
+            yield seq.completion()
+        return False
+
+
+def _error(request: Request, problem: str) -> Completion:
+    return Completion(request, [], None, "error", len(request.prompt_tokens), problem)

@@ -219,3 +219,48 @@ def test_completions_carry_their_request_and_tag(model):
     for c in done:
         assert c.request.tag is tags[requests.index(c.request)]
         assert len(c.tokens) == (0 if c.request.tag == "empty" else c.request.params.max_gen_len)
+
+
+def mixed_requests(model: Transformer, n: int = 12) -> list[Request]:
+    gen = torch.Generator().manual_seed(7)
+    requests = []
+    for i in range(n):
+        length = int(torch.randint(1, 30, (1,), generator=gen))
+        sampling = params(temperature=0.0 if i % 2 else 1.0, top_p=0.9, seed=i, echo=i % 3 == 0,
+                          max_gen_len=int(torch.randint(1, 30, (1,), generator=gen)))
+        requests.append(Request(prompt(model, length, seed=100 + i), sampling, tag=i))
+    return requests
+
+
+def test_static_scheduler_gives_the_same_completions_as_continuous(model):
+    """Greedy and sampled tokens, finish reasons and logprobs (echo included) agree."""
+    stop = {int(model.args.vocab_size // 3)}
+    results = {}
+    for scheduler in ("continuous", "static"):
+        engine = Engine(model, stop, max_batch_size=4, max_seq_len=64, scheduler=scheduler)
+        results[scheduler] = run(engine, mixed_requests(model))
+    for tag, want in results["continuous"].items():
+        got = results["static"][tag]
+        assert (got.tokens, got.finish_reason) == (want.tokens, want.finish_reason), tag
+        assert len(got.logprobs) == len(want.logprobs)
+        for g, w in zip(got.logprobs, want.logprobs):
+            assert (g is None and w is None) or abs(g - w) < LOGPROB_ATOL
+
+
+def test_scheduler_counters(model):
+    """Continuous batching refills finished slots and never steps a finished sequence; the
+    static baseline keeps stepping rows that are done."""
+    requests = mixed_requests(model)
+    continuous = Engine(model, (), max_batch_size=4, max_seq_len=64)
+    list(continuous.generate(requests))
+    assert continuous.stats.prefills == len(requests)
+    assert continuous.stats.refills == len(requests) - 4
+    assert continuous.stats.wasted_slot_steps == 0
+    generated = sum(r.params.max_gen_len for r in requests)  # no stop ids: every one runs out
+    assert continuous.stats.slot_steps == generated - len(requests)  # prefill draws the first
+
+    static = Engine(model, (), max_batch_size=4, max_seq_len=64, scheduler="static")
+    list(static.generate(requests))
+    assert static.stats.refills == 0
+    assert static.stats.wasted_slot_steps > 0
+    assert static.stats.slot_steps > continuous.stats.slot_steps
