@@ -192,9 +192,10 @@ class Engine:
         self._counter[slot] = 0
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice, kv_len: int,
-                 all_logits: bool = False) -> torch.Tensor:
+                 all_logits: bool = False, fresh: bool = False) -> torch.Tensor:
         start = time.perf_counter()
-        logits = self.model(tokens, self.model.make_step(positions, rows, kv_len), all_logits)
+        step = self.model.make_step(positions, rows, kv_len, fresh)
+        logits = self.model(tokens, step, all_logits)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.forward_seconds += time.perf_counter() - start
@@ -208,7 +209,7 @@ class Engine:
         positions = torch.arange(len(prompt), device=self.device).unsqueeze(0)
         want_prompt_logprobs = params.echo and params.logprobs
         logits = self._forward(tokens, positions, slice(slot, slot + 1), len(prompt),
-                               all_logits=want_prompt_logprobs)
+                               all_logits=want_prompt_logprobs, fresh=True)
         self.stats.prefills += 1
         self.stats.prefill_tokens += len(prompt)
         if want_prompt_logprobs:
@@ -285,7 +286,7 @@ class Engine:
         tokens = torch.tensor([p[:shortest] for p in prompts], device=self.device)
         positions = torch.arange(shortest, device=self.device).expand(n, shortest)
         echo_lp = any(s.request.params.echo and s.request.params.logprobs for s in batch)
-        logits = self._forward(tokens, positions, rows, shortest, all_logits=echo_lp)
+        logits = self._forward(tokens, positions, rows, shortest, all_logits=echo_lp, fresh=True)
         self.stats.prefills += n
         self.stats.prefill_tokens += n * shortest
         if echo_lp:

@@ -46,12 +46,11 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < context / high, freqs, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) as Meta's reference does."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as Meta's reference does: each pair is a
+    complex number multiplied by the unit `rotation` of its position and frequency."""
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # (B,T,H,hd/2)
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 @dataclass
@@ -74,15 +73,17 @@ class Step:
     """Where a forward pass reads and writes: per-token positions and the cache rows it uses.
 
     Row i of the batch is cache slot `rows.start + i`; it attends to cache positions
-    0..positions[i, t] for its token t. `kv_len` bounds every position + 1.
+    0..positions[i, t] for its token t. `kv_len` bounds every position + 1. A `fresh` step
+    holds positions 0..T-1 in every row (a prompt from the start of its slot): it writes the
+    cache by slicing and attends causally, with no mask to build.
     """
 
     positions: torch.Tensor  # (B, T) int64
     rows: slice
     kv_len: int
-    mask: torch.Tensor  # (B, 1, T, kv_len) bool: True where a query may attend
-    cos: torch.Tensor  # (B, T, 1, head_dim / 2)
-    sin: torch.Tensor
+    fresh: bool
+    mask: torch.Tensor | None  # (B, 1, T, kv_len) additive: 0 where a query may attend, else -inf
+    rotation: torch.Tensor  # (B, T, 1, head_dim / 2) complex
     batch_index: torch.Tensor  # (B, 1)
 
 
@@ -105,17 +106,22 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        q = apply_rope(q, step.cos, step.sin)
-        k = apply_rope(k, step.cos, step.sin)
+        q = apply_rope(q, step.rotation)
+        k = apply_rope(k, step.rotation)
 
         cache_k, cache_v = self.cache.k[step.rows], self.cache.v[step.rows]
-        cache_k[step.batch_index, :, step.positions] = k  # writes (B, T, kv, hd) into the cache
-        cache_v[step.batch_index, :, step.positions] = v
+        if step.fresh:
+            cache_k[:, :, :T] = k.transpose(1, 2)
+            cache_v[:, :, :T] = v.transpose(1, 2)
+        else:
+            cache_k[step.batch_index, :, step.positions] = k  # writes (B, T, kv, hd)
+            cache_v[step.batch_index, :, step.positions] = v
         keys = cache_k[:, :, : step.kv_len]  # (B, kv, L, hd)
         values = cache_v[:, :, : step.kv_len]
 
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
-                                             attn_mask=step.mask, enable_gqa=True)
+                                             attn_mask=step.mask, is_causal=step.fresh,
+                                             enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -163,16 +169,22 @@ class Transformer(nn.Module):
                                        weight.device, weight.dtype)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32),
                              rope_frequencies(self.args))  # (S, hd/2)
-        self.register_buffer("rope_cos", angles.cos().to(weight.device), persistent=False)
-        self.register_buffer("rope_sin", angles.sin().to(weight.device), persistent=False)
+        self.register_buffer("rope_rotation", torch.polar(torch.ones_like(angles), angles)
+                             .to(weight.device), persistent=False)
         self.max_seq_len = max_seq_len
 
-    def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int) -> Step:
-        key_positions = torch.arange(kv_len, device=positions.device)
-        mask = key_positions <= positions[:, :, None]  # (B, T, L)
+    def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int,
+                  fresh: bool = False) -> Step:
+        mask = None
+        if not fresh:
+            key_positions = torch.arange(kv_len, device=positions.device)
+            mask = torch.zeros(positions.shape + (kv_len,), device=positions.device,
+                               dtype=self.output.weight.dtype)  # (B, T, L)
+            mask.masked_fill_(key_positions > positions[:, :, None], float("-inf"))
+            mask = mask.unsqueeze(1)
         return Step(
-            positions=positions, rows=rows, kv_len=kv_len, mask=mask.unsqueeze(1),
-            cos=self.rope_cos[positions].unsqueeze(2), sin=self.rope_sin[positions].unsqueeze(2),
+            positions=positions, rows=rows, kv_len=kv_len, fresh=fresh, mask=mask,
+            rotation=self.rope_rotation[positions].unsqueeze(2),
             batch_index=torch.arange(positions.shape[0], device=positions.device)[:, None],
         )
 

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel import mappings as fs_mappings
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
@@ -121,6 +123,32 @@ def broadcast_from_model_parallel_leader(obj: object) -> object:
     return holder[0]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T. On the CPU computed as (weight @ x.T).T: with torch 2.13's CPU kernels,
+    F.linear is 1.5-4.5x slower for the few rows of a decode step (stories15M's output head,
+    32000 x 288: 9.1 ms vs 6.0 ms at 32 rows, 7.5 ms vs 2.0 ms at 4). The result is a
+    transposed view; callers that need contiguous rows copy them."""
+    if x.device.type != "cpu":
+        return F.linear(x, weight)
+    rows = x.reshape(-1, x.shape[-1])
+    return (weight @ rows.T).T.view(*x.shape[:-1], weight.shape[0])
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """fairscale's layer, with `linear` for the product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = linear(fs_mappings.copy_to_model_parallel_region(x), self.weight)
+        return fs_mappings.gather_from_model_parallel_region(out) if self.gather_output else out
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """fairscale's layer (input already split), with `linear` for the product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fs_mappings.reduce_from_model_parallel_region(linear(x, self.weight))
+
+
 @dataclass(frozen=True)
 class ParallelLayers:
     """Builds fairscale's layers for the model; `vocab_parallel_embedding` follows Meta's layout
@@ -138,12 +166,12 @@ class ParallelLayers:
         return cls(vocab_size, dim, init_method=_keep)
 
     def column(self, in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
-        return fs_layers.ColumnParallelLinear(in_features, out_features, bias=False,
-                                              gather_output=gather_output, init_method=_keep)
+        return ColumnParallelLinear(in_features, out_features, bias=False,
+                                    gather_output=gather_output, init_method=_keep)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
-        return fs_layers.RowParallelLinear(in_features, out_features, bias=False,
-                                           input_is_parallel=True, init_method=_keep)
+        return RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True,
+                                 init_method=_keep)
 
 
 def _keep(weight: torch.Tensor) -> torch.Tensor:
