@@ -55,6 +55,7 @@ class Completion:
 class _Sequence:
     request: Request
     budget: int  # how many tokens it may still generate
+    slot: int = 0  # its KV-cache slot (continuous scheduler)
     generated: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     finish_reason: Literal["stop", "length"] | None = None
@@ -141,18 +142,24 @@ class Engine:
         exhausted = started = False
         while True:
             while not exhausted and len(active) < self.max_batch_size:
-                request = next(pending, None)
-                if request is None:
-                    exhausted = True
-                elif (problem := self.check(request)) is not None:
-                    yield _error(request, problem)
-                else:
-                    self.stats.refills += started
-                    seq = self._prefill(request, slot=len(active))
-                    if seq.finish_reason:
-                        yield seq.completion()
+                admitted = []
+                while not exhausted and len(active) + len(admitted) < self.max_batch_size:
+                    request = next(pending, None)
+                    if request is None:
+                        exhausted = True
+                    elif (problem := self.check(request)) is not None:
+                        yield _error(request, problem)
                     else:
-                        active.append(seq)
+                        admitted.append(request)
+                self.stats.refills += len(admitted) if started else 0
+                for group in prefill_groups(admitted):
+                    for seq in self._prefill(group, slot=len(active)):
+                        if seq.finish_reason:
+                            yield seq.completion()
+                        else:  # keep the slots contiguous: close the gap a finished one left
+                            self._move(seq.slot, len(active), seq.position)
+                            seq.slot = len(active)
+                            active.append(seq)
             started = True
             if not active or should_stop():
                 return
@@ -161,6 +168,7 @@ class Engine:
                 if active[slot].finish_reason:
                     yield active[slot].completion()
                     self._move(len(active) - 1, slot, active[-1].position)
+                    active[-1].slot = slot
                     active[slot] = active[-1]
                     active.pop()
 
@@ -192,35 +200,42 @@ class Engine:
         self._counter[slot] = 0
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice, kv_len: int,
-                 all_logits: bool = False, fresh: bool = False) -> torch.Tensor:
+                 all_logits: bool = False, fresh: bool = False,
+                 last: torch.Tensor | None = None) -> torch.Tensor:
         start = time.perf_counter()
         step = self.model.make_step(positions, rows, kv_len, fresh)
-        logits = self.model(tokens, step, all_logits)
+        logits = self.model(tokens, step, all_logits, last)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.forward_seconds += time.perf_counter() - start
         return logits
 
-    def _prefill(self, request: Request, slot: int) -> _Sequence:
-        params, prompt = request.params, request.prompt_tokens
-        seq = _Sequence(request, self._budget(request))
-        self._set_slot(slot, seq)
-        tokens = torch.tensor([prompt], device=self.device)
-        positions = torch.arange(len(prompt), device=self.device).unsqueeze(0)
-        want_prompt_logprobs = params.echo and params.logprobs
-        logits = self._forward(tokens, positions, slice(slot, slot + 1), len(prompt),
-                               all_logits=want_prompt_logprobs, fresh=True)
-        self.stats.prefills += 1
-        self.stats.prefill_tokens += len(prompt)
+    def _prefill(self, group: list[Request], slot: int) -> list[_Sequence]:
+        """One forward pass over the group's prompts, right-padded into slots slot, slot+1...;
+        each sequence gets its first token."""
+        seqs = [_Sequence(request, self._budget(request), slot + i)
+                for i, request in enumerate(group)]
+        for seq in seqs:
+            self._set_slot(seq.slot, seq)
+        lengths = [len(r.prompt_tokens) for r in group]
+        n, longest = len(group), max(lengths)
+        tokens = torch.tensor([r.prompt_tokens + [0] * (longest - len(r.prompt_tokens))
+                               for r in group], device=self.device)
+        positions = torch.arange(longest, device=self.device).expand(n, longest)
+        rows = slice(slot, slot + n)
+        params = group[0].params
+        want_prompt_logprobs = params.echo and params.logprobs  # prefill_groups: alone
+        last = torch.tensor(lengths, device=self.device) - 1 if n > 1 else None
+        logits = self._forward(tokens, positions, rows, longest, want_prompt_logprobs,
+                               fresh=True, last=last)
+        self.stats.prefills += n
+        self.stats.prefill_tokens += n * longest
         if want_prompt_logprobs:
-            seq.logprobs = [None] + token_logprobs(logits[0, :-1], tokens[0, 1:]).tolist()
+            seqs[0].logprobs = [None] + token_logprobs(logits[0, :-1], tokens[0, 1:]).tolist()
             logits = logits[:, -1]
-        if seq.budget <= 0:
-            seq.finish_reason = "length"
-            return seq
-        self._position[slot] = len(prompt)
-        self._sample_and_append([seq], slice(slot, slot + 1), logits)
-        return seq
+        self._position[rows] = torch.tensor(lengths, device=self.device)
+        self._sample_and_append(seqs, rows, logits)
+        return seqs
 
     def _decode(self, active: list[_Sequence]) -> None:
         n = len(active)
@@ -251,6 +266,9 @@ class Engine:
             self._append(seq, token, logprobs[i] if logprobs is not None else None)
 
     def _append(self, seq: _Sequence, token: int, logprob: float | None) -> None:
+        if len(seq.generated) >= seq.budget:  # max_gen_len 0: the prompt alone
+            seq.finish_reason = "length"
+            return
         if token in self.stop_ids:
             seq.finish_reason = "stop"
             return
@@ -325,6 +343,28 @@ class Engine:
         for seq in batch:
             yield seq.completion()
         return False
+
+
+PREFILL_PADDING = 1.25  # padded tokens / real tokens a batched prefill may reach
+PREFILL_TOKENS = 4096  # most tokens (padding included) in one prefill pass
+
+
+def prefill_groups(requests: list[Request]) -> list[list[Request]]:
+    """Requests to prefill together: similar lengths (shortest first), so padding stays small.
+    A request that wants its prompt's logprobs goes alone (its logits for every position)."""
+    alone = [[r] for r in requests if r.params.echo and r.params.logprobs]
+    groups: list[list[Request]] = []
+    for request in sorted((r for r in requests if not (r.params.echo and r.params.logprobs)),
+                          key=lambda r: len(r.prompt_tokens)):
+        n = len(request.prompt_tokens)  # the longest so far: the group pads to it
+        group = groups[-1] if groups else []
+        real = sum(len(r.prompt_tokens) for r in group) + n
+        padded = n * (len(group) + 1)
+        if group and padded <= PREFILL_PADDING * real and padded <= PREFILL_TOKENS:
+            group.append(request)
+        else:
+            groups.append([request])
+    return groups + alone
 
 
 def _error(request: Request, problem: str) -> Completion:

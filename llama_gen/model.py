@@ -188,10 +188,13 @@ class Transformer(nn.Module):
             batch_index=torch.arange(positions.shape[0], device=positions.device)[:, None],
         )
 
-    def forward(self, tokens: torch.Tensor, step: Step, all_logits: bool = False) -> torch.Tensor:
-        """Float32 logits (B, T, vocab) if `all_logits`, else for each row's last token (B, vocab)."""
+    def forward(self, tokens: torch.Tensor, step: Step, all_logits: bool = False,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits (B, T, vocab) if `all_logits`, else (B, vocab) for each row's last
+        token: position `last[i]` of row i (right-padded rows), or the final one."""
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for block in self.layers:
             h = block(h, step)
-        h = h if all_logits else h[:, -1]
+        if not all_logits:
+            h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
         return self.output(self.norm(h)).float()
