@@ -35,16 +35,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           uniform: torch.Tensor) -> torch.Tensor:
-    """Next tokens (B,) from float32 logits (B, V) with per-row settings (B,).
+NUCLEUS_CANDIDATES = 256  # most likely tokens looked at before falling back to a full sort
 
-    Temperature 0 is greedy. Otherwise top-p (nucleus) sampling: the smallest set of most likely
-    tokens whose mass reaches top_p, sampled by inverting its CDF at `uniform`.
-    """
-    greedy = logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
+
+def _pick_in_nucleus(sorted_probs: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor,
+                     uniform: torch.Tensor) -> torch.Tensor:
+    """Invert the nucleus's CDF at `uniform`, given probabilities sorted in descending order
+    (all of the vocabulary, or a prefix known to hold the whole nucleus)."""
     cumulative = sorted_probs.cumsum(dim=-1)
     # Outside the nucleus: the mass before it already reaches top_p (top_p 1 keeps the whole
     # float32 tail), or it cannot be drawn at all.
@@ -54,7 +51,27 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     target = uniform.to(kept.dtype) * kept[:, -1]
     pick = (kept <= target.unsqueeze(-1)).sum(dim=-1, keepdim=True)
     pick = torch.minimum(pick, (~outside).sum(dim=-1, keepdim=True) - 1)
-    sampled = order.gather(-1, pick).squeeze(-1)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+           uniform: torch.Tensor) -> torch.Tensor:
+    """Next tokens (B,) from float32 logits (B, V) with per-row settings (B,).
+
+    Temperature 0 is greedy. Otherwise top-p (nucleus) sampling: the smallest set of most likely
+    tokens whose mass reaches top_p, sampled by inverting its CDF at `uniform`. The nucleus is
+    looked for among the NUCLEUS_CANDIDATES most likely tokens (a partial top-k, no full sort);
+    only rows whose nucleus is larger, or that keep everything (top_p 1), sort the vocabulary.
+    """
+    greedy = logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
+    top_probs, top_order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    sampled = _pick_in_nucleus(top_probs, top_order, top_p, uniform)
+    too_wide = (top_probs.sum(dim=-1) < top_p) | (top_p >= 1)
+    if too_wide.any():
+        rows = too_wide.nonzero().squeeze(-1)
+        sorted_probs, order = probs[rows].sort(dim=-1, descending=True)
+        sampled[rows] = _pick_in_nucleus(sorted_probs, order, top_p[rows], uniform[rows])
     return torch.where(temperature == 0, greedy, sampled)
 
 

@@ -183,3 +183,30 @@ def test_derive_seed_is_deterministic_63_bit_and_sensitive_to_every_part():
     assert len(set(seeds)) == len(parts)
     assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)
     assert torch.tensor(seeds, dtype=torch.int64).tolist() == seeds
+
+
+def full_sort_reference(logits, temperature, top_p, uniform):
+    """The nucleus by sorting the whole vocabulary (what `sample` avoids where it can)."""
+    probs = torch.softmax(logits / temperature.unsqueeze(-1), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    kept = sorted_probs.masked_fill(before >= top_p.unsqueeze(-1), 0.0).cumsum(dim=-1)
+    pick = (kept <= (uniform * kept[:, -1]).unsqueeze(-1)).sum(dim=-1, keepdim=True)
+    pick = torch.minimum(pick, (before < top_p.unsqueeze(-1)).sum(-1, keepdim=True) - 1)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+@pytest.mark.parametrize("scale", [2.0, 6.0])
+def test_partial_top_k_matches_a_full_sort(scale):
+    """Peaked rows (nucleus within the candidates) and flat rows (full-sort fallback) in one
+    batch give the tokens a full sort of the vocabulary gives."""
+    gen = torch.Generator().manual_seed(int(scale))
+    logits = torch.randn(64, 5000, generator=gen) * scale
+    logits[::2] *= 0.1  # flat rows: their nucleus needs most of the vocabulary
+    temperature = torch.full((64,), 0.8)
+    top_p = torch.rand(64, generator=gen).clamp(0.05, 0.99)
+    for counter in range(20):
+        uniform = counter_uniform(torch.arange(64), torch.full((64,), counter))
+        got = sample(logits, temperature, top_p, uniform)
+        want = full_sort_reference(logits, temperature, top_p, uniform.float())
+        assert torch.equal(got, want), counter
