@@ -53,6 +53,7 @@ class JobSettings:
     overwrite: bool = False
     model_parallel_size: int | None = None
     device: str | None = None
+    scheduler: str = "continuous"
 
     @property
     def errors_path(self) -> Path:
@@ -75,6 +76,8 @@ class JobSettings:
             raise UserError("--temperature must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
             raise UserError("--top_p must be in (0, 1]")
+        if self.scheduler not in ("continuous", "static"):
+            raise UserError(f"--scheduler {self.scheduler!r} is not continuous or static")
         if not self.prompt_path.is_file():
             raise UserError(f"--prompt_path {self.prompt_path}: no such file")
         for name, path in (("--out_path", self.out_path), ("--logging_path", self.log_path)):
@@ -309,7 +312,7 @@ def run_job(s: JobSettings) -> None:
             log.info("nothing to do: every prompt in %s is already answered in %s (or the file "
                      "has none)", s.prompt_path, s.out_path)
         model = load_model(s.ckpt_dir, tokenizer, info, dtype)
-        engine = Engine(model, tokenizer.stop_ids, s.max_batch_size, s.max_seq_len)
+        engine = Engine(model, tokenizer.stop_ids, s.max_batch_size, s.max_seq_len, s.scheduler)
         mailbox = parallel.Mailbox(info) if info.data_parallel_size > 1 else None
         leader = info.model_parallel_rank == 0
         writer = Writer(s, total) if info.is_writer else None

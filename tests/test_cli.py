@@ -116,7 +116,8 @@ def test_every_flag_survives_torchrun(tiny_checkpoints, tmp_path):
                   "--max_batch_size", "2", "--max_gen_len", "3", "--temperature", "0.7",
                   "--top_p", "0.8", "--seed", "3", "--dtype", "fp32", "--prompt_key", "text",
                   "--id_key", "uid", "--num_samples", "2", "--logprobs", "--echo", "--strict",
-                  "--overwrite", "--model_parallel_size", "2", "--device", "cpu"], nproc=2)
+                  "--overwrite", "--model_parallel_size", "2", "--device", "cpu",
+                  "--scheduler", "static"], nproc=2)
     assert result.returncode == 0, result.stderr
     records = read_output(tmp_path / "o.jsonl")
     assert set(records) == {("x", 0), ("x", 1)}
