@@ -124,8 +124,12 @@ def compute_ceiling(args: ModelArgs, flops: dict[str, float], batch: int, prompt
 
 
 def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated, or on the CPU the process's peak resident set so far (it
+    cannot be reset, so a later run reports at least an earlier run's peak)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -153,11 +157,14 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
     work = make_workload(args, n_prompts, min_len, max_len, max_gen_len, stop_rate, temperature,
                          top_p, seed)
     max_seq_len = max_len + max_gen_len
+    cache_mib = (2 * args.n_layers * batch * max_seq_len * args.kv_heads * args.head_dim
+                 * torch_dtype.itemsize / 2**20)
     print(f"model {preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{dtype}) on {info.device} with {torch.get_num_threads()} threads; {n_prompts} prompts "
           f"of {min_len}-{max_len} tokens ({work.prompt_tokens} in all), max_gen_len "
           f"{max_gen_len}, ~{stop_rate:.0%} of steps end a sequence, batch {batch}, "
-          f"temperature {temperature}")
+          f"temperature {temperature}; KV cache {cache_mib:.0f} MiB, weights "
+          f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB")
     results = [run_scheduler(model, work, name, batch, max_seq_len)
                for name in schedulers.split(",")]
     if len(results) == 2:
