@@ -138,33 +138,33 @@ class Engine:
 
     def _continuous(self, pending: Iterator[Request],
                     should_stop: Callable[[], bool]) -> Iterator[Completion]:
-        active: list[_Sequence] = []
+        active: list[_Sequence] = []  # active[i] holds cache slot i
+        # Final hidden states of the sequences at the end of `active` that were prefilled since
+        # the last step: their first tokens come from the step's output-head pass, so a
+        # prefill does not pay for a head pass of its own (a 1-row head reads all its weights).
+        waiting: list[torch.Tensor] = []
         exhausted = started = False
         while True:
-            while not exhausted and len(active) < self.max_batch_size:
-                admitted = []
-                while not exhausted and len(active) + len(admitted) < self.max_batch_size:
-                    request = next(pending, None)
-                    if request is None:
-                        exhausted = True
-                    elif (problem := self.check(request)) is not None:
-                        yield _error(request, problem)
-                    else:
-                        admitted.append(request)
-                self.stats.refills += len(admitted) if started else 0
-                for group in prefill_groups(admitted):
-                    for seq in self._prefill(group, slot=len(active)):
-                        if seq.finish_reason:
-                            yield seq.completion()
-                        else:  # keep the slots contiguous: close the gap a finished one left
-                            self._move(seq.slot, len(active), seq.position)
-                            seq.slot = len(active)
-                            active.append(seq)
+            admitted = []
+            while not exhausted and len(active) + len(admitted) < self.max_batch_size:
+                request = next(pending, None)
+                if request is None:
+                    exhausted = True
+                elif (problem := self.check(request)) is not None:
+                    yield _error(request, problem)
+                else:
+                    admitted.append(request)
+            self.stats.refills += len(admitted) if started else 0
             started = True
+            for group in prefill_groups(admitted):
+                seqs, hidden = self._prefill(group, slot=len(active))
+                active += seqs
+                waiting.append(hidden)
             if not active or should_stop():
                 return
-            self._decode(active)
-            for slot in reversed(range(len(active))):
+            self._step(active, waiting)
+            waiting = []
+            for slot in reversed(range(len(active))):  # keep slots contiguous: fill the gap
                 if active[slot].finish_reason:
                     yield active[slot].completion()
                     self._move(len(active) - 1, slot, active[-1].position)
@@ -199,20 +199,22 @@ class Engine:
         self._top_p[slot] = p.top_p
         self._counter[slot] = 0
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice, kv_len: int,
-                 all_logits: bool = False, fresh: bool = False,
-                 last: torch.Tensor | None = None) -> torch.Tensor:
+    def _timed(self, compute: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         start = time.perf_counter()
-        step = self.model.make_step(positions, rows, kv_len, fresh)
-        logits = self.model(tokens, step, all_logits, last)
+        out = compute(*args)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.forward_seconds += time.perf_counter() - start
-        return logits
+        return out
 
-    def _prefill(self, group: list[Request], slot: int) -> list[_Sequence]:
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice, kv_len: int,
+                 all_logits: bool = False, fresh: bool = False) -> torch.Tensor:
+        step = self.model.make_step(positions, rows, kv_len, fresh)
+        return self._timed(self.model, tokens, step, all_logits)
+
+    def _prefill(self, group: list[Request], slot: int) -> tuple[list[_Sequence], torch.Tensor]:
         """One forward pass over the group's prompts, right-padded into slots slot, slot+1...;
-        each sequence gets its first token."""
+        returns their sequences and the final hidden states (n, dim) of their last tokens."""
         seqs = [_Sequence(request, self._budget(request), slot + i)
                 for i, request in enumerate(group)]
         for seq in seqs:
@@ -226,26 +228,33 @@ class Engine:
         params = group[0].params
         want_prompt_logprobs = params.echo and params.logprobs  # prefill_groups: alone
         last = torch.tensor(lengths, device=self.device) - 1 if n > 1 else None
-        logits = self._forward(tokens, positions, rows, longest, want_prompt_logprobs,
-                               fresh=True, last=last)
+        step = self.model.make_step(positions, rows, longest, fresh=True)
+        hidden = self._timed(self.model.final_hidden, tokens, step, want_prompt_logprobs, last)
         self.stats.prefills += n
         self.stats.prefill_tokens += n * longest
         if want_prompt_logprobs:
-            seqs[0].logprobs = [None] + token_logprobs(logits[0, :-1], tokens[0, 1:]).tolist()
-            logits = logits[:, -1]
+            logits = self._timed(self.model.logits, hidden[0, :-1])
+            seqs[0].logprobs = [None] + token_logprobs(logits, tokens[0, 1:]).tolist()
+            hidden = hidden[:, -1]
         self._position[rows] = torch.tensor(lengths, device=self.device)
-        self._sample_and_append(seqs, rows, logits)
-        return seqs
+        return seqs, hidden
 
-    def _decode(self, active: list[_Sequence]) -> None:
-        n = len(active)
-        kv_len = max(s.position for s in active) + 1
-        logits = self._forward(self._next_token[:n, None], self._position[:n, None],
-                               slice(0, n), kv_len)
-        self.stats.decode_steps += 1
-        self.stats.slot_steps += n
-        self._position[:n] += 1
-        self._sample_and_append(active, slice(0, n), logits)
+    def _step(self, active: list[_Sequence], waiting: list[torch.Tensor]) -> None:
+        """Decode the sequences that have a token to feed (slots 0..n-1), then run one output
+        head pass over their hidden states and the waiting ones (the rest of `active`) and
+        append a token to every sequence."""
+        hidden = list(waiting)
+        n = len(active) - sum(h.shape[0] for h in waiting)
+        if n:
+            kv_len = max(s.position for s in active[:n]) + 1
+            step = self.model.make_step(self._position[:n, None], slice(0, n), kv_len)
+            hidden.insert(0, self._timed(self.model.final_hidden, self._next_token[:n, None],
+                                         step))
+            self.stats.decode_steps += 1
+            self.stats.slot_steps += n
+            self._position[:n] += 1
+        logits = self._timed(self.model.logits, torch.cat(hidden) if len(hidden) > 1 else hidden[0])
+        self._sample_and_append(active, slice(0, len(active)), logits)
 
     def _draw(self, seqs: list[_Sequence], rows: slice, logits: torch.Tensor) -> torch.Tensor:
         """Next tokens for `rows` (one per seq), each from its own (seed, counter) stream."""

@@ -192,9 +192,19 @@ class Transformer(nn.Module):
                 last: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits (B, T, vocab) if `all_logits`, else (B, vocab) for each row's last
         token: position `last[i]` of row i (right-padded rows), or the final one."""
+        return self.logits(self.final_hidden(tokens, step, all_logits, last))
+
+    def final_hidden(self, tokens: torch.Tensor, step: Step, all_positions: bool = False,
+                     last: torch.Tensor | None = None) -> torch.Tensor:
+        """The normalised hidden states that `logits` maps to the vocabulary: (B, T, dim) if
+        `all_positions`, else (B, dim) at each row's last token, as in `forward`."""
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for block in self.layers:
             h = block(h, step)
-        if not all_logits:
+        if not all_positions:
             h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
-        return self.output(self.norm(h)).float()
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits for hidden states from `final_hidden` (any leading shape)."""
+        return self.output(hidden).float()

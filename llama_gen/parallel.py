@@ -135,9 +135,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
-    """fairscale's layer, with `linear` for the product."""
+    """fairscale's layer, with `linear` for the product. Without model parallelism it skips
+    fairscale's communication functions: they are identities then, but each call costs an
+    autograd dispatch (about 2% of a stories15M-sized decode step on the CPU)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.split = fs_init.get_model_parallel_world_size() > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return linear(x, self.weight)
         out = linear(fs_mappings.copy_to_model_parallel_region(x), self.weight)
         return fs_mappings.gather_from_model_parallel_region(out) if self.gather_output else out
 
@@ -145,8 +153,13 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
 class RowParallelLinear(fs_layers.RowParallelLinear):
     """fairscale's layer (input already split), with `linear` for the product."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.split = fs_init.get_model_parallel_world_size() > 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fs_mappings.reduce_from_model_parallel_region(linear(x, self.weight))
+        out = linear(x, self.weight)
+        return fs_mappings.reduce_from_model_parallel_region(out) if self.split else out
 
 
 @dataclass(frozen=True)
