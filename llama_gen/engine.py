@@ -17,7 +17,7 @@ import time
 import torch
 
 from .model import Transformer
-from .sampling import counter_uniform, sample, token_logprobs
+from .sampling import argmax, counter_uniform, sample, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ class Engine:
     def _draw(self, seqs: list[_Sequence], rows: slice, logits: torch.Tensor) -> torch.Tensor:
         """Next tokens for `rows` (one per seq), each from its own (seed, counter) stream."""
         if all(s.request.params.temperature == 0 for s in seqs):
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax(logits)
         else:
             uniform = counter_uniform(self._seed[rows], self._counter[rows])
             tokens = sample(logits, self._temperature[rows], self._top_p[rows], uniform)

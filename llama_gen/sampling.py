@@ -35,6 +35,29 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+ARGMAX_BLOCK = 128  # vocabulary entries per block in `argmax`
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` for (B, V) logits: the first index of each row's maximum, a NaN
+    counting as the maximum. On the CPU torch's argmax is a scalar loop (1.3 ms at 32 x 32000
+    here); this takes the vectorised maximum of each block of ARGMAX_BLOCK entries, the first
+    best block, and the first best entry within it (0.15 ms)."""
+    B, V = logits.shape
+    if logits.device.type != "cpu" or V % ARGMAX_BLOCK:
+        return logits.argmax(dim=-1)
+    rows = torch.arange(B, device=logits.device)
+    if logits.stride(0) == 1 and B > 1:  # a transposed (V, B) product: reduce across blocks
+        blocks = logits.T.view(V // ARGMAX_BLOCK, ARGMAX_BLOCK, B)
+        best_block = blocks.amax(dim=1).argmax(dim=0)  # (B,)
+        within = blocks[best_block, :, rows].argmax(dim=-1)
+    else:
+        blocks = logits.view(B, V // ARGMAX_BLOCK, ARGMAX_BLOCK)
+        best_block = blocks.amax(dim=-1).argmax(dim=-1)
+        within = blocks[rows, best_block].argmax(dim=-1)
+    return best_block * ARGMAX_BLOCK + within
+
+
 NUCLEUS_CANDIDATES = 256  # most likely tokens looked at before falling back to a full sort
 
 
@@ -63,7 +86,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     looked for among the NUCLEUS_CANDIDATES most likely tokens (a partial top-k, no full sort);
     only rows whose nucleus is larger, or that keep everything (top_p 1), sort the vocabulary.
     """
-    greedy = logits.argmax(dim=-1)
+    logits = logits.contiguous()  # softmax and top-k are several times slower on a strided view
+    greedy = argmax(logits)
     probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
     top_probs, top_order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
     sampled = _pick_in_nucleus(top_probs, top_order, top_p, uniform)

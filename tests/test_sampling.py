@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_gen.sampling import counter_uniform, derive_seed, sample, token_logprobs
+from llama_gen.sampling import ARGMAX_BLOCK, argmax, counter_uniform, derive_seed, sample, token_logprobs
 
 NEG_INF = float("-inf")
 U_MIN = 0.5 / 2**32  # the extremes counter_uniform can return
@@ -210,3 +210,21 @@ def test_partial_top_k_matches_a_full_sort(scale):
         got = sample(logits, temperature, top_p, uniform)
         want = full_sort_reference(logits, temperature, top_p, uniform.float())
         assert torch.equal(got, want), counter
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256, 1000])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_blocked_argmax_equals_torch_argmax_with_ties_and_nans(vocab, transposed):
+    torch.manual_seed(vocab)
+    rows = 9
+    # A transposed view is what the CPU output head returns: (V, B) storage read as (B, V).
+    logits = torch.randn(vocab, rows).T if transposed else torch.randn(rows, vocab)
+    logits[1] = 0.0  # all tied: the first index
+    logits[2, [5, vocab - 1]] = 50.0  # tied maxima in different blocks
+    logits[3, [ARGMAX_BLOCK + 3, ARGMAX_BLOCK + 7]] = 50.0  # tied within one block
+    logits[4, vocab - 2] = float("nan")  # a NaN counts as the maximum, as in torch
+    logits[5, [7, 300]] = float("nan")
+    logits[6, 0] = float("inf")
+    logits[7] = float("-inf")
+    assert torch.equal(argmax(logits), logits.argmax(-1))
+    assert torch.equal(argmax(logits[:1]), logits[:1].argmax(-1))
