@@ -246,8 +246,11 @@ class Engine:
         hidden = list(waiting)
         n = len(active) - sum(h.shape[0] for h in waiting)
         if n:
-            kv_len = max(s.position for s in active[:n]) + 1
-            step = self.model.make_step(self._position[:n, None], slice(0, n), kv_len)
+            kv_lens = [s.position + 1 for s in active[:n]]
+            chunks = (attention_chunks(kv_lens, CPU_ATTENTION_CHUNK)
+                      if self.device.type == "cpu" else None)
+            step = self.model.make_step(self._position[:n, None], slice(0, n), max(kv_lens),
+                                        chunks=chunks)
             hidden.insert(0, self._timed(self.model.final_hidden, self._next_token[:n, None],
                                          step))
             self.stats.decode_steps += 1
@@ -352,6 +355,20 @@ class Engine:
         for seq in batch:
             yield seq.completion()
         return False
+
+
+# Rows per decode attention call on the CPU. A call reads the cache up to the longest context
+# in its rows, so smaller chunks read less but cost more calls: with 32 slots, chunks of 8 made
+# the benchmark's whole run 8-14% faster than one call, and chunks of 4 were slower than 8.
+CPU_ATTENTION_CHUNK = 8
+
+
+def attention_chunks(kv_lens: list[int], rows: int) -> tuple[tuple[int, int, int], ...] | None:
+    """(start, stop, kv_len) for consecutive runs of `rows` rows; None when one run covers all."""
+    if len(kv_lens) <= rows:
+        return None
+    return tuple((a, min(a + rows, len(kv_lens)), max(kv_lens[a:a + rows]))
+                 for a in range(0, len(kv_lens), rows))
 
 
 PREFILL_PADDING = 1.25  # padded tokens / real tokens a batched prefill may reach

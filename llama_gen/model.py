@@ -85,6 +85,9 @@ class Step:
     mask: torch.Tensor | None  # (B, 1, T, kv_len) additive: 0 where a query may attend, else -inf
     rotation: torch.Tensor  # (B, T, 1, head_dim / 2) complex
     batch_index: torch.Tensor  # (B, 1)
+    # Row ranges attended separately, each over keys up to its own longest context: (start,
+    # stop, kv_len). A chunk of short contexts then reads less of the cache.
+    chunks: tuple[tuple[int, int, int], ...] | None = None
 
 
 class Attention(nn.Module):
@@ -119,9 +122,14 @@ class Attention(nn.Module):
         keys = cache_k[:, :, : step.kv_len]  # (B, kv, L, hd)
         values = cache_v[:, :, : step.kv_len]
 
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
-                                             attn_mask=step.mask, is_causal=step.fresh,
-                                             enable_gqa=True)
+        q = q.transpose(1, 2)  # (B, H, T, hd)
+        if step.chunks is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask,
+                                                 is_causal=step.fresh, enable_gqa=True)
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(
+                q[a:b], keys[a:b, :, :n], values[a:b, :, :n], attn_mask=step.mask[a:b, ..., :n],
+                enable_gqa=True) for a, b, n in step.chunks])
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -173,8 +181,9 @@ class Transformer(nn.Module):
                              .to(weight.device), persistent=False)
         self.max_seq_len = max_seq_len
 
-    def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int,
-                  fresh: bool = False) -> Step:
+    def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int, fresh: bool = False,
+                  chunks: tuple[tuple[int, int, int], ...] | None = None) -> Step:
+        """A `fresh` step must not have `chunks` (it attends causally in one pass)."""
         mask = None
         if not fresh:
             key_positions = torch.arange(kv_len, device=positions.device)
@@ -186,6 +195,7 @@ class Transformer(nn.Module):
             positions=positions, rows=rows, kv_len=kv_len, fresh=fresh, mask=mask,
             rotation=self.rope_rotation[positions].unsqueeze(2),
             batch_index=torch.arange(positions.shape[0], device=positions.device)[:, None],
+            chunks=chunks,
         )
 
     def forward(self, tokens: torch.Tensor, step: Step, all_logits: bool = False,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llama_gen.build import load_model
-from llama_gen.engine import Completion, Engine, Request, SamplingParams
+from llama_gen.engine import (CPU_ATTENTION_CHUNK, Completion, Engine, Request, SamplingParams,
+                              attention_chunks)
 from llama_gen.model import Transformer
 from llama_gen.sampling import token_logprobs
 from llama_gen.tokenizer import load_tokenizer
@@ -264,3 +265,18 @@ def test_scheduler_counters(model):
     assert static.stats.refills == 0
     assert static.stats.wasted_slot_steps > 0
     assert static.stats.slot_steps > continuous.stats.slot_steps
+
+
+def test_attention_chunks_cover_the_rows_with_each_chunks_longest_context():
+    assert attention_chunks([5, 9, 2], rows=4) is None
+    assert attention_chunks([5, 9, 2, 4, 3], rows=2) == ((0, 2, 9), (2, 4, 4), (4, 5, 3))
+
+
+def test_more_slots_than_an_attention_chunk(model):
+    """On the CPU a decode step over more than CPU_ATTENTION_CHUNK slots attends in chunks;
+    every completion is still the one its request gets alone."""
+    requests = [Request(prompt(model, 3 + 5 * (i % 4), seed=i), params(max_gen_len=6), tag=i)
+                for i in range(CPU_ATTENTION_CHUNK * 2 + 3)]
+    done = run(Engine(model, (), max_batch_size=len(requests), max_seq_len=40), requests)
+    for request in requests[:6]:
+        assert_same(done[request.tag], alone(model, request))

@@ -15,7 +15,7 @@ import torch
 
 from llama_gen.args import LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs
 from llama_gen.build import load_model, read_model_args
-from llama_gen.engine import Engine, Request, SamplingParams
+from llama_gen.engine import Engine, Request, SamplingParams, attention_chunks
 from llama_gen.model import Transformer, rope_frequencies
 from llama_gen.parallel import ParallelLayers
 from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3, random_weights
@@ -276,13 +276,15 @@ def test_cached_decode_equals_full_recompute(single_process, name):
     assert len(set(seq[6:])) > 1  # the decoded tokens are not one repeated token
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 2])
 @pytest.mark.parametrize("name", ["llama2-mha", "llama3.1-scaled"])
-def test_decode_batch_of_mixed_prompt_lengths(single_process, name):
+def test_decode_batch_of_mixed_prompt_lengths(single_process, name, chunk_rows):
     """Rows at different positions decode in one step; each row's logits are those of its own
-    prefix alone, whatever its neighbours hold beyond its position."""
+    prefix alone, whatever its neighbours hold beyond its position. With `chunk_rows`, rows are
+    attended in chunks that each read the cache only up to their own longest context."""
     args, vocab_parallel = config(name)
     model, reference = build(args, vocab_parallel), build(args, vocab_parallel)
-    seqs = [random_tokens(args.vocab_size, n=n, seed=10 + n).tolist() for n in (2, 11, 5)]
+    seqs = [random_tokens(args.vocab_size, n=n, seed=10 + n).tolist() for n in (2, 11, 5, 3, 7)]
     model.setup_cache(len(seqs), 32)
     scribble(model)
     with torch.inference_mode():
@@ -297,5 +299,8 @@ def test_decode_batch_of_mixed_prompt_lengths(single_process, name):
                                            atol=CACHE_ATOL, rtol=0)
                 seq.append(int(logits[row].argmax()))
             positions = torch.tensor([[len(s) - 1] for s in seqs])
-            step = model.make_step(positions, slice(0, len(seqs)), int(positions.max()) + 1)
+            kv_lens = [len(s) for s in seqs]
+            chunks = attention_chunks(kv_lens, chunk_rows) if chunk_rows else None
+            assert chunk_rows is None or min(n for _, _, n in chunks) < max(kv_lens)
+            step = model.make_step(positions, slice(0, len(seqs)), max(kv_lens), chunks=chunks)
             logits = model(torch.tensor([[s[-1]] for s in seqs]), step)
