@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -108,19 +109,34 @@ def matmul_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype
     return 2 * m * k * n * reps / (time.perf_counter() - start)
 
 
-def compute_ceiling(args: ModelArgs, flops: dict[str, float], batch: int, prompt_len: int,
-                    device: torch.device, dtype: torch.dtype) -> float:
-    """Seconds the workload's matmuls take at the rates torch reaches at its shapes."""
-    per_shape = linear_flops(args)
-    total = sum(per_shape.values())
-    # Layers: prompt tokens run as (prompt_len, k) @ (k, n), decode tokens as (batch, k) @ (k, n).
-    layer_rate = sum(f / total * (matmul_rate(batch, k, n, device, dtype)
+@dataclass(frozen=True)
+class MatmulRates:
+    """FLOP/s torch reaches here at the workload's shapes."""
+
+    layers: float  # the layers' linear maps, the mean of prompt-sized and decode-sized rows
+    head: float  # the output head at decode rows
+    attention: float
+
+    @classmethod
+    def measure(cls, args: ModelArgs, batch: int, prompt_len: int, device: torch.device,
+                dtype: torch.dtype) -> MatmulRates:
+        per_shape = linear_flops(args)
+        total = sum(per_shape.values())
+        layers = sum(f / total * (matmul_rate(batch, k, n, device, dtype)
                                   + matmul_rate(prompt_len, k, n, device, dtype)) / 2
                      for (k, n), f in per_shape.items())
-    head_rate = matmul_rate(batch, args.dim, args.vocab_size, device, dtype)
-    attention_rate = matmul_rate(batch * args.n_heads, args.head_dim, 256, device, dtype)
-    return (flops["layers"] / layer_rate + flops["head"] / head_rate
-            + flops["attention"] / attention_rate)
+        return cls(layers, matmul_rate(batch, args.dim, args.vocab_size, device, dtype),
+                   matmul_rate(batch * args.n_heads, args.head_dim, 256, device, dtype))
+
+    def mean(self, other: MatmulRates) -> MatmulRates:
+        return MatmulRates((self.layers + other.layers) / 2, (self.head + other.head) / 2,
+                           (self.attention + other.attention) / 2)
+
+
+def ceiling_seconds(flops: dict[str, float], rates: MatmulRates) -> float:
+    """Seconds the workload's matmuls take at the rates torch reaches at its shapes."""
+    return (flops["layers"] / rates.layers + flops["head"] / rates.head
+            + flops["attention"] / rates.attention)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -139,17 +155,87 @@ def run_scheduler(model: Transformer, work: Workload, scheduler: str, batch: int
     start = time.perf_counter()
     completions = sorted(engine.generate(work.requests), key=lambda c: c.request.tag)
     wall = time.perf_counter() - start
-    generated = [len(c.tokens) for c in completions]
-    return {"scheduler": scheduler, "wall": wall, "generated": generated,
-            "tokens_per_s": sum(generated) / wall, "stats": engine.stats,
-            "tokens": [c.tokens for c in completions],
-            "peak_mib": peak_memory_mib(model.output.weight.device)}
+    s = engine.stats
+    return {"name": scheduler, "wall": wall, "tokens": [c.tokens for c in completions],
+            "in_forward": f"{s.forward_seconds / wall:.0%}", "wasted": f"{s.wasted_share:.0%}",
+            "decode_steps": s.decode_steps, "refills": s.refills,
+            "peak_mib": f"{peak_memory_mib(model.output.weight.device):.0f}"}
+
+
+def ctranslate2_available() -> bool:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_ctranslate2(model: Transformer, work: Workload, batch: int, directory: str) -> dict:
+    """The same weights and requests through CTranslate2's `generate_batch` (greedy, fp32): it
+    sorts the prompts by length, runs batches of `batch`, and drops finished sequences from a
+    batch. A callback stops each sequence at its own max_gen_len."""
+    import ctranslate2
+    import numpy as np
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    args = model.args
+    if args.use_scaled_rope or model.output.weight.device.type != "cpu":
+        raise SystemExit("the CTranslate2 column covers unscaled RoPE models on the CPU")
+    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
+        args.n_layers, args.n_heads, pre_norm=True, activation=common_spec.Activation.SWISH,
+        ffn_glu=True, rms_norm=True, rotary_dim=0, rotary_interleave=True,  # Meta's pairs
+        rotary_base=args.rope_theta,
+        num_heads_kv=None if args.kv_heads == args.n_heads else args.kv_heads)
+    w = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    decoder = spec.decoder
+    decoder.scale_embeddings = False
+    decoder.embeddings.weight = w["tok_embeddings.weight"]
+    decoder.layer_norm.gamma = w["norm.weight"]
+    decoder.projection.weight = w["output.weight"]
+    for i, layer in enumerate(decoder.layer):
+        key = f"layers.{i}."
+        layer.self_attention.layer_norm.gamma = w[key + "attention_norm.weight"]
+        layer.self_attention.linear[0].weight = np.concatenate(
+            [w[f"{key}attention.{name}.weight"] for name in ("wq", "wk", "wv")])
+        layer.self_attention.linear[1].weight = w[key + "attention.wo.weight"]
+        layer.ffn.layer_norm.gamma = w[key + "ffn_norm.weight"]
+        layer.ffn.linear_0.weight = w[key + "feed_forward.w1.weight"]
+        layer.ffn.linear_0_noact.weight = w[key + "feed_forward.w3.weight"]
+        layer.ffn.linear_1.weight = w[key + "feed_forward.w2.weight"]
+    spec.config.bos_token, spec.config.eos_token, spec.config.unk_token = "<s>", "</s>", "<unk>"
+    spec.config.layer_norm_epsilon = args.norm_eps
+    names = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, args.vocab_size)]
+    spec.register_vocabulary(names)
+    spec.validate()
+    spec.optimize(quantization=None)
+    spec.save(directory)
+    generator = ctranslate2.Generator(directory, device="cpu", compute_type="float32",
+                                      intra_threads=torch.get_num_threads())
+
+    budgets = [r.params.max_gen_len for r in work.requests]
+    generated = [0] * len(budgets)
+
+    def stop_at_budget(step) -> bool:  # `step.step` counts the batch's steps, not the sequence's
+        generated[step.batch_id] += 1
+        return generated[step.batch_id] >= budgets[step.batch_id]
+
+    start = time.perf_counter()
+    results = generator.generate_batch(
+        [[names[t] for t in r.prompt_tokens] for r in work.requests], max_batch_size=batch,
+        max_length=max(budgets), include_prompt_in_result=False, sampling_topk=1,
+        end_token=names[EOS], callback=stop_at_budget)
+    wall = time.perf_counter() - start
+    return {"name": "ctranslate2", "wall": wall, "tokens": [r.sequences_ids[0] for r in results],
+            "in_forward": "-", "wasted": "-", "decode_steps": "-", "refills": "-",
+            "peak_mib": "-"}
 
 
 def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max_len: int = 200,
          max_gen_len: int = 256, stop_rate: float = 0.02, batch: int = 32,
          temperature: float = 0.0, top_p: float = 0.9, dtype: str = "fp32",
-         device: str = "cpu", schedulers: str = "continuous,static", seed: int = 0) -> None:
+         device: str = "cpu", schedulers: str = "continuous,static",
+         ctranslate2: bool | None = None, seed: int = 0) -> None:
+    """`ctranslate2`: add a CTranslate2 run of the same weights (default: if it is installed)."""
     info = parallel.init_distributed(1, device=device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     args = ModelArgs.from_params(PRESETS[preset])
@@ -165,29 +251,47 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
           f"{max_gen_len}, ~{stop_rate:.0%} of steps end a sequence, batch {batch}, "
           f"temperature {temperature}; KV cache {cache_mib:.0f} MiB, weights "
           f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB")
-    results = [run_scheduler(model, work, name, batch, max_seq_len)
-               for name in schedulers.split(",")]
-    if len(results) == 2:
-        same = results[0]["tokens"] == results[1]["tokens"]
-        print(f"same tokens from both schedulers: {same}")
-    generated = results[0]["generated"]
-    flops = workload_flops(args, work, generated)
+    if ctranslate2 is None:
+        ctranslate2 = ctranslate2_available()
     avg_prompt = work.prompt_tokens // n_prompts
-    ceiling = compute_ceiling(args, flops, batch, avg_prompt, info.device, torch_dtype)
-    ceiling_tps = sum(generated) / ceiling
+
+    def rates() -> MatmulRates:
+        return MatmulRates.measure(args, batch, avg_prompt, info.device, torch_dtype)
+
+    # The machine's speed drifts, so each run's ceiling uses rates measured just before and
+    # just after it.
+    runs = [lambda name=name: run_scheduler(model, work, name, batch, max_seq_len)
+            for name in (schedulers.split(",") if isinstance(schedulers, str) else schedulers)]
+    with tempfile.TemporaryDirectory() as ctranslate2_dir:
+        if ctranslate2:
+            runs.append(lambda: run_ctranslate2(model, work, batch, ctranslate2_dir))
+        results, before = [], rates()
+        for run in runs:
+            result = run()
+            after = rates()
+            result["rates"], before = before.mean(after), after
+            results.append(result)
+    reference = results[0]
+    generated = [len(t) for t in reference["tokens"]]
+    flops = workload_flops(args, work, generated)
     print(f"workload: {sum(generated)} generated tokens, {sum(flops.values()) / 1e12:.3f} TFLOP "
           f"of matmuls (layers {flops['layers'] / 1e9:.0f}, head {flops['head'] / 1e9:.0f}, "
-          f"attention {flops['attention'] / 1e9:.0f} GFLOP); compute ceiling {ceiling:.2f}s = "
-          f"{ceiling_tps:.0f} tok/s")
-    print(f"{'scheduler':<11} {'tok/s':>8} {'wall s':>7} {'in forward':>10} {'wasted':>7} "
-          f"{'decode steps':>12} {'refills':>7} {'peak MiB':>8} {'of ceiling':>10}")
+          f"attention {flops['attention'] / 1e9:.0f} GFLOP)")
+    print(f"{'engine':<11} {'tok/s':>7} {'wall s':>7} {'in forward':>10} {'wasted':>7} "
+          f"{'decode steps':>12} {'refills':>7} {'peak MiB':>8} {'ceiling tok/s':>13} "
+          f"{'of ceiling':>10} {'same tokens':>11}")
     for r in results:
-        s = r["stats"]
-        print(f"{r['scheduler']:<11} {r['tokens_per_s']:8.0f} {r['wall']:7.2f} "
-              f"{s.forward_seconds / r['wall']:10.0%} {s.wasted_share:7.0%} {s.decode_steps:12d} "
-              f"{s.refills:7d} {r['peak_mib']:8.0f} {r['tokens_per_s'] / ceiling_tps:10.0%}")
-    if len(results) == 2:
-        print(f"continuous / static: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
+        tokens = sum(len(t) for t in r["tokens"])
+        r["tokens_per_s"] = tokens / r["wall"]
+        ceiling = tokens / ceiling_seconds(workload_flops(args, work, [len(t) for t in r["tokens"]]),
+                                           r["rates"])
+        same = sum(a == b for a, b in zip(r["tokens"], reference["tokens"])) / n_prompts
+        print(f"{r['name']:<11} {r['tokens_per_s']:7.0f} {r['wall']:7.2f} {r['in_forward']:>10} "
+              f"{r['wasted']:>7} {r['decode_steps']:>12} {r['refills']:>7} {r['peak_mib']:>8} "
+              f"{ceiling:13.0f} {r['tokens_per_s'] / ceiling:10.0%} {same:11.0%}")
+    for r in results[1:]:
+        print(f"{reference['name']} / {r['name']}: "
+              f"{reference['tokens_per_s'] / r['tokens_per_s']:.2f}x")
     parallel.shutdown()
 
 
