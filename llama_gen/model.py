@@ -183,7 +183,7 @@ class Transformer(nn.Module):
 
     def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int, fresh: bool = False,
                   chunks: tuple[tuple[int, int, int], ...] | None = None) -> Step:
-        """A `fresh` step must not have `chunks` (it attends causally in one pass)."""
+        assert not (fresh and chunks), "a fresh step attends causally in one pass"
         mask = None
         if not fresh:
             key_positions = torch.arange(kv_len, device=positions.device)

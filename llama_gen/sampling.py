@@ -86,7 +86,6 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     looked for among the NUCLEUS_CANDIDATES most likely tokens (a partial top-k, no full sort);
     only rows whose nucleus is larger, or that keep everything (top_p 1), sort the vocabulary.
     """
-    logits = logits.contiguous()  # softmax and top-k are several times slower on a strided view
     greedy = argmax(logits)
     probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
     top_probs, top_order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
