@@ -2,9 +2,11 @@
 
 Two schedulers share the slots. "continuous": a finished sequence's slot takes the next prompt at
 once, or else the last active sequence moves into it, so active slots stay contiguous (0..n-1)
-and a decode step reads the cache as a plain view. "static": Meta's reference loop, kept as the
-baseline to measure against: a batch starts together at its shortest prompt, longer prompts are
-fed one forced token per step, and every row steps until the whole batch is done.
+and a decode step reads the cache as a plain view. New prompts are prefilled in the same forward
+pass as the decoding slots, so the layers' weights are read once for both. "static": Meta's
+reference loop, kept as the baseline to measure against: a batch starts together at its shortest
+prompt, longer prompts are fed one forced token per step, and every row steps until the whole
+batch is done.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from .model import Transformer
+from .model import Step, Transformer
 from .sampling import argmax, counter_uniform, sample, token_logprobs
 
 
@@ -142,14 +144,12 @@ class Engine:
     def _continuous(self, pending: Iterator[Request],
                     should_stop: Callable[[], bool]) -> Iterator[Completion]:
         active: list[_Sequence] = []  # active[i] holds cache slot i
-        # Final hidden states of the sequences at the end of `active` that were prefilled since
-        # the last step: their first tokens come from the step's output-head pass, so a
-        # prefill does not pay for a head pass of its own (a 1-row head reads all its weights).
-        waiting: list[torch.Tensor] = []
+        queued: list[list[Request]] = []  # admitted, in prefill groups, not yet prefilled
         exhausted = started = False
         while True:
             admitted = []
-            while not exhausted and len(active) + len(admitted) < self.max_batch_size:
+            while (not exhausted and len(active) + sum(map(len, queued)) + len(admitted)
+                   < self.max_batch_size):
                 request = next(pending, None)
                 if request is None:
                     exhausted = True
@@ -159,14 +159,10 @@ class Engine:
                     admitted.append(request)
             self.stats.refills += len(admitted) if started else 0
             started = True
-            for group in prefill_groups(admitted):
-                seqs, hidden = self._prefill(group, slot=len(active))
-                active += seqs
-                waiting.append(hidden)
-            if not active or should_stop():
+            queued += prefill_groups(admitted)
+            if not (active or queued) or should_stop():
                 return
-            self._step(active, waiting)
-            waiting = []
+            self._step(active, take_prefill_groups(queued, PREFILL_TOKENS))
             for slot in reversed(range(len(active))):  # keep slots contiguous: fill the gap
                 if active[slot].finish_reason:
                     yield active[slot].completion()
@@ -215,9 +211,11 @@ class Engine:
         step = self.model.make_step(positions, rows, kv_len, fresh)
         return self._timed(self.model, tokens, step, all_logits)
 
-    def _prefill(self, group: list[Request], slot: int) -> tuple[list[_Sequence], torch.Tensor]:
-        """One forward pass over the group's prompts, right-padded into slots slot, slot+1...;
-        returns their sequences and the final hidden states (n, dim) of their last tokens."""
+    def _prefill_step(self, group: list[Request],
+                      slot: int) -> tuple[list[_Sequence], Step, torch.Tensor]:
+        """The group's sequences in slots slot, slot+1..., and the step and tokens that prefill
+        their prompts, right-padded, in one segment. Its outputs are each prompt's last token, or
+        every token for a prompt that wants its logprobs (such a prompt goes alone)."""
         seqs = [_Sequence(request, self._budget(request), slot + i)
                 for i, request in enumerate(group)]
         for seq in seqs:
@@ -227,39 +225,53 @@ class Engine:
         tokens = torch.tensor([r.prompt_tokens + [0] * (longest - len(r.prompt_tokens))
                                for r in group], device=self.device)
         positions = torch.arange(longest, device=self.device).expand(n, longest)
-        rows = slice(slot, slot + n)
-        params = group[0].params
-        want_prompt_logprobs = params.echo and params.logprobs  # prefill_groups: alone
-        last = torch.tensor(lengths, device=self.device) - 1 if n > 1 else None
-        step = self.model.make_step(positions, rows, longest, fresh=True)
-        hidden = self._timed(self.model.final_hidden, tokens, step, want_prompt_logprobs, last)
+        last = torch.tensor(lengths, device=self.device) - 1
+        step = self.model.make_step(positions, slice(slot, slot + n), longest, fresh=True,
+                                    last=last)
+        if wants_prompt_logprobs(group[0]):
+            step.outputs = torch.arange(longest, device=self.device)
+        self._position[slot:slot + n] = last + 1
         self.stats.prefills += n
         self.stats.prefill_tokens += n * longest
-        if want_prompt_logprobs:
-            logits = self._timed(self.model.logits, hidden[0, :-1]).contiguous()  # as below
-            seqs[0].logprobs = [None] + token_logprobs(logits, tokens[0, 1:]).tolist()
-            hidden = hidden[:, -1]
-        self._position[rows] = torch.tensor(lengths, device=self.device)
-        return seqs, hidden
+        return seqs, step, tokens.view(-1)
 
-    def _step(self, active: list[_Sequence], waiting: list[torch.Tensor]) -> None:
-        """Decode the sequences that have a token to feed (slots 0..n-1), then run one output
-        head pass over their hidden states and the waiting ones (the rest of `active`) and
-        append a token to every sequence."""
-        hidden = list(waiting)
-        n = len(active) - sum(h.shape[0] for h in waiting)
+    def _step(self, active: list[_Sequence], groups: list[list[Request]]) -> None:
+        """One forward pass that decodes the active sequences (slots 0..n-1) and prefills the
+        groups' prompts into the next slots, then one output-head pass; every sequence, old and
+        new, gets a token."""
+        n = len(active)
+        steps, tokens = [], []
         if n:
-            kv_lens = [s.position + 1 for s in active[:n]]
+            kv_lens = [s.position + 1 for s in active]
             chunks = (attention_chunks(kv_lens, CPU_ATTENTION_CHUNK)
                       if self.device.type == "cpu" else None)
-            step = self.model.make_step(self._position[:n, None], slice(0, n), max(kv_lens),
-                                        chunks=chunks)
-            hidden.insert(0, self._timed(self.model.final_hidden, self._next_token[:n, None],
-                                         step))
+            steps.append(self.model.make_step(self._position[:n, None], slice(0, n),
+                                              max(kv_lens), chunks=chunks))
+            tokens.append(self._next_token[:n])
             self.stats.decode_steps += 1
             self.stats.slot_steps += n
+        # The head's output has a row per step output: one per sequence, or every position of
+        # a prompt that wants its logprobs (its last row then samples its first token).
+        sample_rows, out_rows = list(range(n)), n
+        prompt_logprobs = []  # (sequence, its prompt's first output row, its prompt)
+        for group in groups:
+            seqs, step, group_tokens = self._prefill_step(group, slot=len(active))
+            if wants_prompt_logprobs(group[0]):
+                prompt_logprobs.append((seqs[0], out_rows, group_tokens))
+            out_rows += len(step.outputs)
+            sample_rows += range(out_rows - len(seqs), out_rows)
+            active += seqs
+            steps.append(step)
+            tokens.append(group_tokens)
+        hidden = self._timed(self.model.final_hidden, torch.cat(tokens), Step.join(steps))
+        logits = self._timed(self.model.logits, hidden)
+        if n:
             self._position[:n] += 1
-        logits = self._timed(self.model.logits, torch.cat(hidden) if len(hidden) > 1 else hidden[0])
+        for seq, row, prompt in prompt_logprobs:
+            forced = logits[row:row + len(prompt) - 1].contiguous()  # see _sample_and_append
+            seq.logprobs = [None] + token_logprobs(forced, prompt[1:]).tolist()
+        if prompt_logprobs:
+            logits = logits[torch.tensor(sample_rows, device=self.device)]
         self._sample_and_append(active, slice(0, len(active)), logits)
 
     def _draw(self, seqs: list[_Sequence], rows: slice, logits: torch.Tensor) -> torch.Tensor:
@@ -393,15 +405,21 @@ def attention_chunks(kv_lens: list[int], rows: int) -> tuple[tuple[int, int, int
 
 
 PREFILL_PADDING = 1.25  # padded tokens / real tokens a batched prefill may reach
-PREFILL_TOKENS = 4096  # most tokens (padding included) in one prefill pass
+# Most prompt tokens (padding included) prefilled in one forward pass: a group of shorter
+# prompts, or one longer prompt alone. It bounds a pass's activations whatever the batch size.
+PREFILL_TOKENS = 4096
+
+
+def wants_prompt_logprobs(request: Request) -> bool:
+    return request.params.echo and request.params.logprobs
 
 
 def prefill_groups(requests: list[Request]) -> list[list[Request]]:
     """Requests to prefill together: similar lengths (shortest first), so padding stays small.
     A request that wants its prompt's logprobs goes alone (its logits for every position)."""
-    alone = [[r] for r in requests if r.params.echo and r.params.logprobs]
+    alone = [[r] for r in requests if wants_prompt_logprobs(r)]
     groups: list[list[Request]] = []
-    for request in sorted((r for r in requests if not (r.params.echo and r.params.logprobs)),
+    for request in sorted((r for r in requests if not wants_prompt_logprobs(r)),
                           key=lambda r: len(r.prompt_tokens)):
         n = len(request.prompt_tokens)  # the longest so far: the group pads to it
         group = groups[-1] if groups else []
@@ -412,6 +430,21 @@ def prefill_groups(requests: list[Request]) -> list[list[Request]]:
         else:
             groups.append([request])
     return groups + alone
+
+
+def take_prefill_groups(queued: list[list[Request]], budget: int) -> list[list[Request]]:
+    """Remove and return groups from the front of `queued` while their padded tokens stay
+    within `budget` (the first one whatever its size)."""
+    taken, tokens = 0, 0
+    while taken < len(queued):
+        group = queued[taken]
+        tokens += len(group) * max(len(r.prompt_tokens) for r in group)
+        if taken and tokens > budget:
+            break
+        taken += 1
+    groups = queued[:taken]
+    del queued[:taken]
+    return groups
 
 
 def _error(request: Request, problem: str) -> Completion:

@@ -6,6 +6,7 @@ touches process groups. Module names are Meta's checkpoint keys, so loading is a
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) as Meta's reference does: each pair is a
     complex number multiplied by the unit `rotation` of its position and frequency."""
-    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # (B,T,H,hd/2)
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # (N, H, hd/2)
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
@@ -69,13 +70,12 @@ class KVCache:
 
 
 @dataclass
-class Step:
-    """Where a forward pass reads and writes: per-token positions and the cache rows it uses.
-
-    Row i of the batch is cache slot `rows.start + i`; it attends to cache positions
-    0..positions[i, t] for its token t. `kv_len` bounds every position + 1. A `fresh` step
-    holds positions 0..T-1 in every row (a prompt from the start of its slot): it writes the
-    cache by slicing and attends causally, with no mask to build.
+class Segment:
+    """A rectangle of tokens in a forward pass: row i of its (B, T) tokens is cache slot
+    `rows.start + i`, and its token t attends to cache positions 0..positions[i, t]. `kv_len`
+    bounds every position + 1. A `fresh` segment holds positions 0..T-1 in every row (prompts
+    from the start of their slots): it writes the cache by slicing and attends causally, with no
+    mask to build.
     """
 
     positions: torch.Tensor  # (B, T) int64
@@ -83,11 +83,37 @@ class Step:
     kv_len: int
     fresh: bool
     mask: torch.Tensor | None  # (B, 1, T, kv_len) additive: 0 where a query may attend, else -inf
-    rotation: torch.Tensor  # (B, T, 1, head_dim / 2) complex
     batch_index: torch.Tensor  # (B, 1)
     # Row ranges attended separately, each over keys up to its own longest context: (start,
     # stop, kv_len). A chunk of short contexts then reads less of the cache.
     chunks: tuple[tuple[int, int, int], ...] | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.positions.numel()
+
+
+@dataclass
+class Step:
+    """Where one forward pass reads and writes: its segments' tokens laid end to end (N tokens,
+    segment by segment, row by row), their rotations, and which of them leave the pass."""
+
+    segments: tuple[Segment, ...]
+    rotation: torch.Tensor  # (N, 1, head_dim / 2) complex
+    outputs: torch.Tensor  # (n_out,) indices of the tokens whose final hidden states are returned
+
+    @classmethod
+    def join(cls, steps: list[Step]) -> Step:
+        """One pass doing the work of `steps`: their segments side by side, so the layers'
+        weights are read once (a prompt's prefill rides along with a decode step)."""
+        if len(steps) == 1:
+            return steps[0]
+        offsets = itertools.accumulate((sum(s.n_tokens for s in step.segments) for step in steps),
+                                       initial=0)
+        return cls(segments=tuple(seg for step in steps for seg in step.segments),
+                   rotation=torch.cat([step.rotation for step in steps]),
+                   outputs=torch.cat([step.outputs + offset
+                                      for step, offset in zip(steps, offsets)]))
 
 
 class Attention(nn.Module):
@@ -105,32 +131,41 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        q = apply_rope(q, step.rotation)
-        k = apply_rope(k, step.rotation)
+        n = x.shape[0]  # x: (N, dim), the step's tokens end to end
+        q = apply_rope(self.wq(x).view(n, self.n_local_heads, self.head_dim), step.rotation)
+        k = apply_rope(self.wk(x).view(n, self.n_local_kv_heads, self.head_dim), step.rotation)
+        v = self.wv(x).view(n, self.n_local_kv_heads, self.head_dim)
+        out, start = [], 0
+        for seg in step.segments:
+            stop = start + seg.n_tokens
+            out.append(self.attend(q[start:stop], k[start:stop], v[start:stop], seg))
+            start = stop
+        return self.wo(out[0] if len(out) == 1 else torch.cat(out))  # (N, dim)
 
-        cache_k, cache_v = self.cache.k[step.rows], self.cache.v[step.rows]
-        if step.fresh:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               seg: Segment) -> torch.Tensor:
+        """Write one segment's keys and values into the cache and attend: (B * T, heads * hd)."""
+        B, T = seg.positions.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # (B, T, heads, hd)
+        cache_k, cache_v = self.cache.k[seg.rows], self.cache.v[seg.rows]
+        if seg.fresh:
             cache_k[:, :, :T] = k.transpose(1, 2)
             cache_v[:, :, :T] = v.transpose(1, 2)
         else:
-            cache_k[step.batch_index, :, step.positions] = k  # writes (B, T, kv, hd)
-            cache_v[step.batch_index, :, step.positions] = v
-        keys = cache_k[:, :, : step.kv_len]  # (B, kv, L, hd)
-        values = cache_v[:, :, : step.kv_len]
+            cache_k[seg.batch_index, :, seg.positions] = k  # writes (B, T, kv, hd)
+            cache_v[seg.batch_index, :, seg.positions] = v
+        keys = cache_k[:, :, : seg.kv_len]  # (B, kv, L, hd)
+        values = cache_v[:, :, : seg.kv_len]
 
         q = q.transpose(1, 2)  # (B, H, T, hd)
-        if step.chunks is None:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask,
-                                                 is_causal=step.fresh, enable_gqa=True)
+        if seg.chunks is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=seg.mask,
+                                                 is_causal=seg.fresh, enable_gqa=True)
         else:
             out = torch.cat([F.scaled_dot_product_attention(
-                q[a:b], keys[a:b, :, :n], values[a:b, :, :n], attn_mask=step.mask[a:b, ..., :n],
-                enable_gqa=True) for a, b, n in step.chunks])
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+                q[a:b], keys[a:b, :, :n], values[a:b, :, :n], attn_mask=seg.mask[a:b, ..., :n],
+                enable_gqa=True) for a, b, n in seg.chunks])
+        return out.transpose(1, 2).reshape(B * T, -1)
 
 
 class FeedForward(nn.Module):
@@ -182,38 +217,42 @@ class Transformer(nn.Module):
         self.max_seq_len = max_seq_len
 
     def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int, fresh: bool = False,
-                  chunks: tuple[tuple[int, int, int], ...] | None = None) -> Step:
-        assert not (fresh and chunks), "a fresh step attends causally in one pass"
+                  chunks: tuple[tuple[int, int, int], ...] | None = None,
+                  last: torch.Tensor | None = None) -> Step:
+        """A one-segment step (see `Segment`) whose outputs are each row's last token: position
+        `last[i]` of row i (right-padded rows), or the final one. `Step.join` combines steps."""
+        assert not (fresh and chunks), "a fresh segment attends causally in one pass"
+        device = positions.device
         mask = None
         if not fresh:
-            key_positions = torch.arange(kv_len, device=positions.device)
-            mask = torch.zeros(positions.shape + (kv_len,), device=positions.device,
+            key_positions = torch.arange(kv_len, device=device)
+            mask = torch.zeros(positions.shape + (kv_len,), device=device,
                                dtype=self.output.weight.dtype)  # (B, T, L)
             mask.masked_fill_(key_positions > positions[:, :, None], float("-inf"))
             mask = mask.unsqueeze(1)
-        return Step(
-            positions=positions, rows=rows, kv_len=kv_len, fresh=fresh, mask=mask,
-            rotation=self.rope_rotation[positions].unsqueeze(2),
-            batch_index=torch.arange(positions.shape[0], device=positions.device)[:, None],
-            chunks=chunks,
-        )
+        B, T = positions.shape
+        rows_start = torch.arange(B, device=device) * T
+        segment = Segment(positions=positions, rows=rows, kv_len=kv_len, fresh=fresh, mask=mask,
+                          batch_index=torch.arange(B, device=device)[:, None], chunks=chunks)
+        return Step(segments=(segment,),
+                    rotation=self.rope_rotation[positions.reshape(-1)].unsqueeze(1),
+                    outputs=rows_start + (T - 1 if last is None else last))
 
-    def forward(self, tokens: torch.Tensor, step: Step, all_logits: bool = False,
-                last: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits (B, T, vocab) if `all_logits`, else (B, vocab) for each row's last
-        token: position `last[i]` of row i (right-padded rows), or the final one."""
-        return self.logits(self.final_hidden(tokens, step, all_logits, last))
+    def forward(self, tokens: torch.Tensor, step: Step, all_logits: bool = False) -> torch.Tensor:
+        """Float32 logits for a one-segment step's tokens (B, T): (B, T, vocab) if `all_logits`,
+        else (B, vocab) for the step's outputs."""
+        hidden = self.final_hidden(tokens, step, all_logits)
+        return self.logits(hidden).view(*tokens.shape, -1) if all_logits else self.logits(hidden)
 
-    def final_hidden(self, tokens: torch.Tensor, step: Step, all_positions: bool = False,
-                     last: torch.Tensor | None = None) -> torch.Tensor:
-        """The normalised hidden states that `logits` maps to the vocabulary: (B, T, dim) if
-        `all_positions`, else (B, dim) at each row's last token, as in `forward`."""
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
+    def final_hidden(self, tokens: torch.Tensor, step: Step,
+                     all_positions: bool = False) -> torch.Tensor:
+        """The normalised hidden states that `logits` maps to the vocabulary, for the step's
+        tokens (any shape holding its N tokens in order): (N, dim) if `all_positions`, else
+        (n_out, dim) for `step.outputs`."""
+        h = self.tok_embeddings(tokens.reshape(-1))  # (N, dim)
         for block in self.layers:
             h = block(h, step)
-        if not all_positions:
-            h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
-        return self.norm(h)
+        return self.norm(h if all_positions else h[step.outputs])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for hidden states from `final_hidden` (any leading shape)."""

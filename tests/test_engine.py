@@ -10,7 +10,8 @@ import torch
 
 from llama_gen.build import load_model
 from llama_gen.engine import (CPU_ATTENTION_CHUNK, Completion, Engine, Request, SamplingParams,
-                              attention_chunks, shortest_first_in_windows)
+                              attention_chunks, shortest_first_in_windows,
+                              take_prefill_groups)
 from llama_gen.model import Transformer
 from llama_gen.sampling import token_logprobs
 from llama_gen.tokenizer import load_tokenizer
@@ -286,3 +287,42 @@ def test_shortest_first_in_windows_sorts_each_window_and_keeps_every_request():
     requests = [Request([1] * n, tag=i) for i, n in enumerate([5, 2, 9, 1, 7, 3, 3])]
     order = [r.tag for r in shortest_first_in_windows(iter(requests), window=3)]
     assert order == [1, 0, 2, 3, 5, 4, 6]
+
+
+def test_prompts_prefilled_inside_a_decode_step_match_alone(model):
+    """A refill's prefill rides in the same forward pass as the decoding slots: its tokens and
+    logprobs, a prompt's echoed logprobs included, are those it gets alone, and so are the
+    decoding neighbour's."""
+    long = Request(prompt(model, 6, seed=21), params(max_gen_len=9), tag="long")
+    short = Request(prompt(model, 4, seed=22), params(max_gen_len=1), tag="short")
+    echo = Request(prompt(model, 7, seed=23), params(max_gen_len=4, echo=True), tag="echo")
+    later = Request(prompt(model, 5, seed=24), params(max_gen_len=3), tag="later")
+    engine = Engine(model, (), max_batch_size=3, max_seq_len=64)
+    steps = spy_steps(engine)
+    done = run(engine, [long, short, later, echo])
+    for request in (long, short, later, echo):
+        assert_same(done[request.tag], alone(model, request))
+    # The short one left after its first step; the next pass decoded two slots and prefilled
+    # the echoed prompt into the third.
+    assert (2, 1) in steps
+
+
+def spy_steps(engine: Engine) -> list[tuple[int, int]]:
+    """Record (decoding slots, prefilled prompts) for each of the engine's forward passes."""
+    seen = []
+    step = engine._step
+
+    def spy(active, groups):
+        seen.append((len(active), sum(map(len, groups))))
+        return step(active, groups)
+    engine._step = spy
+    return seen
+
+
+def test_take_prefill_groups_keeps_a_pass_within_its_token_budget():
+    groups = [[Request([1] * n)] * k for n, k in [(10, 3), (20, 1), (50, 2), (8, 1)]]
+    queued = list(groups)
+    assert take_prefill_groups(queued, budget=55) == groups[:2]  # 30 + 20; 100 more would pass
+    assert take_prefill_groups(queued, budget=55) == groups[2:3]  # over budget alone: still taken
+    assert take_prefill_groups(queued, budget=55) == groups[3:]
+    assert queued == []

@@ -16,7 +16,7 @@ import torch
 from llama_gen.args import LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs
 from llama_gen.build import load_model, read_model_args
 from llama_gen.engine import Engine, Request, SamplingParams, attention_chunks
-from llama_gen.model import Transformer, rope_frequencies
+from llama_gen.model import Step, Transformer, rope_frequencies
 from llama_gen.parallel import ParallelLayers
 from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3, random_weights
 from llama_gen.tokenizer import load_tokenizer
@@ -304,3 +304,32 @@ def test_decode_batch_of_mixed_prompt_lengths(single_process, name, chunk_rows):
             assert chunk_rows is None or min(n for _, _, n in chunks) < max(kv_lens)
             step = model.make_step(positions, slice(0, len(seqs)), max(kv_lens), chunks=chunks)
             logits = model(torch.tensor([[s[-1]] for s in seqs]), step)
+
+
+@pytest.mark.parametrize("name", ["llama2-mha", "llama3.1-scaled"])
+def test_joined_step_decodes_and_prefills_in_one_pass(single_process, name):
+    """`Step.join`: a decode segment and a right-padded prefill segment in one forward pass give
+    every row the logits of its own prefix alone."""
+    args, vocab_parallel = config(name)
+    model, reference = build(args, vocab_parallel), build(args, vocab_parallel)
+    decoding = [random_tokens(args.vocab_size, n=n, seed=30 + n).tolist() for n in (4, 9)]
+    prompts = [random_tokens(args.vocab_size, n=n, seed=40 + n).tolist() for n in (3, 6)]
+    model.setup_cache(4, 32)
+    scribble(model)
+    with torch.inference_mode():
+        for row, seq in enumerate(decoding):
+            model(torch.tensor([seq[:-1]]),
+                  model.make_step(torch.arange(len(seq) - 1)[None], slice(row, row + 1),
+                                  len(seq) - 1))
+        decode = model.make_step(torch.tensor([[len(s) - 1] for s in decoding]), slice(0, 2),
+                                 kv_len=max(map(len, decoding)))
+        longest = max(map(len, prompts))
+        padded = torch.tensor([p + [0] * (longest - len(p)) for p in prompts])
+        prefill = model.make_step(torch.arange(longest).expand(2, longest), slice(2, 4), longest,
+                                  fresh=True, last=torch.tensor([len(p) - 1 for p in prompts]))
+        tokens = torch.cat([torch.tensor([s[-1] for s in decoding]), padded.view(-1)])
+        logits = model.logits(model.final_hidden(tokens, Step.join([decode, prefill])))
+    assert logits.shape == (4, args.vocab_size)
+    for row, seq in enumerate(decoding + prompts):
+        torch.testing.assert_close(logits[row], recompute_last(reference, seq),
+                                   atol=CACHE_ATOL, rtol=0)
