@@ -200,7 +200,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = layers.embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, layers) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = layers.column(args.dim, args.vocab_size, gather_output=True)
+        self.output = layers.column(args.dim, args.vocab_size, gather_output=True, packed=True)
         self.max_seq_len = 0
 
     def setup_cache(self, slots: int, max_seq_len: int) -> None:

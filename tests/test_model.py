@@ -333,3 +333,21 @@ def test_joined_step_decodes_and_prefills_in_one_pass(single_process, name):
     for row, seq in enumerate(decoding + prompts):
         torch.testing.assert_close(logits[row], recompute_last(reference, seq),
                                    atol=CACHE_ATOL, rtol=0)
+
+
+def test_packed_head_computes_the_product_and_follows_weight_changes(single_process):
+    """The CPU output head's oneDNN copy of its weight gives x @ W.T, and is made again when the
+    weight is written or replaced (as loading a checkpoint does)."""
+    head = ParallelLayers().column(16, 40, gather_output=True, packed=True)
+    head.weight = torch.nn.Parameter(torch.randn(40, 16), requires_grad=False)
+    x = torch.randn(5, 16)
+    for change in ("none", "written", "replaced"):
+        if change == "written":
+            with torch.no_grad():
+                head.weight.mul_(-2)
+        elif change == "replaced":
+            head.weight = torch.nn.Parameter(torch.randn(40, 16), requires_grad=False)
+        with torch.inference_mode():
+            got = head(x)
+        torch.testing.assert_close(got, x @ head.weight.T, atol=1e-5, rtol=1e-5)
+    assert head.packed.usable(x, head.weight) == torch.backends.mkldnn.is_available()
