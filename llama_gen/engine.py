@@ -133,8 +133,8 @@ class Engine:
     def generate(self, requests: Iterable[Request],
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Completion]:
         """Completions in the order they finish; all model-parallel ranks must pass the same
-        requests in the same order. `should_stop` is asked before every decode step; when it
-        says yes, unfinished sequences are dropped."""
+        requests in the same order. `should_stop` is asked before every forward pass; when it
+        says yes, unfinished sequences, and admitted prompts not yet prefilled, are dropped."""
         should_stop = should_stop or (lambda: False)
         if self.scheduler == "static":
             return self._static(iter(requests), should_stop)
@@ -226,10 +226,9 @@ class Engine:
                                for r in group], device=self.device)
         positions = torch.arange(longest, device=self.device).expand(n, longest)
         last = torch.tensor(lengths, device=self.device) - 1
+        every_token = wants_prompt_logprobs(group[0])  # prefill_groups: such a prompt is alone
         step = self.model.make_step(positions, slice(slot, slot + n), longest, fresh=True,
-                                    last=last)
-        if wants_prompt_logprobs(group[0]):
-            step.outputs = torch.arange(longest, device=self.device)
+                                    last=last, every_token=every_token)
         self._position[slot:slot + n] = last + 1
         self.stats.prefills += n
         self.stats.prefill_tokens += n * longest
@@ -238,7 +237,7 @@ class Engine:
     def _step(self, active: list[_Sequence], groups: list[list[Request]]) -> None:
         """One forward pass that decodes the active sequences (slots 0..n-1) and prefills the
         groups' prompts into the next slots, then one output-head pass; every sequence, old and
-        new, gets a token."""
+        new, gets a token. The new sequences are appended to `active`."""
         n = len(active)
         steps, tokens = [], []
         if n:
@@ -258,12 +257,13 @@ class Engine:
             seqs, step, group_tokens = self._prefill_step(group, slot=len(active))
             if wants_prompt_logprobs(group[0]):
                 prompt_logprobs.append((seqs[0], out_rows, group_tokens))
-            out_rows += len(step.outputs)
+            out_rows += step.n_outputs
             sample_rows += range(out_rows - len(seqs), out_rows)
             active += seqs
             steps.append(step)
             tokens.append(group_tokens)
-        hidden = self._timed(self.model.final_hidden, torch.cat(tokens), Step.join(steps))
+        hidden = self._timed(self.model.final_hidden,
+                             torch.cat(tokens) if len(tokens) > 1 else tokens[0], Step.join(steps))
         logits = self._timed(self.model.logits, hidden)
         if n:
             self._position[:n] += 1
@@ -331,18 +331,18 @@ class Engine:
         end = min(self.max_seq_len, max(len(p) + s.budget for p, s in zip(prompts, batch)))
         for slot, seq in enumerate(batch):
             self._set_slot(slot, seq)
-            if seq.request.params.echo and seq.request.params.logprobs:
+            if wants_prompt_logprobs(seq.request):
                 seq.logprobs = [None]
         tokens = torch.tensor([p[:shortest] for p in prompts], device=self.device)
         positions = torch.arange(shortest, device=self.device).expand(n, shortest)
-        echo_lp = any(s.request.params.echo and s.request.params.logprobs for s in batch)
+        echo_lp = any(wants_prompt_logprobs(s.request) for s in batch)
         logits = self._forward(tokens, positions, rows, shortest, all_logits=echo_lp, fresh=True)
         self.stats.prefills += n
         self.stats.prefill_tokens += n * shortest
         if echo_lp:
             prompt_lp = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
             for seq, lps in zip(batch, prompt_lp):
-                if seq.request.params.echo and seq.request.params.logprobs:
+                if wants_prompt_logprobs(seq.request):
                     seq.logprobs += lps
             logits = logits[:, -1]
         for s in batch:
@@ -361,7 +361,7 @@ class Engine:
                     continue
                 if not f:
                     self._append(seq, token, lp)
-                elif seq.request.params.echo and seq.request.params.logprobs:
+                elif wants_prompt_logprobs(seq.request):
                     seq.logprobs.append(lp)
             if all(s.finish_reason for s in batch) or pos == end - 1:
                 break
@@ -407,7 +407,8 @@ def attention_chunks(kv_lens: list[int], rows: int) -> tuple[tuple[int, int, int
 
 PREFILL_PADDING = 1.25  # padded tokens / real tokens a batched prefill may reach
 # Most prompt tokens (padding included) prefilled in one forward pass: a group of shorter
-# prompts, or one longer prompt alone. It bounds a pass's activations whatever the batch size.
+# prompts, or one longer prompt alone. It bounds a pass's hidden states whatever the batch size
+# (a prompt that wants its logprobs adds its logits, length x vocabulary, on top).
 PREFILL_TOKENS = 4096
 
 

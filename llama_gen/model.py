@@ -100,7 +100,21 @@ class Step:
 
     segments: tuple[Segment, ...]
     rotation: torch.Tensor  # (N, 1, head_dim / 2) complex
-    outputs: torch.Tensor  # (n_out,) indices of the tokens whose final hidden states are returned
+    # (n_out,) indices of the tokens whose final hidden states are returned; None: every token
+    outputs: torch.Tensor | None
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(seg.n_tokens for seg in self.segments)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_tokens if self.outputs is None else len(self.outputs)
+
+    def output_indices(self) -> torch.Tensor:
+        if self.outputs is not None:
+            return self.outputs
+        return torch.arange(self.n_tokens, device=self.rotation.device)
 
     @classmethod
     def join(cls, steps: list[Step]) -> Step:
@@ -108,11 +122,10 @@ class Step:
         weights are read once (a prompt's prefill rides along with a decode step)."""
         if len(steps) == 1:
             return steps[0]
-        offsets = itertools.accumulate((sum(s.n_tokens for s in step.segments) for step in steps),
-                                       initial=0)
+        offsets = itertools.accumulate((step.n_tokens for step in steps), initial=0)
         return cls(segments=tuple(seg for step in steps for seg in step.segments),
                    rotation=torch.cat([step.rotation for step in steps]),
-                   outputs=torch.cat([step.outputs + offset
+                   outputs=torch.cat([step.output_indices() + offset
                                       for step, offset in zip(steps, offsets)]))
 
 
@@ -218,9 +231,10 @@ class Transformer(nn.Module):
 
     def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int, fresh: bool = False,
                   chunks: tuple[tuple[int, int, int], ...] | None = None,
-                  last: torch.Tensor | None = None) -> Step:
+                  last: torch.Tensor | None = None, every_token: bool = False) -> Step:
         """A one-segment step (see `Segment`) whose outputs are each row's last token: position
-        `last[i]` of row i (right-padded rows), or the final one. `Step.join` combines steps."""
+        `last[i]` of row i (right-padded rows), or the final one; or, with `every_token`, all
+        of its tokens. `Step.join` combines steps."""
         assert not (fresh and chunks), "a fresh segment attends causally in one pass"
         device = positions.device
         mask = None
@@ -231,12 +245,14 @@ class Transformer(nn.Module):
             mask.masked_fill_(key_positions > positions[:, :, None], float("-inf"))
             mask = mask.unsqueeze(1)
         B, T = positions.shape
-        rows_start = torch.arange(B, device=device) * T
+        outputs = None  # every token: also each row's last when T is 1
+        if not every_token and (T > 1 or last is not None):
+            outputs = torch.arange(B, device=device) * T + (T - 1 if last is None else last)
         segment = Segment(positions=positions, rows=rows, kv_len=kv_len, fresh=fresh, mask=mask,
                           batch_index=torch.arange(B, device=device)[:, None], chunks=chunks)
         return Step(segments=(segment,),
                     rotation=self.rope_rotation[positions.reshape(-1)].unsqueeze(1),
-                    outputs=rows_start + (T - 1 if last is None else last))
+                    outputs=outputs)
 
     def forward(self, tokens: torch.Tensor, step: Step, all_logits: bool = False) -> torch.Tensor:
         """Float32 logits for a one-segment step's tokens (B, T): (B, T, vocab) if `all_logits`,
@@ -252,7 +268,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens.reshape(-1))  # (N, dim)
         for block in self.layers:
             h = block(h, step)
-        return self.norm(h if all_positions else h[step.outputs])
+        return self.norm(h if all_positions or step.outputs is None else h[step.outputs])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for hidden states from `final_hidden` (any leading shape)."""

@@ -137,7 +137,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class PackedWeight:
     """oneDNN's blocked copy of a CPU float32 weight, made on first use and again whenever the
-    weight is replaced or written in place (not through `.data`). For a wide, shallow product
+    weight is replaced, moved or written in place (writes through `.data` are not seen). For a wide, shallow product
     such as the output head (vocabulary x dim) it is faster than `linear`: 6.3 ms vs 9.1 ms for
     stories15M's head at 32 rows, weights cold. For the layers' smaller weights it is slower,
     so only the head uses it. It holds a second copy of the weight."""
@@ -145,8 +145,8 @@ class PackedWeight:
     ROWS_HINT = 32  # the row count oneDNN picks its blocking for; any count works
 
     def __init__(self):
-        self._source: weakref.ref | None = None  # the weight packed, and its version then
-        self._version = -1
+        self._source: weakref.ref | None = None  # the weight packed
+        self._state: tuple | None = None  # its storage, dtype and version then
         self._packed: torch.Tensor | None = None
         self.failed = False  # torch's internal ops: if a release changes them, use `linear`
 
@@ -157,14 +157,16 @@ class PackedWeight:
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x @ weight.T, contiguous."""
         try:
-            if self._source is None or self._source() is not weight or (
-                    self._version != weight._version):
+            state = (weight.data_ptr(), weight.dtype,
+                     None if weight.is_inference() else weight._version)  # no version there
+            if self._source is None or self._source() is not weight or self._state != state:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(),
                                                                        self.ROWS_HINT)
-                self._source, self._version = weakref.ref(weight), weight._version
+                self._source, self._state = weakref.ref(weight), state
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
         except (AttributeError, RuntimeError) as e:
-            log.warning("oneDNN's packed linear failed (%s); using the plain product", e)
+            log.warning("oneDNN's packed linear failed (%s: %s); using the plain product",
+                        type(e).__name__, e)
             self.failed = True
             return linear(x, weight)
 

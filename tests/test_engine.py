@@ -326,3 +326,5 @@ def test_take_prefill_groups_keeps_a_pass_within_its_token_budget():
     assert take_prefill_groups(queued, budget=55) == groups[2:3]  # over budget alone: still taken
     assert take_prefill_groups(queued, budget=55) == groups[3:]
     assert queued == []
+    queued = list(groups)
+    assert take_prefill_groups(queued, budget=50) == groups[:2]  # exactly at the budget

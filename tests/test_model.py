@@ -341,12 +341,12 @@ def test_packed_head_computes_the_product_and_follows_weight_changes(single_proc
     head = ParallelLayers().column(16, 40, gather_output=True, packed=True)
     head.weight = torch.nn.Parameter(torch.randn(40, 16), requires_grad=False)
     x = torch.randn(5, 16)
-    for change in ("none", "written", "replaced"):
-        if change == "written":
+    for change in ("none", "replaced", "written"):  # the replacement has the packed version, 0
+        if change == "replaced":
+            head.weight = torch.nn.Parameter(torch.randn(40, 16), requires_grad=False)
+        elif change == "written":
             with torch.no_grad():
                 head.weight.mul_(-2)
-        elif change == "replaced":
-            head.weight = torch.nn.Parameter(torch.randn(40, 16), requires_grad=False)
         with torch.inference_mode():
             got = head(x)
         torch.testing.assert_close(got, x @ head.weight.T, atol=1e-5, rtol=1e-5)
