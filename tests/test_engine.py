@@ -302,9 +302,9 @@ def test_prompts_prefilled_inside_a_decode_step_match_alone(model):
     done = run(engine, [long, short, later, echo])
     for request in (long, short, later, echo):
         assert_same(done[request.tag], alone(model, request))
-    # The short one left after its first step; the next pass decoded two slots and prefilled
-    # the echoed prompt into the third.
-    assert (2, 1) in steps
+    # The short one left after its first step; a later pass decoded the slots still active and
+    # prefilled a waiting prompt into the free one.
+    assert any(decoding and prefilled for decoding, prefilled in steps[1:]), steps
 
 
 def spy_steps(engine: Engine) -> list[tuple[int, int]]:
