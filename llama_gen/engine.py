@@ -148,8 +148,8 @@ class Engine:
         exhausted = started = False
         while True:
             admitted = []
-            while (not exhausted and len(active) + sum(map(len, queued)) + len(admitted)
-                   < self.max_batch_size):
+            free = self.max_batch_size - len(active) - sum(map(len, queued))
+            while not exhausted and len(admitted) < free:
                 request = next(pending, None)
                 if request is None:
                     exhausted = True
@@ -257,7 +257,7 @@ class Engine:
             seqs, step, group_tokens = self._prefill_step(group, slot=len(active))
             if wants_prompt_logprobs(group[0]):
                 prompt_logprobs.append((seqs[0], out_rows, group_tokens))
-            out_rows += step.n_outputs
+            out_rows += len(step.outputs)
             sample_rows += range(out_rows - len(seqs), out_rows)
             active += seqs
             steps.append(step)

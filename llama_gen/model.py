@@ -100,21 +100,11 @@ class Step:
 
     segments: tuple[Segment, ...]
     rotation: torch.Tensor  # (N, 1, head_dim / 2) complex
-    # (n_out,) indices of the tokens whose final hidden states are returned; None: every token
-    outputs: torch.Tensor | None
+    outputs: torch.Tensor  # (n_out,) indices of the tokens whose final hidden states leave
 
     @property
     def n_tokens(self) -> int:
         return sum(seg.n_tokens for seg in self.segments)
-
-    @property
-    def n_outputs(self) -> int:
-        return self.n_tokens if self.outputs is None else len(self.outputs)
-
-    def output_indices(self) -> torch.Tensor:
-        if self.outputs is not None:
-            return self.outputs
-        return torch.arange(self.n_tokens, device=self.rotation.device)
 
     @classmethod
     def join(cls, steps: list[Step]) -> Step:
@@ -125,7 +115,7 @@ class Step:
         offsets = itertools.accumulate((step.n_tokens for step in steps), initial=0)
         return cls(segments=tuple(seg for step in steps for seg in step.segments),
                    rotation=torch.cat([step.rotation for step in steps]),
-                   outputs=torch.cat([step.output_indices() + offset
+                   outputs=torch.cat([step.outputs + offset
                                       for step, offset in zip(steps, offsets)]))
 
 
@@ -245,8 +235,9 @@ class Transformer(nn.Module):
             mask.masked_fill_(key_positions > positions[:, :, None], float("-inf"))
             mask = mask.unsqueeze(1)
         B, T = positions.shape
-        outputs = None  # every token: also each row's last when T is 1
-        if not every_token and (T > 1 or last is not None):
+        if every_token:
+            outputs = torch.arange(B * T, device=device)
+        else:
             outputs = torch.arange(B, device=device) * T + (T - 1 if last is None else last)
         segment = Segment(positions=positions, rows=rows, kv_len=kv_len, fresh=fresh, mask=mask,
                           batch_index=torch.arange(B, device=device)[:, None], chunks=chunks)
@@ -268,7 +259,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens.reshape(-1))  # (N, dim)
         for block in self.layers:
             h = block(h, step)
-        return self.norm(h if all_positions or step.outputs is None else h[step.outputs])
+        return self.norm(h if all_positions else h[step.outputs])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for hidden states from `final_hidden` (any leading shape)."""

@@ -137,10 +137,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class PackedWeight:
     """oneDNN's blocked copy of a CPU float32 weight, made on first use and again whenever the
-    weight is replaced, moved or written in place (writes through `.data` are not seen). For a wide, shallow product
-    such as the output head (vocabulary x dim) it is faster than `linear`: 6.3 ms vs 9.1 ms for
-    stories15M's head at 32 rows, weights cold. For the layers' smaller weights it is slower,
-    so only the head uses it. It holds a second copy of the weight."""
+    weight is replaced, moved or written in place (writes through `.data` are not seen). For a
+    wide, shallow product such as the output head (vocabulary x dim) it is faster than
+    `linear`: 6.3 ms vs 9.1 ms for stories15M's head at 32 rows, weights cold. For the layers'
+    smaller weights it is slower, so only the head uses it. It holds a second copy of the
+    weight."""
 
     ROWS_HINT = 32  # the row count oneDNN picks its blocking for; any count works
 
@@ -148,11 +149,11 @@ class PackedWeight:
         self._source: weakref.ref | None = None  # the weight packed
         self._state: tuple | None = None  # its storage, dtype and version then
         self._packed: torch.Tensor | None = None
-        self.failed = False  # torch's internal ops: if a release changes them, use `linear`
+        # Off without oneDNN, or once torch's internal ops failed (a release changed them).
+        self.enabled = torch.backends.mkldnn.is_available()
 
     def usable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (not self.failed and x.device.type == "cpu" and weight.dtype == torch.float32
-                and torch.backends.mkldnn.is_available())
+        return self.enabled and x.device.type == "cpu" and weight.dtype == torch.float32
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x @ weight.T, contiguous."""
@@ -167,7 +168,7 @@ class PackedWeight:
         except (AttributeError, RuntimeError) as e:
             log.warning("oneDNN's packed linear failed (%s: %s); using the plain product",
                         type(e).__name__, e)
-            self.failed = True
+            self.enabled = False
             return linear(x, weight)
 
 

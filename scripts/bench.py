@@ -281,10 +281,9 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
           f"{'decode steps':>12} {'refills':>7} {'peak MiB':>8} {'ceiling tok/s':>13} "
           f"{'of ceiling':>10} {'same tokens':>11}")
     for r in results:
-        tokens = sum(len(t) for t in r["tokens"])
-        r["tokens_per_s"] = tokens / r["wall"]
-        ceiling = tokens / ceiling_seconds(workload_flops(args, work, [len(t) for t in r["tokens"]]),
-                                           r["rates"])
+        lengths = [len(t) for t in r["tokens"]]
+        r["tokens_per_s"] = sum(lengths) / r["wall"]
+        ceiling = sum(lengths) / ceiling_seconds(workload_flops(args, work, lengths), r["rates"])
         same = sum(a == b for a, b in zip(r["tokens"], reference["tokens"])) / n_prompts
         print(f"{r['name']:<11} {r['tokens_per_s']:7.0f} {r['wall']:7.2f} {r['in_forward']:>10} "
               f"{r['wasted']:>7} {r['decode_steps']:>12} {r['refills']:>7} {r['peak_mib']:>8} "

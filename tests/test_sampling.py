@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_gen.sampling import ARGMAX_BLOCK, argmax, counter_uniform, derive_seed, sample, token_logprobs
+from llama_gen.sampling import (ARGMAX_BLOCK, argmax, counter_uniform, derive_seed, sample,
+                                token_logprobs)
 
 NEG_INF = float("-inf")
 U_MIN = 0.5 / 2**32  # the extremes counter_uniform can return
