@@ -103,7 +103,8 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
-                 max_seq_len: int, scheduler: Literal["continuous", "static"] = "continuous"):
+                 max_seq_len: int, scheduler: Literal["continuous", "static"] = "continuous",
+                 compile: bool = False):
         if scheduler not in ("continuous", "static"):
             raise ValueError(f"unknown scheduler {scheduler!r}")
         self.model = model
@@ -124,6 +125,7 @@ class Engine:
         self._top_p = zeros(torch.float32)
         self._slot_state = (self._next_token, self._position, self._counter, self._seed,
                             self._temperature, self._top_p)
+        self._compiled_decode = compile_decode(model) if compile else None
 
     def check(self, request: Request) -> str | None:
         """Why the request cannot run, or None."""
@@ -211,6 +213,21 @@ class Engine:
         step = self.model.make_step(positions, rows, kv_len, fresh)
         return self._timed(self.model, tokens, step, all_logits)
 
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, n: int,
+                kv_len: int) -> torch.Tensor:
+        """Logits (n, vocab) of the compiled decode step for slots 0..n-1, whose next tokens
+        and positions are the first n of `tokens` and `positions`. The step always spans every
+        slot, and its cache reads are rounded up to a multiple of DECODE_KV_BUCKET, so a few
+        shapes serve the whole run (on CUDA each shape is one CUDA graph)."""
+        slots = self.max_batch_size
+        if len(tokens) < slots:
+            tokens = torch.cat((tokens, tokens.new_zeros(slots - len(tokens))))
+            positions = torch.cat((positions, positions.new_zeros(slots - len(positions))))
+        kv_len = min(self.max_seq_len, -(-kv_len // DECODE_KV_BUCKET) * DECODE_KV_BUCKET)
+        step = self.model.make_step(positions[:, None], slice(0, slots), kv_len)
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+        return self._timed(self._compiled_decode, tokens[:, None], step)[:n]
+
     def _prefill_step(self, group: list[Request],
                       slot: int) -> tuple[list[_Sequence], Step, torch.Tensor]:
         """The group's sequences in slots slot, slot+1..., and the step and tokens that prefill
@@ -240,7 +257,15 @@ class Engine:
         new, gets a token. The new sequences are appended to `active`."""
         n = len(active)
         steps, tokens = [], []
-        if n:
+        decode_logits = None
+        if n and self._compiled_decode is not None:  # a pass of its own, at fixed shapes
+            positions = self._position.clone()
+            positions[n:] = 0  # free slots compute on a valid position; their results are dropped
+            decode_logits = self._decode(self._next_token, positions, n,
+                                         max(s.position for s in active) + 1)
+            self.stats.decode_steps += 1
+            self.stats.slot_steps += n
+        elif n:
             kv_lens = [s.position + 1 for s in active]
             chunks = (attention_chunks(kv_lens, CPU_ATTENTION_CHUNK)
                       if self.device.type == "cpu" else None)
@@ -262,9 +287,15 @@ class Engine:
             active += seqs
             steps.append(step)
             tokens.append(group_tokens)
-        hidden = self._timed(self.model.final_hidden,
-                             torch.cat(tokens) if len(tokens) > 1 else tokens[0], Step.join(steps))
-        logits = self._timed(self.model.logits, hidden)
+        if steps:
+            hidden = self._timed(self.model.final_hidden,
+                                 torch.cat(tokens) if len(tokens) > 1 else tokens[0],
+                                 Step.join(steps))
+            logits = self._timed(self.model.logits, hidden)
+            if decode_logits is not None:
+                logits = torch.cat((decode_logits, logits))
+        else:
+            logits = decode_logits
         if n:
             self._position[:n] += 1
         for seq, row, prompt in prompt_logprobs:
@@ -370,11 +401,31 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.slot_steps += n
             self.stats.wasted_slot_steps += sum(1 for s in batch if s.finish_reason)
-            logits = self._forward(chosen_t[:, None], torch.full((n, 1), pos, device=self.device),
-                                   rows, pos + 1)
+            positions = torch.full((n,), pos, device=self.device)
+            if self._compiled_decode is not None:
+                logits = self._decode(chosen_t, positions, n, pos + 1)
+            else:
+                logits = self._forward(chosen_t[:, None], positions[:, None], rows, pos + 1)
         for seq in batch:
             yield seq.completion()
         return False
+
+
+# A compiled decode step reads the cache up to a multiple of this many positions: fewer shapes
+# to compile and capture, at the cost of reading up to this many masked positions per slot.
+DECODE_KV_BUCKET = 256
+
+
+def compile_decode(model: Transformer) -> Callable[[torch.Tensor, Step], torch.Tensor]:
+    """`model` compiled for decode steps (`torch.compile`); on CUDA replayed as CUDA graphs,
+    one launch per step instead of several per layer. The first call compiles for its shapes
+    and a second cache length recompiles once for any length."""
+    device = model.output.weight.device
+    for block in model.layers:  # written in place every step: keep their addresses fixed
+        torch._dynamo.mark_static_address(block.attention.cache.k)
+        torch._dynamo.mark_static_address(block.attention.cache.v)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(model, mode=mode)
 
 
 # The continuous scheduler admits requests shortest prompt first within windows of this many

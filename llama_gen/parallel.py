@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 from fairscale.nn.model_parallel import layers as fs_layers
-from fairscale.nn.model_parallel import mappings as fs_mappings
 import torch.nn.functional as F
 from torch import nn
 
@@ -153,7 +152,9 @@ class PackedWeight:
         self.enabled = torch.backends.mkldnn.is_available()
 
     def usable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return self.enabled and x.device.type == "cpu" and weight.dtype == torch.float32
+        """Eager CPU float32 only: torch.compile cannot trace the repacking bookkeeping."""
+        return (self.enabled and x.device.type == "cpu" and weight.dtype == torch.float32
+                and not torch.compiler.is_compiling())
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x @ weight.T, contiguous."""
@@ -172,15 +173,30 @@ class PackedWeight:
             return linear(x, weight)
 
 
+# The model only runs forward (under inference mode), so the layers below call the collectives
+# directly rather than through fairscale's autograd functions: no autograd dispatch per call, and
+# torch.compile traces them (fairscale's `mark_dirty` stops its tracing).
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over the model-parallel group, in place."""
+    dist.all_reduce(x, group=model_parallel_group())
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The group's `x`s side by side along the last dimension, in rank order."""
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous(), group=model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
 class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
-    """fairscale's layer, with `linear` for the product (or a `PackedWeight` if `packed`).
-    Without model parallelism it skips fairscale's communication functions: they are identities
-    then, but each call costs an autograd dispatch (about 2% of a stories15M-sized decode step
-    on the CPU)."""
+    """fairscale's layer (weight split along the outputs), with `linear` for the product (or a
+    `PackedWeight` if `packed`)."""
 
     def __init__(self, *args, packed: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.split = fs_init.get_model_parallel_world_size() > 1
+        self.parts = fs_init.get_model_parallel_world_size()
         self.packed = PackedWeight() if packed else None
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,22 +205,50 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         return linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.split:
-            return self.product(x)
-        out = self.product(fs_mappings.copy_to_model_parallel_region(x))
-        return fs_mappings.gather_from_model_parallel_region(out) if self.gather_output else out
+        out = self.product(x)
+        return all_gather_last_dim(out, self.parts) if self.gather_output and self.parts > 1 else out
 
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
-    """fairscale's layer (input already split), with `linear` for the product."""
+    """fairscale's layer (weight split along the inputs, input already split), with `linear`
+    for the product."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.split = fs_init.get_model_parallel_world_size() > 1
+        self.parts = fs_init.get_model_parallel_world_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight)
-        return fs_mappings.reduce_from_model_parallel_region(out) if self.split else out
+        return all_reduce(out) if self.parts > 1 else out
+
+
+class ParallelEmbedding(fs_layers.ParallelEmbedding):
+    """fairscale's embedding split along the embedding dimension (Llama 1/2)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parts = fs_init.get_model_parallel_world_size()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(tokens, self.weight)
+        return all_gather_last_dim(out, self.parts) if self.parts > 1 else out
+
+
+class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
+    """fairscale's embedding split along the vocabulary (Llama 3): each rank looks up the tokens
+    in its range, zeros for the others, and the group sums."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parts = fs_init.get_model_parallel_world_size()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.parts == 1:
+            return F.embedding(tokens, self.weight)
+        elsewhere = (tokens < self.vocab_start_index) | (tokens >= self.vocab_end_index)
+        local = (tokens - self.vocab_start_index).masked_fill(elsewhere, 0)
+        out = F.embedding(local, self.weight).masked_fill_(elsewhere[..., None], 0.0)
+        return all_reduce(out)
 
 
 @dataclass(frozen=True)
@@ -219,8 +263,7 @@ class ParallelLayers:
         return fs_init.get_model_parallel_world_size()
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
-        cls = (fs_layers.VocabParallelEmbedding if self.vocab_parallel_embedding
-               else fs_layers.ParallelEmbedding)
+        cls = VocabParallelEmbedding if self.vocab_parallel_embedding else ParallelEmbedding
         return cls(vocab_size, dim, init_method=_keep)
 
     def column(self, in_features: int, out_features: int, gather_output: bool = False,
