@@ -26,7 +26,8 @@ def generate(ckpt_dir: str, prompt_path: str, out_path: str, logging_path: str |
              prompt_key: str = "prompt", id_key: str | None = None, num_samples: int = 1,
              logprobs: bool = False, echo: bool = False, strict: bool = False,
              overwrite: bool = False, model_parallel_size: int | None = None,
-             device: str | None = None, scheduler: str = "continuous") -> None:
+             device: str | None = None, scheduler: str = "continuous",
+             compile: bool = False) -> None:
     """Answer every prompt of a JSONL file with a Meta-format LLaMA checkpoint, resumably.
 
     Writes one line per (prompt, sample) to --out_path: the input record's fields plus id,
@@ -57,13 +58,14 @@ def generate(ckpt_dir: str, prompt_path: str, out_path: str, logging_path: str |
         model_parallel_size: processes per model copy (default: the shard count when it divides the number of processes, else all of them).
         device: force a device such as cpu (default: this rank's GPU if any, else cpu).
         scheduler: continuous (a finished sequence's slot takes the next prompt at once) or static (Meta's reference batching, for comparison); both give the same completions.
+        compile: compile the decode step with torch.compile, replayed as CUDA graphs on GPUs (the first steps wait for the compiler).
     """
     run_job(JobSettings(
         Path(ckpt_dir), Path(prompt_path), Path(out_path),
         Path(logging_path) if logging_path else None,
         Path(tokenizer_path) if tokenizer_path else None, max_seq_len, max_batch_size,
         max_gen_len, temperature, top_p, seed, dtype, prompt_key, id_key, num_samples, logprobs,
-        echo, strict, overwrite, model_parallel_size, device, scheduler))
+        echo, strict, overwrite, model_parallel_size, device, scheduler, compile))
 
 
 def _setup_logging() -> None:

@@ -54,6 +54,7 @@ class JobSettings:
     model_parallel_size: int | None = None
     device: str | None = None
     scheduler: str = "continuous"
+    compile: bool = False
 
     @property
     def errors_path(self) -> Path:
@@ -312,7 +313,12 @@ def run_job(s: JobSettings) -> None:
             log.info("nothing to do: every prompt in %s is already answered in %s (or the file "
                      "has none)", s.prompt_path, s.out_path)
         model = load_model(s.ckpt_dir, tokenizer, info, dtype)
-        engine = Engine(model, tokenizer.stop_ids, s.max_batch_size, s.max_seq_len, s.scheduler)
+        engine = Engine(model, tokenizer.stop_ids, s.max_batch_size, s.max_seq_len, s.scheduler,
+                        compile=s.compile)
+        if s.compile and info.rank == 0:
+            log.info("--compile: the first decode steps compile the model (a minute or more "
+                     "for large models)%s", "" if info.device.type == "cuda" else
+                     "; on the CPU the compiled step is not faster than the eager one")
         mailbox = parallel.Mailbox(info) if info.data_parallel_size > 1 else None
         leader = info.model_parallel_rank == 0
         writer = Writer(s, total) if info.is_writer else None

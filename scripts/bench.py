@@ -1,7 +1,8 @@
 """Throughput benchmark: continuous batching vs Meta's static batching on one fixed workload.
 
     python scripts/bench.py                       # stories15M-shaped fp32 model on the CPU
-    python scripts/bench.py --preset 7b --dtype bf16 --batch 64 --device cuda
+    python scripts/bench.py --preset 7b --dtype bf16 --batch 64 --device cuda \
+        --schedulers continuous,compiled,static --ctranslate2 False
 
 Both schedulers run the same requests in one process; the script prints generated tokens/s,
 their ratio, the share of decode slot-steps wasted, the share of wall time inside model forward
@@ -22,7 +23,7 @@ import torch
 
 from llama_gen import parallel
 from llama_gen.args import ModelArgs
-from llama_gen.engine import Engine, Request, SamplingParams
+from llama_gen.engine import DECODE_KV_BUCKET, Engine, EngineStats, Request, SamplingParams
 from llama_gen.model import Transformer
 from llama_gen.parallel import ParallelLayers
 from llama_gen.tiny import random_weights
@@ -149,17 +150,29 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_scheduler(model: Transformer, work: Workload, scheduler: str, batch: int,
+def run_scheduler(model: Transformer, work: Workload, name: str, batch: int,
                   max_seq_len: int) -> dict:
-    engine = Engine(model, {EOS}, batch, max_seq_len, scheduler=scheduler)
+    """`name`: continuous, static, or compiled (continuous with the compiled decode step, which
+    is compiled before the timed run)."""
+    compiled = name == "compiled"
+    engine = Engine(model, {EOS}, batch, max_seq_len, scheduler="continuous" if compiled else name,
+                    compile=compiled)
+    compile_seconds = 0.0
+    if compiled:  # a sequence that crosses the first cache bucket compiles both shapes
+        start = time.perf_counter()
+        prompt = [1] * (min(DECODE_KV_BUCKET, max_seq_len - 4) - 1)
+        list(engine.generate([Request(prompt, SamplingParams(temperature=0, max_gen_len=4))]))
+        compile_seconds = time.perf_counter() - start
+        engine.stats = EngineStats()
     start = time.perf_counter()
     completions = sorted(engine.generate(work.requests), key=lambda c: c.request.tag)
     wall = time.perf_counter() - start
     s = engine.stats
-    return {"name": scheduler, "wall": wall, "tokens": [c.tokens for c in completions],
+    return {"name": name, "wall": wall, "tokens": [c.tokens for c in completions],
             "in_forward": f"{s.forward_seconds / wall:.0%}", "wasted": f"{s.wasted_share:.0%}",
             "decode_steps": s.decode_steps, "refills": s.refills,
-            "peak_mib": f"{peak_memory_mib(model.output.weight.device):.0f}"}
+            "peak_mib": f"{peak_memory_mib(model.output.weight.device):.0f}",
+            "compile_seconds": compile_seconds}
 
 
 def ctranslate2_available() -> bool:
@@ -235,7 +248,9 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
          temperature: float = 0.0, top_p: float = 0.9, dtype: str = "fp32",
          device: str = "cpu", schedulers: str = "continuous,static",
          ctranslate2: bool | None = None, seed: int = 0) -> None:
-    """`ctranslate2`: add a CTranslate2 run of the same weights (default: if it is installed)."""
+    """`schedulers`: any of continuous, static and compiled (continuous with `--compile`'s
+    decode step). `ctranslate2`: add a CTranslate2 run of the same weights (default: if it is
+    installed)."""
     info = parallel.init_distributed(1, device=device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     args = ModelArgs.from_params(PRESETS[preset])
@@ -291,6 +306,10 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
     for r in results[1:]:
         print(f"{reference['name']} / {r['name']}: "
               f"{reference['tokens_per_s'] / r['tokens_per_s']:.2f}x")
+    for r in results:
+        if r.get("compile_seconds"):
+            print(f"{r['name']}: compiling took {r['compile_seconds']:.1f} s before the run "
+                  "(not in its wall time)")
     parallel.shutdown()
 
 

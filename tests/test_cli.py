@@ -102,6 +102,18 @@ def test_two_shards_on_one_process_and_one_shard_on_two(tiny_checkpoints, refere
                                     extra=("--model_parallel_size", "2")), reference["llama2"])
 
 
+def test_compiled_decode_under_torchrun_matches_one_process(tiny_checkpoints, reference,
+                                                           tmp_path):
+    """--compile with model parallelism: the collectives are traced into the compiled step."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
+    result = run(["--ckpt_dir", str(tiny_checkpoints[("llama3", 2)]), "--prompt_path",
+                  str(prompts), "--out_path", str(tmp_path / "out.jsonl"), *GREEDY, "--compile"],
+                 nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert "--compile: the first decode steps compile" in result.stderr
+    assert_same_generation(read_output(tmp_path / "out.jsonl"), reference["llama3"])
+
+
 def test_two_replicas_match_one_process(tiny_checkpoints, reference, tmp_path):
     got = generate(tiny_checkpoints[("llama3", 1)], tmp_path, nproc=2)  # model parallel 1 x 2
     assert_same_generation(got, reference["llama3"])

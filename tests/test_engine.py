@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llama_gen.build import load_model
-from llama_gen.engine import (CPU_ATTENTION_CHUNK, Completion, Engine, Request, SamplingParams,
-                              attention_chunks, shortest_first_in_windows,
+from llama_gen.engine import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, Completion, Engine, Request,
+                              SamplingParams, attention_chunks, shortest_first_in_windows,
                               take_prefill_groups)
 from llama_gen.model import Transformer
 from llama_gen.sampling import token_logprobs
@@ -328,3 +328,36 @@ def test_take_prefill_groups_keeps_a_pass_within_its_token_budget():
     assert queued == []
     queued = list(groups)
     assert take_prefill_groups(queued, budget=50) == groups[:2]  # exactly at the budget
+
+
+# --- the compiled decode step (--compile) ------------------------------------------------------
+
+def spy_compiled_steps(engine: Engine) -> list[tuple[int, int]]:
+    """Record each compiled decode call's (rows, cache positions read)."""
+    calls, compiled = [], engine._compiled_decode
+    def spy(tokens, step):
+        [segment] = step.segments
+        calls.append((len(tokens), segment.kv_len))
+        return compiled(tokens, step)
+    engine._compiled_decode = spy
+    return calls
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_compiled_decode_gives_the_eager_completions(model, scheduler):
+    """torch.compile's decode step (inductor on the CPU) at fixed shapes: every slot, cache
+    reads rounded up to DECODE_KV_BUCKET. A prompt of 250 tokens crosses the first bucket."""
+    max_seq_len, slots = DECODE_KV_BUCKET + 40, 3
+    requests = crowd(model, GREEDY) + [
+        Request(prompt(model, 250, seed=50), params(max_gen_len=20), tag="long"),
+        Request(prompt(model, 6, seed=51), params(SamplingParams(temperature=1.0, logprobs=True),
+                                                  max_gen_len=9, seed=7), tag="sampled")]
+    eager = run(Engine(model, (), slots, max_seq_len, scheduler), requests)
+    engine = Engine(model, (), slots, max_seq_len, scheduler, compile=True)
+    calls = spy_compiled_steps(engine)
+    compiled = run(engine, requests)
+    for r in requests:
+        assert_same(compiled[r.tag], eager[r.tag])
+    assert len(calls) == engine.stats.decode_steps > 0
+    assert {rows for rows, _ in calls} == {slots}
+    assert {kv_len for _, kv_len in calls} == {DECODE_KV_BUCKET, max_seq_len}
