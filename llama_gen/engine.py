@@ -7,6 +7,9 @@ pass as the decoding slots, so the layers' weights are read once for both. "stat
 reference loop, kept as the baseline to measure against: a batch starts together at its shortest
 prompt, longer prompts are fed one forced token per step, and every row steps until the whole
 batch is done.
+
+With `compile`, decode steps run through a compiled copy of the model at fixed shapes (CUDA
+graphs on GPUs); prefills then take an eager pass of their own.
 """
 from __future__ import annotations
 
@@ -131,7 +134,6 @@ class Engine:
         """Why the request cannot run, or None."""
         return prompt_problem(len(request.prompt_tokens), self.max_seq_len)
 
-    @torch.inference_mode()
     def generate(self, requests: Iterable[Request],
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Completion]:
         """Completions in the order they finish; all model-parallel ranks must pass the same
@@ -143,6 +145,7 @@ class Engine:
         window = ADMISSION_WINDOW_BATCHES * self.max_batch_size
         return self._continuous(shortest_first_in_windows(iter(requests), window), should_stop)
 
+    @torch.inference_mode()  # entered at each resumption of the generator
     def _continuous(self, pending: Iterator[Request],
                     should_stop: Callable[[], bool]) -> Iterator[Completion]:
         active: list[_Sequence] = []  # active[i] holds cache slot i
@@ -173,6 +176,7 @@ class Engine:
                     active[slot] = active[-1]
                     active.pop()
 
+    @torch.inference_mode()
     def _static(self, pending: Iterator[Request],
                 should_stop: Callable[[], bool]) -> Iterator[Completion]:
         while True:
@@ -217,16 +221,17 @@ class Engine:
                 kv_len: int) -> torch.Tensor:
         """Logits (n, vocab) of the compiled decode step for slots 0..n-1, whose next tokens
         and positions are the first n of `tokens` and `positions`. The step always spans every
-        slot, and its cache reads are rounded up to a multiple of DECODE_KV_BUCKET, so a few
-        shapes serve the whole run (on CUDA each shape is one CUDA graph)."""
+        slot (padding rows count as wasted), and its cache reads are rounded up to a multiple of
+        DECODE_KV_BUCKET, so a few shapes serve the whole run."""
         slots = self.max_batch_size
         if len(tokens) < slots:
             tokens = torch.cat((tokens, tokens.new_zeros(slots - len(tokens))))
             positions = torch.cat((positions, positions.new_zeros(slots - len(positions))))
+        self.stats.slot_steps += slots - n
+        self.stats.wasted_slot_steps += slots - n
         kv_len = min(self.max_seq_len, -(-kv_len // DECODE_KV_BUCKET) * DECODE_KV_BUCKET)
-        step = self.model.make_step(positions[:, None], slice(0, slots), kv_len)
         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        return self._timed(self._compiled_decode, tokens[:, None], step)[:n]
+        return self._timed(self._compiled_decode, tokens, positions, kv_len)[:n]
 
     def _prefill_step(self, group: list[Request],
                       slot: int) -> tuple[list[_Sequence], Step, torch.Tensor]:
@@ -253,8 +258,9 @@ class Engine:
 
     def _step(self, active: list[_Sequence], groups: list[list[Request]]) -> None:
         """One forward pass that decodes the active sequences (slots 0..n-1) and prefills the
-        groups' prompts into the next slots, then one output-head pass; every sequence, old and
-        new, gets a token. The new sequences are appended to `active`."""
+        groups' prompts into the next slots, then one output-head pass (with `compile`: the
+        compiled decode step, then the prefills' pass); every sequence, old and new, gets a
+        token. The new sequences are appended to `active`."""
         n = len(active)
         steps, tokens = [], []
         decode_logits = None
@@ -416,16 +422,15 @@ class Engine:
 DECODE_KV_BUCKET = 256
 
 
-def compile_decode(model: Transformer) -> Callable[[torch.Tensor, Step], torch.Tensor]:
-    """`model` compiled for decode steps (`torch.compile`); on CUDA replayed as CUDA graphs,
-    one launch per step instead of several per layer. The first call compiles for its shapes
-    and a second cache length recompiles once for any length."""
-    device = model.output.weight.device
-    for block in model.layers:  # written in place every step: keep their addresses fixed
-        torch._dynamo.mark_static_address(block.attention.cache.k)
-        torch._dynamo.mark_static_address(block.attention.cache.v)
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(model, mode=mode)
+def compile_decode(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """`model.decode` compiled whole (`torch.compile`, no graph breaks allowed); on CUDA
+    replayed as CUDA graphs, one launch per step instead of several per layer, one graph per
+    cache length. The first call compiles for its shapes, a second cache length recompiles with
+    the length symbolic, and reading the whole cache may compile once more. The KV cache, a
+    tensor attribute of the model's modules, is taken to keep its address, so its in-place
+    writes do not stop CUDA graphs."""
+    mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
+    return torch.compile(model.decode, mode=mode, fullgraph=True)
 
 
 # The continuous scheduler admits requests shortest prompt first within windows of this many

@@ -218,8 +218,9 @@ class Transformer(nn.Module):
 
     def setup_cache(self, slots: int, max_seq_len: int) -> None:
         """Allocate the KV cache and rotary tables on the model's device and dtype. A cache of
-        the same shape is kept, not reallocated: it holds nothing that outlives a sequence, and
-        a compiled decode step stays valid for it (see `engine.compile_decode`)."""
+        the same shape is kept, not reallocated: it holds nothing that outlives a sequence
+        (every position is written before it is read), and CUDA graphs of a compiled decode
+        step, recorded with its address, need not be recorded again."""
         weight = self.output.weight
         for block in self.layers:
             attn = block.attention
@@ -266,6 +267,13 @@ class Transformer(nn.Module):
         else (B, vocab) for the step's outputs."""
         hidden = self.final_hidden(tokens, step, all_logits)
         return self.logits(hidden).view(*tokens.shape, -1) if all_logits else self.logits(hidden)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Float32 logits (B, vocab) for one decode step over cache slots 0..B-1: slot i's token
+        `tokens[i]` goes to `positions[i]`, and attention reads the first `kv_len` positions.
+        Everything it needs is built inside, so a compiled copy takes just these inputs."""
+        step = self.make_step(positions[:, None], slice(0, len(tokens)), kv_len)
+        return self(tokens[:, None], step)
 
     def final_hidden(self, tokens: torch.Tensor, step: Step,
                      all_positions: bool = False) -> torch.Tensor:

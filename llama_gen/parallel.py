@@ -206,7 +206,9 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.product(x)
-        return all_gather_last_dim(out, self.parts) if self.gather_output and self.parts > 1 else out
+        if self.gather_output and self.parts > 1:
+            return all_gather_last_dim(out, self.parts)
+        return out
 
 
 class RowParallelLinear(fs_layers.RowParallelLinear):

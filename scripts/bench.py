@@ -158,10 +158,11 @@ def run_scheduler(model: Transformer, work: Workload, name: str, batch: int,
     engine = Engine(model, {EOS}, batch, max_seq_len, scheduler="continuous" if compiled else name,
                     compile=compiled)
     compile_seconds = 0.0
-    if compiled:  # a sequence that crosses the first cache bucket compiles both shapes
+    if compiled:  # one sequence crosses the first cache bucket, one reaches the cache's end
         start = time.perf_counter()
-        prompt = [1] * (min(DECODE_KV_BUCKET, max_seq_len - 4) - 1)
-        list(engine.generate([Request(prompt, SamplingParams(temperature=0, max_gen_len=4))]))
+        greedy = SamplingParams(temperature=0, max_gen_len=3)
+        for length in (min(DECODE_KV_BUCKET, max_seq_len - 3) - 1, max_seq_len - 3):
+            list(engine.generate([Request([1] * length, greedy)]))
         compile_seconds = time.perf_counter() - start
         engine.stats = EngineStats()
     start = time.perf_counter()

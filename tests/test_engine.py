@@ -335,10 +335,9 @@ def test_take_prefill_groups_keeps_a_pass_within_its_token_budget():
 def spy_compiled_steps(engine: Engine) -> list[tuple[int, int]]:
     """Record each compiled decode call's (rows, cache positions read)."""
     calls, compiled = [], engine._compiled_decode
-    def spy(tokens, step):
-        [segment] = step.segments
-        calls.append((len(tokens), segment.kv_len))
-        return compiled(tokens, step)
+    def spy(tokens, positions, kv_len):
+        calls.append((len(tokens), kv_len))
+        return compiled(tokens, positions, kv_len)
     engine._compiled_decode = spy
     return calls
 
@@ -346,18 +345,27 @@ def spy_compiled_steps(engine: Engine) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("scheduler", ["continuous", "static"])
 def test_compiled_decode_gives_the_eager_completions(model, scheduler):
     """torch.compile's decode step (inductor on the CPU) at fixed shapes: every slot, cache
-    reads rounded up to DECODE_KV_BUCKET. A prompt of 250 tokens crosses the first bucket."""
-    max_seq_len, slots = DECODE_KV_BUCKET + 40, 3
+    reads rounded up to DECODE_KV_BUCKET. A prompt of 250 tokens crosses the first bucket; 12
+    requests on 5 slots leave the static scheduler's last batch short (padding rows)."""
+    max_seq_len, slots = DECODE_KV_BUCKET + 40, 5
     requests = crowd(model, GREEDY) + [
         Request(prompt(model, 250, seed=50), params(max_gen_len=20), tag="long"),
         Request(prompt(model, 6, seed=51), params(SamplingParams(temperature=1.0, logprobs=True),
                                                   max_gen_len=9, seed=7), tag="sampled")]
-    eager = run(Engine(model, (), slots, max_seq_len, scheduler), requests)
+    eager_engine = Engine(model, (), slots, max_seq_len, scheduler)
+    eager = run(eager_engine, requests)
+    torch._dynamo.reset()  # this test's compilations alone, under the recompile limit
+    torch._dynamo.utils.counters.clear()
     engine = Engine(model, (), slots, max_seq_len, scheduler, compile=True)
     calls = spy_compiled_steps(engine)
     compiled = run(engine, requests)
     for r in requests:
         assert_same(compiled[r.tag], eager[r.tag])
-    assert len(calls) == engine.stats.decode_steps > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # really compiled
+    stats = engine.stats
+    assert len(calls) == stats.decode_steps == eager_engine.stats.decode_steps
     assert {rows for rows, _ in calls} == {slots}
     assert {kv_len for _, kv_len in calls} == {DECODE_KV_BUCKET, max_seq_len}
+    # Every step computes every slot; rows with no sequence count as wasted.
+    assert stats.slot_steps == stats.decode_steps * slots
+    assert stats.wasted_slot_steps > eager_engine.stats.wasted_slot_steps
