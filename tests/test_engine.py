@@ -369,3 +369,19 @@ def test_compiled_decode_gives_the_eager_completions(model, scheduler):
     # Every step computes every slot; rows with no sequence count as wasted.
     assert stats.slot_steps == stats.decode_steps * slots
     assert stats.wasted_slot_steps > eager_engine.stats.wasted_slot_steps
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_forward_passes_run_under_inference_mode(model, scheduler):
+    """The engine's generators enter inference mode at every resumption, not just when made."""
+    modes, final_hidden = [], model.final_hidden
+    def spy(*args, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return final_hidden(*args, **kwargs)
+    model.final_hidden = spy
+    try:
+        run(Engine(model, (), 2, 32, scheduler), crowd(model, GREEDY)[:3])
+    finally:
+        del model.final_hidden
+    assert modes and all(modes)
+    assert not torch.is_inference_mode_enabled()  # and left between completions
