@@ -6,8 +6,10 @@
 
 Both schedulers run the same requests in one process; the script prints generated tokens/s,
 their ratio, the share of decode slot-steps wasted, the share of wall time inside model forward
-passes, peak memory, and the workload's compute ceiling: its matmul FLOPs divided by the matmul
-rate torch reaches here at the same shapes, measured in the same run.
+passes, peak memory, and two bounds: the workload's compute ceiling (its matmul FLOPs divided
+by the matmul rate torch reaches here at the same shapes, measured in the same run) and its
+memory roofline (the bytes its decode steps must read, divided by the rate of a large copy on
+the device; the bound that matters for decoding on GPUs).
 """
 from __future__ import annotations
 
@@ -138,6 +140,35 @@ def ceiling_seconds(flops: dict[str, float], rates: MatmulRates) -> float:
     """Seconds the workload's matmuls take at the rates torch reaches at its shapes."""
     return (flops["layers"] / rates.layers + flops["head"] / rates.head
             + flops["attention"] / rates.attention)
+
+
+def memory_bandwidth(device: torch.device, mib: int, seconds: float = 0.3) -> float:
+    """Bytes/s moved by a large device-to-device copy (read + write), as torch runs it here."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        dst.copy_(src)
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * src.numel() * reps / (time.perf_counter() - start)
+
+
+def decode_bytes(model: Transformer, work: Workload, generated: list[int], batch: int) -> float:
+    """Bytes the workload's decode steps must read at least: every weight but the embedding
+    table once per step, with steps always full (ceil(tokens / batch) of them), and each
+    generated token's cached context (keys and values, every layer)."""
+    args = model.args
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                  if name != "tok_embeddings.weight")
+    per_position = (2 * args.n_layers * args.kv_heads * args.head_dim
+                    * model.output.weight.element_size())
+    contexts = sum(g * len(r.prompt_tokens) + g * (g - 1) // 2
+                   for r, g in zip(work.requests, generated))
+    return math.ceil(sum(generated) / batch) * weights + contexts * per_position
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -290,20 +321,25 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
     reference = results[0]
     generated = [len(t) for t in reference["tokens"]]
     flops = workload_flops(args, work, generated)
+    bandwidth = memory_bandwidth(info.device, 1024 if info.device.type == "cuda" else 256)
     print(f"workload: {sum(generated)} generated tokens, {sum(flops.values()) / 1e12:.3f} TFLOP "
           f"of matmuls (layers {flops['layers'] / 1e9:.0f}, head {flops['head'] / 1e9:.0f}, "
-          f"attention {flops['attention'] / 1e9:.0f} GFLOP)")
+          f"attention {flops['attention'] / 1e9:.0f} GFLOP); decode reads at least "
+          f"{decode_bytes(model, work, generated, batch) / 1e9:.1f} GB at "
+          f"{bandwidth / 1e9:.0f} GB/s (a large copy's rate here)")
     print(f"{'engine':<11} {'tok/s':>7} {'wall s':>7} {'in forward':>10} {'wasted':>7} "
           f"{'decode steps':>12} {'refills':>7} {'peak MiB':>8} {'ceiling tok/s':>13} "
-          f"{'of ceiling':>10} {'same tokens':>11}")
+          f"{'of ceiling':>10} {'roofline tok/s':>14} {'of roofline':>11} {'same tokens':>11}")
     for r in results:
         lengths = [len(t) for t in r["tokens"]]
         r["tokens_per_s"] = sum(lengths) / r["wall"]
         ceiling = sum(lengths) / ceiling_seconds(workload_flops(args, work, lengths), r["rates"])
+        roofline = sum(lengths) / (decode_bytes(model, work, lengths, batch) / bandwidth)
         same = sum(a == b for a, b in zip(r["tokens"], reference["tokens"])) / n_prompts
         print(f"{r['name']:<11} {r['tokens_per_s']:7.0f} {r['wall']:7.2f} {r['in_forward']:>10} "
               f"{r['wasted']:>7} {r['decode_steps']:>12} {r['refills']:>7} {r['peak_mib']:>8} "
-              f"{ceiling:13.0f} {r['tokens_per_s'] / ceiling:10.0%} {same:11.0%}")
+              f"{ceiling:13.0f} {r['tokens_per_s'] / ceiling:10.0%} {roofline:14.0f} "
+              f"{r['tokens_per_s'] / roofline:11.0%} {same:11.0%}")
     for r in results[1:]:
         print(f"{reference['name']} / {r['name']}: "
               f"{reference['tokens_per_s'] / r['tokens_per_s']:.2f}x")
