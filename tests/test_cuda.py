@@ -1,0 +1,75 @@
+"""The engine on a CUDA GPU, eager and compiled (CUDA graphs). Skipped where there is none: CI and
+the development machines have no GPU, so these run on a lent GPU machine (`python -m pytest -q
+tests/test_cuda.py`)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from llama_gen.build import load_model
+from llama_gen.engine import DECODE_KV_BUCKET, Engine, Request, SamplingParams
+from llama_gen.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+MAX_SEQ_LEN = DECODE_KV_BUCKET + 40
+SLOTS = 5
+
+
+@pytest.fixture(scope="module")
+def models(single_process, tiny_checkpoints):
+    """The llama3 tiny checkpoint in float32 on the CPU and on the GPU."""
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    on_gpu = dataclasses.replace(single_process, device=torch.device("cuda"))
+    return {"cpu": load_model(ckpt, tokenizer, single_process, torch.float32),
+            "cuda": load_model(ckpt, tokenizer, on_gpu, torch.float32)}
+
+
+def requests(vocab_size: int) -> list[Request]:
+    """Greedy and sampled requests of mixed lengths; one prompt crosses the first cache bucket,
+    and 12 requests on 5 slots leave a short last batch."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 20), (17, 3), (1, 15), (9, 1), (25, 8), (2, 25), (12, 5), (6, 30), (30, 2),
+              (4, 12), (250, 20), (7, 9)]
+    return [Request(torch.randint(vocab_size, (n,), generator=gen).tolist(),
+                    SamplingParams(temperature=1.0 if i % 3 == 0 else 0.0, max_gen_len=m,
+                                   seed=i, logprobs=True), tag=i)
+            for i, (n, m) in enumerate(shapes)]
+
+
+def run(engine: Engine, reqs: list[Request]) -> dict:
+    return {c.request.tag: c for c in engine.generate(reqs)}
+
+
+def assert_same(got: dict, want: dict, atol: float) -> None:
+    assert got.keys() == want.keys()
+    for tag, w in want.items():
+        assert (got[tag].tokens, got[tag].finish_reason) == (w.tokens, w.finish_reason), tag
+        torch.testing.assert_close(torch.tensor(got[tag].logprobs), torch.tensor(w.logprobs),
+                                   atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_gpu_engine_matches_the_cpu(models, scheduler):
+    reqs = requests(models["cpu"].args.vocab_size)
+    want = run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN, scheduler), reqs)
+    got = run(Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN, scheduler), reqs)
+    assert_same(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_cuda_graphs_decode_matches_eager(models, scheduler):
+    """--compile on CUDA: mode reduce-overhead, and no step falls back from CUDA graphs."""
+    model = models["cuda"]
+    reqs = requests(model.args.vocab_size)
+    eager = run(Engine(model, (), SLOTS, MAX_SEQ_LEN, scheduler), reqs)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = run(Engine(model, (), SLOTS, MAX_SEQ_LEN, scheduler, compile=True), reqs)
+    assert_same(compiled, eager, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
