@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
+from .errors import UserError
 from .model import Step, Transformer
 from .sampling import argmax, counter_uniform, sample, token_logprobs
 
@@ -231,7 +233,12 @@ class Engine:
         self.stats.wasted_slot_steps += slots - n
         kv_len = min(self.max_seq_len, -(-kv_len // DECODE_KV_BUCKET) * DECODE_KV_BUCKET)
         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        return self._timed(self._compiled_decode, tokens, positions, kv_len)[:n]
+        try:
+            return self._timed(self._compiled_decode, tokens, positions, kv_len)[:n]
+        except TorchDynamoException as e:  # e.g. no C++ compiler for inductor's CPU kernels
+            reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise UserError(f"--compile: torch.compile failed ({reason}); run without "
+                            "--compile") from None
 
     def _prefill_step(self, group: list[Request],
                       slot: int) -> tuple[list[_Sequence], Step, torch.Tensor]:

@@ -23,8 +23,9 @@ GREEDY = ["--temperature", "0", "--max_gen_len", "12", "--logprobs", "--max_batc
           "--max_seq_len", "64"]
 
 
-def launch(args: list[str], nproc: int | None = None, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def launch(args: list[str], nproc: int | None = None, env: dict[str, str] | None = None,
+           **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     launcher = [LLAMA_GEN] if nproc is None else [
@@ -34,8 +35,9 @@ def launch(args: list[str], nproc: int | None = None, **popen) -> subprocess.Pop
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
 
 
-def run(args: list[str], nproc: int | None = None) -> subprocess.CompletedProcess:
-    proc = launch(args, nproc)
+def run(args: list[str], nproc: int | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = launch(args, nproc, env)
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -172,6 +174,16 @@ def test_clear_errors(checkpoint_copy, tmp_path):
     for shard_path in ckpt.glob("consolidated.*.pth"):
         shard_path.unlink()
     assert_one_line_error(run(base), "no consolidated.NN.pth shards")
+
+
+def test_compile_without_a_cxx_compiler_is_a_clear_error(tiny_checkpoints, tmp_path):
+    """Inductor's CPU kernels need a C++ compiler; its caches are off so that it must look."""
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    result = run(["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path",
+                  str(prompts), "--out_path", str(tmp_path / "o.jsonl"), "--compile"],
+                 env={"CXX": "/no/such/g++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
+    assert_one_line_error(result, "--compile: torch.compile failed", "C++ compiler",
+                          "run without --compile")
 
 
 def test_every_bad_line_is_recorded_and_the_rest_answered(tiny_checkpoints, tmp_path):
