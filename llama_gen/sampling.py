@@ -58,7 +58,12 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return best_block * ARGMAX_BLOCK + within
 
 
-NUCLEUS_CANDIDATES = 256  # most likely tokens looked at before falling back to a full sort
+# The nucleus is looked for among this many most likely tokens (a partial top-k), then, for rows
+# whose nucleus may fit, among WIDE_NUCLEUS_CANDIDATES, before sorting the whole vocabulary. At
+# 32 rows x 32000 a top-256 takes 2.5 ms, a top-4096 9.7 ms and a full sort 40 ms; at 128256,
+# 5.3, 22 and 178 ms.
+NUCLEUS_CANDIDATES = 256
+WIDE_NUCLEUS_CANDIDATES = 4096
 
 
 def _pick_in_nucleus(sorted_probs: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor,
@@ -77,25 +82,60 @@ def _pick_in_nucleus(sorted_probs: torch.Tensor, order: torch.Tensor, top_p: tor
     return order.gather(-1, pick).squeeze(-1)
 
 
+def _sample_among_top(probs: torch.Tensor, k: int, top_p: torch.Tensor,
+                      uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens drawn from the nucleus found among each row's k most likely tokens, whether that
+    nucleus is whole there (else the row must look further), and those k probabilities."""
+    top_probs, order = probs.topk(k, dim=-1)
+    whole = (top_probs.sum(dim=-1) >= top_p) & (top_p < 1)
+    return _pick_in_nucleus(top_probs, order, top_p, uniform), whole, top_probs
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
            uniform: torch.Tensor) -> torch.Tensor:
     """Next tokens (B,) from float32 logits (B, V) with per-row settings (B,).
 
     Temperature 0 is greedy. Otherwise top-p (nucleus) sampling: the smallest set of most likely
     tokens whose mass reaches top_p, sampled by inverting its CDF at `uniform`. The nucleus is
-    looked for among the NUCLEUS_CANDIDATES most likely tokens (a partial top-k, no full sort);
-    only rows whose nucleus is larger, or that keep everything (top_p 1), sort the vocabulary.
+    looked for among the NUCLEUS_CANDIDATES most likely tokens, then among
+    WIDE_NUCLEUS_CANDIDATES (partial top-ks, which give a sort's order); only rows whose nucleus
+    is wider still, or that keep everything (top_p 1), sort the vocabulary.
     """
     greedy = argmax(logits)
     probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
-    top_probs, top_order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
-    sampled = _pick_in_nucleus(top_probs, top_order, top_p, uniform)
-    too_wide = (top_probs.sum(dim=-1) < top_p) | (top_p >= 1)
-    if too_wide.any():
-        rows = too_wide.nonzero().squeeze(-1)
+    vocab = probs.shape[-1]
+    sampled, whole, top_probs = _sample_among_top(probs, min(NUCLEUS_CANDIDATES, vocab), top_p,
+                                                  uniform)
+    if not whole.all():
+        rows = (~whole).nonzero().squeeze(-1)
+        sampled[rows] = _sample_wide(probs[rows], top_probs[rows], top_p[rows], uniform[rows])
+    return torch.where(temperature == 0, greedy, sampled)
+
+
+def _sample_wide(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.Tensor,
+                 uniform: torch.Tensor) -> torch.Tensor:
+    """`sample` for rows whose nucleus is wider than their `top_probs` (descending)."""
+    # Rows whose nucleus provably holds more than k tokens skip the wide candidates: (1) every
+    # token past the top ones is at most as likely as the last of them, so the nucleus holds at
+    # least `least` tokens; (2) if more than k tokens are at least `floor` likely and together
+    # stay below top_p, the nucleus holds them all and more.
+    k = WIDE_NUCLEUS_CANDIDATES
+    last = top_probs[:, -1:]
+    least = top_probs.shape[-1] + (top_p - top_probs.sum(dim=-1)) / last.squeeze(-1).clamp_min(
+        torch.finfo(probs.dtype).tiny)
+    likely = probs >= last / 8  # the floor: an eighth of the last top probability
+    too_many = (likely.sum(dim=-1) > k) & (probs.masked_fill(~likely, 0).sum(dim=-1) < top_p)
+    may_fit = (least <= k) & ~too_many & (top_p < 1) & (k < probs.shape[-1])
+    sampled = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+    if may_fit.any():
+        rows = may_fit.nonzero().squeeze(-1)
+        sampled[rows], whole, _ = _sample_among_top(probs[rows], k, top_p[rows], uniform[rows])
+        may_fit[rows[~whole]] = False
+    if not may_fit.all():
+        rows = (~may_fit).nonzero().squeeze(-1)
         sorted_probs, order = probs[rows].sort(dim=-1, descending=True)
         sampled[rows] = _pick_in_nucleus(sorted_probs, order, top_p[rows], uniform[rows])
-    return torch.where(temperature == 0, greedy, sampled)
+    return sampled
 
 
 def derive_seed(*parts: object) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_gen.sampling import (ARGMAX_BLOCK, argmax, counter_uniform, derive_seed, sample,
-                                token_logprobs)
+from llama_gen.sampling import (ARGMAX_BLOCK, NUCLEUS_CANDIDATES, WIDE_NUCLEUS_CANDIDATES, argmax,
+                                counter_uniform, derive_seed, sample, token_logprobs)
 
 NEG_INF = float("-inf")
 U_MIN = 0.5 / 2**32  # the extremes counter_uniform can return
@@ -206,6 +206,27 @@ def test_partial_top_k_matches_a_full_sort(scale):
     logits[::2] *= 0.1  # flat rows: their nucleus needs most of the vocabulary
     temperature = torch.full((64,), 0.8)
     top_p = torch.rand(64, generator=gen).clamp(0.05, 0.99)
+    for counter in range(20):
+        uniform = counter_uniform(torch.arange(64), torch.full((64,), counter))
+        got = sample(logits, temperature, top_p, uniform)
+        want = full_sort_reference(logits, temperature, top_p, uniform.float())
+        assert torch.equal(got, want), counter
+
+
+def test_wide_nucleus_candidates_match_a_full_sort():
+    """Rows whose nucleus fits the first candidates, fits the wide ones, does not fit them
+    (tried first, or skipped because it provably cannot fit), and top_p 1, in one batch."""
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.tensor([6.0, 2.0, 1.0, 0.6, 0.3, 0.1, 1.0, 0.3]).repeat(8)
+    logits = torch.randn(64, 5000, generator=gen) * scales[:, None]
+    temperature = torch.full((64,), 0.8)
+    top_p = torch.full((64,), 0.9)
+    top_p[6::8] = 1.0
+    sorted_probs = torch.softmax(logits / 0.8, dim=-1).sort(dim=-1, descending=True).values
+    sizes = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p[:, None]).sum(dim=-1)
+    assert (sizes <= NUCLEUS_CANDIDATES).any()  # the paths the batch must take
+    assert ((sizes > NUCLEUS_CANDIDATES) & (sizes <= WIDE_NUCLEUS_CANDIDATES)).sum() >= 16
+    assert (sizes[top_p < 1] > WIDE_NUCLEUS_CANDIDATES).sum() >= 8
     for counter in range(20):
         uniform = counter_uniform(torch.arange(64), torch.full((64,), counter))
         got = sample(logits, temperature, top_p, uniform)
