@@ -68,12 +68,13 @@ WIDE_NUCLEUS_CANDIDATES = 4096
 
 def _pick_in_nucleus(sorted_probs: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor,
                      uniform: torch.Tensor) -> torch.Tensor:
-    """Invert the nucleus's CDF at `uniform`, given probabilities sorted in descending order
-    (all of the vocabulary, or a prefix known to hold the whole nucleus)."""
+    """Invert the nucleus's CDF at `uniform`, given probabilities in the canonical order
+    (descending, ties by token id): all of the vocabulary, or a prefix holding the nucleus."""
     cumulative = sorted_probs.cumsum(dim=-1)
+    before = torch.cat((torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]), dim=-1)
     # Outside the nucleus: the mass before it already reaches top_p (top_p 1 keeps the whole
     # float32 tail), or it cannot be drawn at all.
-    outside = (cumulative - sorted_probs >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1)
+    outside = (before >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1)
     outside |= sorted_probs == 0
     kept = sorted_probs.masked_fill(outside, 0.0).cumsum(dim=-1)
     target = uniform.to(kept.dtype) * kept[:, -1]
@@ -86,9 +87,18 @@ def _sample_among_top(probs: torch.Tensor, k: int, top_p: torch.Tensor,
                       uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens drawn from the nucleus found among each row's k most likely tokens, whether that
     nucleus is whole there (else the row must look further), and those k probabilities."""
-    top_probs, order = probs.topk(k, dim=-1)
-    whole = (top_probs.sum(dim=-1) >= top_p) & (top_p < 1)
-    return _pick_in_nucleus(top_probs, order, top_p, uniform), whole, top_probs
+    top_probs, top_ids = probs.topk(k, dim=-1)
+    if (top_probs[:, 1:] == top_probs[:, :-1]).any():  # topk orders ties arbitrarily
+        top_ids, by_id = top_ids.sort(dim=-1)
+        top_probs, by_prob = top_probs.gather(-1, by_id).sort(dim=-1, descending=True,
+                                                              stable=True)
+        top_ids = top_ids.gather(-1, by_prob)
+    # topk may hold any members of the last tie group, so the nucleus must end before it: the
+    # mass before that group (summed as the full sort's cumsum sums it) reaches top_p.
+    mass_before_last_group = top_probs.masked_fill(top_probs == top_probs[:, -1:], 0.0).cumsum(
+        dim=-1)[:, -1]
+    whole = (mass_before_last_group >= top_p) & (top_p < 1)
+    return _pick_in_nucleus(top_probs, top_ids, top_p, uniform), whole, top_probs
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -96,44 +106,52 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     """Next tokens (B,) from float32 logits (B, V) with per-row settings (B,).
 
     Temperature 0 is greedy. Otherwise top-p (nucleus) sampling: the smallest set of most likely
-    tokens whose mass reaches top_p, sampled by inverting its CDF at `uniform`. The nucleus is
-    looked for among the NUCLEUS_CANDIDATES most likely tokens, then among
-    WIDE_NUCLEUS_CANDIDATES (partial top-ks, which give a sort's order); only rows whose nucleus
-    is wider still, or that keep everything (top_p 1), sort the vocabulary.
+    tokens whose mass reaches top_p, in the canonical order (probability descending, ties by
+    token id), sampled by inverting its CDF at `uniform`. The nucleus is looked for among the
+    NUCLEUS_CANDIDATES most likely tokens, then among WIDE_NUCLEUS_CANDIDATES (partial top-ks);
+    only rows whose nucleus is wider still, or that keep everything (top_p 1), sort the
+    vocabulary. Every path gives the tokens a stable full sort gives.
     """
     greedy = argmax(logits)
     probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
     vocab = probs.shape[-1]
     sampled, whole, top_probs = _sample_among_top(probs, min(NUCLEUS_CANDIDATES, vocab), top_p,
                                                   uniform)
+    whole |= temperature == 0  # greedy rows need no nucleus
     if not whole.all():
         rows = (~whole).nonzero().squeeze(-1)
         sampled[rows] = _sample_wide(probs[rows], top_probs[rows], top_p[rows], uniform[rows])
     return torch.where(temperature == 0, greedy, sampled)
 
 
-def _sample_wide(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.Tensor,
-                 uniform: torch.Tensor) -> torch.Tensor:
-    """`sample` for rows whose nucleus is wider than their `top_probs` (descending)."""
-    # Rows whose nucleus provably holds more than k tokens skip the wide candidates: (1) every
-    # token past the top ones is at most as likely as the last of them, so the nucleus holds at
-    # least `least` tokens; (2) if more than k tokens are at least `floor` likely and together
-    # stay below top_p, the nucleus holds them all and more.
-    k = WIDE_NUCLEUS_CANDIDATES
+def nucleus_may_fit(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.Tensor,
+                    k: int) -> torch.Tensor:
+    """False for rows whose nucleus provably holds more than k tokens, given their most likely
+    probabilities `top_probs` (descending): (1) every token past those is at most as likely as
+    the last of them, so the nucleus holds at least `least` tokens; (2) if more than k tokens
+    are at least an eighth as likely as that and together stay below top_p, the nucleus holds
+    them all and more. Rows keeping everything (top_p 1) never fit."""
     last = top_probs[:, -1:]
     least = top_probs.shape[-1] + (top_p - top_probs.sum(dim=-1)) / last.squeeze(-1).clamp_min(
         torch.finfo(probs.dtype).tiny)
-    likely = probs >= last / 8  # the floor: an eighth of the last top probability
+    likely = probs >= last / 8
     too_many = (likely.sum(dim=-1) > k) & (probs.masked_fill(~likely, 0).sum(dim=-1) < top_p)
-    may_fit = (least <= k) & ~too_many & (top_p < 1) & (k < probs.shape[-1])
+    return (least <= k) & ~too_many & (top_p < 1) & (k < probs.shape[-1])
+
+
+def _sample_wide(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.Tensor,
+                 uniform: torch.Tensor) -> torch.Tensor:
+    """`sample` for rows whose nucleus is wider than their `top_probs`."""
+    may_fit = nucleus_may_fit(probs, top_probs, top_p, WIDE_NUCLEUS_CANDIDATES)
     sampled = torch.empty(len(probs), dtype=torch.long, device=probs.device)
     if may_fit.any():
         rows = may_fit.nonzero().squeeze(-1)
-        sampled[rows], whole, _ = _sample_among_top(probs[rows], k, top_p[rows], uniform[rows])
+        sampled[rows], whole, _ = _sample_among_top(probs[rows], WIDE_NUCLEUS_CANDIDATES,
+                                                    top_p[rows], uniform[rows])
         may_fit[rows[~whole]] = False
     if not may_fit.all():
         rows = (~may_fit).nonzero().squeeze(-1)
-        sorted_probs, order = probs[rows].sort(dim=-1, descending=True)
+        sorted_probs, order = probs[rows].sort(dim=-1, descending=True, stable=True)
         sampled[rows] = _pick_in_nucleus(sorted_probs, order, top_p[rows], uniform[rows])
     return sampled
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from llama_gen.sampling import (ARGMAX_BLOCK, NUCLEUS_CANDIDATES, WIDE_NUCLEUS_CANDIDATES, argmax,
-                                counter_uniform, derive_seed, sample, token_logprobs)
+                                counter_uniform, derive_seed, nucleus_may_fit, sample,
+                                token_logprobs)
 
 NEG_INF = float("-inf")
 U_MIN = 0.5 / 2**32  # the extremes counter_uniform can return
@@ -187,13 +188,17 @@ def test_derive_seed_is_deterministic_63_bit_and_sensitive_to_every_part():
 
 
 def full_sort_reference(logits, temperature, top_p, uniform):
-    """The nucleus by sorting the whole vocabulary (what `sample` avoids where it can)."""
+    """The nucleus by a stable sort of the whole vocabulary (what `sample` avoids where it can):
+    tokens in descending probability, ties by token id; a token is in the nucleus while the
+    mass before it is below top_p (top_p 1: all with a nonzero probability)."""
     probs = torch.softmax(logits / temperature.unsqueeze(-1), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    kept = sorted_probs.masked_fill(before >= top_p.unsqueeze(-1), 0.0).cumsum(dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    before = torch.cat((torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]), dim=-1)
+    outside = (before >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1) | (sorted_probs == 0)
+    kept = sorted_probs.masked_fill(outside, 0.0).cumsum(dim=-1)
     pick = (kept <= (uniform * kept[:, -1]).unsqueeze(-1)).sum(dim=-1, keepdim=True)
-    pick = torch.minimum(pick, (before < top_p.unsqueeze(-1)).sum(-1, keepdim=True) - 1)
+    pick = torch.minimum(pick, (~outside).sum(dim=-1, keepdim=True) - 1)
     return order.gather(-1, pick).squeeze(-1)
 
 
@@ -232,6 +237,55 @@ def test_wide_nucleus_candidates_match_a_full_sort():
         got = sample(logits, temperature, top_p, uniform)
         want = full_sort_reference(logits, temperature, top_p, uniform.float())
         assert torch.equal(got, want), counter
+
+
+@pytest.mark.parametrize("scale", [2.0, 3.0])
+def test_tied_probabilities_are_taken_in_token_order(scale):
+    """bf16 logits tie often. Whatever order topk gives ties in, every path takes them as a
+    stable sort does (by token id), so a draw depends only on its row."""
+    gen = torch.Generator().manual_seed(int(scale))
+    logits = (torch.randn(32, 32000, generator=gen) * scale + 12).bfloat16().float()
+    temperature, top_p = torch.full((32,), 0.8), torch.full((32,), 0.9)
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    assert (probs.topk(NUCLEUS_CANDIDATES).values.diff() == 0).any()  # ties among candidates
+    for counter in range(10):
+        uniform = counter_uniform(torch.arange(32), torch.full((32,), counter))
+        want = full_sort_reference(logits, temperature, top_p, uniform.float())
+        assert torch.equal(sample(logits, temperature, top_p, uniform), want), counter
+        for row in (0, 17):  # alone, the same draw
+            alone = sample(logits[row:row + 1], temperature[:1], top_p[:1], uniform[row:row + 1])
+            assert alone.item() == want[row].item()
+
+
+def test_a_tie_group_across_the_candidates_edge_is_taken_in_token_order():
+    """400 equally likely tokens straddle the 256th place, and the nucleus ends among them
+    before it: topk holds an arbitrary 56 of them, so those rows must look further."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.full((32, 5000), -30.0)
+    for row in logits:
+        ids = torch.randperm(5000, generator=gen)
+        row[ids[:200]] = torch.linspace(5, 4, 200)
+        row[ids[200:600]] = 1.7  # the nucleus reaches about 17 of them
+    temperature, top_p = torch.ones(32), torch.full((32,), 0.9)
+    for counter in range(20):
+        uniform = counter_uniform(torch.arange(32), torch.full((32,), counter))
+        want = full_sort_reference(logits, temperature, top_p, uniform.float())
+        assert torch.equal(sample(logits, temperature, top_p, uniform), want), counter
+
+
+def test_nucleus_bounds_are_sound_and_let_mid_width_rows_through():
+    gen = torch.Generator().manual_seed(5)
+    scales = torch.tensor([0.3, 1.0, 2.0, 2.5, 3.0]).repeat_interleave(8)
+    probs = torch.softmax(torch.randn(40, 32000, generator=gen) * scales[:, None], dim=-1)
+    top_p = torch.full((40,), 0.9)
+    sorted_probs = probs.sort(dim=-1, descending=True).values
+    sizes = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < 0.9).sum(dim=-1)
+    k = WIDE_NUCLEUS_CANDIDATES
+    may_fit = nucleus_may_fit(probs, sorted_probs[:, :NUCLEUS_CANDIDATES], top_p, k)
+    assert (sizes[~may_fit] > k).all()  # sound: only provably wider nuclei are ruled out
+    assert may_fit[sizes <= k].float().mean() >= 0.75  # and most that fit get through
+    assert not may_fit[:8].any()  # flat rows (nuclei of ~26,000) skip straight to the sort
+    assert not nucleus_may_fit(probs, sorted_probs[:, :256], torch.ones(40), k).any()
 
 
 @pytest.mark.parametrize("vocab", [32000, 128256, 1000])
