@@ -14,17 +14,19 @@ graphs on GPUs); prefills then take an eager pass of their own.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch._dynamo.exc import TorchDynamoException
 
 from .errors import UserError
 from .model import Step, Transformer
 from .sampling import argmax, counter_uniform, sample, token_logprobs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -235,8 +237,15 @@ class Engine:
         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
         try:
             return self._timed(self._compiled_decode, tokens, positions, kv_len)[:n]
-        except TorchDynamoException as e:  # e.g. no C++ compiler for inductor's CPU kernels
-            reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        except Exception as e:
+            from torch._dynamo.exc import TorchDynamoException  # loaded by compiling already
+            if not isinstance(e, TorchDynamoException):
+                raise
+            # The compiler failed, e.g. no C++ compiler for inductor's CPU kernels.
+            cause = getattr(e, "inner_exception", None) or e
+            reason = next((line for line in str(cause).splitlines() if line.strip()),
+                          type(cause).__name__)
+            log.debug("torch.compile failed", exc_info=True)
             raise UserError(f"--compile: torch.compile failed ({reason}); run without "
                             "--compile") from None
 

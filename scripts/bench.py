@@ -143,11 +143,15 @@ def ceiling_seconds(flops: dict[str, float], rates: MatmulRates) -> float:
 
 
 def memory_bandwidth(device: torch.device, mib: int, seconds: float = 0.3) -> float:
-    """Bytes/s moved by a large device-to-device copy (read + write), as torch runs it here."""
+    """Bytes/s moved by a large device-to-device copy (read + write), as torch runs it here: a
+    proxy for the memory bandwidth (a pure read can be faster; on a CPU, writes also cost a
+    read of the line they fill), so the roofline it gives is approximate."""
     src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(2):
         dst.copy_(src)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         dst.copy_(src)
@@ -302,6 +306,9 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
         ctranslate2 = ctranslate2_available()
     avg_prompt = work.prompt_tokens // n_prompts
 
+    # Before the runs: its two buffers must not meet a device the runs have filled.
+    bandwidth = memory_bandwidth(info.device, 1024 if info.device.type == "cuda" else 256)
+
     def rates() -> MatmulRates:
         return MatmulRates.measure(args, batch, avg_prompt, info.device, torch_dtype)
 
@@ -321,7 +328,6 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
     reference = results[0]
     generated = [len(t) for t in reference["tokens"]]
     flops = workload_flops(args, work, generated)
-    bandwidth = memory_bandwidth(info.device, 1024 if info.device.type == "cuda" else 256)
     print(f"workload: {sum(generated)} generated tokens, {sum(flops.values()) / 1e12:.3f} TFLOP "
           f"of matmuls (layers {flops['layers'] / 1e9:.0f}, head {flops['head'] / 1e9:.0f}, "
           f"attention {flops['attention'] / 1e9:.0f} GFLOP); decode reads at least "

@@ -180,7 +180,8 @@ def test_compile_without_a_cxx_compiler_is_a_clear_error(tiny_checkpoints, tmp_p
     """Inductor's CPU kernels need a C++ compiler; its caches are off so that it must look."""
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     result = run(["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path",
-                  str(prompts), "--out_path", str(tmp_path / "o.jsonl"), "--compile"],
+                  str(prompts), "--out_path", str(tmp_path / "o.jsonl"), "--compile",
+                  "--device", "cpu"],  # on CUDA, inductor writes Triton kernels instead
                  env={"CXX": "/no/such/g++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
     assert_one_line_error(result, "--compile: torch.compile failed", "C++ compiler",
                           "run without --compile")

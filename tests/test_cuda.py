@@ -61,11 +61,16 @@ def test_gpu_engine_matches_the_cpu(models, scheduler):
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "static"])
-def test_cuda_graphs_decode_matches_eager(models, scheduler):
-    """--compile on CUDA: mode reduce-overhead, and no step falls back from CUDA graphs."""
+def test_cuda_graphs_decode_matches_eager(models, scheduler, monkeypatch):
+    """--compile on CUDA: mode reduce-overhead records CUDA graphs, and no step falls back."""
     model = models["cuda"]
     reqs = requests(model.args.vocab_size)
     eager = run(Engine(model, (), SLOTS, MAX_SEQ_LEN, scheduler), reqs)
+    captures, capture_begin = [], torch.cuda.CUDAGraph.capture_begin
+    def counting_capture_begin(graph, *args, **kwargs):
+        captures.append(graph)
+        return capture_begin(graph, *args, **kwargs)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", counting_capture_begin)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -73,3 +78,4 @@ def test_cuda_graphs_decode_matches_eager(models, scheduler):
     assert_same(compiled, eager, atol=1e-4)
     assert counters["stats"]["unique_graphs"] >= 1
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert captures  # CUDA graphs were recorded
