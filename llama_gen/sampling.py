@@ -126,17 +126,22 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
 
 def nucleus_may_fit(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.Tensor,
                     k: int) -> torch.Tensor:
-    """False for rows whose nucleus provably holds more than k tokens, given their most likely
-    probabilities `top_probs` (descending): (1) every token past those is at most as likely as
-    the last of them, so the nucleus holds at least `least` tokens; (2) if more than k tokens
-    are at least an eighth as likely as that and together stay below top_p, the nucleus holds
-    them all and more. Rows keeping everything (top_p 1) never fit."""
-    last = top_probs[:, -1:]
-    least = top_probs.shape[-1] + (top_p - top_probs.sum(dim=-1)) / last.squeeze(-1).clamp_min(
+    """Whether each row's nucleus may hold at most k tokens, given its most likely
+    probabilities `top_probs` (descending), so that looking among the k most likely is worth
+    it. It only steers the search, never the result. False where (1) the nucleus provably
+    holds more: every token past `top_probs` is at most as likely as the last of them, so the
+    nucleus holds at least `least`; or (2) every 8th entry of the vocabulary suggests that the
+    k most likely tokens hold well under top_p; or the row keeps everything (top_p 1)."""
+    if k >= probs.shape[-1]:
+        return torch.zeros_like(top_p, dtype=torch.bool)
+    last = top_probs[:, -1]
+    least = top_probs.shape[-1] + (top_p - top_probs.sum(dim=-1)) / last.clamp_min(
         torch.finfo(probs.dtype).tiny)
-    likely = probs >= last / 8
-    too_many = (likely.sum(dim=-1) > k) & (probs.masked_fill(~likely, 0).sum(dim=-1) < top_p)
-    return (least <= k) & ~too_many & (top_p < 1) & (k < probs.shape[-1])
+    # The k most likely tokens' mass: the top ones' exactly, the next ones' from a sample.
+    tail_sample = probs[:, ::8].masked_fill(probs[:, ::8] >= last.unsqueeze(-1), 0.0)
+    n_next = min((k - top_probs.shape[-1]) // 8, tail_sample.shape[-1])
+    mass_estimate = top_probs.sum(dim=-1) + 8 * tail_sample.topk(n_next, dim=-1).values.sum(dim=-1)
+    return (least <= k) & (mass_estimate >= 0.9 * top_p) & (top_p < 1)
 
 
 def _sample_wide(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.Tensor,

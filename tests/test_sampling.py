@@ -273,7 +273,9 @@ def test_a_tie_group_across_the_candidates_edge_is_taken_in_token_order():
         assert torch.equal(sample(logits, temperature, top_p, uniform), want), counter
 
 
-def test_nucleus_bounds_are_sound_and_let_mid_width_rows_through():
+def test_wide_candidates_are_tried_where_the_nucleus_fits_and_skipped_where_it_is_far_wider():
+    """`nucleus_may_fit` only steers the search (every path is exact), so it is judged on what
+    it lets through: most nuclei within the wide candidates, and none of the very wide ones."""
     gen = torch.Generator().manual_seed(5)
     scales = torch.tensor([0.3, 1.0, 2.0, 2.5, 3.0]).repeat_interleave(8)
     probs = torch.softmax(torch.randn(40, 32000, generator=gen) * scales[:, None], dim=-1)
@@ -282,9 +284,8 @@ def test_nucleus_bounds_are_sound_and_let_mid_width_rows_through():
     sizes = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < 0.9).sum(dim=-1)
     k = WIDE_NUCLEUS_CANDIDATES
     may_fit = nucleus_may_fit(probs, sorted_probs[:, :NUCLEUS_CANDIDATES], top_p, k)
-    assert (sizes[~may_fit] > k).all()  # sound: only provably wider nuclei are ruled out
-    assert may_fit[sizes <= k].float().mean() >= 0.75  # and most that fit get through
-    assert not may_fit[:8].any()  # flat rows (nuclei of ~26,000) skip straight to the sort
+    assert may_fit[sizes <= k].float().mean() >= 0.75
+    assert not may_fit[sizes > 2 * k].any()
     assert not nucleus_may_fit(probs, sorted_probs[:, :256], torch.ones(40), k).any()
 
 
