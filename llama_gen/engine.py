@@ -223,10 +223,13 @@ class Engine:
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, n: int,
                 kv_len: int) -> torch.Tensor:
-        """Logits (n, vocab) of the compiled decode step for slots 0..n-1, whose next tokens
-        and positions are the first n of `tokens` and `positions`. The step always spans every
-        slot (padding rows count as wasted), and its cache reads are rounded up to a multiple of
-        DECODE_KV_BUCKET, so a few shapes serve the whole run."""
+        """Logits (n, vocab) of a decode step alone for slots 0..n-1, whose next tokens and
+        positions are the first n of `tokens` and `positions`, reading `kv_len` cache positions.
+        The compiled step always spans every slot (padding rows count as wasted), and its cache
+        reads are rounded up to a multiple of DECODE_KV_BUCKET, so a few shapes serve the whole
+        run."""
+        if self._compiled_decode is None:
+            return self._timed(self.model.decode, tokens[:n], positions[:n], kv_len)
         slots = self.max_batch_size
         if len(tokens) < slots:
             tokens = torch.cat((tokens, tokens.new_zeros(slots - len(tokens))))
@@ -280,22 +283,20 @@ class Engine:
         n = len(active)
         steps, tokens = [], []
         decode_logits = None
+        if n:
+            self.stats.decode_steps += 1
+            self.stats.slot_steps += n
+            kv_lens = [s.position + 1 for s in active]
         if n and self._compiled_decode is not None:  # a pass of its own, at fixed shapes
             positions = self._position.clone()
             positions[n:] = 0  # free slots compute on a valid position; their results are dropped
-            decode_logits = self._decode(self._next_token, positions, n,
-                                         max(s.position for s in active) + 1)
-            self.stats.decode_steps += 1
-            self.stats.slot_steps += n
+            decode_logits = self._decode(self._next_token, positions, n, max(kv_lens))
         elif n:
-            kv_lens = [s.position + 1 for s in active]
             chunks = (attention_chunks(kv_lens, CPU_ATTENTION_CHUNK)
                       if self.device.type == "cpu" else None)
             steps.append(self.model.make_step(self._position[:n, None], slice(0, n),
                                               max(kv_lens), chunks=chunks))
             tokens.append(self._next_token[:n])
-            self.stats.decode_steps += 1
-            self.stats.slot_steps += n
         # The head's output has a row per step output: one per sequence, or every position of
         # a prompt that wants its logprobs (its last row then samples its first token).
         sample_rows, out_rows = list(range(n)), n
@@ -310,10 +311,8 @@ class Engine:
             steps.append(step)
             tokens.append(group_tokens)
         if steps:
-            hidden = self._timed(self.model.final_hidden,
-                                 torch.cat(tokens) if len(tokens) > 1 else tokens[0],
+            logits = self._timed(self.model, torch.cat(tokens) if len(tokens) > 1 else tokens[0],
                                  Step.join(steps))
-            logits = self._timed(self.model.logits, hidden)
             if decode_logits is not None:
                 logits = torch.cat((decode_logits, logits))
         else:
@@ -423,11 +422,7 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.slot_steps += n
             self.stats.wasted_slot_steps += sum(1 for s in batch if s.finish_reason)
-            positions = torch.full((n,), pos, device=self.device)
-            if self._compiled_decode is not None:
-                logits = self._decode(chosen_t, positions, n, pos + 1)
-            else:
-                logits = self._forward(chosen_t[:, None], positions[:, None], rows, pos + 1)
+            logits = self._decode(chosen_t, torch.full((n,), pos, device=self.device), n, pos + 1)
         for seq in batch:
             yield seq.completion()
         return False

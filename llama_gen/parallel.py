@@ -190,13 +190,21 @@ def all_gather_last_dim(x: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+class SplitOverGroup:
+    """Mixed into fairscale's layers: `parts`, how many ranks of the model-parallel group hold a
+    part of the weight, read once when the layer is built."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parts = fs_init.get_model_parallel_world_size()
+
+
+class ColumnParallelLinear(SplitOverGroup, fs_layers.ColumnParallelLinear):
     """fairscale's layer (weight split along the outputs), with `linear` for the product (or a
     `PackedWeight` if `packed`)."""
 
     def __init__(self, *args, packed: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.parts = fs_init.get_model_parallel_world_size()
         self.packed = PackedWeight() if packed else None
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,38 +219,26 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         return out
 
 
-class RowParallelLinear(fs_layers.RowParallelLinear):
+class RowParallelLinear(SplitOverGroup, fs_layers.RowParallelLinear):
     """fairscale's layer (weight split along the inputs, input already split), with `linear`
     for the product."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.parts = fs_init.get_model_parallel_world_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight)
         return all_reduce(out) if self.parts > 1 else out
 
 
-class ParallelEmbedding(fs_layers.ParallelEmbedding):
+class ParallelEmbedding(SplitOverGroup, fs_layers.ParallelEmbedding):
     """fairscale's embedding split along the embedding dimension (Llama 1/2)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.parts = fs_init.get_model_parallel_world_size()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = F.embedding(tokens, self.weight)
         return all_gather_last_dim(out, self.parts) if self.parts > 1 else out
 
 
-class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
+class VocabParallelEmbedding(SplitOverGroup, fs_layers.VocabParallelEmbedding):
     """fairscale's embedding split along the vocabulary (Llama 3): each rank looks up the tokens
     in its range, zeros for the others, and the group sums."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.parts = fs_init.get_model_parallel_world_size()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.parts == 1:

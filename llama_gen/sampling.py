@@ -110,8 +110,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     token id), sampled by inverting its CDF at `uniform`. The nucleus is looked for among the
     NUCLEUS_CANDIDATES most likely tokens, then among WIDE_NUCLEUS_CANDIDATES (partial top-ks);
     only rows whose nucleus is wider still, or that keep everything (top_p 1), sort the
-    vocabulary. Every path gives the tokens a stable full sort gives.
-    """
+    vocabulary. Every path gives the tokens a stable full sort gives (on the CPU, where a
+    cumsum's prefix rounds as the whole row's does; on CUDA a row within a few ulps of top_p
+    may differ)."""
     greedy = argmax(logits)
     probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
     vocab = probs.shape[-1]

@@ -18,6 +18,7 @@ import random
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import fire
@@ -96,20 +97,27 @@ def workload_flops(args: ModelArgs, work: Workload, generated: list[int]) -> dic
             "head": head_tokens * 2 * args.dim * args.vocab_size, "attention": attention}
 
 
-def matmul_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype,
-                seconds: float = 0.3) -> float:
-    """FLOP/s of (m, k) @ (k, n) as torch runs it here."""
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
+def per_second(work: float, run: Callable[[], object], device: torch.device,
+               seconds: float = 0.3) -> float:
+    """`work` (done by each call of `run`) per second, as torch runs it here, after warm-up."""
     for _ in range(3):
-        a @ b
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        a @ b
+        run()
         reps += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return 2 * m * k * n * reps / (time.perf_counter() - start)
+    return work * reps / (time.perf_counter() - start)
+
+
+def matmul_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of (m, k) @ (k, n) as torch runs it here."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    return per_second(2 * m * k * n, lambda: a @ b, device)
 
 
 @dataclass(frozen=True)
@@ -142,23 +150,13 @@ def ceiling_seconds(flops: dict[str, float], rates: MatmulRates) -> float:
             + flops["attention"] / rates.attention)
 
 
-def memory_bandwidth(device: torch.device, mib: int, seconds: float = 0.3) -> float:
+def memory_bandwidth(device: torch.device, mib: int) -> float:
     """Bytes/s moved by a large device-to-device copy (read + write), as torch runs it here: a
     proxy for the memory bandwidth (a pure read can be faster; on a CPU, writes also cost a
     read of the line they fill), so the roofline it gives is approximate."""
     src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    for _ in range(2):
-        dst.copy_(src)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        dst.copy_(src)
-        reps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * src.numel() * reps / (time.perf_counter() - start)
+    return per_second(2 * src.numel(), lambda: dst.copy_(src), device)
 
 
 def decode_bytes(model: Transformer, work: Workload, generated: list[int], batch: int) -> float:
