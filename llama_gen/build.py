@@ -22,7 +22,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """--dtype by name; by default bf16 on GPUs that support it, else fp32."""
     if name is None:
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        bf16_ok = (device.type == "cuda"  # in hardware: emulated bf16 (pre-Ampere) is slow
+                   and torch.cuda.is_bf16_supported(including_emulation=False))
         return torch.bfloat16 if bf16_ok else torch.float32
     if name not in DTYPES:
         raise UserError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")

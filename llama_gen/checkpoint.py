@@ -85,7 +85,7 @@ def find_shards(ckpt_dir: Path) -> list[Path]:
 def check_model_parallel_size(args: ModelArgs, mp_size: int, n_shards: int) -> None:
     """Fail early, naming both numbers, if the weights cannot be cut into mp_size whole slices."""
     parts = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
-             "FFN width": args.ffn_hidden_dim, "dim": args.dim}
+             "FFN width": args.ffn_hidden_dim, "dim": args.dim, "vocab_size": args.vocab_size}
     bad = [f"{name} {value}" for name, value in parts.items() if value % mp_size]
     if bad:
         raise UserError(f"checkpoint has {n_shards} shard(s); model-parallel size {mp_size} does "

@@ -69,7 +69,7 @@ def generate(ckpt_dir: str, prompt_path: str, out_path: str, logging_path: str |
 
 
 def _setup_logging() -> None:
-    rank, _, _ = parallel.launch_env()
+    rank = parallel.launch_env().rank
     logging.basicConfig(format="llama-gen: %(message)s", stream=sys.stderr,
                         level=logging.INFO if rank == 0 else logging.WARNING)
 
@@ -78,7 +78,7 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _setup_logging()
-    rank, _, _ = parallel.launch_env()
+    rank = parallel.launch_env().rank
     try:
         if argv[:1] == ["demo"]:
             from .demo import demo

@@ -289,7 +289,7 @@ def run_job(s: JobSettings) -> None:
     tokenizer = load_tokenizer(find_tokenizer(s.ckpt_dir, s.tokenizer_path))
     read_model_args(s.ckpt_dir, tokenizer)
     n_shards = len(find_shards(s.ckpt_dir))
-    _, world_size, _ = parallel.launch_env()
+    world_size = parallel.launch_env().world_size
     info = parallel.init_distributed(
         s.model_parallel_size or default_model_parallel_size(world_size, n_shards), s.device)
     stop = StopRequested()

@@ -1,4 +1,4 @@
-"""Processes, devices and fairscale's model-parallel layers: the one place that knows about them.
+"""Processes, devices and the model-parallel layers: the one place that knows about them.
 
 torchrun starts WORLD_SIZE processes. They form model-parallel groups of `model_parallel_size`
 consecutive ranks (each group holds one copy of the model, split across its ranks) and
@@ -19,7 +19,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel import layers as fs_layers
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,21 +53,50 @@ class Dist:
         return self.rank == 0
 
 
-def launch_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment, or (0, 1, 0) without it."""
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in the job, from torchrun's environment (one process without it)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1  # processes on this machine
+
+
+def launch_env() -> Launch:
+    names = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK",
+             "local_world_size": "LOCAL_WORLD_SIZE"}
     try:
-        return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                int(os.environ.get("LOCAL_RANK", 0)))
+        return Launch(**{field: int(os.environ[name]) for field, name in names.items()
+                         if name in os.environ})
     except ValueError as e:
-        raise UserError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({e})") from None
+        raise UserError(f"{', '.join(names.values())} must be integers ({e})") from None
 
 
-def pick_device(local_rank: int, device: str | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def pick_device(local_rank: int, local_world_size: int, gpus: int,
+                device: str | None = None) -> torch.device:
+    """This process's device: `device` (--device) if given, else a GPU if this machine has
+    `gpus`, else the CPU. `cuda` without an index means this process's own GPU, local rank
+    modulo the GPUs, as NCCL needs one GPU per process."""
+    try:
+        dev = torch.device(device or ("cuda" if gpus else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return dev
+    if not gpus:
+        raise UserError(f"--device {device}: torch sees no CUDA GPU here (torch "
+                        f"{torch.__version__}, CUDA {torch.version.cuda}); use --device cpu, or "
+                        "install a CUDA build of torch")
+    if dev.index is None:
+        return torch.device("cuda", local_rank % gpus)
+    if dev.index >= gpus:
+        raise UserError(f"--device {device}: this machine has {gpus} GPU(s), cuda:0 to "
+                        f"cuda:{gpus - 1}")
+    if local_world_size > 1:
+        raise UserError(f"--device {device} puts all {local_world_size} processes of this "
+                        "machine on one GPU, and NCCL needs a GPU per process: use --device cuda")
+    return dev
 
 
 def init_distributed(model_parallel_size: int | None, device: str | None = None,
@@ -77,12 +105,14 @@ def init_distributed(model_parallel_size: int | None, device: str | None = None,
 
     `model_parallel_size` None means the whole world is one model-parallel group.
     """
-    rank, world_size, local_rank = launch_env()
+    launch = launch_env()
+    rank, world_size = launch.rank, launch.world_size
     mp = world_size if model_parallel_size is None else model_parallel_size
     if mp <= 0 or world_size % mp:
         raise UserError(f"--model_parallel_size {mp} must divide the number of processes "
                         f"{world_size}")
-    dev = pick_device(local_rank, device)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    dev = pick_device(launch.local_rank, launch.local_world_size, gpus, device)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -95,7 +125,7 @@ def init_distributed(model_parallel_size: int | None, device: str | None = None,
     if not fs_init.model_parallel_is_initialized():
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
             fs_init.initialize_model_parallel(mp)
-    info = Dist(rank, world_size, local_rank, dev, backend, mp)
+    info = Dist(rank, world_size, launch.local_rank, dev, backend, mp)
     if rank == 0:
         log.info("%d process(es) on %s with %s: model parallel %d x data parallel %d",
                  world_size, dev.type, backend, mp, info.data_parallel_size)
@@ -190,21 +220,34 @@ def all_gather_last_dim(x: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class SplitOverGroup:
-    """Mixed into fairscale's layers: `parts`, how many ranks of the model-parallel group hold a
-    part of the weight, read once when the layer is built."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.parts = fs_init.get_model_parallel_world_size()
+def unfilled_weight(*shape: int) -> nn.Parameter:
+    """A weight for the checkpoint to fill (`load_state_dict(assign=True)` puts the loaded
+    tensor in its place). On the meta device it costs no memory and no time until then."""
+    return nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
 
 
-class ColumnParallelLinear(SplitOverGroup, fs_layers.ColumnParallelLinear):
-    """fairscale's layer (weight split along the outputs), with `linear` for the product (or a
-    `PackedWeight` if `packed`)."""
+def split(size: int, parts: int) -> int:
+    if size % parts:
+        raise ValueError(f"{size} does not split into {parts} equal parts")  # checked earlier
+    return size // parts
 
-    def __init__(self, *args, packed: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+
+# The model-parallel layers below are Meta's (and fairscale's) layers, with their weight layout,
+# built for inference. fairscale's constructors make every weight in float32 on every rank to
+# scatter it: at model-parallel size 2 that took 10 s and 1.8 GB per rank for a 1B model before
+# a byte of the checkpoint was read (4 bytes per parameter / size: 26 GB per rank for a 13B).
+# These allocate nothing; the checkpoint's tensors become their weights.
+
+class ColumnParallelLinear(nn.Module):
+    """x @ W.T with W (out, in) split along its outputs: rank r of `parts` holds rows
+    r * out / parts onwards. With `gather_output` every rank gets the whole output; with
+    `packed`, the product uses a `PackedWeight`."""
+
+    def __init__(self, in_features: int, out_features: int, parts: int,
+                 gather_output: bool = False, packed: bool = False):
+        super().__init__()
+        self.parts, self.gather_output = parts, gather_output
+        self.weight = unfilled_weight(split(out_features, parts), in_features)
         self.packed = PackedWeight() if packed else None
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,26 +262,43 @@ class ColumnParallelLinear(SplitOverGroup, fs_layers.ColumnParallelLinear):
         return out
 
 
-class RowParallelLinear(SplitOverGroup, fs_layers.RowParallelLinear):
-    """fairscale's layer (weight split along the inputs, input already split), with `linear`
-    for the product."""
+class RowParallelLinear(nn.Module):
+    """x @ W.T with W (out, in) split along its inputs; `x` comes split the same way (a column
+    layer's output), and the group sums the partial products."""
+
+    def __init__(self, in_features: int, out_features: int, parts: int):
+        super().__init__()
+        self.parts = parts
+        self.weight = unfilled_weight(out_features, split(in_features, parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight)
         return all_reduce(out) if self.parts > 1 else out
 
 
-class ParallelEmbedding(SplitOverGroup, fs_layers.ParallelEmbedding):
-    """fairscale's embedding split along the embedding dimension (Llama 1/2)."""
+class ParallelEmbedding(nn.Module):
+    """An embedding split along the embedding dimension (Llama 1/2)."""
+
+    def __init__(self, vocab_size: int, dim: int, parts: int):
+        super().__init__()
+        self.parts = parts
+        self.weight = unfilled_weight(vocab_size, split(dim, parts))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = F.embedding(tokens, self.weight)
         return all_gather_last_dim(out, self.parts) if self.parts > 1 else out
 
 
-class VocabParallelEmbedding(SplitOverGroup, fs_layers.VocabParallelEmbedding):
-    """fairscale's embedding split along the vocabulary (Llama 3): each rank looks up the tokens
-    in its range, zeros for the others, and the group sums."""
+class VocabParallelEmbedding(nn.Module):
+    """An embedding split along the vocabulary (Llama 3): each rank looks up the tokens in its
+    range, zeros for the others, and the group sums."""
+
+    def __init__(self, vocab_size: int, dim: int, parts: int, rank: int):
+        super().__init__()
+        self.parts = parts
+        rows = split(vocab_size, parts)
+        self.vocab_start_index, self.vocab_end_index = rank * rows, (rank + 1) * rows
+        self.weight = unfilled_weight(rows, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.parts == 1:
@@ -251,8 +311,9 @@ class VocabParallelEmbedding(SplitOverGroup, fs_layers.VocabParallelEmbedding):
 
 @dataclass(frozen=True)
 class ParallelLayers:
-    """Builds fairscale's layers for the model; `vocab_parallel_embedding` follows Meta's layout
-    (Llama 3 splits the embedding over the vocabulary, Llama 1/2 over the embedding dimension)."""
+    """Builds the model-parallel layers for this rank of fairscale's model-parallel group, with
+    their weights unfilled; `vocab_parallel_embedding` follows Meta's layout (Llama 3 splits
+    the embedding over the vocabulary, Llama 1/2 over the embedding dimension)."""
 
     vocab_parallel_embedding: bool = False
 
@@ -261,22 +322,18 @@ class ParallelLayers:
         return fs_init.get_model_parallel_world_size()
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
-        cls = VocabParallelEmbedding if self.vocab_parallel_embedding else ParallelEmbedding
-        return cls(vocab_size, dim, init_method=_keep)
+        if self.vocab_parallel_embedding:
+            return VocabParallelEmbedding(vocab_size, dim, self.world_size,
+                                          fs_init.get_model_parallel_rank())
+        return ParallelEmbedding(vocab_size, dim, self.world_size)
 
     def column(self, in_features: int, out_features: int, gather_output: bool = False,
                packed: bool = False) -> nn.Module:
-        return ColumnParallelLinear(in_features, out_features, bias=False,
-                                    gather_output=gather_output, init_method=_keep, packed=packed)
+        return ColumnParallelLinear(in_features, out_features, self.world_size,
+                                    gather_output=gather_output, packed=packed)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
-        return RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True,
-                                 init_method=_keep)
-
-
-def _keep(weight: torch.Tensor) -> torch.Tensor:
-    """No random init: every weight is overwritten by the checkpoint."""
-    return weight
+        return RowParallelLinear(in_features, out_features, self.world_size)
 
 
 def broadcast_from_rank0(obj: object) -> object:

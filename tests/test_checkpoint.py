@@ -73,6 +73,9 @@ def test_model_parallel_size_must_cut_whole_heads():
         check_model_parallel_size(args, 4, 1)
     with pytest.raises(UserError, match="size 3 does not divide n_heads 4"):
         check_model_parallel_size(args, 3, 2)
+    odd_vocab = ModelArgs.from_params({**TINY_LLAMA3, "vocab_size": VOCAB + 1})
+    with pytest.raises(UserError, match="size 2 does not divide vocab_size 97"):
+        check_model_parallel_size(odd_vocab, 2, 1)  # the output head splits the vocabulary
 
 
 def write(tmp_path, n_shards=2, params=TINY_LLAMA2):

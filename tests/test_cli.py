@@ -157,6 +157,9 @@ def test_clear_errors(checkpoint_copy, tmp_path):
     assert_one_line_error(run(base + ["--dtype", "fp8"]), "--dtype 'fp8' is not one of")
     assert_one_line_error(run(base[:3] + ["nope.jsonl"] + base[4:]), "nope.jsonl: no such file")
     assert_one_line_error(run(base[:5] + ["/no/such/dir/o.jsonl"]), "does not exist")
+    assert_one_line_error(run(base + ["--device", "gpu"]), "--device 'gpu' is not a device")
+    if not torch.cuda.is_available():
+        assert_one_line_error(run(base + ["--device", "cuda"]), "torch sees no CUDA GPU here")
 
     params = json.loads((ckpt / "params.json").read_text())
     (ckpt / "params.json").write_text(json.dumps({**params, "vocab_size": 1000}))
