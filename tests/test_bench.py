@@ -34,3 +34,15 @@ def test_bench_ctranslate2_column_computes_the_same_model():
     pytest.importorskip("ctranslate2")
     rows = run_bench("--ctranslate2", "True")
     assert rows["ctranslate2"][-1] == "100%"
+
+
+def test_load_benchmark_writes_and_loads_a_sharded_checkpoint(tmp_path):
+    script = str(BENCH.parent / "bench_load.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ckpt = str(tmp_path / "ckpt")
+    subprocess.run([sys.executable, script, "write", ckpt, "--dim", "64", "--n_layers", "2",
+                    "--n_heads", "4", "--n_shards", "2"], check=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, script, "load", ckpt], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "rank 0: loaded its" in result.stdout and "peak resident memory" in result.stdout
