@@ -14,11 +14,13 @@ import fire
 
 from . import parallel
 from .errors import UserError
+from .flags import strict_flags
 from .job import Interrupted, JobSettings, run_job
 
 log = logging.getLogger("llama_gen")
 
 
+@strict_flags
 def generate(ckpt_dir: str, prompt_path: str, out_path: str, logging_path: str | None = None,
              tokenizer_path: str | None = None, max_seq_len: int = 1024,
              max_batch_size: int = 8, max_gen_len: int = 256, temperature: float = 0.6,
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["demo"]:
             from .demo import demo
-            fire.Fire(demo, command=argv[1:], name="llama-gen demo")
+            fire.Fire(strict_flags(demo), command=argv[1:], name="llama-gen demo")
         else:
             fire.Fire(generate, command=argv, name="llama-gen")
     except UserError as e:
@@ -94,6 +96,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"llama-gen: {e}; what was finished is written: resume with the same command",
                   file=sys.stderr)
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # before the job's own handler is installed
+        if rank == 0:
+            print("llama-gen: interrupted while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # a full disk, a read-only folder: the message names the file
+        print(f"llama-gen: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -79,13 +79,28 @@ class JobSettings:
             raise UserError("--top_p must be in (0, 1]")
         if self.scheduler not in ("continuous", "static"):
             raise UserError(f"--scheduler {self.scheduler!r} is not continuous or static")
+        if self.model_parallel_size is not None and self.model_parallel_size < 1:
+            raise UserError("--model_parallel_size must be at least 1 (default: the shard count "
+                            "when it divides the number of processes)")
+        if not self.ckpt_dir.is_dir():
+            raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such directory (it holds "
+                            "params.json and consolidated.NN.pth)")
         if not self.prompt_path.is_file():
-            raise UserError(f"--prompt_path {self.prompt_path}: no such file")
+            what = "a directory, not a file" if self.prompt_path.is_dir() else "no such file"
+            raise UserError(f"--prompt_path {self.prompt_path}: {what}")
         for name, path in (("--out_path", self.out_path), ("--logging_path", self.log_path)):
             if not path.parent.is_dir():
                 raise UserError(f"{name} {path}: directory {path.parent} does not exist")
-        if self.out_path.resolve() == self.prompt_path.resolve():
-            raise UserError("--out_path must not be the prompt file")
+            if path.is_dir():
+                raise UserError(f"{name} {path} is a directory: name a file in it")
+        # Every file the job writes must be its own: none may be the prompt file or another.
+        written = {"--out_path": self.out_path, "the errors file": self.errors_path,
+                   "the run settings": self.settings_path,
+                   "the lock": OutputLock.path_for(self.out_path), "--logging_path": self.log_path}
+        seen = {self.prompt_path.resolve(): "the prompt file"}
+        for name, path in written.items():
+            if (other := seen.setdefault(path.resolve(), name)) != name:
+                raise UserError(f"{name} must not be {other} ({path}): write it elsewhere")
 
 
 def file_digest(path: Path) -> str:
@@ -310,8 +325,8 @@ def run_job(s: JobSettings) -> None:
             raise UserError(value)
         done, total = value
         if total == 0 and info.is_writer:
-            log.info("nothing to do: every prompt in %s is already answered in %s (or the file "
-                     "has none)", s.prompt_path, s.out_path)
+            log.info("nothing to generate: no prompt in %s is left unanswered in %s (bad lines "
+                     "go to %s)", s.prompt_path, s.out_path, s.errors_path)
         model = load_model(s.ckpt_dir, tokenizer, info, dtype)
         engine = Engine(model, tokenizer.stop_ids, s.max_batch_size, s.max_seq_len, s.scheduler,
                         compile=s.compile)
@@ -340,8 +355,9 @@ def run_job(s: JobSettings) -> None:
                                      info.data_parallel_size):
                 if isinstance(item, BadLine):
                     deliver({"bad_line": asdict(item)})
-                    if s.strict:
+                    if s.strict:  # no further line is read; what is under way finishes
                         stop.signal = stop.signal or -1
+                        return
                 else:
                     yield from requests_for(item, s)
 

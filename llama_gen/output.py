@@ -126,8 +126,12 @@ class OutputLock:
     """An exclusive lock on `<out_path>.lock`, released when the process ends however it ends."""
 
     def __init__(self, out_path: Path):
-        self.path = out_path.with_name(out_path.name + ".lock")
+        self.path = self.path_for(out_path)
         self._file = None
+
+    @staticmethod
+    def path_for(out_path: Path) -> Path:
+        return out_path.with_name(out_path.name + ".lock")
 
     def acquire(self) -> None:
         f = self.path.open("a+")

@@ -179,6 +179,28 @@ def test_clear_errors(checkpoint_copy, tmp_path):
     assert_one_line_error(run(base), "no consolidated.NN.pth shards")
 
 
+def test_flag_mistakes_are_refused_before_anything_is_written(tiny_checkpoints, tmp_path):
+    """fire alone runs the job with a mistyped flag ignored, and reads `--overwrite false` as
+    true (the text "false"), which would throw away the output."""
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    out = tmp_path / "o.jsonl"
+    args = [str(tiny_checkpoints[("llama2", 1)]), str(prompts), str(out), "--max_gen_len", "3"]
+    assert_one_line_error(run(args + ["--tempreature", "0"]), "did you mean --temperature?")
+    assert not out.exists()
+    assert run(args).returncode == 0
+    written = out.read_bytes()
+    assert_one_line_error(run(args + ["--temperature", "0", "--overwrite", "false"]),
+                          "temperature: 0.6 -> 0.0", "--overwrite")
+    assert out.read_bytes() == written
+
+
+def test_a_file_system_error_is_one_line(tiny_checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    (tmp_path / "o.jsonl.lock").mkdir()  # the lock file cannot be opened
+    result = run([str(tiny_checkpoints[("llama2", 1)]), str(prompts), str(tmp_path / "o.jsonl")])
+    assert_one_line_error(result, "Is a directory", "o.jsonl.lock")
+
+
 def test_compile_without_a_cxx_compiler_is_a_clear_error(tiny_checkpoints, tmp_path):
     """Inductor's CPU kernels need a C++ compiler; its caches are off so that it must look."""
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
@@ -213,6 +235,8 @@ def test_every_bad_line_is_recorded_and_the_rest_answered(tiny_checkpoints, tmp_
 
     strict = run(args + ["--strict", "--overwrite"])
     assert_one_line_error(strict, "line 2", "--strict")
+    strict_errors = (tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()
+    assert [json.loads(e)["line"] for e in strict_errors] == [2]  # no line read after it
 
 
 def test_resume_refuses_changed_settings_and_a_second_job(tiny_checkpoints, tmp_path):

@@ -226,14 +226,29 @@ def test_job_settings_check_path_errors(tmp_path):
     s = settings(tmp_path)
     with pytest.raises(UserError, match="--prompt_path .*missing.jsonl: no such file"):
         JobSettings(tmp_path, tmp_path / "missing.jsonl", s.out_path).check()
-    with pytest.raises(UserError, match="--prompt_path .*: no such file"):
-        JobSettings(tmp_path, tmp_path, s.out_path).check()  # a directory is not a prompt file
+    with pytest.raises(UserError, match="--prompt_path .*: a directory, not a file"):
+        JobSettings(tmp_path, tmp_path, s.out_path).check()
+    with pytest.raises(UserError, match="--ckpt_dir .*params.json: no such directory"):
+        JobSettings(s.prompt_path.parent / "params.json", s.prompt_path, s.out_path).check()
     with pytest.raises(UserError, match=r"--out_path .*: directory .*nowhere does not exist"):
         JobSettings(tmp_path, s.prompt_path, tmp_path / "nowhere" / "out.jsonl").check()
     with pytest.raises(UserError, match=r"--logging_path .*: directory .*nolog does not exist"):
         settings(tmp_path, logging_path=tmp_path / "nolog" / "x.log").check()
+    with pytest.raises(UserError, match=r"--out_path .* is a directory: name a file in it"):
+        JobSettings(tmp_path, s.prompt_path, tmp_path).check()
     with pytest.raises(UserError, match="--out_path must not be the prompt file"):
         JobSettings(tmp_path, s.prompt_path, s.prompt_path).check()
+    for log in (s.prompt_path, s.out_path, s.errors_path):
+        with pytest.raises(UserError, match="--logging_path must not be "):
+            settings(tmp_path, logging_path=log).check()
+    s.errors_path.write_text(s.prompt_path.read_text())
+    with pytest.raises(UserError, match="the errors file must not be the prompt file"):
+        JobSettings(tmp_path, s.errors_path, s.out_path).check()
+
+
+def test_model_parallel_size_zero_is_an_error_not_the_default(tmp_path):
+    with pytest.raises(UserError, match="--model_parallel_size must be at least 1"):
+        settings(tmp_path, model_parallel_size=0).check()
 
 
 def write_prompts(tmp_path: Path, *objs: dict | str) -> None:
