@@ -308,6 +308,7 @@ def run_job(s: JobSettings) -> None:
     info = parallel.init_distributed(
         s.model_parallel_size or default_model_parallel_size(world_size, n_shards), s.device)
     stop = StopRequested()
+    parallel.stop_if_launcher_dies()
     lock = OutputLock(s.out_path)
     writer: Writer | None = None
     try:

@@ -12,6 +12,9 @@ import io
 import json
 import logging
 import os
+import signal
+import threading
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,6 +74,22 @@ def launch_env() -> Launch:
                          if name in os.environ})
     except ValueError as e:
         raise UserError(f"{', '.join(names.values())} must be integers ({e})") from None
+
+
+def stop_if_launcher_dies(poll_seconds: float = 1.0) -> None:
+    """Under torchrun, send this process SIGTERM (a clean stop) if torchrun itself dies without
+    stopping it (kill -9, the OOM killer): workers run in sessions of their own and would go on
+    working, holding the output's lock, while the user starts the job again."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def pick_device(local_rank: int, local_world_size: int, gpus: int,

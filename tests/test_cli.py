@@ -26,7 +26,8 @@ GREEDY = ["--temperature", "0", "--max_gen_len", "12", "--logprobs", "--max_batc
 def launch(args: list[str], nproc: int | None = None, env: dict[str, str] | None = None,
            **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         env.pop(var, None)
     launcher = [LLAMA_GEN] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -338,6 +339,28 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tiny_checkpoints, tm
     assert out.read_bytes().endswith(b"\n")
     assert len(read_output(out)) < 80
     assert run(args, nproc).returncode == 0
+    assert len(read_output(out)) == 80
+
+
+def test_workers_stop_cleanly_when_torchrun_is_killed(tiny_checkpoints, tmp_path):
+    """kill -9 of torchrun alone (the OOM killer's way): its workers, in sessions of their own,
+    notice within a second or so and stop as on SIGTERM, so the same command can resume."""
+    records = [{"prompt": f"Prompt {i}"} for i in range(80)]
+    prompts = write_prompts(tmp_path / "p.jsonl", records)
+    out = tmp_path / "o.jsonl"
+    args = ["--ckpt_dir", str(tiny_checkpoints[("llama3", 2)]), "--prompt_path", str(prompts),
+            "--out_path", str(out), "--max_gen_len", "40", "--max_batch_size", "2"]
+    proc = launch(args, nproc=2)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert descendants(proc.pid), "no workers to orphan"
+    proc.kill()
+    _, err = proc.communicate(timeout=60)  # the workers hold torchrun's pipes until they exit
+    assert "stopped by SIGTERM" in err, err
+    assert out.read_bytes().endswith(b"\n")
+    assert len(read_output(out)) < 80
+    assert run(args, nproc=2).returncode == 0
     assert len(read_output(out)) == 80
 
 
