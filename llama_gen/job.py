@@ -103,12 +103,27 @@ class JobSettings:
                 raise UserError(f"{name} must not be {other} ({path}): write it elsewhere")
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path, size: int | None = None) -> str:
+    """sha256 of the file, or of its first `size` bytes."""
     h = hashlib.sha256()
+    left = path.stat().st_size if size is None else size
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
+        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
             h.update(chunk)
+            left -= len(chunk)
     return h.hexdigest()
+
+
+def prompt_file_grew(old: dict[str, Any], path: Path) -> bool:
+    """Whether the prompt file only had whole lines appended since `old` (a run's fingerprint)
+    was taken: its first bytes are the file then, which ended with a newline."""
+    size = old.get("prompt_file_bytes")
+    if not isinstance(size, int) or not 0 < size < path.stat().st_size:
+        return False
+    with path.open("rb") as f:
+        f.seek(size - 1)
+        ends_a_line = f.read(1) == b"\n"
+    return ends_a_line and file_digest(path, size) == old.get("prompt_file")
 
 
 def run_fingerprint(s: JobSettings, tokenizer: Tokenizer, dtype: str) -> dict[str, Any]:
@@ -120,6 +135,7 @@ def run_fingerprint(s: JobSettings, tokenizer: Tokenizer, dtype: str) -> dict[st
         "shards": [[p.name, p.stat().st_size] for p in shards],
         "tokenizer": file_digest(tokenizer.path),
         "prompt_file": file_digest(s.prompt_path),
+        "prompt_file_bytes": s.prompt_path.stat().st_size,
         "dtype": dtype,
         **{k: getattr(s, k) for k in ("prompt_key", "id_key", "max_seq_len", "max_gen_len",
                                       "temperature", "top_p", "seed", "num_samples", "logprobs",
@@ -135,7 +151,14 @@ def prepare_output(s: JobSettings, fingerprint: dict[str, Any]) -> set[tuple[Any
                 write_atomically(path, "")
     elif s.settings_path.exists():
         old = json.loads(s.settings_path.read_text(encoding="utf-8"))
-        if diff := settings_differences(old, fingerprint):
+        ignore = {"prompt_file_bytes"}
+        if old.get("prompt_file") != fingerprint["prompt_file"] and prompt_file_grew(
+                old, s.prompt_path):
+            ignore.add("prompt_file")
+            log.info("%s has new lines since the last run: they are answered too", s.prompt_path)
+        if diff := settings_differences(old, fingerprint, ignore):
+            diff = ["prompt_file: its content changed, beyond lines added at its end"
+                    if d.startswith("prompt_file:") else d for d in diff]
             raise UserError(f"{s.out_path} was written with other settings ({'; '.join(diff)}); "
                             "resume with the same command and files, or pass --overwrite to "
                             "start over")

@@ -156,9 +156,10 @@ class OutputLock:
             self._file = None
 
 
-def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def settings_differences(old: dict[str, Any], new: dict[str, Any],
+                         ignore: set[str] = frozenset()) -> list[str]:
     return [f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            for key in sorted((set(old) | set(new)) - ignore) if old.get(key) != new.get(key)]
 
 
 class ProgressLog:

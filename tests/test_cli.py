@@ -248,13 +248,17 @@ def test_resume_refuses_changed_settings_and_a_second_job(tiny_checkpoints, tmp_
     assert run(args).returncode == 0
     assert_one_line_error(run(args + ["--temperature", "0.1"]), "temperature: 0.6 -> 0.1",
                           "--overwrite")
-    write_prompts(prompts, [{"prompt": "hi"}, {"prompt": "more"}])
-    assert_one_line_error(run(args), "prompt_file")
+    written = out.read_bytes()
+    write_prompts(prompts, [{"prompt": "hi"}, {"prompt": "more"}])  # lines added: a resume
+    assert run(args).returncode == 0
+    assert out.read_bytes().startswith(written) and set(read_output(out)) == {(1, 0), (2, 0)}
+    write_prompts(prompts, [{"prompt": "hello"}, {"prompt": "more"}])
+    assert_one_line_error(run(args), "prompt_file: its content changed")
     with open(tmp_path / "o.jsonl.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert_one_line_error(run(args + ["--overwrite"]), "another llama-gen job")
     assert run(args + ["--overwrite"]).returncode == 0
-    assert set(read_output(out)) == {(1, 0), (2, 0)}
+    assert read_output(out)[(1, 0)]["prompt"] == "hello"
 
 
 def descendants(pid: int) -> list[int]:

@@ -448,3 +448,40 @@ def test_writer_repairs_a_torn_errors_file_before_appending(tmp_path):
     assert recorded_error_lines(s.errors_path) == {1, 5}
     for raw in s.errors_path.read_bytes().splitlines():
         json.loads(raw)
+
+
+def test_lines_appended_to_the_prompt_file_are_a_resume_other_changes_are_not(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "params.json").write_text('{"dim": 64}')
+    tokenizer = load_tokenizer(build_sentencepiece_model(tmp_path / "t.model"))
+    s = JobSettings(ckpt_dir=ckpt, prompt_path=job(tmp_path).prompt_path,
+                    out_path=tmp_path / "out.jsonl")
+    first = s.prompt_path.read_text()
+
+    def resume_after(content: str) -> None:
+        s.prompt_path.write_text(content)
+        prepare_output(s, run_fingerprint(s, tokenizer, "torch.float32"))
+
+    resume_after(first)
+    resume_after(first + '{"prompt": "appended"}\n')  # accepted, and becomes the new start
+    assert json.loads(s.settings_path.read_text())["prompt_file_bytes"] == len(first) + 23
+    grown = s.prompt_path.read_text()
+    for changed in (grown.replace("hi", "ho"), grown[:-1] + ' "x"\n', first):
+        s.prompt_path.write_text(grown)
+        prepare_output(s, run_fingerprint(s, tokenizer, "torch.float32"))
+        with pytest.raises(UserError, match="prompt_file: its content changed, beyond lines "
+                                            "added at its end"):
+            resume_after(changed)
+    # Appending after a last line that had no newline would change that line: refused.
+    s.settings_path.unlink()  # a new job
+    s.prompt_path.write_text(grown.rstrip("\n"))
+    prepare_output(s, run_fingerprint(s, tokenizer, "torch.float32"))
+    with pytest.raises(UserError, match="prompt_file"):
+        resume_after(grown + '{"prompt": "more"}\n')
+
+
+def test_run_settings_of_an_earlier_version_without_the_prompt_size_still_resume(tmp_path):
+    s = job(tmp_path)
+    prepare_output(s, FINGERPRINT)
+    assert prepare_output(s, {**FINGERPRINT, "prompt_file_bytes": 30}) == set()
