@@ -5,6 +5,7 @@ with its line number and reason, for the errors file.
 """
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -121,16 +122,21 @@ def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = No
 
     `id_key` None: records use their "id" field when they have one, else their line number.
     """
-    seen: set[str | int] = set()
+    seen: dict[str, str | int] = {}  # ids as text (5 and "5" would be one id downstream)
     with path.open("rb") as f:
         for line, raw in enumerate(f, start=1):
+            if line == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # as some editors on Windows save
             item = parse_line(raw, line, prompt_key, id_key or "id", id_key is not None)
             if item is None:
                 continue
             if isinstance(item, Record):
-                if item.id in seen:
-                    item = BadLine(line, f"duplicate id {json.dumps(item.id)}",
+                key = str(item.id)
+                if key in seen:
+                    earlier = seen[key]
+                    same = "" if earlier == item.id else f" (as {json.dumps(earlier)} earlier)"
+                    item = BadLine(line, f"duplicate id {json.dumps(item.id)}{same}",
                                    json.dumps(item.fields, ensure_ascii=False)[:1000])
                 else:
-                    seen.add(item.id)
+                    seen[key] = item.id
             yield item
