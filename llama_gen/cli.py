@@ -70,6 +70,15 @@ def generate(ckpt_dir: str, prompt_path: str, out_path: str, logging_path: str |
         echo, strict, overwrite, model_parallel_size, device, scheduler, compile))
 
 
+def fire_command(command, argv: list[str], name: str) -> None:
+    """Run a `strict_flags` command with fire, or show its help (for the command as written:
+    the checked form's catch-alls would take --help for an unknown flag). Asking for help never
+    runs it, whatever else the line holds."""
+    if any(arg in ("--help", "-h") for arg in argv):
+        argv, command = ["--", "--help"], command.__wrapped__
+    fire.Fire(command, command=argv, name=name)
+
+
 def _setup_logging() -> None:
     rank = parallel.launch_env().rank
     logging.basicConfig(format="llama-gen: %(message)s", stream=sys.stderr,
@@ -84,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["demo"]:
             from .demo import demo
-            fire.Fire(strict_flags(demo), command=argv[1:], name="llama-gen demo")
+            fire_command(strict_flags(demo), argv[1:], "llama-gen demo")
         else:
-            fire.Fire(generate, command=argv, name="llama-gen")
+            fire_command(generate, argv, "llama-gen")
     except UserError as e:
         if rank == 0:
             print(f"llama-gen: error: {e}", file=sys.stderr)
@@ -98,10 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:  # before the job's own handler is installed
         if rank == 0:
-            print("llama-gen: interrupted while starting; nothing was written", file=sys.stderr)
+            print("llama-gen: interrupted", file=sys.stderr)
         sys.exit(130)
-    except OSError as e:  # a full disk, a read-only folder: the message names the file
-        print(f"llama-gen: error: {e}", file=sys.stderr)
+    except OSError as e:
+        if e.filename is None:  # not about a file: a bug's traceback is worth more
+            raise
+        print(f"llama-gen: error: {e}", file=sys.stderr)  # a full disk, a read-only folder
         sys.exit(1)
 
 

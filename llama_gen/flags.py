@@ -46,7 +46,8 @@ def typed(flag: str, value: Any, kind: Any) -> Any:
     if kind is str:
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"{flag} takes text, not {value!r}")
+        raise UserError(f"{flag} takes text, not {value!r} (text that reads as a number goes "
+                        f"in two quotes: {flag} \"'2024.01'\")")
     raise TypeError(f"no conversion to {kind} for {flag}")
 
 

@@ -115,27 +115,29 @@ def file_digest(path: Path, size: int | None = None) -> str:
 
 
 def prompt_file_grew(old: dict[str, Any], path: Path) -> bool:
-    """Whether the prompt file only had whole lines appended since `old` (a run's fingerprint)
-    was taken: its first bytes are the file then, which ended with a newline."""
+    """Whether the prompt file only had lines appended since `old` (a run's fingerprint) was
+    taken: its first bytes are the file then, and a newline ends the last line then (so that
+    line reads as before)."""
     size = old.get("prompt_file_bytes")
     if not isinstance(size, int) or not 0 < size < path.stat().st_size:
         return False
     with path.open("rb") as f:
         f.seek(size - 1)
-        ends_a_line = f.read(1) == b"\n"
+        ends_a_line = b"\n" in f.read(2)  # the old last byte, or the first new one
     return ends_a_line and file_digest(path, size) == old.get("prompt_file")
 
 
 def run_fingerprint(s: JobSettings, tokenizer: Tokenizer, dtype: str) -> dict[str, Any]:
     """What a completion depends on; a resume must match it exactly."""
     shards = sorted(s.ckpt_dir.glob("consolidated.*.pth"))
+    prompt_bytes = s.prompt_path.stat().st_size  # lines appended from now on come after it
     return {
         "checkpoint": str(s.ckpt_dir.resolve()),
         "params.json": file_digest(s.ckpt_dir / "params.json"),
         "shards": [[p.name, p.stat().st_size] for p in shards],
         "tokenizer": file_digest(tokenizer.path),
-        "prompt_file": file_digest(s.prompt_path),
-        "prompt_file_bytes": s.prompt_path.stat().st_size,
+        "prompt_file": file_digest(s.prompt_path, prompt_bytes),
+        "prompt_file_bytes": prompt_bytes,
         "dtype": dtype,
         **{k: getattr(s, k) for k in ("prompt_key", "id_key", "max_seq_len", "max_gen_len",
                                       "temperature", "top_p", "seed", "num_samples", "logprobs",
@@ -323,6 +325,7 @@ def run_job(s: JobSettings) -> None:
     from .checkpoint import find_shards
     from .tokenizer import find_tokenizer, load_tokenizer
 
+    parallel.stop_if_launcher_dies()
     s.check()
     tokenizer = load_tokenizer(find_tokenizer(s.ckpt_dir, s.tokenizer_path))
     read_model_args(s.ckpt_dir, tokenizer)
@@ -331,7 +334,6 @@ def run_job(s: JobSettings) -> None:
     info = parallel.init_distributed(
         s.model_parallel_size or default_model_parallel_size(world_size, n_shards), s.device)
     stop = StopRequested()
-    parallel.stop_if_launcher_dies()
     lock = OutputLock(s.out_path)
     writer: Writer | None = None
     try:
@@ -342,7 +344,7 @@ def run_job(s: JobSettings) -> None:
                 lock.acquire()
                 done = prepare_output(s, run_fingerprint(s, tokenizer, str(dtype)))
                 outcome = ("ok", (done, count_pending(s, done)))
-            except UserError as e:
+            except (UserError, OSError) as e:  # every rank stops with the same message
                 outcome = ("error", str(e))
         kind, value = parallel.broadcast_from_rank0(outcome)
         if kind == "error":
@@ -379,7 +381,7 @@ def run_job(s: JobSettings) -> None:
                                      info.data_parallel_size):
                 if isinstance(item, BadLine):
                     deliver({"bad_line": asdict(item)})
-                    if s.strict:  # no further line is read; what is under way finishes
+                    if s.strict:  # no further line is read; the job stops as on Ctrl-C
                         stop.signal = stop.signal or -1
                         return
                 else:

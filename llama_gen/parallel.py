@@ -79,7 +79,9 @@ def launch_env() -> Launch:
 def stop_if_launcher_dies(poll_seconds: float = 1.0) -> None:
     """Under torchrun, send this process SIGTERM (a clean stop) if torchrun itself dies without
     stopping it (kill -9, the OOM killer): workers run in sessions of their own and would go on
-    working, holding the output's lock, while the user starts the job again."""
+    working, holding the output's lock, while the user starts the job again. (With several
+    data-parallel replicas, whose mail goes through torchrun's store, rank 0 may instead stop on
+    the store's error; the next run resumes all the same.)"""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     launcher = os.getppid()
@@ -95,8 +97,8 @@ def stop_if_launcher_dies(poll_seconds: float = 1.0) -> None:
 def pick_device(local_rank: int, local_world_size: int, gpus: int,
                 device: str | None = None) -> torch.device:
     """This process's device: `device` (--device) if given, else a GPU if this machine has
-    `gpus`, else the CPU. `cuda` without an index means this process's own GPU, local rank
-    modulo the GPUs, as NCCL needs one GPU per process."""
+    `gpus`, else the CPU. `cuda` without an index means this process's own GPU: its local
+    rank, modulo the GPUs it sees (NCCL needs a GPU per process)."""
     try:
         dev = torch.device(device or ("cuda" if gpus else "cpu"))
     except RuntimeError:
@@ -108,6 +110,10 @@ def pick_device(local_rank: int, local_world_size: int, gpus: int,
                         f"{torch.__version__}, CUDA {torch.version.cuda}); use --device cpu, or "
                         "install a CUDA build of torch")
     if dev.index is None:
+        if local_world_size > gpus:  # fine only where each process sees GPUs of its own
+            log.warning("%d processes on this machine see %d GPU(s): NCCL needs a GPU per "
+                        "process, so start at most %d (--nproc_per_node) unless each process "
+                        "has its own CUDA_VISIBLE_DEVICES", local_world_size, gpus, gpus)
         return torch.device("cuda", local_rank % gpus)
     if dev.index >= gpus:
         raise UserError(f"--device {device}: this machine has {gpus} GPU(s), cuda:0 to "
@@ -245,9 +251,8 @@ def unfilled_weight(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
 
 
-def split(size: int, parts: int) -> int:
-    if size % parts:
-        raise ValueError(f"{size} does not split into {parts} equal parts")  # checked earlier
+def part_size(size: int, parts: int) -> int:
+    assert size % parts == 0, f"{size} does not split into {parts} equal parts"  # checked earlier
     return size // parts
 
 
@@ -266,7 +271,7 @@ class ColumnParallelLinear(nn.Module):
                  gather_output: bool = False, packed: bool = False):
         super().__init__()
         self.parts, self.gather_output = parts, gather_output
-        self.weight = unfilled_weight(split(out_features, parts), in_features)
+        self.weight = unfilled_weight(part_size(out_features, parts), in_features)
         self.packed = PackedWeight() if packed else None
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,7 +293,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, parts: int):
         super().__init__()
         self.parts = parts
-        self.weight = unfilled_weight(out_features, split(in_features, parts))
+        self.weight = unfilled_weight(out_features, part_size(in_features, parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight)
@@ -301,7 +306,7 @@ class ParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, parts: int):
         super().__init__()
         self.parts = parts
-        self.weight = unfilled_weight(vocab_size, split(dim, parts))
+        self.weight = unfilled_weight(vocab_size, part_size(dim, parts))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = F.embedding(tokens, self.weight)
@@ -315,7 +320,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, parts: int, rank: int):
         super().__init__()
         self.parts = parts
-        rows = split(vocab_size, parts)
+        rows = part_size(vocab_size, parts)
         self.vocab_start_index, self.vocab_end_index = rank * rows, (rank + 1) * rows
         self.weight = unfilled_weight(rows, dim)
 

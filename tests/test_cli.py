@@ -195,6 +195,17 @@ def test_flag_mistakes_are_refused_before_anything_is_written(tiny_checkpoints, 
     assert out.read_bytes() == written
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["a", "b", "c", "-h"]])
+def test_help_lists_the_flags_and_runs_nothing(argv, tmp_path):
+    result = subprocess.run([LLAMA_GEN, *argv], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout + result.stderr
+    assert "--out_dir" in text if argv[0] == "demo" else "--temperature" in text
+    assert "UNEXPECTED" not in text and "llama-gen: error" not in text
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_file_system_error_is_one_line(tiny_checkpoints, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     (tmp_path / "o.jsonl.lock").mkdir()  # the lock file cannot be opened

@@ -473,12 +473,14 @@ def test_lines_appended_to_the_prompt_file_are_a_resume_other_changes_are_not(tm
         with pytest.raises(UserError, match="prompt_file: its content changed, beyond lines "
                                             "added at its end"):
             resume_after(changed)
-    # Appending after a last line that had no newline would change that line: refused.
+    # After a last line without a newline, text that continues that line changes it: refused;
+    # a newline first leaves it as it was.
     s.settings_path.unlink()  # a new job
     s.prompt_path.write_text(grown.rstrip("\n"))
     prepare_output(s, run_fingerprint(s, tokenizer, "torch.float32"))
     with pytest.raises(UserError, match="prompt_file"):
-        resume_after(grown + '{"prompt": "more"}\n')
+        resume_after(grown.rstrip("\n") + '{"prompt": "more"}\n')
+    resume_after(grown + '{"prompt": "more"}\n')
 
 
 def test_run_settings_of_an_earlier_version_without_the_prompt_size_still_resume(tmp_path):

@@ -14,7 +14,9 @@ from llama_gen.tiny import TINY_LLAMA3
 
 def test_device_defaults_to_this_process_gpu_else_the_cpu():
     assert pick_device(local_rank=0, local_world_size=1, gpus=0) == torch.device("cpu")
-    assert pick_device(local_rank=3, local_world_size=4, gpus=2) == torch.device("cuda", 1)
+    assert pick_device(local_rank=1, local_world_size=2, gpus=4) == torch.device("cuda", 1)
+    # Where each process sees only its own GPU (CUDA_VISIBLE_DEVICES per process), it is cuda:0.
+    assert pick_device(local_rank=3, local_world_size=4, gpus=1) == torch.device("cuda", 0)
     assert pick_device(1, 2, gpus=2, device="cpu") == torch.device("cpu")
 
 
