@@ -339,7 +339,7 @@ class Engine:
     def _sample_and_append(self, seqs: list[_Sequence], rows: slice, logits: torch.Tensor) -> None:
         want_logprobs = any(s.request.params.logprobs for s in seqs)
         if want_logprobs or any(s.request.params.temperature != 0 for s in seqs):
-            # A CPU head without a packed weight (`parallel.linear`) returns a transposed view:
+            # A CPU head without a packed weight (`kernels.linear`) returns a transposed view:
             # argmax reads it fast, but softmax on it is several times slower than a copy and a
             # softmax (6.1 ms vs 0.8 + 1.1 at 32 x 32000).
             logits = logits.contiguous()

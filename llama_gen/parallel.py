@@ -15,17 +15,17 @@ import os
 import signal
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from fairscale.nn.model_parallel import initialize as fs_init
 import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
 from .errors import UserError
+from .kernels import PackedWeight, linear
 
 log = logging.getLogger(__name__)
 
@@ -176,56 +176,6 @@ def broadcast_from_model_parallel_leader(obj: object) -> object:
     dist.broadcast_object_list(holder, src=fs_init.get_model_parallel_src_rank(),
                                group=model_parallel_group())
     return holder[0]
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. On the CPU computed as (weight @ x.T).T: with torch 2.13's CPU kernels,
-    F.linear is 1.5-4.5x slower for the few rows of a decode step (stories15M's output head,
-    32000 x 288: 9.1 ms vs 6.0 ms at 32 rows, 7.5 ms vs 2.0 ms at 4). The result is a
-    transposed view; callers that need contiguous rows copy them."""
-    if x.device.type != "cpu":
-        return F.linear(x, weight)
-    rows = x.reshape(-1, x.shape[-1])
-    return (weight @ rows.T).T.view(*x.shape[:-1], weight.shape[0])
-
-
-class PackedWeight:
-    """oneDNN's blocked copy of a CPU float32 weight, made on first use and again whenever the
-    weight is replaced, moved or written in place (writes through `.data` are not seen). For a
-    wide, shallow product such as the output head (vocabulary x dim) it is faster than
-    `linear`: 6.3 ms vs 9.1 ms for stories15M's head at 32 rows, weights cold. For the layers'
-    smaller weights it is slower, so only the head uses it. It holds a second copy of the
-    weight."""
-
-    ROWS_HINT = 32  # the row count oneDNN picks its blocking for; any count works
-
-    def __init__(self):
-        self._source: weakref.ref | None = None  # the weight packed
-        self._state: tuple | None = None  # its storage, dtype and version then
-        self._packed: torch.Tensor | None = None
-        # Off without oneDNN, or once torch's internal ops failed (a release changed them).
-        self.enabled = torch.backends.mkldnn.is_available()
-
-    def usable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Eager CPU float32 only: torch.compile cannot trace the repacking bookkeeping."""
-        return (self.enabled and x.device.type == "cpu" and weight.dtype == torch.float32
-                and not torch.compiler.is_compiling())
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x @ weight.T, contiguous."""
-        try:
-            state = (weight.data_ptr(), weight.dtype,
-                     None if weight.is_inference() else weight._version)  # no version there
-            if self._source is None or self._source() is not weight or self._state != state:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(),
-                                                                       self.ROWS_HINT)
-                self._source, self._state = weakref.ref(weight), state
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
-        except (AttributeError, RuntimeError) as e:
-            log.warning("oneDNN's packed linear failed (%s: %s); using the plain product",
-                        type(e).__name__, e)
-            self.enabled = False
-            return linear(x, weight)
 
 
 # The model only runs forward (under inference mode), so the layers below call the collectives
