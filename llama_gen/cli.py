@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"llama-gen: {e}; what was finished is written: resume with the same command",
                   file=sys.stderr)
         sys.exit(128 + e.signum)
+    except parallel.StoreLost as e:
+        if rank == 0:
+            print(f"llama-gen: error: {e}; what reached the writer is written: run the same "
+                  "command again to resume", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # before the job's own handler is installed
         if rank == 0:
             print("llama-gen: interrupted", file=sys.stderr)

@@ -80,8 +80,8 @@ def stop_if_launcher_dies(poll_seconds: float = 1.0) -> None:
     """Under torchrun, send this process SIGTERM (a clean stop) if torchrun itself dies without
     stopping it (kill -9, the OOM killer): workers run in sessions of their own and would go on
     working, holding the output's lock, while the user starts the job again. (With several
-    data-parallel replicas, whose mail goes through torchrun's store, rank 0 may instead stop on
-    the store's error; the next run resumes all the same.)"""
+    data-parallel replicas, whose mail goes through torchrun's store, the job may instead stop
+    on `StoreLost`; the next run resumes all the same.)"""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     launcher = os.getppid()
@@ -328,6 +328,11 @@ def leader_flag(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+class StoreLost(Exception):
+    """The key-value store carrying the replicas' results is gone (torchrun, which holds it,
+    died): results not yet received are not written, and the next run makes them again."""
+
+
 class Mailbox:
     """JSON messages from data-parallel replica leaders to global rank 0, through the process
     group's key-value store, so replicas never wait for each other."""
@@ -341,31 +346,43 @@ class Mailbox:
         self._closed = [False] * self._replicas
 
     def send(self, message: dict) -> None:
-        self._store.set(f"mail/{self._replica}/{self._sent}", json.dumps(message))
-        self._sent += 1
-        self._store.set(f"mail/{self._replica}/count", str(self._sent))
+        with _store_errors():
+            self._store.set(f"mail/{self._replica}/{self._sent}", json.dumps(message))
+            self._sent += 1
+            self._store.set(f"mail/{self._replica}/count", str(self._sent))
 
     def close(self) -> None:
-        self._store.set(f"mail/{self._replica}/closed", str(self._sent))
+        with _store_errors():
+            self._store.set(f"mail/{self._replica}/closed", str(self._sent))
 
     def receive(self) -> list[dict]:
         """Messages that arrived since the last call (rank 0 only; never blocks)."""
         messages = []
-        for r in range(1, self._replicas):
-            if not self._store.check([f"mail/{r}/count"]):
-                continue
-            count = int(self._store.get(f"mail/{r}/count"))
-            for i in range(self._received[r], count):
-                key = f"mail/{r}/{i}"
-                messages.append(json.loads(self._store.get(key)))
-                self._store.delete_key(key)
-            self._received[r] = count
-            if not self._closed[r] and self._store.check([f"mail/{r}/closed"]):
-                self._closed[r] = int(self._store.get(f"mail/{r}/closed")) == self._received[r]
+        with _store_errors():
+            for r in range(1, self._replicas):
+                if not self._store.check([f"mail/{r}/count"]):
+                    continue
+                count = int(self._store.get(f"mail/{r}/count"))
+                for i in range(self._received[r], count):
+                    key = f"mail/{r}/{i}"
+                    messages.append(json.loads(self._store.get(key)))
+                    self._store.delete_key(key)
+                self._received[r] = count
+                if not self._closed[r] and self._store.check([f"mail/{r}/closed"]):
+                    self._closed[r] = int(self._store.get(f"mail/{r}/closed")) == count
         return messages
 
     def all_closed(self) -> bool:
         return all(self._closed[1:])
+
+
+@contextlib.contextmanager
+def _store_errors():
+    try:
+        yield
+    except dist.DistError as e:
+        raise StoreLost(f"the replicas' results could not go through torchrun's store ({e})"
+                        ) from None
 
 
 def record_errors(fn):
