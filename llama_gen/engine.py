@@ -221,19 +221,19 @@ class Engine:
         step = self.model.make_step(positions, rows, kv_len, fresh)
         return self._timed(self.model, tokens, step, all_logits)
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, n: int,
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor,
                 kv_len: int) -> torch.Tensor:
         """Logits (n, vocab) of a decode step alone for slots 0..n-1, whose next tokens and
-        positions are the first n of `tokens` and `positions`, reading `kv_len` cache positions.
-        The compiled step always spans every slot (padding rows count as wasted), and its cache
-        reads are rounded up to a multiple of DECODE_KV_BUCKET, so a few shapes serve the whole
-        run."""
+        positions are `tokens` and `positions` (n each), reading `kv_len` cache positions.
+        The compiled step always spans every slot (padding rows, at position 0, count as
+        wasted), and its cache reads are rounded up to a multiple of DECODE_KV_BUCKET, so a few
+        shapes serve the whole run."""
         if self._compiled_decode is None:
-            return self._timed(self.model.decode, tokens[:n], positions[:n], kv_len)
-        slots = self.max_batch_size
-        if len(tokens) < slots:
-            tokens = torch.cat((tokens, tokens.new_zeros(slots - len(tokens))))
-            positions = torch.cat((positions, positions.new_zeros(slots - len(positions))))
+            return self._timed(self.model.decode, tokens, positions, kv_len)
+        n, slots = len(tokens), self.max_batch_size
+        if n < slots:
+            tokens = torch.cat((tokens, tokens.new_zeros(slots - n)))
+            positions = torch.cat((positions, positions.new_zeros(slots - n)))
         self.stats.slot_steps += slots - n
         self.stats.wasted_slot_steps += slots - n
         kv_len = min(self.max_seq_len, -(-kv_len // DECODE_KV_BUCKET) * DECODE_KV_BUCKET)
@@ -288,9 +288,7 @@ class Engine:
             self.stats.slot_steps += n
             kv_lens = [s.position + 1 for s in active]
         if n and self._compiled_decode is not None:  # a pass of its own, at fixed shapes
-            positions = self._position.clone()
-            positions[n:] = 0  # free slots compute on a valid position; their results are dropped
-            decode_logits = self._decode(self._next_token, positions, n, max(kv_lens))
+            decode_logits = self._decode(self._next_token[:n], self._position[:n], max(kv_lens))
         elif n:
             chunks = (attention_chunks(kv_lens, CPU_ATTENTION_CHUNK)
                       if self.device.type == "cpu" else None)
@@ -422,7 +420,7 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.slot_steps += n
             self.stats.wasted_slot_steps += sum(1 for s in batch if s.finish_reason)
-            logits = self._decode(chosen_t, torch.full((n,), pos, device=self.device), n, pos + 1)
+            logits = self._decode(chosen_t, torch.full((n,), pos, device=self.device), pos + 1)
         for seq in batch:
             yield seq.completion()
         return False

@@ -153,14 +153,14 @@ def prepare_output(s: JobSettings, fingerprint: dict[str, Any]) -> set[tuple[Any
                 write_atomically(path, "")
     elif s.settings_path.exists():
         old = json.loads(s.settings_path.read_text(encoding="utf-8"))
-        ignore = {"prompt_file_bytes"}
-        if old.get("prompt_file") != fingerprint["prompt_file"] and prompt_file_grew(
-                old, s.prompt_path):
-            ignore.add("prompt_file")
-            log.info("%s has new lines since the last run: they are answered too", s.prompt_path)
-        if diff := settings_differences(old, fingerprint, ignore):
-            diff = ["prompt_file: its content changed, beyond lines added at its end"
-                    if d.startswith("prompt_file:") else d for d in diff]
+        diff = settings_differences(old, fingerprint, ignore={"prompt_file", "prompt_file_bytes"})
+        if old.get("prompt_file") != fingerprint["prompt_file"]:
+            if prompt_file_grew(old, s.prompt_path):
+                log.info("%s has new lines since the last run: they are answered too",
+                         s.prompt_path)
+            else:
+                diff.append("prompt_file: its content changed, beyond lines added at its end")
+        if diff:
             raise UserError(f"{s.out_path} was written with other settings ({'; '.join(diff)}); "
                             "resume with the same command and files, or pass --overwrite to "
                             "start over")

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 class Dist:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
     backend: str
     model_parallel_size: int
@@ -150,7 +149,7 @@ def init_distributed(model_parallel_size: int | None, device: str | None = None,
     if not fs_init.model_parallel_is_initialized():
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
             fs_init.initialize_model_parallel(mp)
-    info = Dist(rank, world_size, launch.local_rank, dev, backend, mp)
+    info = Dist(rank, world_size, dev, backend, mp)
     if rank == 0:
         log.info("%d process(es) on %s with %s: model parallel %d x data parallel %d",
                  world_size, dev.type, backend, mp, info.data_parallel_size)
@@ -208,8 +207,9 @@ def part_size(size: int, parts: int) -> int:
 
 # The model-parallel layers below are Meta's (and fairscale's) layers, with their weight layout,
 # built for inference. fairscale's constructors make every weight in float32 on every rank to
-# scatter it: at model-parallel size 2 that took 10 s and 1.8 GB per rank for a 1B model before
-# a byte of the checkpoint was read (4 bytes per parameter / size: 26 GB per rank for a 13B).
+# scatter it: at model-parallel size 2 that took 9-10 s and 1.8 GiB per rank for a 0.95B model
+# before a byte of the checkpoint was read (4 bytes per parameter / size: 26 GB per rank for a
+# 13B).
 # These allocate nothing; the checkpoint's tensors become their weights.
 
 class ColumnParallelLinear(nn.Module):

@@ -139,7 +139,8 @@ def nucleus_may_fit(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.T
     least = top_probs.shape[-1] + (top_p - top_probs.sum(dim=-1)) / last.clamp_min(
         torch.finfo(probs.dtype).tiny)
     # The k most likely tokens' mass: the top ones' exactly, the next ones' from a sample.
-    tail_sample = probs[:, ::8].masked_fill(probs[:, ::8] >= last.unsqueeze(-1), 0.0)
+    every_8th = probs[:, ::8]
+    tail_sample = every_8th.masked_fill(every_8th >= last.unsqueeze(-1), 0.0)
     n_next = min((k - top_probs.shape[-1]) // 8, tail_sample.shape[-1])
     mass_estimate = top_probs.sum(dim=-1) + 8 * tail_sample.topk(n_next, dim=-1).values.sum(dim=-1)
     return (least <= k) & (mass_estimate >= 0.9 * top_p) & (top_p < 1)
