@@ -11,7 +11,8 @@ from .args import ModelArgs
 from .checkpoint import Checkpoint, check_model_parallel_size, find_shards
 from .errors import UserError
 from .model import Transformer
-from .parallel import Dist, ParallelLayers
+from .distributed import Dist
+from .layers import ParallelLayers
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import fire
 
-from . import parallel
+from . import distributed
 from .errors import UserError
 from .flags import strict_flags
 from .job import Interrupted, JobSettings, run_job
+from .replicas import StoreLost
 
 log = logging.getLogger("llama_gen")
 
@@ -80,16 +81,16 @@ def fire_command(command, argv: list[str], name: str) -> None:
 
 
 def _setup_logging() -> None:
-    rank = parallel.launch_env().rank
+    rank = distributed.launch_env().rank
     logging.basicConfig(format="llama-gen: %(message)s", stream=sys.stderr,
                         level=logging.INFO if rank == 0 else logging.WARNING)
 
 
-@parallel.record_errors
+@distributed.record_errors
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _setup_logging()
-    rank = parallel.launch_env().rank
+    rank = distributed.launch_env().rank
     try:
         if argv[:1] == ["demo"]:
             from .demo import demo
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"llama-gen: {e}; what was finished is written: resume with the same command",
                   file=sys.stderr)
         sys.exit(128 + e.signum)
-    except parallel.StoreLost as e:
+    except StoreLost as e:
         if rank == 0:
             print(f"llama-gen: error: {e}; what reached the writer is written: run the same "
                   "command again to resume", file=sys.stderr)

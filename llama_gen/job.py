@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import parallel
+from . import distributed
 from .engine import Completion, Engine, Request, SamplingParams, prompt_problem
 from .errors import UserError
+from .replicas import Mailbox
 from .output import (JsonlAppender, OutputLock, ProgressLog, recorded_error_lines, recover_output,
                      settings_differences, write_atomically)
 from .records import BadLine, Record, read_records
@@ -325,13 +326,13 @@ def run_job(s: JobSettings) -> None:
     from .checkpoint import find_shards
     from .tokenizer import find_tokenizer, load_tokenizer
 
-    parallel.stop_if_launcher_dies()
+    distributed.stop_if_launcher_dies()
     s.check()
     tokenizer = load_tokenizer(find_tokenizer(s.ckpt_dir, s.tokenizer_path))
     read_model_args(s.ckpt_dir, tokenizer)
     n_shards = len(find_shards(s.ckpt_dir))
-    world_size = parallel.launch_env().world_size
-    info = parallel.init_distributed(
+    world_size = distributed.launch_env().world_size
+    info = distributed.init_distributed(
         s.model_parallel_size or default_model_parallel_size(world_size, n_shards), s.device)
     stop = StopRequested()
     lock = OutputLock(s.out_path)
@@ -346,7 +347,7 @@ def run_job(s: JobSettings) -> None:
                 outcome = ("ok", (done, count_pending(s, done)))
             except (UserError, OSError) as e:  # every rank stops with the same message
                 outcome = ("error", str(e))
-        kind, value = parallel.broadcast_from_rank0(outcome)
+        kind, value = distributed.broadcast_from_rank0(outcome)
         if kind == "error":
             raise UserError(value)
         done, total = value
@@ -360,7 +361,7 @@ def run_job(s: JobSettings) -> None:
             log.info("--compile: the first decode steps compile the model (a minute or more "
                      "for large models)%s", "" if info.device.type == "cuda" else
                      "; on the CPU the compiled step is not faster than the eager one")
-        mailbox = parallel.Mailbox(info) if info.data_parallel_size > 1 else None
+        mailbox = Mailbox(info) if info.data_parallel_size > 1 else None
         leader = info.model_parallel_rank == 0
         writer = Writer(s, total) if info.is_writer else None
         strict_failure: list[BadLine] = []
@@ -391,7 +392,7 @@ def run_job(s: JobSettings) -> None:
             source = leader_requests() if leader else None
             while True:
                 request = None if (not leader or stop) else next(source, None)
-                request = parallel.broadcast_from_model_parallel_leader(request)
+                request = distributed.broadcast_from_model_parallel_leader(request)
                 if request is None:
                     return
                 yield request
@@ -402,7 +403,7 @@ def run_job(s: JobSettings) -> None:
             """The leader's stop request, shared with its group every 8 decode steps."""
             nonlocal decode_steps
             decode_steps += 1
-            return decode_steps % 8 == 0 and parallel.leader_flag(bool(stop), info.device)
+            return decode_steps % 8 == 0 and distributed.leader_flag(bool(stop), info.device)
 
         for completion in engine.generate(group_requests(), should_stop):
             if leader:
@@ -430,7 +431,7 @@ def run_job(s: JobSettings) -> None:
         if writer is not None:
             writer.close()
         lock.release()
-        parallel.shutdown()
+        distributed.shutdown()
 
 
 class Interrupted(Exception):

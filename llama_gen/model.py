@@ -16,7 +16,7 @@ from torch import nn
 
 from .args import (LLAMA_3_ROPE_HIGH_FREQ_FACTOR, LLAMA_3_ROPE_LOW_FREQ_FACTOR,
                    LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs)
-from .parallel import ParallelLayers
+from .layers import ParallelLayers
 
 
 class RMSNorm(nn.Module):

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import fire
 import torch
 
-from llama_gen import parallel
+from llama_gen import distributed
 from llama_gen.args import ModelArgs
 from llama_gen.engine import DECODE_KV_BUCKET, Engine, EngineStats, Request, SamplingParams
 from llama_gen.model import Transformer
-from llama_gen.parallel import ParallelLayers
+from llama_gen.layers import ParallelLayers
 from llama_gen.tiny import random_weights
 
 PRESETS = {
@@ -285,7 +285,7 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
     """`schedulers`: any of continuous, static and compiled (continuous with `--compile`'s
     decode step). `ctranslate2`: add a CTranslate2 run of the same weights (default: if it is
     installed)."""
-    info = parallel.init_distributed(1, device=device)
+    info = distributed.init_distributed(1, device=device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     args = ModelArgs.from_params(PRESETS[preset])
     model = build_model(args, info.device, torch_dtype)
@@ -351,7 +351,7 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
         if r.get("compile_seconds"):
             print(f"{r['name']}: compiling took {r['compile_seconds']:.1f} s before the run "
                   "(not in its wall time)")
-    parallel.shutdown()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import fire
 import torch
 
-from llama_gen import parallel
+from llama_gen import distributed
 from llama_gen.args import ModelArgs
 from llama_gen.build import DTYPES, load_model
 from llama_gen.tiny import random_weights, write_checkpoint
@@ -45,7 +45,7 @@ def peak_rss_gib() -> float:
 
 
 def load(ckpt_dir: str, dtype: str = "fp32", device: str | None = None) -> None:
-    info = parallel.init_distributed(None, device)
+    info = distributed.init_distributed(None, device)
     ckpt = Path(ckpt_dir)
     before = peak_rss_gib()
     start = time.perf_counter()
@@ -54,7 +54,7 @@ def load(ckpt_dir: str, dtype: str = "fp32", device: str | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"rank {info.rank}: loaded its {n_params / 1e9:.2f}B parameters ({dtype}) in {seconds:.1f} s;"
           f" peak resident memory {peak_rss_gib():.2f} GiB ({before:.2f} GiB before loading)")
-    parallel.shutdown()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_gen import parallel
+from llama_gen import distributed
 from llama_gen.tiny import make_tiny_model
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -18,9 +18,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def single_process():
     """torch.distributed and fairscale initialised as one process on the CPU (gloo)."""
-    info = parallel.init_distributed(1, device="cpu")
+    info = distributed.init_distributed(1, device="cpu")
     yield info
-    parallel.shutdown()
+    distributed.shutdown()
 
 
 @pytest.fixture(scope="session")

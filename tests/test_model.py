@@ -17,7 +17,7 @@ from llama_gen.args import LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs
 from llama_gen.build import load_model, read_model_args
 from llama_gen.engine import Engine, Request, SamplingParams, attention_chunks
 from llama_gen.model import Step, Transformer, rope_frequencies
-from llama_gen.parallel import ParallelLayers
+from llama_gen.layers import ParallelLayers
 from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3, random_weights
 from llama_gen.tokenizer import load_tokenizer
 

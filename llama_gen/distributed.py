@@ -1,4 +1,4 @@
-"""Processes, devices and the model-parallel layers: the one place that knows about them.
+"""Processes and devices: torchrun's environment, the process groups, the collectives.
 
 torchrun starts WORLD_SIZE processes. They form model-parallel groups of `model_parallel_size`
 consecutive ranks (each group holds one copy of the model, split across its ranks) and
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import signal
@@ -20,12 +19,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
-from torch import nn
 
 from .errors import UserError
-from .kernels import PackedWeight, linear
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +173,8 @@ def broadcast_from_model_parallel_leader(obj: object) -> object:
     return holder[0]
 
 
-# The model only runs forward (under inference mode), so the layers below call the collectives
-# directly rather than through fairscale's autograd functions: no autograd dispatch per call, and
+# The model only runs forward (under inference mode), so the model-parallel layers call these
+# collectives directly rather than through fairscale's autograd functions: no autograd dispatch per call, and
 # torch.compile traces them (fairscale's `mark_dirty` stops its tracing).
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -192,122 +188,6 @@ def all_gather_last_dim(x: torch.Tensor, world_size: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.contiguous(), group=model_parallel_group())
     return torch.cat(parts, dim=-1)
-
-
-def unfilled_weight(*shape: int) -> nn.Parameter:
-    """A weight for the checkpoint to fill (`load_state_dict(assign=True)` puts the loaded
-    tensor in its place). On the meta device it costs no memory and no time until then."""
-    return nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
-
-
-def part_size(size: int, parts: int) -> int:
-    assert size % parts == 0, f"{size} does not split into {parts} equal parts"  # checked earlier
-    return size // parts
-
-
-# The model-parallel layers below are Meta's (and fairscale's) layers, with their weight layout,
-# built for inference. fairscale's constructors make every weight in float32 on every rank to
-# scatter it: at model-parallel size 2 that took 9-10 s and 1.8 GiB per rank for a 0.95B model
-# before a byte of the checkpoint was read (4 bytes per parameter / size: 26 GB per rank for a
-# 13B).
-# These allocate nothing; the checkpoint's tensors become their weights.
-
-class ColumnParallelLinear(nn.Module):
-    """x @ W.T with W (out, in) split along its outputs: rank r of `parts` holds rows
-    r * out / parts onwards. With `gather_output` every rank gets the whole output; with
-    `packed`, the product uses a `PackedWeight`."""
-
-    def __init__(self, in_features: int, out_features: int, parts: int,
-                 gather_output: bool = False, packed: bool = False):
-        super().__init__()
-        self.parts, self.gather_output = parts, gather_output
-        self.weight = unfilled_weight(part_size(out_features, parts), in_features)
-        self.packed = PackedWeight() if packed else None
-
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and self.packed.usable(x, self.weight):
-            return self.packed.linear(x, self.weight)
-        return linear(x, self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.product(x)
-        if self.gather_output and self.parts > 1:
-            return all_gather_last_dim(out, self.parts)
-        return out
-
-
-class RowParallelLinear(nn.Module):
-    """x @ W.T with W (out, in) split along its inputs; `x` comes split the same way (a column
-    layer's output), and the group sums the partial products."""
-
-    def __init__(self, in_features: int, out_features: int, parts: int):
-        super().__init__()
-        self.parts = parts
-        self.weight = unfilled_weight(out_features, part_size(in_features, parts))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
-        return all_reduce(out) if self.parts > 1 else out
-
-
-class ParallelEmbedding(nn.Module):
-    """An embedding split along the embedding dimension (Llama 1/2)."""
-
-    def __init__(self, vocab_size: int, dim: int, parts: int):
-        super().__init__()
-        self.parts = parts
-        self.weight = unfilled_weight(vocab_size, part_size(dim, parts))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(tokens, self.weight)
-        return all_gather_last_dim(out, self.parts) if self.parts > 1 else out
-
-
-class VocabParallelEmbedding(nn.Module):
-    """An embedding split along the vocabulary (Llama 3): each rank looks up the tokens in its
-    range, zeros for the others, and the group sums."""
-
-    def __init__(self, vocab_size: int, dim: int, parts: int, rank: int):
-        super().__init__()
-        self.parts = parts
-        rows = part_size(vocab_size, parts)
-        self.vocab_start_index, self.vocab_end_index = rank * rows, (rank + 1) * rows
-        self.weight = unfilled_weight(rows, dim)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.parts == 1:
-            return F.embedding(tokens, self.weight)
-        elsewhere = (tokens < self.vocab_start_index) | (tokens >= self.vocab_end_index)
-        local = (tokens - self.vocab_start_index).masked_fill(elsewhere, 0)
-        out = F.embedding(local, self.weight).masked_fill_(elsewhere[..., None], 0.0)
-        return all_reduce(out)
-
-
-@dataclass(frozen=True)
-class ParallelLayers:
-    """Builds the model-parallel layers for this rank of fairscale's model-parallel group, with
-    their weights unfilled; `vocab_parallel_embedding` follows Meta's layout (Llama 3 splits
-    the embedding over the vocabulary, Llama 1/2 over the embedding dimension)."""
-
-    vocab_parallel_embedding: bool = False
-
-    @property
-    def world_size(self) -> int:
-        return fs_init.get_model_parallel_world_size()
-
-    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
-        if self.vocab_parallel_embedding:
-            return VocabParallelEmbedding(vocab_size, dim, self.world_size,
-                                          fs_init.get_model_parallel_rank())
-        return ParallelEmbedding(vocab_size, dim, self.world_size)
-
-    def column(self, in_features: int, out_features: int, gather_output: bool = False,
-               packed: bool = False) -> nn.Module:
-        return ColumnParallelLinear(in_features, out_features, self.world_size,
-                                    gather_output=gather_output, packed=packed)
-
-    def row(self, in_features: int, out_features: int) -> nn.Module:
-        return RowParallelLinear(in_features, out_features, self.world_size)
 
 
 def broadcast_from_rank0(obj: object) -> object:
@@ -326,63 +206,6 @@ def leader_flag(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.broadcast(value, src=fs_init.get_model_parallel_src_rank(), group=model_parallel_group())
     return bool(value.item())
-
-
-class StoreLost(Exception):
-    """The key-value store carrying the replicas' results is gone (torchrun, which holds it,
-    died): results not yet received are not written, and the next run makes them again."""
-
-
-class Mailbox:
-    """JSON messages from data-parallel replica leaders to global rank 0, through the process
-    group's key-value store, so replicas never wait for each other."""
-
-    def __init__(self, info: Dist):
-        self._store = dist.distributed_c10d._get_default_store()
-        self._replica = info.data_parallel_rank
-        self._replicas = info.data_parallel_size
-        self._sent = 0
-        self._received = [0] * self._replicas
-        self._closed = [False] * self._replicas
-
-    def send(self, message: dict) -> None:
-        with _store_errors():
-            self._store.set(f"mail/{self._replica}/{self._sent}", json.dumps(message))
-            self._sent += 1
-            self._store.set(f"mail/{self._replica}/count", str(self._sent))
-
-    def close(self) -> None:
-        with _store_errors():
-            self._store.set(f"mail/{self._replica}/closed", str(self._sent))
-
-    def receive(self) -> list[dict]:
-        """Messages that arrived since the last call (rank 0 only; never blocks)."""
-        messages = []
-        with _store_errors():
-            for r in range(1, self._replicas):
-                if not self._store.check([f"mail/{r}/count"]):
-                    continue
-                count = int(self._store.get(f"mail/{r}/count"))
-                for i in range(self._received[r], count):
-                    key = f"mail/{r}/{i}"
-                    messages.append(json.loads(self._store.get(key)))
-                    self._store.delete_key(key)
-                self._received[r] = count
-                if not self._closed[r] and self._store.check([f"mail/{r}/closed"]):
-                    self._closed[r] = int(self._store.get(f"mail/{r}/closed")) == count
-        return messages
-
-    def all_closed(self) -> bool:
-        return all(self._closed[1:])
-
-
-@contextlib.contextmanager
-def _store_errors():
-    try:
-        yield
-    except dist.DistError as e:
-        raise StoreLost(f"the replicas' results could not go through torchrun's store ({e})"
-                        ) from None
 
 
 def record_errors(fn):

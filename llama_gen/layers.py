@@ -1,0 +1,127 @@
+"""The model-parallel layers handed to the model: Meta's (and fairscale's) layers, with their
+weight layout, built for inference.
+
+fairscale's constructors make every weight in float32 on every rank to scatter it, before a byte
+of the checkpoint is read (`docs/benchmarks.md` has what that cost). These allocate nothing:
+their weights sit on the meta device until the checkpoint's tensors take their place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+from torch import nn
+
+from .distributed import all_gather_last_dim, all_reduce
+from .kernels import PackedWeight, linear
+
+
+def unfilled_weight(*shape: int) -> nn.Parameter:
+    """A weight for the checkpoint to fill (`load_state_dict(assign=True)` puts the loaded
+    tensor in its place). On the meta device it costs no memory and no time until then."""
+    return nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
+
+
+def part_size(size: int, parts: int) -> int:
+    assert size % parts == 0, f"{size} does not split into {parts} equal parts"  # checked earlier
+    return size // parts
+
+
+class ColumnParallelLinear(nn.Module):
+    """x @ W.T with W (out, in) split along its outputs: rank r of `parts` holds rows
+    r * out / parts onwards. With `gather_output` every rank gets the whole output; with
+    `packed`, the product uses a `PackedWeight`."""
+
+    def __init__(self, in_features: int, out_features: int, parts: int,
+                 gather_output: bool = False, packed: bool = False):
+        super().__init__()
+        self.parts, self.gather_output = parts, gather_output
+        self.weight = unfilled_weight(part_size(out_features, parts), in_features)
+        self.packed = PackedWeight() if packed else None
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and self.packed.usable(x, self.weight):
+            return self.packed.linear(x, self.weight)
+        return linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.product(x)
+        if self.gather_output and self.parts > 1:
+            return all_gather_last_dim(out, self.parts)
+        return out
+
+
+class RowParallelLinear(nn.Module):
+    """x @ W.T with W (out, in) split along its inputs; `x` comes split the same way (a column
+    layer's output), and the group sums the partial products."""
+
+    def __init__(self, in_features: int, out_features: int, parts: int):
+        super().__init__()
+        self.parts = parts
+        self.weight = unfilled_weight(out_features, part_size(in_features, parts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x, self.weight)
+        return all_reduce(out) if self.parts > 1 else out
+
+
+class ParallelEmbedding(nn.Module):
+    """An embedding split along the embedding dimension (Llama 1/2)."""
+
+    def __init__(self, vocab_size: int, dim: int, parts: int):
+        super().__init__()
+        self.parts = parts
+        self.weight = unfilled_weight(vocab_size, part_size(dim, parts))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(tokens, self.weight)
+        return all_gather_last_dim(out, self.parts) if self.parts > 1 else out
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding split along the vocabulary (Llama 3): each rank looks up the tokens in its
+    range, zeros for the others, and the group sums."""
+
+    def __init__(self, vocab_size: int, dim: int, parts: int, rank: int):
+        super().__init__()
+        self.parts = parts
+        rows = part_size(vocab_size, parts)
+        self.vocab_start_index, self.vocab_end_index = rank * rows, (rank + 1) * rows
+        self.weight = unfilled_weight(rows, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.parts == 1:
+            return F.embedding(tokens, self.weight)
+        elsewhere = (tokens < self.vocab_start_index) | (tokens >= self.vocab_end_index)
+        local = (tokens - self.vocab_start_index).masked_fill(elsewhere, 0)
+        out = F.embedding(local, self.weight).masked_fill_(elsewhere[..., None], 0.0)
+        return all_reduce(out)
+
+
+@dataclass(frozen=True)
+class ParallelLayers:
+    """Builds the model-parallel layers for this rank of fairscale's model-parallel group, with
+    their weights unfilled; `vocab_parallel_embedding` follows Meta's layout (Llama 3 splits
+    the embedding over the vocabulary, Llama 1/2 over the embedding dimension)."""
+
+    vocab_parallel_embedding: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return fs_init.get_model_parallel_world_size()
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        if self.vocab_parallel_embedding:
+            return VocabParallelEmbedding(vocab_size, dim, self.world_size,
+                                          fs_init.get_model_parallel_rank())
+        return ParallelEmbedding(vocab_size, dim, self.world_size)
+
+    def column(self, in_features: int, out_features: int, gather_output: bool = False,
+               packed: bool = False) -> nn.Module:
+        return ColumnParallelLinear(in_features, out_features, self.world_size,
+                                    gather_output=gather_output, packed=packed)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return RowParallelLinear(in_features, out_features, self.world_size)

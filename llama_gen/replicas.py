@@ -1,0 +1,67 @@
+"""Results between data-parallel replicas: replica leaders send their finished lines to global
+rank 0, the writer, through torchrun's key-value store, so replicas never wait for each other."""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import torch.distributed as dist
+
+from .distributed import Dist
+
+
+class StoreLost(Exception):
+    """The key-value store carrying the replicas' results is gone (torchrun, which holds it,
+    died): results not yet received are not written, and the next run makes them again."""
+
+
+class Mailbox:
+    """JSON messages from data-parallel replica leaders to global rank 0, through the process
+    group's key-value store, so replicas never wait for each other."""
+
+    def __init__(self, info: Dist):
+        self._store = dist.distributed_c10d._get_default_store()
+        self._replica = info.data_parallel_rank
+        self._replicas = info.data_parallel_size
+        self._sent = 0
+        self._received = [0] * self._replicas
+        self._closed = [False] * self._replicas
+
+    def send(self, message: dict) -> None:
+        with _store_errors():
+            self._store.set(f"mail/{self._replica}/{self._sent}", json.dumps(message))
+            self._sent += 1
+            self._store.set(f"mail/{self._replica}/count", str(self._sent))
+
+    def close(self) -> None:
+        with _store_errors():
+            self._store.set(f"mail/{self._replica}/closed", str(self._sent))
+
+    def receive(self) -> list[dict]:
+        """Messages that arrived since the last call (rank 0 only; never blocks)."""
+        messages = []
+        with _store_errors():
+            for r in range(1, self._replicas):
+                if not self._store.check([f"mail/{r}/count"]):
+                    continue
+                count = int(self._store.get(f"mail/{r}/count"))
+                for i in range(self._received[r], count):
+                    key = f"mail/{r}/{i}"
+                    messages.append(json.loads(self._store.get(key)))
+                    self._store.delete_key(key)
+                self._received[r] = count
+                if not self._closed[r] and self._store.check([f"mail/{r}/closed"]):
+                    self._closed[r] = int(self._store.get(f"mail/{r}/closed")) == count
+        return messages
+
+    def all_closed(self) -> bool:
+        return all(self._closed[1:])
+
+
+@contextlib.contextmanager
+def _store_errors():
+    try:
+        yield
+    except dist.DistError as e:
+        raise StoreLost(f"the replicas' results could not go through torchrun's store ({e})"
+                        ) from None
