@@ -4,11 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .values import BadValue, Rule
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,13 @@ class ModelArgs:
         ]
         if missing:
             raise UserError(f"{source}: missing required field(s) {', '.join(missing)}")
-        values = {name: _checked(source, name, params[name], fields[name].type)
-                  for name in fields if name in params}
+        kinds = typing.get_type_hints(cls)
+        values = {}
+        for name in fields.keys() & params.keys():
+            try:
+                values[name] = Rule(kinds[name]).check(params[name])
+            except BadValue as e:
+                raise UserError(f"{source}: field {name!r} {e}") from None
         args = cls(**values)
         args._check_shape(source)
         return args
@@ -105,21 +112,3 @@ class ModelArgs:
             problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         if problems:
             raise UserError(f"{source}: {'; '.join(problems)}")
-
-
-def _checked(source: str, name: str, value: Any, annotation: str) -> Any:
-    """Check a params.json value against the field's annotation (a string, see __future__)."""
-    optional = "None" in annotation
-    if value is None and optional:
-        return None
-    if "bool" in annotation:
-        ok = isinstance(value, bool)
-    elif "int" in annotation:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:  # float
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    if not ok:
-        expected = annotation.replace(" | None", "")
-        raise UserError(f"{source}: field {name!r} must be {expected}, got {value!r}")
-    return value

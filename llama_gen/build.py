@@ -1,4 +1,4 @@
-"""From a checkpoint directory to a ready model on this process's device."""
+"""From a checkpoint directory to a ready model and engine on this process's device."""
 from __future__ import annotations
 
 import logging
@@ -10,14 +10,18 @@ import torch
 from .args import ModelArgs
 from .checkpoint import Checkpoint, check_model_parallel_size, find_shards
 from .errors import UserError
+from .engine import Engine
 from .model import Transformer
+from . import distributed
 from .distributed import Dist
 from .layers import ParallelLayers
+from .settings import Settings
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -34,6 +38,14 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 def default_model_parallel_size(world_size: int, n_shards: int) -> int:
     """One model copy per shard set where the processes allow it, else all processes share one."""
     return n_shards if world_size % n_shards == 0 else world_size
+
+
+def model_parallel_size(settings: Settings) -> int:
+    """--model_parallel_size, or by default one model copy per shard set where it fits."""
+    if settings.model_parallel_size is not None:
+        return settings.model_parallel_size
+    world_size = distributed.launch_env().world_size
+    return default_model_parallel_size(world_size, len(find_shards(settings.ckpt_dir)))
 
 
 def read_model_args(ckpt_dir: Path, tokenizer: Tokenizer) -> ModelArgs:
@@ -58,3 +70,17 @@ def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dt
                  dist.model_parallel_size, str(dtype).removeprefix("torch."),
                  time.perf_counter() - start)
     return model
+
+
+def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, dist: Dist):
+    """The engine --scheduler names, over this rank's model."""
+    if settings.scheduler == "static":
+        from .baseline import StaticEngine
+        return StaticEngine(model, tokenizer.stop_ids, settings.max_batch_size,
+                            settings.max_seq_len)
+    if settings.compile and dist.rank == 0:
+        log.info("--compile: the first decode steps compile the model (a minute or more for "
+                 "large models)%s", "" if dist.device.type == "cuda" else
+                 "; on the CPU the compiled step is not faster than the eager one")
+    return Engine(model, tokenizer.stop_ids, settings.max_batch_size, settings.max_seq_len,
+                  compile=settings.compile)

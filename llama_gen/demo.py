@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from .settings import check_fields, setting
 from .tiny import make_tiny_model
 
 DEMO_PROMPTS = [
@@ -19,15 +21,23 @@ DEMO_PROMPTS = [
 ]
 
 
-def demo(out_dir: str | None = None, nproc: int = 2) -> None:
-    """Build a tiny Llama 3-style checkpoint and tokenizer, answer a few prompts with `nproc`
-    processes (model parallel) on the CPU, and show the output.
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings:
+    out_dir: Path | None = setting(None, help="where to put the checkpoint, prompts and output "
+                                   "(default: a new temporary folder)")
+    nproc: int = setting(2, low=1, help="processes to launch with torchrun")
 
-    Args:
-        out_dir: where to put the checkpoint, prompts and output (default: a new temporary folder).
-        nproc: processes to launch with torchrun.
-    """
-    root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="llama-gen-demo-"))
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+DEMO_SUMMARY = ("Build a tiny Llama 3-style checkpoint and tokenizer, answer a few prompts with "
+                "--nproc processes\n(model parallel) on the CPU, and show the output.")
+
+
+def demo(settings: DemoSettings) -> None:
+    nproc = settings.nproc
+    root = settings.out_dir or Path(tempfile.mkdtemp(prefix="llama-gen-demo-"))
     ckpt = make_tiny_model(root / "tiny-llama3", "llama3", n_shards=nproc)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in DEMO_PROMPTS),

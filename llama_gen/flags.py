@@ -1,82 +1,86 @@
-"""Command-line values into the types a command declares, before it runs.
+"""Command-line words into a settings dataclass (see `settings.setting`), and its `--help`.
 
-fire reads each value as a Python literal where it can and keeps the text otherwise, so
-`--overwrite false` arrives as the text "false" (true to Python), `--num_samples 2.5` as a
-float and `--top_p abc` as text; and it complains about a flag it did not use (a typo such as
-`--tempreature`) only after the command has run. `strict_flags` makes a command refuse all of
-these as one-line errors before it starts.
+fire reads the words: `--name value`, `--name=value`, `--flag` for true. It reads each value as
+a Python literal where it can and keeps the text otherwise, so `--overwrite false` arrives as
+the text "false" (true to Python) and `--num_samples 2.5` as a float; and it would complain
+about a flag it did not use (a typo such as `--tempreature`) only after running the command.
+So fire hands every word to `parse`, which checks each value against its field's rule and
+refuses what it cannot place, before anything runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import functools
 import inspect
-import math
-import types
-import typing
-from collections.abc import Callable
+import re
 from typing import Any
 
+import fire
+
 from .errors import UserError
+from .settings import rules
+from .values import BadValue
 
-TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
-
-
-def typed(flag: str, value: Any, kind: Any) -> Any:
-    """`value` as `kind` (bool, int, float, str, or one of them | None), or a UserError."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
-    if kind is bool:
-        text = str(value).lower()
-        if isinstance(value, (bool, int, str)) and text in TRUE + FALSE:
-            return text in TRUE
-        raise UserError(f"{flag} takes true or false, not {value!r}")
-    if kind is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"{flag} takes a whole number, not {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise UserError(f"{flag} takes a finite number, not {value!r}")
-    if kind is str:
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"{flag} takes text, not {value!r} (text that reads as a number goes "
-                        f"in two quotes: {flag} \"'2024.01'\")")
-    raise TypeError(f"no conversion to {kind} for {flag}")
+HELP_WORDS = ("--help", "-h")
 
 
-def strict_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """`command` for fire: the parameters without defaults stay positional, the others are flags;
-    extra words and unknown flags are errors (with the nearest flag named), and every value is
-    converted to its declared type."""
-    signature = inspect.signature(command)
-    kinds = typing.get_type_hints(command)
-    params = list(signature.parameters.values())
-    required = [p for p in params if p.default is p.empty]
-    flags = [p.replace(kind=p.KEYWORD_ONLY) for p in params if p.default is not p.empty]
+def parse(cls: type, argv: list[str], command: str) -> Any:
+    """A `cls` instance from command-line words, or a UserError naming the word at fault."""
+    for word in argv:
+        if re.fullmatch(r"-[A-Za-z]", word):
+            raise UserError(f"unknown flag {word}: flags are written in full, as --name value "
+                            f"(see {command} --help)")
+    parsed: list[Any] = []
 
-    @functools.wraps(command)
-    def checked(*words: Any, **values: Any) -> Any:
-        if len(words) > len(required):
-            raise UserError(f"unexpected argument {words[len(required)]!r}: give settings as "
-                            "--name value")
-        for name in values.keys() - signature.parameters.keys():
-            near = difflib.get_close_matches(name, [p.name for p in flags], n=1)
-            hint = f": did you mean --{near[0]}?" if near else "; see --help"
-            raise UserError(f"unknown flag --{name}{hint}")
-        arguments = signature.bind(*words, **values).arguments
-        return command(**{name: typed(f"--{name}", value, kinds[name])
-                          for name, value in arguments.items()})
+    def take(*unexpected: Any, **values: Any) -> None:
+        parsed.append(from_flags(cls, unexpected, values))
 
-    # What fire reads: the same parameters, plus catch-alls so that it hands leftovers to us
-    # instead of running the command first.
-    checked.__signature__ = signature.replace(parameters=[
-        *required, inspect.Parameter("unexpected", inspect.Parameter.VAR_POSITIONAL), *flags,
-        inspect.Parameter("unknown", inspect.Parameter.VAR_KEYWORD)])
-    return checked
+    # Catch-alls, so that fire hands us every word instead of complaining after a run.
+    take.__signature__ = inspect.Signature([
+        inspect.Parameter("unexpected", inspect.Parameter.VAR_POSITIONAL),
+        inspect.Parameter("values", inspect.Parameter.VAR_KEYWORD)])
+    fire.Fire(take, command=argv, name=command)
+    return parsed[0]
+
+
+def from_flags(cls: type, unexpected: tuple, values: dict[str, Any]) -> Any:
+    fields = rules(cls)
+    if unexpected:
+        raise UserError(f"unexpected argument {unexpected[0]!r}: give settings as --name value")
+    for name in values.keys() - fields.keys():
+        near = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f": did you mean --{near[0]}?" if near else "; see --help"
+        raise UserError(f"unknown flag --{name}{hint}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    if missing := [name for name in required if name not in values]:
+        raise UserError(f"{' '.join('--' + name for name in missing)} missing: every run needs "
+                        f"{', '.join('--' + name for name in required)}")
+    checked = {}
+    for name, value in values.items():
+        try:
+            checked[name] = fields[name].check(value, from_words=True)
+        except BadValue as e:
+            quoting = (f" (text that reads as a number goes in two quotes: --{name} "
+                       "\"'2024.01'\")" if isinstance(value, float)
+                       and "text" in e.rule else "")
+            raise UserError(f"--{name} {e}{quoting}") from None
+    return cls(**checked)
+
+
+def help_text(cls: type, usage: str, summary: str, commands: dict[str, str] = {}) -> str:
+    """Usage, the summary, each flag with its type, default and help, and other commands."""
+    lines = [f"usage: {usage}", "", summary, "", "flags:"]
+    for f in dataclasses.fields(cls):
+        rule = rules(cls)[f.name]
+        kind = "|".join(rule.choices) if rule.choices else rule.base.__name__.lower()
+        value = "" if rule.base is bool else f" {kind.upper() if not rule.choices else kind}"
+        default = ("required" if f.default is dataclasses.MISSING else
+                   f"default {f.default}" if f.default not in (None, False) else "")
+        text = f.metadata["help"] + (f" ({default})" if default else "")
+        if f.metadata.get("per_record"):
+            text += "; a record may set it"
+        lines.append(f"  --{f.name}{value}")
+        lines.append(f"      {text}")
+    if commands:
+        lines += ["", "commands:"] + [f"  {name:<8}{text}" for name, text in commands.items()]
+    return "\n".join(lines) + "\n"

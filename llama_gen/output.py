@@ -1,4 +1,5 @@
-"""The job's files: out.jsonl (the truth), its errors file, run settings, lock and progress log.
+"""The job's files: out.jsonl (the truth), its errors file, lock and progress log, and the
+writer that fills them (global rank 0).
 
 Output is only appended to, one whole line per write, or replaced atomically. On start-up the
 output file is read back: a torn last line (a crash mid-write) is cut off, and every (id, sample)
@@ -7,15 +8,21 @@ pair already there is done.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonlines
+
 from .errors import UserError
+from .records import BadLine
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +109,13 @@ class JsonlAppender:
     def __init__(self, path: Path, sync_every: float = 2.0):
         self.path = path
         self._file = path.open("ab")
+        self._lines = jsonlines.Writer(self._file, flush=True,
+                                       dumps=functools.partial(json.dumps, ensure_ascii=False))
         self._sync_every = sync_every
         self._last_sync = time.monotonic()
 
     def write(self, obj: dict[str, Any]) -> None:
-        self._file.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._file.flush()
+        self._lines.write(obj)
         if time.monotonic() - self._last_sync >= self._sync_every:
             self.sync()
 
@@ -125,13 +133,9 @@ class JsonlAppender:
 class OutputLock:
     """An exclusive lock on `<out_path>.lock`, released when the process ends however it ends."""
 
-    def __init__(self, out_path: Path):
-        self.path = self.path_for(out_path)
+    def __init__(self, path: Path, out_path: Path):
+        self.path, self.out_path = path, out_path
         self._file = None
-
-    @staticmethod
-    def path_for(out_path: Path) -> Path:
-        return out_path.with_name(out_path.name + ".lock")
 
     def acquire(self) -> None:
         f = self.path.open("a+")
@@ -141,7 +145,7 @@ class OutputLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise UserError(f"{self.path.with_suffix('')}: another llama-gen job ({holder}) is "
+            raise UserError(f"{self.out_path}: another llama-gen job ({holder}) is "
                             "writing this file; wait for it to finish or choose another "
                             "--out_path") from None
         f.seek(0)
@@ -154,12 +158,6 @@ class OutputLock:
         if self._file is not None:
             self._file.close()  # closing drops the lock
             self._file = None
-
-
-def settings_differences(old: dict[str, Any], new: dict[str, Any],
-                         ignore: set[str] = frozenset()) -> list[str]:
-    return [f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
-            for key in sorted((set(old) | set(new)) - ignore) if old.get(key) != new.get(key)]
 
 
 class ProgressLog:
@@ -175,3 +173,69 @@ class ProgressLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+class Writer:
+    """Rank 0's side of the job: the output and errors files, progress for people (a bar on a
+    terminal, the log for `tail -f`) and the final summary."""
+
+    def __init__(self, settings: Settings, total: int):
+        self.out = JsonlAppender(settings.out_path)
+        self.errors = JsonlAppender(settings.errors_path)
+        self.known_errors = recorded_error_lines(settings.errors_path)
+        self.progress = ProgressLog(settings.log_path)
+        self.total = total
+        self.samples = self.tokens = self.bad_lines = 0
+        self.start = self._last_report = self._last_console = time.monotonic()
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, unit="sample", dynamic_ncols=True)
+        self.progress.write(f"start: {total} sample(s) to write to {settings.out_path}")
+
+    def output(self, line: dict[str, Any], source_line: int) -> None:
+        self.out.write(line)
+        self.samples += 1
+        self.tokens += line["completion_tokens"]
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix_str(f"{self.tokens / self._elapsed():.0f} tok/s", refresh=False)
+        now = time.monotonic()
+        if now - self._last_report >= 1.0 or self.samples == self.total:
+            self._last_report = now
+            message = (f"done {self.samples}/{self.total} samples, last line {source_line}, "
+                       f"{self.tokens / self._elapsed():.1f} tok/s")
+            self.progress.write(message)
+            if self._bar is None and now - self._last_console >= 30:
+                self._last_console = now
+                log.info(message)
+
+    def bad_line(self, bad: BadLine) -> None:
+        self.bad_lines += 1
+        if bad.line not in self.known_errors:
+            self.known_errors.add(bad.line)
+            self.errors.write(bad.as_json())
+
+    def _elapsed(self) -> float:
+        return max(time.monotonic() - self.start, 1e-9)
+
+    def summary(self) -> str:
+        elapsed = self._elapsed()
+        return (f"{self.samples} sample(s) written, {self.bad_lines} bad line(s), "
+                f"{self.tokens} tokens generated in {elapsed:.1f}s "
+                f"({self.tokens / elapsed:.1f} tok/s)")
+
+    def finish(self) -> None:
+        """Close the bar, then say how it went (in the log and on the console)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.progress.write("end: " + self.summary())
+        log.info("%s", self.summary())
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.out.close()
+        self.errors.close()
+        self.progress.close()

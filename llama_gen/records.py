@@ -6,25 +6,15 @@ with its line number and reason, for the errors file.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OUTPUT_FIELDS = ("id", "sample", "completion", "finish_reason", "prompt_tokens",
-                 "completion_tokens", "logprobs")
-
-
-@dataclass(frozen=True)
-class Overrides:
-    """Per-record sampling settings; None means the command line's."""
-
-    max_gen_len: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    num_samples: int | None = None
+from .settings import PER_RECORD, RULES
+from .values import BadValue, is_int
 
 
 @dataclass(frozen=True)
@@ -33,7 +23,7 @@ class Record:
     id: str | int
     prompt: str
     fields: dict[str, Any]  # the input object, unchanged
-    overrides: Overrides = field(default_factory=Overrides)
+    overrides: dict[str, Any] = field(default_factory=dict)  # its own settings (PER_RECORD)
 
 
 @dataclass(frozen=True)
@@ -41,34 +31,22 @@ class BadLine:
     line: int
     reason: str
     text: str  # the line as read (invalid UTF-8 replaced), cut to a readable length
+    max_seq_len: int | None = None  # a prompt too long for this context: retried with a longer
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# name -> (accepts, rule for the error message)
-OVERRIDE_RULES = {
-    "max_gen_len": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "seed": (_is_int, "an integer"),
-    "num_samples": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-}
-
-
-def check_overrides(obj: dict[str, Any]) -> tuple[Overrides | None, str | None]:
+def check_overrides(obj: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The record's own settings (those a record may set), or the first bad one's problem."""
     values = {}
-    for name, (accepts, rule) in OVERRIDE_RULES.items():
+    for name in PER_RECORD:
         if name in obj:
-            if not accepts(obj[name]):
-                return None, f"{name} must be {rule}, got {json.dumps(obj[name])}"
-            values[name] = obj[name]
-    return Overrides(**values), None
+            try:
+                values[name] = RULES[name].check(obj[name])
+            except BadValue as e:
+                return {}, f"{name} {e}"
+    return values, None
 
 
 def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str,
@@ -100,16 +78,12 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str,
         return BadLine(line, f"prompt field {prompt_key!r} is {problem}", shown)
     if id_key in obj:
         record_id = obj[id_key]
-        if not (isinstance(record_id, str) or _is_int(record_id)):
+        if not (isinstance(record_id, str) or is_int(record_id)):
             return BadLine(line, f"id field {id_key!r} must be a string or an integer", shown)
     elif id_key_required:
         return BadLine(line, f"id field {id_key!r} is missing", shown)
     else:
         record_id = line
-    taken = [k for k in OUTPUT_FIELDS if k in obj and not (k == id_key == "id")]
-    if taken:
-        return BadLine(line, f"field(s) {', '.join(taken)} are written by llama-gen; rename them "
-                       "in the input", shown)
     overrides, problem = check_overrides(obj)
     if problem:
         return BadLine(line, problem, shown)

@@ -1,13 +1,40 @@
-"""Results between data-parallel replicas: replica leaders send their finished lines to global
-rank 0, the writer, through torchrun's key-value store, so replicas never wait for each other."""
+"""Results between data-parallel replicas: replica leaders send their finished lines and bad
+prompt lines to global rank 0, the writer, through torchrun's key-value store, so replicas never
+wait for each other."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
 from .distributed import Dist
+from .records import BadLine
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished sample's output line, and the prompt file line it answers."""
+
+    output: dict[str, Any]
+    source_line: int
+
+
+Message = Finished | BadLine
+_KINDS = {cls.__name__: cls for cls in (Finished, BadLine)}
+
+
+def encode(message: Message) -> str:
+    return json.dumps({"kind": type(message).__name__, **dataclasses.asdict(message)},
+                      ensure_ascii=False)
+
+
+def decode(text: str) -> Message:
+    fields = json.loads(text)
+    return _KINDS[fields.pop("kind")](**fields)
 
 
 class StoreLost(Exception):
@@ -16,8 +43,8 @@ class StoreLost(Exception):
 
 
 class Mailbox:
-    """JSON messages from data-parallel replica leaders to global rank 0, through the process
-    group's key-value store, so replicas never wait for each other."""
+    """Messages from data-parallel replica leaders to global rank 0, through the process group's
+    key-value store. A replica `close`s its mailbox when it has sent everything."""
 
     def __init__(self, info: Dist):
         self._store = dist.distributed_c10d._get_default_store()
@@ -27,9 +54,9 @@ class Mailbox:
         self._received = [0] * self._replicas
         self._closed = [False] * self._replicas
 
-    def send(self, message: dict) -> None:
+    def send(self, message: Message) -> None:
         with _store_errors():
-            self._store.set(f"mail/{self._replica}/{self._sent}", json.dumps(message))
+            self._store.set(f"mail/{self._replica}/{self._sent}", encode(message))
             self._sent += 1
             self._store.set(f"mail/{self._replica}/count", str(self._sent))
 
@@ -37,7 +64,7 @@ class Mailbox:
         with _store_errors():
             self._store.set(f"mail/{self._replica}/closed", str(self._sent))
 
-    def receive(self) -> list[dict]:
+    def receive(self) -> list[Message]:
         """Messages that arrived since the last call (rank 0 only; never blocks)."""
         messages = []
         with _store_errors():
@@ -47,7 +74,7 @@ class Mailbox:
                 count = int(self._store.get(f"mail/{r}/count"))
                 for i in range(self._received[r], count):
                     key = f"mail/{r}/{i}"
-                    messages.append(json.loads(self._store.get(key)))
+                    messages.append(decode(self._store.get(key).decode()))
                     self._store.delete_key(key)
                 self._received[r] = count
                 if not self._closed[r] and self._store.check([f"mail/{r}/closed"]):

@@ -1,0 +1,140 @@
+"""Whether an output may be resumed, and what it already holds.
+
+A run's fingerprint (`<out_path>.run.json`) records what a finished line depends on: the
+checkpoint, the tokenizer, the prompt file and the settings that define the output. A resume
+must match it; runtime settings (batch size, context length, device, processes) may change.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .output import cut_torn_last_line, recover_output, write_atomically
+from .settings import FIELDS, OUTPUT_DEFINING, Settings
+
+log = logging.getLogger(__name__)
+
+
+def file_digest(path: Path, size: int | None = None) -> str:
+    """sha256 of the file, or of its first `size` bytes."""
+    h = hashlib.sha256()
+    left = path.stat().st_size if size is None else size
+    with path.open("rb") as f:
+        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def prompt_file_grew(old: dict[str, Any], path: Path) -> bool:
+    """Whether the prompt file only had lines appended since `old` (a run's fingerprint) was
+    taken: its first bytes are the file then, and a newline ends the last line then (so that
+    line reads as before)."""
+    size = old.get("prompt_file_bytes")
+    if not isinstance(size, int) or not 0 < size < path.stat().st_size:
+        return False
+    with path.open("rb") as f:
+        f.seek(size - 1)
+        ends_a_line = b"\n" in f.read(2)  # the old last byte, or the first new one
+    return ends_a_line and file_digest(path, size) == old.get("prompt_file")
+
+
+def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str) -> dict[str, Any]:
+    """What a completion depends on; a resume must match it exactly."""
+    shards = sorted(settings.ckpt_dir.glob("consolidated.*.pth"))
+    prompt_bytes = settings.prompt_path.stat().st_size  # lines appended from now on come after
+    return {
+        "checkpoint": str(settings.ckpt_dir.resolve()),
+        "params.json": file_digest(settings.ckpt_dir / "params.json"),
+        "shards": [[p.name, p.stat().st_size] for p in shards],
+        "tokenizer": file_digest(tokenizer_path),
+        "prompt_file": file_digest(settings.prompt_path, prompt_bytes),
+        "prompt_file_bytes": prompt_bytes,
+        "dtype": dtype,
+        **settings.output_defining(),
+    }
+
+
+def fingerprint_differences(old: dict[str, Any], new: dict[str, Any],
+                            prompt_path: Path) -> list[str]:
+    """What changed between two runs' fingerprints, in words; [] when a resume may go on.
+    A setting that an older fingerprint lacks had its default then."""
+    changed = []
+    for key in sorted(new.keys() - {"prompt_file", "prompt_file_bytes"}):
+        before = old.get(key, FIELDS[key].default if key in OUTPUT_DEFINING else None)
+        if before != new[key]:
+            changed.append(f"{key}: {json.dumps(before)} -> {json.dumps(new[key])}")
+    if old.get("prompt_file") != new["prompt_file"]:
+        if prompt_file_grew(old, prompt_path):
+            log.info("%s has new lines since the last run: they are answered too", prompt_path)
+        else:
+            changed.append("prompt_file: its content changed, beyond lines added at its end")
+    return changed
+
+
+def has_lines(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+def move_aside(settings: Settings) -> Path | None:
+    """--overwrite: move the output, its errors and its run settings into a dated folder
+    beside them, so that nothing is lost; the folder, or None if there was nothing."""
+    paths = [p for p in (settings.out_path, settings.errors_path, settings.settings_path)
+             if p.exists()]
+    if not paths:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = settings.out_path.with_name(f"{settings.out_path.name}.replaced-{stamp}")
+    for n in range(1, 1000):
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            folder = folder.with_name(f"{settings.out_path.name}.replaced-{stamp}-{n}")
+    for path in paths:
+        path.rename(folder / path.name)
+    return folder
+
+
+def forget_retryable_errors(settings: Settings) -> None:
+    """Drop the errors file's prompts that were too long for a shorter context than this run's:
+    this run tries them again (and records them again if they still do not fit)."""
+    path = settings.errors_path
+    if not has_lines(path):
+        return
+    cut_torn_last_line(path)
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if json.loads(line).get("max_seq_len", settings.max_seq_len) >= settings.max_seq_len]
+    if len(kept) < len(path.read_text(encoding="utf-8").splitlines()):
+        write_atomically(path, "".join(kept))
+
+
+def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple[Any, int]]:
+    """Rank 0, holding the lock: check the fingerprint against the output's and recover the
+    output; the (id, sample)s it already holds. A fingerprint without output (a start that
+    failed) binds nothing."""
+    if settings.overwrite and (folder := move_aside(settings)):
+        log.info("--overwrite: the earlier output and its files are now in %s", folder)
+    elif has_lines(settings.out_path) and settings.settings_path.exists():
+        old = json.loads(settings.settings_path.read_text(encoding="utf-8"))
+        if changed := fingerprint_differences(old, fingerprint, settings.prompt_path):
+            raise UserError(f"{settings.out_path} was written with other settings "
+                            f"({'; '.join(changed)}); resume with the same command and files, "
+                            "or pass --overwrite to start over (the old files are kept aside)")
+    elif has_lines(settings.out_path):
+        raise UserError(f"{settings.out_path} exists but was not written by llama-gen (no "
+                        f"{settings.settings_path.name}); choose another --out_path or pass "
+                        "--overwrite")
+    elif has_lines(settings.errors_path) and settings.settings_path.exists():
+        old = json.loads(settings.settings_path.read_text(encoding="utf-8"))
+        if fingerprint_differences(old, fingerprint, settings.prompt_path):
+            folder = move_aside(settings)  # no output line rests on them
+            log.info("the errors of a run with other settings are now in %s", folder)
+    forget_retryable_errors(settings)
+    write_atomically(settings.settings_path, json.dumps(fingerprint, indent=1) + "\n")
+    return recover_output(settings.out_path).done

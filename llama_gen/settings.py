@@ -1,0 +1,156 @@
+"""Every setting of a run, defined once: its type, default, bounds and help text.
+
+The command line (`flags.py`), `--help`, the per-record overrides (`records.py`) and the resume
+check (`resume.py`) all read them from `Settings`' fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import UserError
+from .values import BadValue, Rule
+
+# How a setting relates to a finished output line.
+DEFINES_OUTPUT = "defines the output"  # a resume must keep it: it changes what a line holds
+RUNTIME = "runtime"  # may change on resume (memory, speed, where logs go)
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, role: str = RUNTIME,
+            per_record: bool = False, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> Any:
+    """A `Settings` field. `per_record`: a prompt record may override it."""
+    return field(default=default, metadata={
+        "help": help, "role": role, "per_record": per_record,
+        "bounds": {"low": low, "high": high, "low_open": low_open}})
+
+
+@functools.cache
+def rules(cls: type) -> dict[str, Rule]:
+    """Each `setting` field's rule: its type and bounds."""
+    kinds = typing.get_type_hints(cls)
+    return {f.name: Rule(kinds[f.name], **f.metadata["bounds"]) for f in dataclasses.fields(cls)}
+
+
+def check_fields(obj: Any) -> None:
+    """Check a settings dataclass's values against their rules and store them in their types
+    (a str given for a Path becomes a Path)."""
+    for name, rule in rules(type(obj)).items():
+        try:
+            value = rule.check(getattr(obj, name))
+        except BadValue as e:
+            raise UserError(f"--{name} {e}") from None
+        object.__setattr__(obj, name, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """A run of `llama-gen`: what to generate from what, and how."""
+
+    ckpt_dir: Path = setting(help="directory with params.json and consolidated.NN.pth shards")
+    prompt_path: Path = setting(help="JSONL file, one object per line with a prompt field")
+    out_path: Path = setting(help="JSONL output, appended to and resumed from")
+    logging_path: Path | None = setting(None, help="progress log for people "
+                                        "(default <out_path>.log)")
+    tokenizer_path: Path | None = setting(None, help="tokenizer.model (default: in ckpt_dir "
+                                          "or its parent)")
+    max_seq_len: int = setting(1024, low=1, help="longest prompt + completion in tokens; sizes "
+                               "the KV cache (raise it on resume to answer prompts that were "
+                               "too long)")
+    max_batch_size: int = setting(8, low=1, help="sequences decoded together; sizes the KV "
+                                  "cache")
+    max_gen_len: int = setting(256, low=1, role=DEFINES_OUTPUT, per_record=True,
+                               help="most tokens generated per sample")
+    temperature: float = setting(0.6, low=0, role=DEFINES_OUTPUT, per_record=True,
+                                 help="sampling temperature, 0 = greedy")
+    top_p: float = setting(0.9, low=0, low_open=True, high=1, role=DEFINES_OUTPUT,
+                           per_record=True, help="nucleus sampling mass")
+    seed: int = setting(0, role=DEFINES_OUTPUT, per_record=True,
+                        help="base seed; each (record, sample) draws from its own stream")
+    num_samples: int = setting(1, low=1, role=DEFINES_OUTPUT, per_record=True,
+                               help="completions per prompt")
+    dtype: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] | None = setting(
+        None, help="weights and activations (default bf16 on GPUs that have it, else fp32)")
+    prompt_key: str = setting("prompt", role=DEFINES_OUTPUT, help="the field holding the prompt")
+    id_key: str | None = setting(None, role=DEFINES_OUTPUT, help="the field holding a record's "
+                                 "id (default: id if present, else the line number)")
+    completion_key: str = setting("completion", role=DEFINES_OUTPUT, help="the output field "
+                                  "holding the completion")
+    logprobs: bool = setting(False, role=DEFINES_OUTPUT,
+                             help="write each generated token's log-probability")
+    echo: bool = setting(False, role=DEFINES_OUTPUT, help="include the prompt in the completion")
+    strict: bool = setting(False, help="stop at the first bad input line instead of recording "
+                           "it and going on")
+    overwrite: bool = setting(False, help="start over: the old output and its files are moved "
+                              "aside under a dated name")
+    model_parallel_size: int | None = setting(None, low=1, help="processes per model copy "
+                                              "(default: the shard count when it divides the "
+                                              "number of processes, else all of them)")
+    device: str | None = setting(None, help="cpu, cuda or cuda:N (default: this process's GPU "
+                                 "if any, else cpu)")
+    scheduler: Literal["continuous", "static"] = setting(
+        "continuous", help="continuous (a finished sequence's slot takes the next prompt at "
+        "once) or static (Meta's reference batching, for comparison)")
+    compile: bool = setting(False, help="compile the decode step with torch.compile (CUDA "
+                            "graphs on GPUs; the first steps wait for the compiler)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Settings:
+        """These settings with a record's own (already checked) values in place."""
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+    @property
+    def errors_path(self) -> Path:
+        return self.out_path.with_name(self.out_path.name + ".errors.jsonl")
+
+    @property
+    def settings_path(self) -> Path:
+        return self.out_path.with_name(self.out_path.name + ".run.json")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.out_path.with_name(self.out_path.name + ".lock")
+
+    @property
+    def log_path(self) -> Path:
+        return self.logging_path or self.out_path.with_name(self.out_path.name + ".log")
+
+    def output_defining(self) -> dict[str, Any]:
+        """The settings a finished line depends on, as JSON values."""
+        return {name: getattr(self, name) for name in OUTPUT_DEFINING}
+
+    def check_paths(self) -> None:
+        """Path errors, before any model loads."""
+        if not self.ckpt_dir.is_dir():
+            raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such directory (it holds "
+                            "params.json and consolidated.NN.pth)")
+        if not self.prompt_path.is_file():
+            what = "a directory, not a file" if self.prompt_path.is_dir() else "no such file"
+            raise UserError(f"--prompt_path {self.prompt_path}: {what}")
+        for name, path in (("--out_path", self.out_path), ("--logging_path", self.log_path)):
+            if not path.parent.is_dir():
+                raise UserError(f"{name} {path}: directory {path.parent} does not exist")
+            if path.is_dir():
+                raise UserError(f"{name} {path} is a directory: name a file in it")
+        # Every file the job writes must be its own: none may be the prompt file or another.
+        written = {"--out_path": self.out_path, "the errors file": self.errors_path,
+                   "the run settings": self.settings_path, "the lock": self.lock_path,
+                   "--logging_path": self.log_path}
+        seen = {self.prompt_path.resolve(): "the prompt file"}
+        for name, path in written.items():
+            if (other := seen.setdefault(path.resolve(), name)) != name:
+                raise UserError(f"{name} must not be {other} ({path}): write it elsewhere")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+RULES = rules(Settings)
+PER_RECORD = tuple(name for name, f in FIELDS.items() if f.metadata["per_record"])
+OUTPUT_DEFINING = tuple(name for name, f in FIELDS.items()
+                        if f.metadata["role"] == DEFINES_OUTPUT)
+REQUIRED = tuple(name for name, f in FIELDS.items() if f.default is dataclasses.MISSING)
