@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import re
+import textwrap
 from typing import Any
 
 import fire
@@ -80,7 +81,7 @@ def help_text(cls: type, usage: str, summary: str, commands: dict[str, str] = {}
         if f.metadata.get("per_record"):
             text += "; a record may set it"
         lines.append(f"  --{f.name}{value}")
-        lines.append(f"      {text}")
+        lines.append(textwrap.fill(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6))
     if commands:
         lines += ["", "commands:"] + [f"  {name:<8}{text}" for name, text in commands.items()]
     return "\n".join(lines) + "\n"
