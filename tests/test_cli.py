@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -185,7 +186,8 @@ def test_flag_mistakes_are_refused_before_anything_is_written(tiny_checkpoints, 
     true (the text "false"), which would throw away the output."""
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     out = tmp_path / "o.jsonl"
-    args = [str(tiny_checkpoints[("llama2", 1)]), str(prompts), str(out), "--max_gen_len", "3"]
+    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
+            "--out_path", str(out), "--max_gen_len", "3"]
     assert_one_line_error(run(args + ["--tempreature", "0"]), "did you mean --temperature?")
     assert not out.exists()
     assert run(args).returncode == 0
@@ -195,21 +197,38 @@ def test_flag_mistakes_are_refused_before_anything_is_written(tiny_checkpoints, 
     assert out.read_bytes() == written
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["a", "b", "c", "-h"]])
-def test_help_lists_the_flags_and_runs_nothing(argv, tmp_path):
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["a", "b", "c", "-h"],
+                                  ["--ckpt_dir", "x", "--help"]])
+def test_help_lists_the_flags_on_stdout_and_runs_nothing(argv, tmp_path):
+    """`llama-gen --help | less` must show it: stdout, plain types, the demo command listed."""
     result = subprocess.run([LLAMA_GEN, *argv], capture_output=True, text=True, cwd=tmp_path,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    text = result.stdout + result.stderr
-    assert "--out_dir" in text if argv[0] == "demo" else "--temperature" in text
-    assert "UNEXPECTED" not in text and "llama-gen: error" not in text
+    text = result.stdout
+    if argv[0] == "demo":
+        assert "--out_dir PATH" in text and "--nproc INT" in text
+    else:
+        assert "--temperature FLOAT" in text and "--ckpt_dir PATH" in text
+        assert "demo" in text.split("commands:")[1]
+    assert "Optional" not in text and "None]" not in text and "|None" not in text
+    assert "UNEXPECTED" not in text and result.stderr == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_short_flags_are_refused_with_the_way_to_write_them(tmp_path):
+    """--help shows no short flags; one typed anyway is a clear error, not 'unknown flag --n'."""
+    help_text = subprocess.run([LLAMA_GEN, "--help"], capture_output=True, text=True).stdout
+    assert not re.search(r"^\s+-[a-z]\b", help_text, re.MULTILINE)
+    for flag in ("-n", "-p", "-o"):
+        result = run([flag, "2"])
+        assert_one_line_error(result, f"unknown flag {flag}", "written in full")
 
 
 def test_a_file_system_error_is_one_line(tiny_checkpoints, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     (tmp_path / "o.jsonl.lock").mkdir()  # the lock file cannot be opened
-    result = run([str(tiny_checkpoints[("llama2", 1)]), str(prompts), str(tmp_path / "o.jsonl")])
+    result = run(["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path",
+                  str(prompts), "--out_path", str(tmp_path / "o.jsonl")])
     assert_one_line_error(result, "Is a directory", "o.jsonl.lock")
 
 
@@ -270,6 +289,84 @@ def test_resume_refuses_changed_settings_and_a_second_job(tiny_checkpoints, tmp_
         assert_one_line_error(run(args + ["--overwrite"]), "another llama-gen job")
     assert run(args + ["--overwrite"]).returncode == 0
     assert read_output(out)[(1, 0)]["prompt"] == "hello"
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_next_run(checkpoint_copy, tmp_path):
+    """A missing shard fails the start; once it is back, the same command runs."""
+    ckpt = checkpoint_copy("llama2", 2)
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    out = tmp_path / "o.jsonl"
+    args = ["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path", str(out),
+            "--max_gen_len", "3"]
+    shard = ckpt / "consolidated.01.pth"
+    shard.rename(tmp_path / "kept.pth")
+    assert run(args).returncode != 0
+    (tmp_path / "kept.pth").rename(shard)
+    result = run(args)
+    assert result.returncode == 0, result.stderr
+    assert set(read_output(out)) == {(1, 0)}
+
+
+def test_runtime_settings_may_change_on_resume_and_long_prompts_are_retried(tiny_checkpoints,
+                                                                            tmp_path):
+    """The errors file says "raise --max_seq_len" for a prompt too long: doing so is a resume,
+    not a settings change, and the prompt is then answered (and leaves the errors file)."""
+    long_prompt = "word " * 40
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": long_prompt}])
+    out, errors = tmp_path / "o.jsonl", tmp_path / "o.jsonl.errors.jsonl"
+    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
+            "--out_path", str(out), "--max_gen_len", "3", "--temperature", "0"]
+    assert run(args + ["--max_seq_len", "24"]).returncode == 0
+    assert set(read_output(out)) == {(1, 0)}
+    [error] = [json.loads(line) for line in errors.read_text().splitlines()]
+    assert error["line"] == 2 and "raise --max_seq_len" in error["reason"]
+    result = run(args + ["--max_seq_len", "128", "--max_batch_size", "2", "--scheduler",
+                         "static", "--device", "cpu", "--model_parallel_size", "1"])
+    assert result.returncode == 0, result.stderr
+    assert set(read_output(out)) == {(1, 0), (2, 0)}
+    assert errors.read_text() == ""
+
+
+def test_overwrite_moves_the_old_output_aside(tiny_checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    out = tmp_path / "o.jsonl"
+    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
+            "--out_path", str(out), "--max_gen_len", "3"]
+    assert run(args).returncode == 0
+    old = out.read_bytes()
+    result = run(args + ["--temperature", "0", "--overwrite"])
+    assert result.returncode == 0, result.stderr
+    [aside] = tmp_path.glob("o.jsonl.replaced-*")
+    assert str(aside) in result.stderr
+    assert (aside / "o.jsonl").read_bytes() == old and (aside / "o.jsonl.run.json").exists()
+    assert set(read_output(out)) == {(1, 0)}  # a new output, of the new settings
+    assert json.loads((tmp_path / "o.jsonl.run.json").read_text())["temperature"] == 0
+
+
+def test_an_input_field_named_like_an_output_field_is_one_error_naming_the_flag(
+        tiny_checkpoints, tmp_path):
+    records = [{"prompt": "2+2=", "completion": "4"}, {"prompt": "3+3=", "completion": "6"}]
+    prompts = write_prompts(tmp_path / "p.jsonl", records)
+    out = tmp_path / "o.jsonl"
+    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
+            "--out_path", str(out), "--max_gen_len", "3"]
+    assert_one_line_error(run(args), "line 1", "'completion'", "--completion_key")
+    assert not out.exists() or out.read_text() == ""
+    result = run(args + ["--completion_key", "generated"])
+    assert result.returncode == 0, result.stderr
+    lines = read_output(out)
+    assert [lines[(i, 0)]["completion"] for i in (1, 2)] == ["4", "6"]  # the input's, kept
+    assert all(isinstance(line["generated"], str) for line in lines.values())
+
+
+def test_a_run_in_which_every_line_is_bad_fails(tiny_checkpoints, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "no prompt field"}\n{"prompt": ""}\n')
+    out = tmp_path / "o.jsonl"
+    result = run(["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path",
+                  str(prompts), "--out_path", str(out)])
+    assert_one_line_error(result, "every line of", "o.jsonl.errors.jsonl")
+    assert len((tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()) == 2
 
 
 def descendants(pid: int) -> list[int]:
