@@ -11,9 +11,6 @@ import contextlib
 import io
 import logging
 import os
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +18,7 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from . import lifeline
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -47,6 +45,11 @@ class Dist:
         return self.world_size // self.model_parallel_size
 
     @property
+    def is_model_parallel_leader(self) -> bool:
+        """The group's first rank: it reads the prompts and hands them to its group."""
+        return self.model_parallel_rank == 0
+
+    @property
     def is_writer(self) -> bool:
         return self.rank == 0
 
@@ -71,22 +74,11 @@ def launch_env() -> Launch:
         raise UserError(f"{', '.join(names.values())} must be integers ({e})") from None
 
 
-def stop_if_launcher_dies(poll_seconds: float = 1.0) -> None:
-    """Under torchrun, send this process SIGTERM (a clean stop) if torchrun itself dies without
-    stopping it (kill -9, the OOM killer): workers run in sessions of their own and would go on
-    working, holding the output's lock, while the user starts the job again. (With several
-    data-parallel replicas, whose mail goes through torchrun's store, the job may instead stop
-    on `StoreLost`; the next run resumes all the same.)"""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    launcher = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == launcher:
-            time.sleep(poll_seconds)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+def stop_if_launcher_dies() -> None:
+    """Under torchrun, never outlive torchrun (see lifeline.py). The `llama-gen` entry point arms
+    this before torch is imported; here it does nothing then, and arms it late for a job started
+    otherwise (`python -m llama_gen.cli`)."""
+    lifeline.arm()
 
 
 def pick_device(local_rank: int, local_world_size: int, gpus: int,
@@ -145,11 +137,11 @@ def init_distributed(model_parallel_size: int | None, device: str | None = None,
     if not fs_init.model_parallel_is_initialized():
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
             fs_init.initialize_model_parallel(mp)
-    info = Dist(rank, world_size, dev, backend, mp)
+    joined = Dist(rank, world_size, dev, backend, mp)
     if rank == 0:
         log.info("%d process(es) on %s with %s: model parallel %d x data parallel %d",
-                 world_size, dev.type, backend, mp, info.data_parallel_size)
-    return info
+                 world_size, dev.type, backend, mp, joined.data_parallel_size)
+    return joined
 
 
 def shutdown() -> None:

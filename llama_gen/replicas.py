@@ -46,10 +46,10 @@ class Mailbox:
     """Messages from data-parallel replica leaders to global rank 0, through the process group's
     key-value store. A replica `close`s its mailbox when it has sent everything."""
 
-    def __init__(self, info: Dist):
+    def __init__(self, group: Dist):
         self._store = dist.distributed_c10d._get_default_store()
-        self._replica = info.data_parallel_rank
-        self._replicas = info.data_parallel_size
+        self._replica = group.data_parallel_rank
+        self._replicas = group.data_parallel_size
         self._sent = 0
         self._received = [0] * self._replicas
         self._closed = [False] * self._replicas

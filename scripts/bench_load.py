@@ -45,14 +45,14 @@ def peak_rss_gib() -> float:
 
 
 def load(ckpt_dir: str, dtype: str = "fp32", device: str | None = None) -> None:
-    info = distributed.init_distributed(None, device)
+    dist = distributed.init_distributed(None, device)
     ckpt = Path(ckpt_dir)
     before = peak_rss_gib()
     start = time.perf_counter()
-    model = load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), info, DTYPES[dtype])
+    model = load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), dist, DTYPES[dtype])
     seconds = time.perf_counter() - start
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"rank {info.rank}: loaded its {n_params / 1e9:.2f}B parameters ({dtype}) in {seconds:.1f} s;"
+    print(f"rank {dist.rank}: loaded its {n_params / 1e9:.2f}B parameters ({dtype}) in {seconds:.1f} s;"
           f" peak resident memory {peak_rss_gib():.2f} GiB ({before:.2f} GiB before loading)")
     distributed.shutdown()
 

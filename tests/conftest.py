@@ -18,8 +18,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def single_process():
     """torch.distributed and fairscale initialised as one process on the CPU (gloo)."""
-    info = distributed.init_distributed(1, device="cpu")
-    yield info
+    dist = distributed.init_distributed(1, device="cpu")
+    yield dist
     distributed.shutdown()
 
 
