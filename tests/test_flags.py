@@ -1,67 +1,163 @@
-"""Command-line values through fire into declared types, and what is refused before a run."""
+"""Command-line words through fire into a settings dataclass, what is refused before a run, and
+`--help`. (The value rules themselves are tested in test_values.py.)"""
 from __future__ import annotations
 
-import fire
+import dataclasses
+import re
+from dataclasses import dataclass
+
 import pytest
 
 from llama_gen.errors import UserError
-from llama_gen.flags import strict_flags, typed
+from llama_gen.flags import from_flags, help_text, parse
+from llama_gen.settings import Settings, check_fields, setting
 
 
-def test_booleans_accept_only_true_or_false_spellings():
-    for value in (True, "true", "True", "yes", 1, "1"):
-        assert typed("--x", value, bool) is True
-    for value in (False, "false", "FALSE", "no", 0, "0"):
-        assert typed("--x", value, bool) is False
-    for value in ("maybe", 2, 0.5, None):
-        with pytest.raises(UserError, match="--x takes true or false"):
-            typed("--x", value, bool)
+@dataclass(frozen=True, kw_only=True)
+class Cmd:
+    path: str = setting(help="where it goes")
+    count: int = setting(1, low=1, help="how many")
+    scale: float = setting(0.5, help="how big")
+    verbose: bool = setting(False, help="say more")
+    name: str | None = setting(None, help="a name", per_record=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
-@pytest.mark.parametrize("kind, good, bad", [
-    (int, [(3, 3), (2.0, 2)], [2.5, True, "3x", None]),
-    (float, [(0, 0.0), (0.6, 0.6)], [float("nan"), float("inf"), "abc", False]),
-    (str, [("bf16", "bf16"), (5, "5")], [True, 1.5, ["a"]]),
-    (int | None, [(None, None), (4, 4)], ["four"]),
-])
-def test_numbers_and_text_are_checked(kind, good, bad):
-    for value, want in good:
-        got = typed("--flag", value, kind)
-        assert got == want and type(got) is type(want)
-    for value in bad:
-        with pytest.raises(UserError, match="^--flag takes"):
-            typed("--flag", value, kind)
-
-
-def make_command(calls: list):
-    def command(path: str, count: int = 1, scale: float = 0.5, verbose: bool = False,
-                name: str | None = None) -> None:
-        calls.append((path, count, scale, verbose, name))
-    return strict_flags(command)
-
-
-def fire_command(argv: list[str]) -> list:
-    calls: list = []
-    fire.Fire(make_command(calls), command=argv, name="cmd")
-    return calls
+def as_tuple(c: Cmd) -> tuple:
+    return (c.path, c.count, c.scale, c.verbose, c.name)
 
 
 def test_values_arrive_in_their_declared_types():
-    assert fire_command(["p", "--count", "3", "--scale", "1", "--verbose", "false"]) == [
-        ("p", 3, 1.0, False, None)]
-    assert fire_command(["--path", "p", "--verbose", "--name", "7"]) == [("p", 1, 0.5, True, "7")]
+    got = parse(Cmd, ["--path", "p", "--count", "3", "--scale", "1", "--verbose", "false"], "cmd")
+    assert as_tuple(got) == ("p", 3, 1.0, False, None)
+    assert type(got.scale) is float and got.verbose is False
+    got = parse(Cmd, ["--path", "p", "--verbose", "--name", "7"], "cmd")
+    assert as_tuple(got) == ("p", 1, 0.5, True, "7")
+    assert as_tuple(parse(Cmd, ["--path=p", "--count=2.0"], "cmd")) == ("p", 2, 0.5, False, None)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["p", "--cuont", "3"], "unknown flag --cuont: did you mean --count?"),
-    (["p", "--zzz", "3"], "unknown flag --zzz; see --help"),
-    (["p", "extra"], "unexpected argument 'extra'"),
-    (["p", "--verbose", "maybe"], "--verbose takes true or false, not 'maybe'"),
-    (["p", "--count", "2.5"], "--count takes a whole number, not 2.5"),
-    (["p", "--scale", "nan"], "--scale takes a finite number, not 'nan'"),
+    (["--path", "p", "--cuont", "3"], "unknown flag --cuont: did you mean --count?"),
+    (["--path", "p", "--zzz", "3"], "unknown flag --zzz; see --help"),
+    (["--path", "p", "extra"], "unexpected argument 'extra'"),
+    (["p"], "unexpected argument 'p'"),  # the required flag is a flag, not a position
+    (["--path", "p", "--verbose", "maybe"], '--verbose must be true or false, got "maybe"'),
+    (["--path", "p", "--count", "2.5"], "--count must be an integer >= 1, got 2.5"),
+    (["--path", "p", "--count", "0"], "--count must be an integer >= 1, got 0"),
+    (["--path", "p", "--scale", "nan"], '--scale must be a number, got "nan"'),
 ])
 def test_mistakes_are_refused_before_the_command_runs(argv, message):
-    calls: list = []
-    with pytest.raises(UserError, match="^" + message.replace("?", r"\?").replace(".", r"\.")):
-        fire.Fire(make_command(calls), command=argv, name="cmd")
-    assert calls == []
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        parse(Cmd, argv, "cmd")
+
+
+@pytest.mark.parametrize("word", ["-n", "-p", "-c", "-o", "-N"])
+def test_short_flags_are_refused_in_one_line_that_says_flags_are_written_in_full(word):
+    with pytest.raises(UserError) as e:
+        parse(Cmd, ["--path", "p", word, "3"], "cmd")
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"unknown flag {word}: flags are written in full, as --name value")
+    assert "cmd --help" in message
+
+
+def test_short_flags_are_refused_for_the_real_settings_too():
+    argv = ["--ckpt_dir", "c", "--prompt_path", "p", "--out_path", "o", "-n", "2"]
+    with pytest.raises(UserError, match="^unknown flag -n: flags are written in full"):
+        parse(Settings, argv, "llama-gen")
+
+
+def test_negative_numbers_are_values_not_short_flags():
+    assert parse(Settings, ["--ckpt_dir", "c", "--prompt_path", "p", "--out_path", "o",
+                            "--seed", "-3"], "llama-gen").seed == -3
+
+
+def test_missing_required_flags_are_named():
+    with pytest.raises(UserError, match=r"^--path missing: every run needs --path$"):
+        parse(Cmd, ["--count", "2"], "cmd")
+    with pytest.raises(UserError) as e:
+        parse(Settings, ["--prompt_path", "p"], "llama-gen")
+    assert str(e.value).startswith("--ckpt_dir --out_path missing: every run needs --ckpt_dir, "
+                                   "--prompt_path, --out_path")
+
+
+def test_text_that_reads_as_a_number_gets_a_quoting_hint():
+    with pytest.raises(UserError, match=re.escape("--name must be text, got 2024.01 (text that "
+                                                  "reads as a number goes in two quotes")):
+        parse(Cmd, ["--path", "p", "--name", "2024.01"], "cmd")
+    assert parse(Cmd, ["--path", "p", "--name", "'2024.01'"], "cmd").name == "2024.01"
+
+
+def test_from_flags_checks_each_value_and_builds_the_dataclass():
+    assert as_tuple(from_flags(Cmd, (), {"path": "p", "count": 2.0, "verbose": "yes"})) == (
+        "p", 2, 0.5, True, None)
+    with pytest.raises(UserError, match="^unexpected argument 'x'"):
+        from_flags(Cmd, ("x",), {"path": "p"})
+    with pytest.raises(UserError, match="^unknown flag --nmae: did you mean --name?"):
+        from_flags(Cmd, (), {"path": "p", "nmae": "x"})
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"])
+def test_dtype_accepts_torch_and_short_names(dtype):
+    argv = ["--ckpt_dir", "c", "--prompt_path", "p", "--out_path", "o", "--dtype", dtype]
+    assert parse(Settings, argv, "llama-gen").dtype == dtype
+
+
+def test_dtype_refuses_others_naming_the_choices():
+    argv = ["--ckpt_dir", "c", "--prompt_path", "p", "--out_path", "o", "--dtype", "int8"]
+    with pytest.raises(UserError, match=re.escape(
+            '--dtype must be one of bf16, fp16, fp32, bfloat16, float16, float32, got "int8"')):
+        parse(Settings, argv, "llama-gen")
+
+
+# --- --help ------------------------------------------------------------------------------------
+
+def settings_help() -> str:
+    return help_text(Settings, "llama-gen --ckpt_dir DIR ...", "Generate.", {"demo": "try it"})
+
+
+def test_help_lists_every_settings_field_with_plain_types():
+    text = settings_help()
+    for f in dataclasses.fields(Settings):
+        assert re.search(rf"^  --{f.name}\b", text, re.MULTILINE), f.name
+    assert "Optional[" not in text and "| None" not in text and "NoneType" not in text
+    assert "Union" not in text and "Literal" not in text
+    assert re.search(r"^  --max_seq_len INT$", text, re.MULTILINE)
+    assert re.search(r"^  --top_p FLOAT$", text, re.MULTILINE)
+    assert re.search(r"^  --ckpt_dir PATH$", text, re.MULTILINE)
+    assert re.search(r"^  --id_key STR$", text, re.MULTILINE)
+    assert re.search(r"^  --overwrite$", text, re.MULTILINE)  # a switch takes no value
+    assert re.search(r"^  --dtype bf16\|fp16\|fp32\|bfloat16\|float16\|float32$", text,
+                     re.MULTILINE)
+
+
+def test_help_marks_the_required_flags_and_shows_defaults():
+    text = settings_help()
+    blocks = dict(re.findall(r"^  --(\w+).*\n((?:      .*\n)+)", text, re.MULTILINE))
+    assert set(blocks) == {f.name for f in dataclasses.fields(Settings)}
+    for name in ("ckpt_dir", "prompt_path", "out_path"):
+        assert "(required)" in " ".join(blocks[name].split()), name
+    for name in set(blocks) - {"ckpt_dir", "prompt_path", "out_path"}:
+        assert "required" not in blocks[name], name
+    assert "(default 1024)" in " ".join(blocks["max_seq_len"].split())
+    assert "a record may set it" in " ".join(blocks["top_p"].split())
+    assert "a record may set it" not in " ".join(blocks["max_seq_len"].split())
+
+
+def test_help_has_usage_summary_commands_and_short_lines():
+    text = settings_help()
+    assert text.startswith("usage: llama-gen --ckpt_dir DIR ...\n\nGenerate.\n\nflags:\n")
+    assert text.endswith("\ncommands:\n  demo    try it\n")
+    assert all(len(line) <= 96 for line in text.splitlines())
+    assert "commands:" not in help_text(Cmd, "cmd", "s")
+    assert not re.search(r"^\s+-[a-z]\b", text, re.MULTILINE)  # no short flags shown
+
+
+def test_help_of_a_small_dataclass():
+    text = help_text(Cmd, "cmd [flags]", "Do it.")
+    assert "  --path STR\n      where it goes (required)\n" in text
+    assert "  --count INT\n      how many (default 1)\n" in text
+    assert "  --verbose\n      say more\n" in text
+    assert "  --name STR\n      a name; a record may set it\n" in text

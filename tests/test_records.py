@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import codecs
 import json
-import re
 from pathlib import Path
 
 import pytest
 
 from llama_gen.errors import UserError
-from llama_gen.job import JobSettings, Work, count_pending, pending_work, requests_for
-from llama_gen.records import BadLine, Overrides, Record, parse_line, read_records
+from llama_gen.job import (OUTPUT_FIELDS, Tag, Work, check_no_clash, count_pending,
+                           pending_work, requests_for)
+from llama_gen.records import BadLine, Record, parse_line, read_records
+from llama_gen.settings import Settings
 from llama_gen.sampling import derive_seed
 from llama_gen.tiny_tokenizers import build_sentencepiece_model
 from llama_gen.tokenizer import load_tokenizer
@@ -77,15 +78,55 @@ def test_bad_line_reasons(text, reason):
 
 @pytest.mark.parametrize("name", ["sample", "completion", "finish_reason", "prompt_tokens",
                                   "completion_tokens", "logprobs"])
-def test_output_field_names_in_the_input_are_rejected(name):
-    reason = bad_reason(json.dumps({"prompt": "hi", name: 1}))
-    assert name in reason and "written by llama-gen" in reason
+def test_output_field_names_in_the_input_are_rejected_by_the_job_at_start(tmp_path, name):
+    # A record reads fine (datasets with gold answers have such fields); the job refuses the
+    # clash once, at start, naming the line, the field and the fix.
+    item = parse(json.dumps({"prompt": "hi", name: 1}))
+    assert isinstance(item, Record) and item.fields[name] == 1
+    with pytest.raises(UserError) as e:
+        check_no_clash(item, settings(tmp_path))
+    message = str(e.value)
+    assert f"line 7: field {name!r} is also an output field" in message
+    assert ("--completion_key" if name == "completion" else "rename it in the input") in message
+    write_prompts(tmp_path, {"prompt": "ok"}, {"prompt": "hi", name: 1})
+    with pytest.raises(UserError, match=f"line 2: field {name!r} is also an output field"):
+        count_pending(settings(tmp_path), set())
 
 
-def test_an_id_field_is_reserved_when_the_ids_come_from_another_key():
-    reason = bad_reason('{"prompt": "hi", "key": "a", "id": 3}', id_key="key", required=True)
-    assert "id" in reason and "written by llama-gen" in reason
-    assert isinstance(parse('{"prompt": "hi", "id": 3}'), Record)  # the default id key is fine
+def test_a_completion_field_is_fine_under_another_completion_key(tmp_path):
+    item = parse('{"prompt": "hi", "completion": "gold"}')
+    check_no_clash(item, settings(tmp_path, completion_key="generated"))
+    with pytest.raises(UserError, match="field 'generated' is also an output field: pass "
+                                        "--completion_key with another name"):
+        check_no_clash(parse('{"prompt": "hi", "generated": "x"}'),
+                       settings(tmp_path, completion_key="generated"))
+
+
+def test_an_id_field_is_reserved_when_the_ids_come_from_another_key(tmp_path):
+    item = parse('{"prompt": "hi", "key": "a", "id": 3}', id_key="key", required=True)
+    assert isinstance(item, Record) and item.id == "a"
+    with pytest.raises(UserError, match="field 'id' is also an output field"):
+        check_no_clash(item, settings(tmp_path, id_key="key"))
+    default = parse('{"prompt": "hi", "id": 3}')
+    assert isinstance(default, Record)  # the default id key is fine
+    check_no_clash(default, settings(tmp_path))
+
+
+@pytest.mark.xfail(strict=True, raises=UserError,
+                   reason="known bug: job.check_no_clash refuses the id field under --id_key id")
+def test_an_id_field_is_fine_when_it_is_the_id_key(tmp_path):
+    item = parse('{"prompt": "hi", "id": 3}', id_key="id", required=True)
+    assert isinstance(item, Record) and item.id == 3
+    check_no_clash(item, settings(tmp_path, id_key="id"))
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: --completion_key may name another output "
+                                       "field, which then overwrites or is overwritten")
+@pytest.mark.parametrize("key", OUTPUT_FIELDS)
+def test_a_completion_key_that_is_another_output_field_is_refused(tmp_path, key):
+    write_prompts(tmp_path, {"prompt": "hi"})
+    with pytest.raises(UserError, match="--completion_key"):
+        count_pending(settings(tmp_path, completion_key=key), set())
 
 
 def test_invalid_utf8_is_a_bad_line_with_the_text_still_shown():
@@ -110,14 +151,27 @@ def test_a_valid_record_keeps_its_fields_unchanged():
     obj = {"prompt": "Hello", "id": "a-1", "meta": {"x": [1, 2.5, None]}, "temperature": 0,
            "top_p": 1, "max_gen_len": 3, "seed": -4, "num_samples": 2, "émoji": "🦙"}
     item = parse(json.dumps(obj, ensure_ascii=False))
-    assert item == Record(7, "a-1", "Hello", obj, Overrides(max_gen_len=3, temperature=0, top_p=1,
-                                                            seed=-4, num_samples=2))
+    assert item == Record(7, "a-1", "Hello", obj, dict(max_gen_len=3, temperature=0, top_p=1,
+                                                       seed=-4, num_samples=2))
+    assert type(item.overrides["top_p"]) is float and type(item.overrides["temperature"]) is float
     assert list(item.fields) == list(obj)  # key order too
 
 
-def test_no_overrides_means_all_none():
+def test_no_overrides_means_an_empty_dict():
     item = parse('{"prompt": "Hello"}')
-    assert item.overrides == Overrides() and item.id == 7
+    assert item.overrides == {} and item.id == 7
+
+
+def test_fields_a_record_may_not_set_are_kept_but_not_overrides():
+    item = parse('{"prompt": "Hello", "max_seq_len": 0, "device": "x", "compile": true}')
+    assert isinstance(item, Record) and item.overrides == {}
+    assert item.fields["max_seq_len"] == 0
+
+
+def test_bad_line_as_json_leaves_out_what_is_unset():
+    assert BadLine(3, "why", "text").as_json() == {"line": 3, "reason": "why", "text": "text"}
+    assert BadLine(3, "why", "text", max_seq_len=32).as_json() == {
+        "line": 3, "reason": "why", "text": "text", "max_seq_len": 32}
 
 
 def test_custom_prompt_key():
@@ -204,59 +258,15 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(build_sentencepiece_model(tmp_path_factory.mktemp("tok") / "t.model"))
 
 
-def settings(tmp_path: Path, **kwargs) -> JobSettings:
+def settings(tmp_path: Path, **kwargs) -> Settings:
     prompt = tmp_path / "prompts.jsonl"
     if not prompt.exists():
         prompt.write_text('{"prompt": "hi"}\n')
-    return JobSettings(ckpt_dir=tmp_path, prompt_path=prompt, out_path=tmp_path / "out.jsonl",
-                       **kwargs)
+    return Settings(ckpt_dir=tmp_path, prompt_path=prompt, out_path=tmp_path / "out.jsonl",
+                    **kwargs)
 
 
-def test_job_settings_check_accepts_good_settings(tmp_path):
-    settings(tmp_path).check()
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"top_p": 0.0}, "--top_p must be in (0, 1]"),
-    ({"top_p": 1.01}, "--top_p must be in (0, 1]"),
-    ({"temperature": -0.1}, "--temperature must be >= 0"),
-    ({"max_seq_len": 0}, "--max_seq_len must be at least 1"),
-    ({"max_batch_size": 0}, "--max_batch_size must be at least 1"),
-    ({"max_gen_len": 0}, "--max_gen_len must be at least 1"),
-    ({"num_samples": 0}, "--num_samples must be at least 1"),
-])
-def test_job_settings_check_flag_errors(tmp_path, change, message):
-    with pytest.raises(UserError, match="^" + re.escape(message)):
-        settings(tmp_path, **change).check()
-
-
-def test_job_settings_check_path_errors(tmp_path):
-    s = settings(tmp_path)
-    with pytest.raises(UserError, match="--prompt_path .*missing.jsonl: no such file"):
-        JobSettings(tmp_path, tmp_path / "missing.jsonl", s.out_path).check()
-    with pytest.raises(UserError, match="--prompt_path .*: a directory, not a file"):
-        JobSettings(tmp_path, tmp_path, s.out_path).check()
-    with pytest.raises(UserError, match="--ckpt_dir .*params.json: no such directory"):
-        JobSettings(s.prompt_path.parent / "params.json", s.prompt_path, s.out_path).check()
-    with pytest.raises(UserError, match=r"--out_path .*: directory .*nowhere does not exist"):
-        JobSettings(tmp_path, s.prompt_path, tmp_path / "nowhere" / "out.jsonl").check()
-    with pytest.raises(UserError, match=r"--logging_path .*: directory .*nolog does not exist"):
-        settings(tmp_path, logging_path=tmp_path / "nolog" / "x.log").check()
-    with pytest.raises(UserError, match=r"--out_path .* is a directory: name a file in it"):
-        JobSettings(tmp_path, s.prompt_path, tmp_path).check()
-    with pytest.raises(UserError, match="--out_path must not be the prompt file"):
-        JobSettings(tmp_path, s.prompt_path, s.prompt_path).check()
-    for log in (s.prompt_path, s.out_path, s.errors_path):
-        with pytest.raises(UserError, match="--logging_path must not be "):
-            settings(tmp_path, logging_path=log).check()
-    s.errors_path.write_text(s.prompt_path.read_text())
-    with pytest.raises(UserError, match="the errors file must not be the prompt file"):
-        JobSettings(tmp_path, s.errors_path, s.out_path).check()
-
-
-def test_model_parallel_size_zero_is_an_error_not_the_default(tmp_path):
-    with pytest.raises(UserError, match="--model_parallel_size must be at least 1"):
-        settings(tmp_path, model_parallel_size=0).check()
+# (The settings' own checks are in test_settings.py.)
 
 
 def write_prompts(tmp_path: Path, *objs: dict | str) -> None:
@@ -264,7 +274,7 @@ def write_prompts(tmp_path: Path, *objs: dict | str) -> None:
         "".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs))
 
 
-def collect(s: JobSettings, tokenizer, replicas: int, done=frozenset()):
+def collect(s: Settings, tokenizer, replicas: int, done=frozenset()):
     return [list(pending_work(s, set(done), tokenizer, r, replicas)) for r in range(replicas)]
 
 
@@ -327,6 +337,8 @@ def test_bad_lines_come_from_replica_0_and_too_long_prompts_from_their_owner(tmp
     assert too_long.reason.startswith(f"the prompt has {n} tokens; --max_seq_len 32 allows at "
                                       "most 31")
     assert json.loads(too_long.text) == {"prompt": long_prompt, "id": "b"}
+    assert too_long.max_seq_len == 32  # retried on a resume with a longer context
+    assert all(x.max_seq_len is None for x in shares[0] if isinstance(x, BadLine))
     # One replica reports everything.
     alone = collect(s, tokenizer, 1)[0]
     assert sorted(x.line for x in alone if isinstance(x, BadLine)) == [2, 3, 4, 6]
@@ -348,7 +360,7 @@ def test_count_pending_uses_num_samples_and_per_record_overrides(tmp_path):
     assert count_pending(settings(tmp_path), set()) == 1 + 4 + 1
 
 
-def requests(tmp_path: Path, tokenizer, s: JobSettings, done=frozenset()):
+def requests(tmp_path: Path, tokenizer, s: Settings, done=frozenset()):
     return [r for w in collect(s, tokenizer, 1, done)[0] for r in requests_for(w, s)]
 
 
@@ -357,8 +369,9 @@ def test_requests_for_derives_a_seed_per_id_and_sample(tmp_path, tokenizer):
                   {"prompt": "same", "id": 1})
     s = settings(tmp_path, num_samples=2, seed=11)
     reqs = requests(tmp_path, tokenizer, s)
-    assert [(r.tag[0].id, r.tag[1]) for r in reqs] == [("a", 0), ("a", 1), ("b", 0), ("b", 1),
-                                                       (1, 0), (1, 1)]
+    assert all(isinstance(r.tag, Tag) for r in reqs)
+    assert [(r.tag.record.id, r.tag.sample) for r in reqs] == [
+        ("a", 0), ("a", 1), ("b", 0), ("b", 1), (1, 0), (1, 1)]
     seeds = [r.params.seed for r in reqs]
     assert len(set(seeds)) == 6
     assert seeds[0] == derive_seed(11, "a", 0) and seeds[5] == derive_seed(11, 1, 1)
@@ -387,7 +400,7 @@ def test_requests_for_applies_per_record_overrides(tmp_path, tokenizer):
         assert (r.params.top_p, r.params.max_gen_len) == (0.5, 3)
         assert r.params.seed == derive_seed(99, 2, sample)
         assert r.params.logprobs and r.params.echo
-        assert r.tag == (special[0].tag[0], sample)
+        assert r.tag == Tag(special[0].tag.record, sample)
         assert r.prompt_tokens == tokenizer.encode("b", bos=True)
 
 
