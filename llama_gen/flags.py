@@ -14,6 +14,7 @@ import difflib
 import inspect
 import re
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import fire
@@ -63,7 +64,7 @@ def from_flags(cls: type, unexpected: tuple, values: dict[str, Any]) -> Any:
         except BadValue as e:
             quoting = (f" (text that reads as a number goes in two quotes: --{name} "
                        "\"'2024.01'\")" if isinstance(value, float)
-                       and "text" in e.rule else "")
+                       and fields[name].base in (str, Path) else "")
             raise UserError(f"--{name} {e}{quoting}") from None
     return cls(**checked)
 

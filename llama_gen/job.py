@@ -29,14 +29,11 @@ from .records import BadLine, Record, read_records
 from .replicas import Finished, Mailbox, Message
 from .resume import prepare_output, run_fingerprint
 from .sampling import derive_seed
-from .settings import Settings
+from .settings import OUTPUT_FIELDS, Settings
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Fields every output line has, beside the record's own and the completion (--completion_key).
-OUTPUT_FIELDS = ("id", "sample", "finish_reason", "prompt_tokens", "completion_tokens",
-                 "logprobs")
 # A group's leader shares its stop request with the group every this many decode steps.
 STOP_CHECK_STEPS = 8
 
@@ -120,7 +117,8 @@ def count_pending(settings: Settings, done: set[tuple[Any, int]]) -> int:
 def check_no_clash(record: Record, settings: Settings) -> None:
     """Output lines hold the record's fields and llama-gen's: none may have both."""
     ours = [settings.completion_key, *OUTPUT_FIELDS]
-    taken = [k for k in ours if k in record.fields and not (k == "id" and settings.id_key is None)]
+    taken = [k for k in ours if k in record.fields
+             and not (k == "id" and settings.id_key in (None, "id"))]  # the id, written as is
     if not taken:
         return
     fix = (f"pass --completion_key with another name (--completion_key generated)"

@@ -15,6 +15,10 @@ from typing import Any, Literal
 from .errors import UserError
 from .values import BadValue, Rule
 
+# Fields every output line has, beside the record's own and the completion (--completion_key).
+OUTPUT_FIELDS = ("id", "sample", "finish_reason", "prompt_tokens", "completion_tokens",
+                 "logprobs")
+
 # How a setting relates to a finished output line.
 DEFINES_OUTPUT = "defines the output"  # a resume must keep it: it changes what a line holds
 RUNTIME = "runtime"  # may change on resume (memory, speed, where logs go)
@@ -100,6 +104,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.completion_key in OUTPUT_FIELDS:
+            raise UserError(f"--completion_key {self.completion_key} is another output field "
+                            f"(llama-gen writes {', '.join(OUTPUT_FIELDS)}): choose another name")
 
     def with_overrides(self, overrides: dict[str, Any]) -> Settings:
         """These settings with a record's own (already checked) values in place."""

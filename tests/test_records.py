@@ -112,16 +112,12 @@ def test_an_id_field_is_reserved_when_the_ids_come_from_another_key(tmp_path):
     check_no_clash(default, settings(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, raises=UserError,
-                   reason="known bug: job.check_no_clash refuses the id field under --id_key id")
 def test_an_id_field_is_fine_when_it_is_the_id_key(tmp_path):
     item = parse('{"prompt": "hi", "id": 3}', id_key="id", required=True)
     assert isinstance(item, Record) and item.id == 3
     check_no_clash(item, settings(tmp_path, id_key="id"))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: --completion_key may name another output "
-                                       "field, which then overwrites or is overwritten")
 @pytest.mark.parametrize("key", OUTPUT_FIELDS)
 def test_a_completion_key_that_is_another_output_field_is_refused(tmp_path, key):
     write_prompts(tmp_path, {"prompt": "hi"})
