@@ -1,5 +1,6 @@
-"""The job's files: recovering out.jsonl, the errors file, appends, atomic writes, the lock, run
-settings and resume checks, and the output line itself."""
+"""The job's files: recovering out.jsonl, the errors file, appends, atomic writes, the lock,
+the progress log and the writer. (What the job puts in them, and the resume rules, are in
+test_job.py and test_resume.py.)"""
 from __future__ import annotations
 
 import json
@@ -13,18 +14,19 @@ from pathlib import Path
 import pytest
 
 import llama_gen
-from llama_gen.engine import Completion, Request, SamplingParams
 from llama_gen.errors import UserError
-from llama_gen.job import JobSettings, Writer, output_line, prepare_output, run_fingerprint
-from llama_gen.output import (JsonlAppender, OutputLock, ProgressLog, recorded_error_lines,
-                              recover_output, settings_differences, write_atomically)
-from llama_gen.records import BadLine, Record, parse_line
-from llama_gen.tiny_tokenizers import build_sentencepiece_model
-from llama_gen.tokenizer import load_tokenizer
+from llama_gen.output import (JsonlAppender, OutputLock, ProgressLog, Writer,
+                              recorded_error_lines, recover_output, write_atomically)
+from llama_gen.records import BadLine
+from llama_gen.settings import Settings
 
 
 def out_line(id_, sample: int, **extra) -> bytes:
     return (json.dumps({"id": id_, "sample": sample, "completion": "x", **extra}) + "\n").encode()
+
+
+def lock_on(out_path: Path) -> OutputLock:
+    return OutputLock(out_path.with_name(out_path.name + ".lock"), out_path)
 
 
 # --- recover_output -----------------------------------------------------------------------------
@@ -174,7 +176,9 @@ HOLD_LOCK = """
 import sys
 from pathlib import Path
 from llama_gen.output import OutputLock
-lock = OutputLock(Path(sys.argv[1]))  # kept: the lock lives as long as its open file
+out = Path(sys.argv[1])
+# kept: the lock lives as long as its open file
+lock = OutputLock(out.with_name(out.name + ".lock"), out)
 lock.acquire()
 print("locked", flush=True)
 sys.stdin.readline()
@@ -186,7 +190,8 @@ from pathlib import Path
 from llama_gen.errors import UserError
 from llama_gen.output import OutputLock
 try:
-    OutputLock(Path(sys.argv[1])).acquire()
+    out = Path(sys.argv[1])
+    OutputLock(out.with_name(out.name + ".lock"), out).acquire()
 except UserError as e:
     print(e)
     sys.exit(3)
@@ -213,7 +218,7 @@ def holder(tmp_path):
 
 
 def test_a_lock_held_by_another_process_is_refused_naming_the_holder(tmp_path, holder):
-    lock = OutputLock(tmp_path / "out.jsonl")
+    lock = lock_on(tmp_path / "out.jsonl")
     with pytest.raises(UserError) as e:
         lock.acquire()
     message = str(e.value)
@@ -233,7 +238,7 @@ def test_a_lock_held_by_another_process_is_refused_naming_the_holder(tmp_path, h
 def test_a_killed_holder_leaves_the_lock_free(tmp_path, holder):
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=10)
-    lock = OutputLock(tmp_path / "out.jsonl")
+    lock = lock_on(tmp_path / "out.jsonl")
     lock.acquire()
     assert (tmp_path / "out.jsonl.lock").read_text() == f"pid {os.getpid()} on " \
         f"{os.uname().nodename}"
@@ -241,7 +246,7 @@ def test_a_killed_holder_leaves_the_lock_free(tmp_path, holder):
 
 
 def test_another_process_is_refused_while_we_hold_the_lock(tmp_path):
-    lock = OutputLock(tmp_path / "out.jsonl")
+    lock = lock_on(tmp_path / "out.jsonl")
     lock.acquire()
     try:
         proc = python(TRY_LOCK, str(tmp_path / "out.jsonl"))
@@ -258,7 +263,7 @@ def test_another_process_is_refused_while_we_hold_the_lock(tmp_path):
 def test_two_locks_in_one_process_exclude_each_other(tmp_path):
     # flock belongs to the open file description; each OutputLock opens its own, so a second
     # job in the same process (a test, an embedding caller) is refused too.
-    first, second = OutputLock(tmp_path / "out.jsonl"), OutputLock(tmp_path / "out.jsonl")
+    first, second = lock_on(tmp_path / "out.jsonl"), lock_on(tmp_path / "out.jsonl")
     first.acquire()
     with pytest.raises(UserError, match=f"pid {os.getpid()}"):
         second.acquire()
@@ -270,177 +275,31 @@ def test_two_locks_in_one_process_exclude_each_other(tmp_path):
     second.release()
 
 
+def test_a_lock_file_left_behind_does_not_block_the_next_run(tmp_path):
+    # A start that failed (or any ended run) leaves out.jsonl.lock on disk: only a live holder
+    # counts.
+    lock = lock_on(tmp_path / "out.jsonl")
+    lock.acquire()
+    lock.release()
+    assert (tmp_path / "out.jsonl.lock").exists()
+    again = lock_on(tmp_path / "out.jsonl")
+    again.acquire()
+    again.release()
+
+
 def test_locks_on_different_outputs_are_independent(tmp_path):
-    a, b = OutputLock(tmp_path / "a.jsonl"), OutputLock(tmp_path / "b.jsonl")
+    a, b = lock_on(tmp_path / "a.jsonl"), lock_on(tmp_path / "b.jsonl")
     a.acquire()
     b.acquire()
     a.release()
     b.release()
 
 
-# --- settings_differences and prepare_output -----------------------------------------------------
-
-def test_settings_differences_lists_changed_added_and_removed_keys_sorted():
-    old = {"seed": 0, "temperature": 0.6, "shards": [["a", 1]], "gone": "x", "same": None}
-    new = {"seed": 0, "temperature": 0.7, "shards": [["a", 2]], "added": True, "same": None}
-    assert settings_differences(old, new) == [
-        'added: null -> true', 'gone: "x" -> null', 'shards: [["a", 1]] -> [["a", 2]]',
-        "temperature: 0.6 -> 0.7"]
-    assert settings_differences(new, dict(new)) == []
-
-
-def job(tmp_path: Path, **kwargs) -> JobSettings:
-    prompt = tmp_path / "prompts.jsonl"
-    if not prompt.exists():
-        prompt.write_text('{"prompt": "hi"}\n{"prompt": "there"}\n')
-    return JobSettings(ckpt_dir=tmp_path, prompt_path=prompt, out_path=tmp_path / "out.jsonl",
-                       **kwargs)
-
-
-FINGERPRINT = {"checkpoint": "/ckpt", "prompt_file": "abc", "temperature": 0.6, "seed": 0,
-               "id_key": None, "shards": [["consolidated.00.pth", 10]]}
-
-
-def leftovers(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name)
-
-
-def test_first_run_writes_the_run_settings(tmp_path):
-    s = job(tmp_path)
-    assert prepare_output(s, FINGERPRINT) == set()
-    assert json.loads(s.settings_path.read_text()) == FINGERPRINT
-    assert s.settings_path.name == "out.jsonl.run.json"
-    assert leftovers(tmp_path) == []
-
-
-def test_resume_with_the_same_settings_returns_the_done_pairs(tmp_path):
-    s = job(tmp_path)
-    prepare_output(s, FINGERPRINT)
-    s.out_path.write_bytes(out_line(1, 0) + out_line(2, 0) + b'{"id": 2, "sa')
-    assert prepare_output(s, dict(FINGERPRINT)) == {(1, 0), (2, 0)}
-    assert s.out_path.read_bytes() == out_line(1, 0) + out_line(2, 0)
-
-
-def test_resume_with_changed_settings_is_refused_naming_the_difference(tmp_path):
-    s = job(tmp_path)
-    prepare_output(s, FINGERPRINT)
-    s.out_path.write_bytes(out_line(1, 0))
-    changed = {**FINGERPRINT, "temperature": 0.7, "id_key": "key"}
-    with pytest.raises(UserError) as e:
-        prepare_output(s, changed)
-    message = str(e.value)
-    assert 'id_key: null -> "key"' in message and "temperature: 0.6 -> 0.7" in message
-    assert "--overwrite" in message
-    assert json.loads(s.settings_path.read_text()) == FINGERPRINT  # untouched
-    assert s.out_path.read_bytes() == out_line(1, 0)
-
-
-def test_a_non_empty_output_without_run_settings_is_refused(tmp_path):
-    s = job(tmp_path)
-    s.out_path.write_bytes(b"someone else's data\n")
-    with pytest.raises(UserError, match=r"not written by llama-gen \(no out\.jsonl\.run\.json\)"):
-        prepare_output(s, FINGERPRINT)
-    assert not s.settings_path.exists()
-    assert s.out_path.read_bytes() == b"someone else's data\n"
-
-
-def test_an_empty_output_without_run_settings_is_fine(tmp_path):
-    s = job(tmp_path)
-    s.out_path.write_bytes(b"")
-    assert prepare_output(s, FINGERPRINT) == set()
-    assert s.settings_path.exists()
-
-
-def test_overwrite_empties_the_outputs_and_records_the_new_settings(tmp_path):
-    s = job(tmp_path)
-    prepare_output(s, FINGERPRINT)
-    s.out_path.write_bytes(out_line(1, 0))
-    s.errors_path.write_bytes(b'{"line": 2, "reason": "r", "text": "t"}\n')
-    changed = {**FINGERPRINT, "seed": 5}
-    again = job(tmp_path, overwrite=True)
-    assert prepare_output(again, changed) == set()
-    assert s.out_path.read_bytes() == b"" and s.errors_path.read_bytes() == b""
-    assert json.loads(s.settings_path.read_text()) == changed
-    assert leftovers(tmp_path) == []
-    # Overwrite also takes a foreign file (no run settings) and a file it cannot parse.
-    s.settings_path.unlink()
-    s.out_path.write_bytes(b"not json\n")
-    assert prepare_output(again, FINGERPRINT) == set()
-    assert s.out_path.read_bytes() == b""
-
-
-def test_prepare_output_reports_a_corrupt_middle_line(tmp_path):
-    s = job(tmp_path)
-    prepare_output(s, FINGERPRINT)
-    s.out_path.write_bytes(out_line(1, 0) + b"oops\n" + out_line(2, 0))
-    with pytest.raises(UserError, match="line 2 is not a llama-gen output line"):
-        prepare_output(s, FINGERPRINT)
-
-
-def test_run_fingerprint_survives_a_json_round_trip(tmp_path):
-    # The resume check compares the stored JSON with a fresh fingerprint: any tuple or Path in it
-    # would make every resume fail.
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "params.json").write_text('{"dim": 64}')
-    for i in range(2):
-        (ckpt / f"consolidated.0{i}.pth").write_bytes(b"x" * (i + 3))
-    tokenizer = load_tokenizer(build_sentencepiece_model(tmp_path / "t.model"))
-    s = JobSettings(ckpt_dir=ckpt, prompt_path=job(tmp_path).prompt_path,
-                    out_path=tmp_path / "out.jsonl", id_key="key", num_samples=2)
-    fp = run_fingerprint(s, tokenizer, "torch.bfloat16")
-    assert settings_differences(json.loads(json.dumps(fp)), fp) == []
-    assert fp["shards"] == [["consolidated.00.pth", 3], ["consolidated.01.pth", 4]]
-    prepare_output(s, fp)
-    assert prepare_output(s, run_fingerprint(s, tokenizer, "torch.bfloat16")) == set()
-    s.prompt_path.write_text('{"prompt": "changed"}\n')
-    with pytest.raises(UserError, match="prompt_file: "):
-        prepare_output(s, run_fingerprint(s, tokenizer, "torch.bfloat16"))
-
-
-# --- the output line ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return load_tokenizer(build_sentencepiece_model(tmp_path_factory.mktemp("tok") / "t.model"))
-
-
-def record(text: str) -> Record:
-    item = parse_line(text.encode() + b"\n", 4, "prompt", "key", True)
-    assert isinstance(item, Record)
-    return item
-
-
-def test_output_line_keeps_the_input_fields_and_adds_ours(tokenizer):
-    rec = record('{"prompt": "Hello", "key": "k", "meta": {"a": 1}}')
-    prompt = tokenizer.encode("Hello", bos=True)
-    new = tokenizer.encode("world!", bos=False)  # SentencePiece: "▁world" carries the space
-    request = Request(prompt, SamplingParams(), tag=(rec, 2))
-    line = output_line(Completion(request, new, None, "stop", len(prompt)), tokenizer)
-    assert line == {"prompt": "Hello", "key": "k", "meta": {"a": 1}, "id": "k", "sample": 2,
-                    "completion": " world!", "finish_reason": "stop",
-                    "prompt_tokens": len(prompt), "completion_tokens": len(new)}
-    assert list(line)[:3] == ["prompt", "key", "meta"]
-
-
-def test_output_line_with_echo_and_logprobs(tokenizer):
-    rec = record('{"prompt": "Hello", "key": 5}')
-    prompt = tokenizer.encode("Hello", bos=True)
-    new = tokenizer.encode("world!", bos=False)
-    request = Request(prompt, SamplingParams(echo=True, logprobs=True), tag=(rec, 0))
-    logprobs = [None] + [-0.5] * (len(prompt) - 1 + len(new))
-    line = output_line(Completion(request, prompt + new, logprobs, "length", len(prompt)),
-                       tokenizer)
-    assert line["completion"] == "Hello world!"
-    assert line["completion_tokens"] == len(new) and line["prompt_tokens"] == len(prompt)
-    assert line["logprobs"] == logprobs and line["finish_reason"] == "length"
-    assert (line["id"], line["sample"]) == (5, 0)
-
-
-# --- the writer's errors file (known bug) -------------------------------------------------------
+# --- Writer ------------------------------------------------------------------------------------
 
 def test_writer_repairs_a_torn_errors_file_before_appending(tmp_path):
-    s = job(tmp_path)
+    s = Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "prompts.jsonl",
+                 out_path=tmp_path / "out.jsonl")
     s.errors_path.write_bytes(b'{"line": 1, "reason": "r", "text": "t"}\n{"line": 3, "rea')
     writer = Writer(s, total=0)
     writer.bad_line(BadLine(5, "invalid JSON", "x"))
@@ -450,40 +309,26 @@ def test_writer_repairs_a_torn_errors_file_before_appending(tmp_path):
         json.loads(raw)
 
 
-def test_lines_appended_to_the_prompt_file_are_a_resume_other_changes_are_not(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "params.json").write_text('{"dim": 64}')
-    tokenizer = load_tokenizer(build_sentencepiece_model(tmp_path / "t.model"))
-    s = JobSettings(ckpt_dir=ckpt, prompt_path=job(tmp_path).prompt_path,
-                    out_path=tmp_path / "out.jsonl")
-    first = s.prompt_path.read_text()
-
-    def resume_after(content: str) -> None:
-        s.prompt_path.write_text(content)
-        prepare_output(s, run_fingerprint(s, tokenizer, "torch.float32"))
-
-    resume_after(first)
-    resume_after(first + '{"prompt": "appended"}\n')  # accepted, and becomes the new start
-    assert json.loads(s.settings_path.read_text())["prompt_file_bytes"] == len(first) + 23
-    grown = s.prompt_path.read_text()
-    for changed in (grown.replace("hi", "ho"), grown[:-1] + ' "x"\n', first):
-        s.prompt_path.write_text(grown)
-        prepare_output(s, run_fingerprint(s, tokenizer, "torch.float32"))
-        with pytest.raises(UserError, match="prompt_file: its content changed, beyond lines "
-                                            "added at its end"):
-            resume_after(changed)
-    # After a last line without a newline, text that continues that line changes it: refused;
-    # a newline first leaves it as it was.
-    s.settings_path.unlink()  # a new job
-    s.prompt_path.write_text(grown.rstrip("\n"))
-    prepare_output(s, run_fingerprint(s, tokenizer, "torch.float32"))
-    with pytest.raises(UserError, match="prompt_file"):
-        resume_after(grown.rstrip("\n") + '{"prompt": "more"}\n')
-    resume_after(grown + '{"prompt": "more"}\n')
-
-
-def test_run_settings_of_an_earlier_version_without_the_prompt_size_still_resume(tmp_path):
-    s = job(tmp_path)
-    prepare_output(s, FINGERPRINT)
-    assert prepare_output(s, {**FINGERPRINT, "prompt_file_bytes": 30}) == set()
+def test_writer_appends_lines_counts_them_and_logs_progress(tmp_path):
+    s = Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "prompts.jsonl",
+                 out_path=tmp_path / "out.jsonl", logging_path=tmp_path / "progress.log")
+    s.errors_path.write_bytes(b'{"line": 2, "reason": "r", "text": "t"}\n')
+    writer = Writer(s, total=2)
+    writer.output({"id": 1, "sample": 0, "completion": "é", "completion_tokens": 3}, 1)
+    writer.bad_line(BadLine(2, "invalid JSON", "x"))  # already recorded: counted, not rewritten
+    writer.bad_line(BadLine(4, "too long", "y", max_seq_len=16))
+    writer.output({"id": 3, "sample": 0, "completion": "z", "completion_tokens": 4}, 3)
+    writer.finish()
+    writer.close()
+    assert [json.loads(x) for x in s.out_path.read_bytes().splitlines()] == [
+        {"id": 1, "sample": 0, "completion": "é", "completion_tokens": 3},
+        {"id": 3, "sample": 0, "completion": "z", "completion_tokens": 4}]
+    assert [json.loads(x) for x in s.errors_path.read_bytes().splitlines()] == [
+        {"line": 2, "reason": "r", "text": "t"},
+        {"line": 4, "reason": "too long", "text": "y", "max_seq_len": 16}]
+    assert (writer.samples, writer.tokens, writer.bad_lines) == (2, 7, 2)
+    assert writer.summary().startswith("2 sample(s) written, 2 bad line(s), 7 tokens generated")
+    log = (tmp_path / "progress.log").read_text()
+    assert "start: 2 sample(s) to write to" in log and "done 2/2 samples, last line 3" in log
+    assert "end: 2 sample(s) written" in log
+    assert not (tmp_path / "out.jsonl.log").exists()  # --logging_path replaces the default
