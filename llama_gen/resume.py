@@ -103,15 +103,25 @@ def move_aside(settings: Settings) -> Path | None:
 
 def forget_retryable_errors(settings: Settings) -> None:
     """Drop the errors file's prompts that were too long for a shorter context than this run's:
-    this run tries them again (and records them again if they still do not fit)."""
+    this run tries them again (and records them again if they still do not fit). Lines that
+    are not entries are kept as they are."""
     path = settings.errors_path
     if not has_lines(path):
         return
     cut_torn_last_line(path)
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if json.loads(line).get("max_seq_len", settings.max_seq_len) >= settings.max_seq_len]
-    if len(kept) < len(path.read_text(encoding="utf-8").splitlines()):
-        write_atomically(path, "".join(kept))
+    lines = path.read_bytes().splitlines(keepends=True)  # at b"\n" alone, as it was written
+    kept = [line for line in lines if not _tried_with_shorter_context(line, settings.max_seq_len)]
+    if len(kept) < len(lines):
+        write_atomically(path, b"".join(kept).decode("utf-8"))
+
+
+def _tried_with_shorter_context(line: bytes, max_seq_len: int) -> bool:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return False
+    limit = entry.get("max_seq_len") if isinstance(entry, dict) else None
+    return isinstance(limit, int) and limit < max_seq_len
 
 
 def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple[Any, int]]:

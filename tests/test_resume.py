@@ -444,9 +444,6 @@ def test_a_prompt_too_long_is_retried_after_a_resume_with_a_longer_context(tmp_p
 
 # --- known bugs (strict xfails: a fix turns them into plain tests) -------------------------------
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="forget_retryable_errors splits the errors file with str.splitlines, "
-                          "which also splits at U+2028 inside a JSON string")
 def test_an_errors_file_entry_holding_a_line_separator_does_not_stop_the_next_start(tmp_path):
     s = job(tmp_path)
     errors = JsonlAppender(s.errors_path)
@@ -457,9 +454,6 @@ def test_an_errors_file_entry_holding_a_line_separator_does_not_stop_the_next_st
     assert s.errors_path.read_bytes() == b""
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, AttributeError),
-                   reason="forget_retryable_errors parses every errors-file line, though "
-                          "recorded_error_lines skips those that are not entries")
 def test_an_errors_file_line_that_is_not_an_entry_does_not_stop_the_next_start(tmp_path):
     s = job(tmp_path, max_seq_len=64)
     write_errors(s.errors_path, [ERRORS[0]])
