@@ -121,7 +121,7 @@ def check_no_clash(record: Record, settings: Settings) -> None:
              and not (k == "id" and settings.id_key in (None, "id"))]  # the id, written as is
     if not taken:
         return
-    fix = (f"pass --completion_key with another name (--completion_key generated)"
+    fix = ("pass --completion_key with another name (--completion_key generated)"
            if taken[0] == settings.completion_key else
            f"rename it in the input (llama-gen writes {', '.join(OUTPUT_FIELDS)})")
     raise UserError(f"{settings.prompt_path}: line {record.line}: field {taken[0]!r} is also "
