@@ -1,3 +1,16 @@
-from .cli import main
+"""`llama-gen` and `python -m llama_gen` start here: the lifeline first, then the CLI."""
+import os
 
-main()
+PARENT = os.getppid()  # first, before any slow import: the launcher the lifeline watches
+
+from . import lifeline  # noqa: E402  (standard library only)
+
+
+def main() -> None:
+    lifeline.arm(PARENT)
+    from .cli import main as cli_main  # imports torch: a second or more
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
