@@ -77,9 +77,14 @@ def find_shards(ckpt_dir: Path) -> list[Path]:
                         "checkpoint directory?")
     missing = sorted(set(range(max(found) + 1)) - set(found))
     if missing:
-        raise UserError(f"{ckpt_dir}: shard(s) {', '.join(f'consolidated.{i:02d}.pth' for i in missing)}"
-                        f" missing; a checkpoint of {max(found) + 1} shards needs all of them")
+        raise UserError(f"{ckpt_dir}: shard(s) {_shard_names(missing)} missing; a checkpoint of "
+                        f"{max(found) + 1} shards needs all of them: copy the missing file(s) "
+                        "from the download into this directory")
     return [found[i] for i in sorted(found)]
+
+
+def _shard_names(indices: list[int]) -> str:
+    return ", ".join(f"consolidated.{i:02d}.pth" for i in indices)
 
 
 def check_model_parallel_size(args: ModelArgs, mp_size: int, n_shards: int) -> None:
@@ -105,6 +110,7 @@ class Checkpoint:
         paths = find_shards(ckpt_dir)
         shards = [_load_shard(p) for p in paths]
         n = len(paths)
+        _check_no_last_shards_missing(ckpt_dir, paths[0], shards[0], args, n)
         if n == 1:
             embedding_dim = 0 if vocab_parallel_if_unsplit else 1
         else:
@@ -152,6 +158,31 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(shard, dict) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
         raise UserError(f"{path}: expected a dict of tensors (a Meta consolidated shard)")
     return shard
+
+
+def _check_no_last_shards_missing(ckpt_dir: Path, path: Path, shard: dict[str, torch.Tensor],
+                                  args: ModelArgs, n: int) -> None:
+    """Shards missing at the end leave no gap in the numbering, but every weight is a smaller
+    slice than `n` shards give: name the count those slices belong to."""
+    full = (args.vocab_size, args.dim)
+    got = tuple(shard[EMBEDDING_KEY].shape) if EMBEDDING_KEY in shard else ()
+    for dim in (0, 1):
+        if len(got) != 2 or got[1 - dim] != full[1 - dim] or not 0 < got[dim] < full[dim]:
+            continue
+        k = full[dim] // got[dim]
+        if k <= n or full[dim] % got[dim]:
+            continue
+        try:  # every weight a 1/k slice: the checkpoint has k shards
+            _check_shard(path, shard, full_shapes(args), dim, k)
+        except UserError:
+            continue
+        missing = list(range(n, k))
+        raise UserError(f"{ckpt_dir}: {n} shard(s) found, but each weight in {path.name} is 1/{k} "
+                        f"of its size in params.json ({EMBEDDING_KEY} {got} of {full}): the "
+                        f"checkpoint seems to have {k} shards, and {_shard_names(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} missing; copy "
+                        f"{'it' if len(missing) == 1 else 'them'} from the download into this "
+                        "directory")
 
 
 def _embedding_split_dim(path: Path, shard: dict[str, torch.Tensor], args: ModelArgs, n: int) -> int:

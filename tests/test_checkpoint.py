@@ -91,8 +91,40 @@ def test_missing_directory_and_shards(tmp_path):
         find_shards(tmp_path)
     write(tmp_path, n_shards=3)
     (tmp_path / "consolidated.01.pth").unlink()
-    with pytest.raises(UserError, match="consolidated.01.pth missing; a checkpoint of 3 shards"):
+    with pytest.raises(UserError, match="consolidated.01.pth missing; a checkpoint of 3 shards "
+                                        "needs all of them: copy the missing file"):
         find_shards(tmp_path)
+
+
+def test_a_gap_in_the_numbering_names_every_missing_shard(tmp_path):
+    args = write(tmp_path, n_shards=4)
+    for i in (1, 2):
+        (tmp_path / f"consolidated.{i:02d}.pth").unlink()
+    with pytest.raises(UserError, match=r"shard\(s\) consolidated.01.pth, consolidated.02.pth "
+                                        "missing; a checkpoint of 4 shards"):
+        Checkpoint.open(tmp_path, args, False)
+
+
+@pytest.mark.parametrize("params, vocab_parallel", [(TINY_LLAMA2, False), (TINY_LLAMA3, True)])
+@pytest.mark.parametrize("total, kept", [(2, 1), (4, 2), (4, 3)])
+def test_shards_missing_at_the_end_are_named_not_a_shape(tmp_path, params, vocab_parallel, total,
+                                                         kept):
+    """No gap in the numbering, but every weight is 1/total of params.json's: the count the
+    slices belong to and the missing files are named, whichever way the embedding is split."""
+    args = tiny_args(params)
+    write_checkpoint(tmp_path, {**params, "vocab_size": VOCAB}, random_weights(args), total,
+                     vocab_parallel_embedding=vocab_parallel)
+    for i in range(kept, total):
+        (tmp_path / f"consolidated.{i:02d}.pth").unlink()
+    missing = ", ".join(f"consolidated.{i:02d}.pth" for i in range(kept, total))
+    for vocab_parallel_if_unsplit in (False, True):
+        with pytest.raises(UserError) as e:
+            Checkpoint.open(tmp_path, args, vocab_parallel_if_unsplit)
+        message = str(e.value)
+        assert "\n" not in message
+        assert f"{kept} shard(s) found" in message
+        assert f"seems to have {total} shards, and {missing} " in message
+        assert "copy" in message and "has shape" not in message
 
 
 def test_shards_that_disagree(tmp_path):
