@@ -4,7 +4,8 @@ torchrun starts each worker in a session of its own, so a kill -9 of torchrun (t
 way) reaches no worker: orphans would hold the output's lock and, on a GPU server, the memory the
 user's rerun needs. Two layers, armed by the entry point before torch is imported:
 
-1. The kernel's parent-death signal: SIGTERM when the parent dies. Until the job installs its
+1. The kernel's parent-death signal: SIGTERM when the parent dies (strictly, the parent's thread
+   that started us: torchrun starts its workers from its main thread). Until the job installs its
    handler, SIGTERM ends the process; after, it is the job's clean stop (stop admitting work,
    write what is done, release the lock).
 2. A watch thread: once the parent is gone, a worker still alive `grace` seconds later (blocked in

@@ -206,3 +206,14 @@ def test_arming_twice_or_without_torchrun_does_nothing(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     monkeypatch.setattr(lifeline, "_armed", True)
     lifeline.arm(launcher=-1)
+
+
+def test_the_launcher_is_recognised_by_its_command_ending_with_ours(monkeypatch):
+    """How a worker left to init tells it from torchrun running as a container's PID 1."""
+    own = Path(f"/proc/{os.getpid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+    monkeypatch.setattr(sys, "argv", ["llama-gen", *own[-2:]])
+    assert lifeline._runs_our_command(os.getpid())
+    monkeypatch.setattr(sys, "argv", ["llama-gen", "--out_path", "elsewhere.jsonl"])
+    assert not lifeline._runs_our_command(os.getpid())
+    monkeypatch.setattr(sys, "argv", ["llama-gen"])
+    assert lifeline._runs_our_command(os.getpid())  # no arguments: cannot tell
