@@ -1,15 +1,26 @@
-"""Generation over a fixed set of KV-cache slots: prefill each prompt, decode all slots together.
+"""Continuous batching over a fixed set of KV-cache slots: prefill each prompt, decode all slots
+together, and give a finished sequence's slot to the next prompt at once.
 
-Two schedulers share the slots. "continuous": a finished sequence's slot takes the next prompt at
-once, or else the last active sequence moves into it, so active slots stay contiguous (0..n-1)
-and a decode step reads the cache as a plain view. New prompts are prefilled in the same forward
-pass as the decoding slots, so the layers' weights are read once for both. "static": Meta's
-reference loop, kept as the baseline to measure against: a batch starts together at its shortest
-prompt, longer prompts are fed one forced token per step, and every row steps until the whole
-batch is done.
+The path of a request:
+- `Engine.generate` reads the requests, shortest prompt first within windows
+  (`shortest_first_in_windows`), and runs the loop `Engine._run`.
+- Each turn of the loop admits requests into free slots (`_admit`, in `prefill_groups` of similar
+  lengths), starts the groups it takes this turn (`_start`: a `Sequence` in its slot), runs one
+  `_step`, appends each sequence's new token (`Sequence.append`) and retires the finished ones
+  (`_retire`).
+- `_step` builds the step, runs one forward pass and samples: the decoding slots (one token each)
+  and the new prompts (right-padded prefill segments) are joined in one pass, so the layers'
+  weights are read once for both. With `compile`, the decode rows take a compiled copy of the
+  model at fixed shapes (CUDA graphs on GPUs) and the prefills an eager pass of their own.
+- Retiring moves the last active sequence into the gap, so active slots stay contiguous (0..n-1)
+  and a decode step reads the cache as a plain view.
 
-With `compile`, decode steps run through a compiled copy of the model at fixed shapes (CUDA
-graphs on GPUs); prefills then take an eager pass of their own.
+A prompt's own logprobs (echo with logprobs) come from `prompt_logprobs`, a teacher-forced pass of
+their own; the scoring of whole texts uses the same pass.
+
+`SlotEngine` holds what this engine shares with the static baseline (`baseline.StaticEngine`):
+the cache slots and their decoding state on the device, starting a sequence in a slot, drawing
+tokens, and the counters.
 """
 from __future__ import annotations
 
@@ -31,12 +42,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.6
-    top_p: float = 0.9
+    """How one request is decoded. The defaults are the engine's neutral ones (greedy, the whole
+    vocabulary, until a stop token or the end of the context); the CLI has its own."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
     max_gen_len: int | None = None  # None: until a stop token or the end of the context
     seed: int = 0
     logprobs: bool = False
     echo: bool = False  # return the prompt's tokens (and logprobs) before the completion's
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Whether the prompt's own logprobs are returned."""
+        return self.echo and self.logprobs
 
 
 @dataclass(frozen=True)
@@ -51,34 +70,12 @@ class Completion:
     request: Request
     tokens: list[int]  # generated tokens, after the prompt's if echo; stop tokens not included
     logprobs: list[float | None] | None  # per token; None for a prompt's first token
-    finish_reason: Literal["stop", "length", "error"]
+    finish_reason: Literal["stop", "length"]
     prompt_tokens: int
-    error: str | None = None
 
     @property
     def completion_tokens(self) -> int:
         return len(self.tokens) - (self.prompt_tokens if self.request.params.echo else 0)
-
-
-@dataclass
-class _Sequence:
-    request: Request
-    budget: int  # how many tokens it may still generate
-    slot: int = 0  # its KV-cache slot (continuous scheduler)
-    generated: list[int] = field(default_factory=list)
-    logprobs: list[float | None] = field(default_factory=list)
-    finish_reason: Literal["stop", "length"] | None = None
-
-    @property
-    def position(self) -> int:
-        """Where the last sampled token goes in the cache."""
-        return len(self.request.prompt_tokens) + len(self.generated) - 1
-
-    def completion(self) -> Completion:
-        req = self.request
-        tokens = (req.prompt_tokens + self.generated) if req.params.echo else self.generated
-        return Completion(req, list(tokens), self.logprobs if req.params.logprobs else None,
-                          self.finish_reason or "length", len(req.prompt_tokens))
 
 
 def prompt_problem(n_tokens: int, max_seq_len: int) -> str | None:
@@ -89,6 +86,54 @@ def prompt_problem(n_tokens: int, max_seq_len: int) -> str | None:
         return (f"the prompt has {n_tokens} tokens; --max_seq_len {max_seq_len} allows at most "
                 f"{max_seq_len - 1}: shorten the prompt or raise --max_seq_len")
     return None
+
+
+def checked(request: Request, max_seq_len: int) -> Request:
+    """The request, or ValueError if it cannot run (callers check `prompt_problem` first)."""
+    if (problem := prompt_problem(len(request.prompt_tokens), max_seq_len)) is not None:
+        raise ValueError(problem)
+    return request
+
+
+@dataclass
+class Sequence:
+    """A request being generated: its tokens so far and how many more it may take."""
+
+    request: Request
+    budget: int  # how many tokens it may generate in all
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    finish_reason: Literal["stop", "length"] | None = None
+
+    @classmethod
+    def start(cls, request: Request, max_seq_len: int) -> Sequence:
+        budget = max_seq_len - len(request.prompt_tokens)
+        max_gen_len = request.params.max_gen_len
+        return cls(request, budget if max_gen_len is None else min(budget, max_gen_len))
+
+    @property
+    def position(self) -> int:
+        """Where the last sampled token goes in the cache."""
+        return len(self.request.prompt_tokens) + len(self.generated) - 1
+
+    def append(self, token: int, logprob: float | None, stop_ids: frozenset[int]) -> None:
+        """Take the sampled token, or finish: at a stop token (dropped) or out of budget."""
+        if len(self.generated) >= self.budget:  # max_gen_len 0: the prompt alone
+            self.finish_reason = "length"
+        elif token in stop_ids:
+            self.finish_reason = "stop"
+        else:
+            self.generated.append(token)
+            if self.request.params.logprobs:
+                self.logprobs.append(logprob)
+            if len(self.generated) >= self.budget:
+                self.finish_reason = "length"
+
+    def completion(self) -> Completion:
+        req = self.request
+        tokens = (req.prompt_tokens + self.generated) if req.params.echo else self.generated
+        return Completion(req, list(tokens), self.logprobs if req.params.logprobs else None,
+                          self.finish_reason or "length", len(req.prompt_tokens))
 
 
 @dataclass
@@ -108,22 +153,46 @@ class EngineStats:
         return self.wasted_slot_steps / max(self.slot_steps, 1)
 
 
-class Engine:
+# A teacher-forced pass turns hidden states into logits this many rows at a time, so it never
+# holds a whole prompt's length x vocabulary floats.
+LOGPROB_ROWS = 512
+
+
+def prompt_logprobs(model: Transformer, tokens: list[int], slot: int) -> list[float]:
+    """log p(tokens[t] | tokens[:t]) for t = 1..n-1, teacher-forced. tokens[:-1] go through the
+    model in passes of at most PREFILL_TOKENS, written into cache slot `slot` (scratch: the
+    caller's next prefill of that slot overwrites it)."""
+    device = model.output.weight.device
+    ids = torch.tensor(tokens, device=device)
+    out = []
+    for start in range(0, len(tokens) - 1, PREFILL_TOKENS):
+        stop = min(start + PREFILL_TOKENS, len(tokens) - 1)
+        step = model.make_step(torch.arange(start, stop, device=device)[None],
+                               slice(slot, slot + 1), stop, fresh=start == 0, every_token=True)
+        hidden = model.final_hidden(ids[start:stop], step)  # (stop - start, dim)
+        for row in range(0, stop - start, LOGPROB_ROWS):
+            logits = model.logits(hidden[row:row + LOGPROB_ROWS])
+            first = start + row + 1  # the token these logits predict
+            out.append(token_logprobs(logits, ids[first:first + len(logits)]))
+    return torch.cat(out).tolist() if out else []
+
+
+class SlotEngine:
+    """What both schedulers share: the model over a KV cache of `max_batch_size` slots, each
+    slot's decoding state (kept on the device so a decode step copies nothing in), starting a
+    sequence in a slot, drawing tokens and the counters."""
+
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
-                 max_seq_len: int, scheduler: Literal["continuous", "static"] = "continuous",
-                 compile: bool = False):
-        if scheduler not in ("continuous", "static"):
-            raise ValueError(f"unknown scheduler {scheduler!r}")
+                 max_seq_len: int):
         self.model = model
         self.device = model.output.weight.device
         self.stop_ids = frozenset(stop_ids)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
-        self.scheduler = scheduler
         self.stats = EngineStats()
         model.setup_cache(max_batch_size, max_seq_len)
-        # Per-slot decoding state, kept on the device so a decode step copies nothing in.
-        zeros = lambda dtype: torch.zeros(max_batch_size, device=self.device, dtype=dtype)  # noqa: E731
+        def zeros(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(max_batch_size, device=self.device, dtype=dtype)
         self._next_token = zeros(torch.long)  # the last sampled token, input of the next step
         self._position = zeros(torch.long)  # where that token goes in the cache
         self._counter = zeros(torch.long)  # index of the token to draw next (the RNG counter)
@@ -132,83 +201,32 @@ class Engine:
         self._top_p = zeros(torch.float32)
         self._slot_state = (self._next_token, self._position, self._counter, self._seed,
                             self._temperature, self._top_p)
-        self._compiled_decode = compile_decode(model) if compile else None
 
-    def check(self, request: Request) -> str | None:
-        """Why the request cannot run, or None."""
-        return prompt_problem(len(request.prompt_tokens), self.max_seq_len)
+    def _start(self, request: Request, slot: int) -> Sequence:
+        """A sequence for the request in cache slot `slot`, with its prompt's logprobs if it
+        wants them (the slot's cache is their scratch until the prompt is prefilled)."""
+        seq = Sequence.start(request, self.max_seq_len)
+        p = request.params
+        self._seed[slot], self._counter[slot] = p.seed, 0
+        self._temperature[slot], self._top_p[slot] = p.temperature, p.top_p
+        if p.prompt_logprobs:
+            seq.logprobs = [None] + self._timed(prompt_logprobs, self.model,
+                                                request.prompt_tokens, slot)
+        return seq
 
-    def generate(self, requests: Iterable[Request],
-                 should_stop: Callable[[], bool] | None = None) -> Iterator[Completion]:
-        """Completions in the order they finish; all model-parallel ranks must pass the same
-        requests in the same order. `should_stop` is asked before every forward pass; when it
-        says yes, unfinished sequences, and admitted prompts not yet prefilled, are dropped."""
-        should_stop = should_stop or (lambda: False)
-        if self.scheduler == "static":
-            return self._static(iter(requests), should_stop)
-        window = ADMISSION_WINDOW_BATCHES * self.max_batch_size
-        return self._continuous(shortest_first_in_windows(iter(requests), window), should_stop)
+    def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Next tokens for slots 0..n-1 (one per seq), each from its own (seed, counter) stream;
+        their counters advance."""
+        rows = slice(0, len(seqs))
+        if all(s.request.params.temperature == 0 for s in seqs):
+            tokens = argmax(logits)
+        else:
+            uniform = counter_uniform(self._seed[rows], self._counter[rows])
+            tokens = sample(logits, self._temperature[rows], self._top_p[rows], uniform)
+        self._counter[rows] += 1
+        return tokens
 
-    @torch.inference_mode()  # entered at each resumption of the generator
-    def _continuous(self, pending: Iterator[Request],
-                    should_stop: Callable[[], bool]) -> Iterator[Completion]:
-        active: list[_Sequence] = []  # active[i] holds cache slot i
-        queued: list[list[Request]] = []  # admitted, in prefill groups, not yet prefilled
-        exhausted = started = False
-        while True:
-            admitted = []
-            free = self.max_batch_size - len(active) - sum(map(len, queued))
-            while not exhausted and len(admitted) < free:
-                request = next(pending, None)
-                if request is None:
-                    exhausted = True
-                elif (problem := self.check(request)) is not None:
-                    yield _error(request, problem)
-                else:
-                    admitted.append(request)
-            self.stats.refills += len(admitted) if started else 0
-            started = True
-            queued += prefill_groups(admitted)
-            if not (active or queued) or should_stop():
-                return
-            self._step(active, take_prefill_groups(queued, PREFILL_TOKENS))
-            for slot in reversed(range(len(active))):  # keep slots contiguous: fill the gap
-                if active[slot].finish_reason:
-                    yield active[slot].completion()
-                    self._move(len(active) - 1, slot, active[-1].position)
-                    active[-1].slot = slot
-                    active[slot] = active[-1]
-                    active.pop()
-
-    @torch.inference_mode()
-    def _static(self, pending: Iterator[Request],
-                should_stop: Callable[[], bool]) -> Iterator[Completion]:
-        while True:
-            batch: list[_Sequence] = []
-            while len(batch) < self.max_batch_size and (request := next(pending, None)):
-                if (problem := self.check(request)) is not None:
-                    yield _error(request, problem)
-                else:
-                    batch.append(_Sequence(request, self._budget(request)))
-            if not batch:
-                return
-            stopped = yield from self._static_batch(batch, should_stop)
-            if stopped:
-                return
-
-    def _budget(self, request: Request) -> int:
-        budget = self.max_seq_len - len(request.prompt_tokens)
-        max_gen_len = request.params.max_gen_len
-        return budget if max_gen_len is None else min(budget, max_gen_len)
-
-    def _set_slot(self, slot: int, seq: _Sequence) -> None:
-        p = seq.request.params
-        self._seed[slot] = p.seed
-        self._temperature[slot] = p.temperature
-        self._top_p[slot] = p.top_p
-        self._counter[slot] = 0
-
-    def _timed(self, compute: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    def _timed(self, compute: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
         out = compute(*args)
         if self.device.type == "cuda":
@@ -216,26 +234,133 @@ class Engine:
         self.stats.forward_seconds += time.perf_counter() - start
         return out
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice, kv_len: int,
-                 all_logits: bool = False, fresh: bool = False) -> torch.Tensor:
-        step = self.model.make_step(positions, rows, kv_len, fresh)
-        return self._timed(self.model, tokens, step, all_logits)
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor,
-                kv_len: int) -> torch.Tensor:
-        """Logits (n, vocab) of a decode step alone for slots 0..n-1, whose next tokens and
-        positions are `tokens` and `positions` (n each), reading `kv_len` cache positions.
-        The compiled step always spans every slot (padding rows, at position 0, count as
-        wasted), and its cache reads are rounded up to a multiple of DECODE_KV_BUCKET, so a few
-        shapes serve the whole run."""
-        if self._compiled_decode is None:
-            return self._timed(self.model.decode, tokens, positions, kv_len)
-        n, slots = len(tokens), self.max_batch_size
-        if n < slots:
-            tokens = torch.cat((tokens, tokens.new_zeros(slots - n)))
-            positions = torch.cat((positions, positions.new_zeros(slots - n)))
-        self.stats.slot_steps += slots - n
-        self.stats.wasted_slot_steps += slots - n
+class Engine(SlotEngine):
+    """Continuous batching (see the module's docstring); `compile` runs decode steps through
+    `compile_decode`."""
+
+    def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
+                 max_seq_len: int, *, compile: bool = False):
+        super().__init__(model, stop_ids, max_batch_size, max_seq_len)
+        self._compiled_decode = compile_decode(model) if compile else None
+
+    def generate(self, requests: Iterable[Request],
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[Completion]:
+        """Completions in the order they finish; all model-parallel ranks must pass the same
+        requests in the same order. `should_stop` is asked before every forward pass; when it
+        says yes, unfinished sequences, and admitted prompts not yet prefilled, are dropped.
+        A request that cannot run (`prompt_problem`) raises ValueError when it is reached."""
+        window = ADMISSION_WINDOW_BATCHES * self.max_batch_size
+        return self._run(shortest_first_in_windows(iter(requests), window),
+                         should_stop or (lambda: False))
+
+    @torch.inference_mode()  # entered at each resumption of the generator
+    def _run(self, pending: Iterator[Request],
+             should_stop: Callable[[], bool]) -> Iterator[Completion]:
+        active: list[Sequence] = []  # active[i] holds cache slot i
+        queued: list[list[Request]] = []  # admitted, in prefill groups, not yet prefilled
+        first = True
+        while True:
+            # Admit requests into the free slots.
+            admitted = self._admit(pending, self.max_batch_size - len(active)
+                                   - sum(map(len, queued)))
+            self.stats.refills += 0 if first else len(admitted)
+            first = False
+            queued += prefill_groups(admitted)
+            if not (active or queued) or should_stop():
+                return
+            # One forward pass: decode the active sequences, prefill the groups taken.
+            groups = self._start_groups(take_prefill_groups(queued, PREFILL_TOKENS), len(active))
+            tokens, logprobs = self._step(active, groups)
+            active += itertools.chain.from_iterable(groups)
+            # Each sequence takes its token; the finished leave.
+            for seq, token, logprob in zip(active, tokens, logprobs):
+                seq.append(token, logprob, self.stop_ids)
+            yield from self._retire(active)
+
+    def _admit(self, pending: Iterator[Request], free: int) -> list[Request]:
+        return [checked(request, self.max_seq_len) for request in itertools.islice(pending, free)]
+
+    def _start_groups(self, groups: list[list[Request]], slot: int) -> list[list[Sequence]]:
+        """The groups' sequences, in slots slot, slot + 1, ..."""
+        slots = itertools.count(slot)
+        return [[self._start(request, next(slots)) for request in group] for group in groups]
+
+    def _step(self, active: list[Sequence],
+              groups: list[list[Sequence]]) -> tuple[list[int], list[float | None]]:
+        """One forward pass that decodes the active sequences (slots 0..n-1) and prefills the
+        groups' prompts into the next slots, then a token for each sequence, old and new in that
+        order, and its logprob (None where no sequence wants one)."""
+        slot = len(active)
+        prefills = []
+        for group in groups:
+            prefills.append(self._prefill_step(group, slot))
+            slot += len(group)
+        logits = self._forward([s.position + 1 for s in active], prefills)
+        return self._sample(active + list(itertools.chain.from_iterable(groups)), logits)
+
+    def _prefill_step(self, group: list[Sequence], slot: int) -> tuple[Step, torch.Tensor]:
+        """The step and tokens that prefill the group's prompts, right-padded, into slots
+        slot, slot + 1, ...; its outputs are each prompt's last token."""
+        prompts = [seq.request.prompt_tokens for seq in group]
+        n, longest = len(prompts), max(map(len, prompts))
+        tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.device)
+        positions = torch.arange(longest, device=self.device).expand(n, longest)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        step = self.model.make_step(positions, slice(slot, slot + n), longest, fresh=True,
+                                    last=last)
+        self._position[slot:slot + n] = last + 1
+        self.stats.prefills += n
+        self.stats.prefill_tokens += n * longest
+        return step, tokens.view(-1)
+
+    def _forward(self, kv_lens: list[int],
+                 prefills: list[tuple[Step, torch.Tensor]]) -> torch.Tensor:
+        """Logits (rows, vocab): one row per decoding slot 0..n-1 (slot i reads kv_lens[i]
+        cache positions), then one per prefilled prompt. Both share one pass, except that with
+        `compile` the decode rows take the compiled step."""
+        n = len(kv_lens)
+        steps = [step for step, _ in prefills]
+        tokens = [group_tokens for _, group_tokens in prefills]
+        parts = []
+        if n:
+            self.stats.decode_steps += 1
+            self.stats.slot_steps += n
+        if n and self._compiled_decode is not None:
+            parts.append(self._decode_compiled(n, max(kv_lens)))
+        elif n:
+            chunks = (attention_chunks(kv_lens, CPU_ATTENTION_CHUNK)
+                      if self.device.type == "cpu" else None)
+            steps.insert(0, self.model.make_step(self._position[:n, None], slice(0, n),
+                                                 max(kv_lens), chunks=chunks))
+            tokens.insert(0, self._next_token[:n])
+        if steps:
+            parts.append(self._timed(self.model, torch.cat(tokens) if len(tokens) > 1
+                                     else tokens[0], Step.join(steps)))
+        if n:
+            self._position[:n] += 1
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _sample(self, seqs: list[Sequence],
+                logits: torch.Tensor) -> tuple[list[int], list[float | None]]:
+        """Tokens for slots 0..n-1 from their logits rows, and their logprobs if any wants."""
+        tokens = self._draw(seqs, logits)
+        self._next_token[:len(seqs)] = tokens
+        if any(s.request.params.logprobs for s in seqs):
+            return tokens.tolist(), token_logprobs(logits, tokens).tolist()
+        return tokens.tolist(), [None] * len(seqs)
+
+    def _decode_compiled(self, n: int, kv_len: int) -> torch.Tensor:
+        """Logits (n, vocab) of the compiled decode step for slots 0..n-1. It always spans every
+        slot (padding rows, at position 0, count as wasted), and its cache reads are rounded up
+        to a multiple of DECODE_KV_BUCKET, so a few shapes serve the whole run."""
+        tokens, positions = self._next_token[:n], self._position[:n]
+        padding = self.max_batch_size - n
+        if padding:
+            tokens = torch.cat((tokens, tokens.new_zeros(padding)))
+            positions = torch.cat((positions, positions.new_zeros(padding)))
+        self.stats.slot_steps += padding
+        self.stats.wasted_slot_steps += padding
         kv_len = min(self.max_seq_len, -(-kv_len // DECODE_KV_BUCKET) * DECODE_KV_BUCKET)
         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
         try:
@@ -252,113 +377,14 @@ class Engine:
             raise UserError(f"--compile: torch.compile failed ({reason}); run without "
                             "--compile") from None
 
-    def _prefill_step(self, group: list[Request],
-                      slot: int) -> tuple[list[_Sequence], Step, torch.Tensor]:
-        """The group's sequences in slots slot, slot+1..., and the step and tokens that prefill
-        their prompts, right-padded, in one segment. Its outputs are each prompt's last token, or
-        every token for a prompt that wants its logprobs (such a prompt goes alone)."""
-        seqs = [_Sequence(request, self._budget(request), slot + i)
-                for i, request in enumerate(group)]
-        for seq in seqs:
-            self._set_slot(seq.slot, seq)
-        lengths = [len(r.prompt_tokens) for r in group]
-        n, longest = len(group), max(lengths)
-        tokens = torch.tensor([r.prompt_tokens + [0] * (longest - len(r.prompt_tokens))
-                               for r in group], device=self.device)
-        positions = torch.arange(longest, device=self.device).expand(n, longest)
-        last = torch.tensor(lengths, device=self.device) - 1
-        every_token = wants_prompt_logprobs(group[0])  # prefill_groups: such a prompt is alone
-        step = self.model.make_step(positions, slice(slot, slot + n), longest, fresh=True,
-                                    last=last, every_token=every_token)
-        self._position[slot:slot + n] = last + 1
-        self.stats.prefills += n
-        self.stats.prefill_tokens += n * longest
-        return seqs, step, tokens.view(-1)
-
-    def _step(self, active: list[_Sequence], groups: list[list[Request]]) -> None:
-        """One forward pass that decodes the active sequences (slots 0..n-1) and prefills the
-        groups' prompts into the next slots, then one output-head pass (with `compile`: the
-        compiled decode step, then the prefills' pass); every sequence, old and new, gets a
-        token. The new sequences are appended to `active`."""
-        n = len(active)
-        steps, tokens = [], []
-        decode_logits = None
-        if n:
-            self.stats.decode_steps += 1
-            self.stats.slot_steps += n
-            kv_lens = [s.position + 1 for s in active]
-        if n and self._compiled_decode is not None:  # a pass of its own, at fixed shapes
-            decode_logits = self._decode(self._next_token[:n], self._position[:n], max(kv_lens))
-        elif n:
-            chunks = (attention_chunks(kv_lens, CPU_ATTENTION_CHUNK)
-                      if self.device.type == "cpu" else None)
-            steps.append(self.model.make_step(self._position[:n, None], slice(0, n),
-                                              max(kv_lens), chunks=chunks))
-            tokens.append(self._next_token[:n])
-        # The head's output has a row per step output: one per sequence, or every position of
-        # a prompt that wants its logprobs (its last row then samples its first token).
-        sample_rows, out_rows = list(range(n)), n
-        prompt_logprobs = []  # (sequence, its prompt's first output row, its prompt)
-        for group in groups:
-            seqs, step, group_tokens = self._prefill_step(group, slot=len(active))
-            if wants_prompt_logprobs(group[0]):
-                prompt_logprobs.append((seqs[0], out_rows, group_tokens))
-            out_rows += len(step.outputs)
-            sample_rows += range(out_rows - len(seqs), out_rows)
-            active += seqs
-            steps.append(step)
-            tokens.append(group_tokens)
-        if steps:
-            logits = self._timed(self.model, torch.cat(tokens) if len(tokens) > 1 else tokens[0],
-                                 Step.join(steps))
-            if decode_logits is not None:
-                logits = torch.cat((decode_logits, logits))
-        else:
-            logits = decode_logits
-        if n:
-            self._position[:n] += 1
-        for seq, row, prompt in prompt_logprobs:
-            forced = logits[row:row + len(prompt) - 1].contiguous()  # see _sample_and_append
-            seq.logprobs = [None] + token_logprobs(forced, prompt[1:]).tolist()
-        if prompt_logprobs:
-            logits = logits[torch.tensor(sample_rows, device=self.device)]
-        self._sample_and_append(active, slice(0, len(active)), logits)
-
-    def _draw(self, seqs: list[_Sequence], rows: slice, logits: torch.Tensor) -> torch.Tensor:
-        """Next tokens for `rows` (one per seq), each from its own (seed, counter) stream."""
-        if all(s.request.params.temperature == 0 for s in seqs):
-            tokens = argmax(logits)
-        else:
-            uniform = counter_uniform(self._seed[rows], self._counter[rows])
-            tokens = sample(logits, self._temperature[rows], self._top_p[rows], uniform)
-        self._counter[rows] += 1
-        return tokens
-
-    def _sample_and_append(self, seqs: list[_Sequence], rows: slice, logits: torch.Tensor) -> None:
-        want_logprobs = any(s.request.params.logprobs for s in seqs)
-        if want_logprobs or any(s.request.params.temperature != 0 for s in seqs):
-            # A CPU head without a packed weight (`kernels.linear`) returns a transposed view:
-            # argmax reads it fast, but softmax on it is several times slower than a copy and a
-            # softmax (6.1 ms vs 0.8 + 1.1 at 32 x 32000).
-            logits = logits.contiguous()
-        next_tokens = self._draw(seqs, rows, logits)
-        self._next_token[rows] = next_tokens
-        logprobs = token_logprobs(logits, next_tokens).tolist() if want_logprobs else None
-        for i, (seq, token) in enumerate(zip(seqs, next_tokens.tolist())):
-            self._append(seq, token, logprobs[i] if logprobs is not None else None)
-
-    def _append(self, seq: _Sequence, token: int, logprob: float | None) -> None:
-        if len(seq.generated) >= seq.budget:  # max_gen_len 0: the prompt alone
-            seq.finish_reason = "length"
-            return
-        if token in self.stop_ids:
-            seq.finish_reason = "stop"
-            return
-        seq.generated.append(token)
-        if seq.request.params.logprobs:
-            seq.logprobs.append(logprob)
-        if len(seq.generated) >= seq.budget:
-            seq.finish_reason = "length"
+    def _retire(self, active: list[Sequence]) -> Iterator[Completion]:
+        """Completions of the finished sequences; the last active sequence fills each gap."""
+        for slot in reversed(range(len(active))):
+            if active[slot].finish_reason:
+                yield active[slot].completion()
+                self._move(len(active) - 1, slot, active[-1].position)
+                active[slot] = active[-1]
+                active.pop()
 
     def _move(self, src: int, dst: int, length: int) -> None:
         """Move slot src's sequence into slot dst: its first `length` cache positions and its
@@ -371,59 +397,6 @@ class Engine:
             cache.v[dst, :, :length].copy_(cache.v[src, :, :length])
         for state in self._slot_state:
             state[dst] = state[src]
-
-    def _static_batch(self, batch: list[_Sequence], should_stop: Callable[[], bool]):
-        """Meta's reference loop over one batch; returns True if stopped early."""
-        n = len(batch)
-        rows = slice(0, n)
-        prompts = [s.request.prompt_tokens for s in batch]
-        shortest = min(map(len, prompts))
-        end = min(self.max_seq_len, max(len(p) + s.budget for p, s in zip(prompts, batch)))
-        for slot, seq in enumerate(batch):
-            self._set_slot(slot, seq)
-            if wants_prompt_logprobs(seq.request):
-                seq.logprobs = [None]
-        tokens = torch.tensor([p[:shortest] for p in prompts], device=self.device)
-        positions = torch.arange(shortest, device=self.device).expand(n, shortest)
-        echo_lp = any(wants_prompt_logprobs(s.request) for s in batch)
-        logits = self._forward(tokens, positions, rows, shortest, all_logits=echo_lp, fresh=True)
-        self.stats.prefills += n
-        self.stats.prefill_tokens += n * shortest
-        if echo_lp:
-            prompt_lp = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()
-            for seq, lps in zip(batch, prompt_lp):
-                if wants_prompt_logprobs(seq.request):
-                    seq.logprobs += lps
-            logits = logits[:, -1]
-        for s in batch:
-            if s.budget <= 0:
-                s.finish_reason = "length"
-        for pos in range(shortest, end):  # choose the token at `pos` for every row
-            forced = [pos < len(p) for p in prompts]
-            drawn = self._draw(batch, rows, logits).tolist()
-            self._counter[rows] -= torch.tensor(forced, device=self.device, dtype=torch.long)
-            chosen = [p[pos] if f else t for p, f, t in zip(prompts, forced, drawn)]
-            chosen_t = torch.tensor(chosen, device=self.device)
-            want_logprobs = any(s.request.params.logprobs for s in batch)
-            lps = token_logprobs(logits, chosen_t).tolist() if want_logprobs else [None] * n
-            for seq, f, token, lp in zip(batch, forced, chosen, lps):
-                if seq.finish_reason:
-                    continue
-                if not f:
-                    self._append(seq, token, lp)
-                elif wants_prompt_logprobs(seq.request):
-                    seq.logprobs.append(lp)
-            if all(s.finish_reason for s in batch) or pos == end - 1:
-                break
-            if should_stop():
-                return True
-            self.stats.decode_steps += 1
-            self.stats.slot_steps += n
-            self.stats.wasted_slot_steps += sum(1 for s in batch if s.finish_reason)
-            logits = self._decode(chosen_t, torch.full((n,), pos, device=self.device), pos + 1)
-        for seq in batch:
-            yield seq.completion()
-        return False
 
 
 # A compiled decode step reads the cache up to a multiple of this many positions: fewer shapes
@@ -444,8 +417,8 @@ def compile_decode(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor, 
 
 # The continuous scheduler admits requests shortest prompt first within windows of this many
 # batches. Sequences decoding side by side then have similar contexts, so attention chunks read
-# less padding and prompts admitted together are prefilled in fuller passes: 2-8% on the
-# benchmark's workload in alternating runs.
+# less padding, and prompts admitted together are prefilled in fuller passes (measured in
+# docs/benchmarks.md).
 ADMISSION_WINDOW_BATCHES = 8
 
 
@@ -456,9 +429,8 @@ def shortest_first_in_windows(requests: Iterator[Request], window: int) -> Itera
 
 
 # Rows per decode attention call on the CPU. A call reads the cache up to the longest context
-# in its rows, so smaller chunks read less but cost more calls. With 32 slots, on 128 of the
-# benchmark's prompts, chunks of 8 were 8% (best of 3) to 14% (median) faster than one call, and
-# chunks of 4 slower than 8.
+# in its rows, so smaller chunks read less but cost more calls; 8 was the best trade-off at the
+# benchmark's 32 slots (docs/benchmarks.md).
 CPU_ATTENTION_CHUNK = 8
 
 
@@ -472,22 +444,14 @@ def attention_chunks(kv_lens: list[int], rows: int) -> tuple[tuple[int, int, int
 
 PREFILL_PADDING = 1.25  # padded tokens / real tokens a batched prefill may reach
 # Most prompt tokens (padding included) prefilled in one forward pass: a group of shorter
-# prompts, or one longer prompt alone. It bounds a pass's hidden states whatever the batch size
-# (a prompt that wants its logprobs adds its logits, length x vocabulary, on top).
+# prompts, or one longer prompt alone. It bounds a pass's hidden states whatever the batch size.
 PREFILL_TOKENS = 4096
 
 
-def wants_prompt_logprobs(request: Request) -> bool:
-    return request.params.echo and request.params.logprobs
-
-
 def prefill_groups(requests: list[Request]) -> list[list[Request]]:
-    """Requests to prefill together: similar lengths (shortest first), so padding stays small.
-    A request that wants its prompt's logprobs goes alone (its logits for every position)."""
-    alone = [[r] for r in requests if wants_prompt_logprobs(r)]
+    """Requests to prefill together: similar lengths (shortest first), so padding stays small."""
     groups: list[list[Request]] = []
-    for request in sorted((r for r in requests if not wants_prompt_logprobs(r)),
-                          key=lambda r: len(r.prompt_tokens)):
+    for request in sorted(requests, key=lambda r: len(r.prompt_tokens)):
         n = len(request.prompt_tokens)  # the longest so far: the group pads to it
         group = groups[-1] if groups else []
         real = sum(len(r.prompt_tokens) for r in group) + n
@@ -496,7 +460,7 @@ def prefill_groups(requests: list[Request]) -> list[list[Request]]:
             group.append(request)
         else:
             groups.append([request])
-    return groups + alone
+    return groups
 
 
 def take_prefill_groups(queued: list[list[Request]], budget: int) -> list[list[Request]]:
@@ -512,7 +476,3 @@ def take_prefill_groups(queued: list[list[Request]], budget: int) -> list[list[R
     groups = queued[:taken]
     del queued[:taken]
     return groups
-
-
-def _error(request: Request, problem: str) -> Completion:
-    return Completion(request, [], None, "error", len(request.prompt_tokens), problem)

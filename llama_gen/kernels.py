@@ -1,4 +1,6 @@
-"""Matrix products for the layers, where torch's default kernel is not the fastest on the CPU."""
+"""Matrix products for the layers, where torch's default kernel is not the fastest on the CPU.
+
+Measured speeds are in docs/benchmarks.md; these docstrings keep the reasons."""
 from __future__ import annotations
 
 import logging
@@ -12,9 +14,10 @@ log = logging.getLogger(__name__)
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T. On the CPU computed as (weight @ x.T).T: with torch 2.13's CPU kernels,
-    F.linear is 1.5-4.5x slower for the few rows of a decode step (stories15M's output head,
-    32000 x 288: 9.1 ms vs 6.0 ms at 32 rows, 7.5 ms vs 2.0 ms at 4). The result is a
-    transposed view; callers that need contiguous rows copy them."""
+    F.linear is several times slower for the few rows of a decode step. The result is then a
+    transposed view, which every operation takes as it takes a contiguous tensor: the layers
+    feed it to the next product or element-wise operation, and reading it in place saves a
+    copy per product; the model makes its logits contiguous for sampling."""
     if x.device.type != "cpu":
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1])
@@ -25,9 +28,8 @@ class PackedWeight:
     """oneDNN's blocked copy of a CPU float32 weight, made on first use and again whenever the
     weight is replaced, moved or written in place (writes through `.data` are not seen). For a
     wide, shallow product such as the output head (vocabulary x dim) it is faster than
-    `linear`: 6.3 ms vs 9.1 ms for stories15M's head at 32 rows, weights cold. For the layers'
-    smaller weights it is slower, so only the head uses it. It holds a second copy of the
-    weight."""
+    `linear`, with the weights cold. For the layers' smaller weights it is slower, so only the
+    head uses it. It holds a second copy of the weight."""
 
     ROWS_HINT = 32  # the row count oneDNN picks its blocking for; any count works
 

@@ -54,11 +54,12 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     x: (N, heads, head_dim); rotation: (N, 1, head_dim / 2, 2)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (N, H, hd/2, 2)
     if torch.compiler.is_compiling():
-        # Inductor generates no code for complex numbers; written out, the rotation fuses.
+        # The same product written out in real numbers: inductor generates no code for complex
+        # numbers, and written out, the rotation fuses into the kernels around it.
         a, b = pairs.unbind(-1)
         cos, sin = rotation.unbind(-1)
         rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
-    else:  # eagerly one complex multiply is 3-5x faster than the six real operations
+    else:  # eagerly one complex multiply is one kernel, where the written-out form takes six
         rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous())
                                      * torch.view_as_complex(rotation))
     return rotated.flatten(-2).type_as(x)
@@ -214,7 +215,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, layers) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = layers.column(args.dim, args.vocab_size, gather_output=True, packed=True)
-        self.max_seq_len = 0
 
     def setup_cache(self, slots: int, max_seq_len: int) -> None:
         """Allocate the KV cache and rotary tables on the model's device and dtype. A cache of
@@ -234,7 +234,6 @@ class Transformer(nn.Module):
                              rope_frequencies(self.args))  # (S, hd/2)
         self.register_buffer("rope_rotation", torch.stack((angles.cos(), angles.sin()), dim=-1)
                              .to(weight.device), persistent=False)  # (S, hd/2, 2)
-        self.max_seq_len = max_seq_len
 
     def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int, fresh: bool = False,
                   chunks: tuple[tuple[int, int, int], ...] | None = None,
@@ -262,11 +261,9 @@ class Transformer(nn.Module):
                     rotation=self.rope_rotation[positions.reshape(-1)].unsqueeze(1),
                     outputs=outputs)
 
-    def forward(self, tokens: torch.Tensor, step: Step, all_logits: bool = False) -> torch.Tensor:
-        """Float32 logits (n_out, vocab) for the step's outputs; or, with `all_logits`, for every
-        token of a one-segment step's tokens (B, T): (B, T, vocab)."""
-        hidden = self.final_hidden(tokens, step, all_logits)
-        return self.logits(hidden).view(*tokens.shape, -1) if all_logits else self.logits(hidden)
+    def forward(self, tokens: torch.Tensor, step: Step) -> torch.Tensor:
+        """Float32 logits (n_out, vocab) for the step's outputs."""
+        return self.logits(self.final_hidden(tokens, step))
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Float32 logits (B, vocab) for one decode step over cache slots 0..B-1: slot i's token
@@ -275,16 +272,15 @@ class Transformer(nn.Module):
         step = self.make_step(positions[:, None], slice(0, len(tokens)), kv_len)
         return self(tokens[:, None], step)
 
-    def final_hidden(self, tokens: torch.Tensor, step: Step,
-                     all_positions: bool = False) -> torch.Tensor:
-        """The normalised hidden states that `logits` maps to the vocabulary, for the step's
-        tokens (any shape holding its N tokens in order): (N, dim) if `all_positions`, else
-        (n_out, dim) for `step.outputs`."""
+    def final_hidden(self, tokens: torch.Tensor, step: Step) -> torch.Tensor:
+        """The normalised hidden states (n_out, dim) of the step's outputs, which `logits` maps to
+        the vocabulary; `tokens` is any shape holding the step's N tokens in order."""
         h = self.tok_embeddings(tokens.reshape(-1))  # (N, dim)
         for block in self.layers:
             h = block(h, step)
-        return self.norm(h if all_positions else h[step.outputs])
+        return self.norm(h[step.outputs])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits for hidden states from `final_hidden` (any leading shape)."""
-        return self.output(hidden).float()
+        """Float32 logits for hidden states from `final_hidden` (any leading shape), laid out
+        row by row whatever layout the output head's product has, as sampling reads rows."""
+        return self.output(hidden).contiguous().float()

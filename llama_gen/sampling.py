@@ -40,28 +40,23 @@ ARGMAX_BLOCK = 128  # vocabulary entries per block in `argmax`
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """`logits.argmax(-1)` for (B, V) logits: the first index of each row's maximum, a NaN
-    counting as the maximum. On the CPU torch's argmax is a scalar loop (1.3 ms at 32 x 32000
-    here); this takes the vectorised maximum of each block of ARGMAX_BLOCK entries, the first
-    best block, and the first best entry within it (0.15 ms)."""
+    counting as the maximum. On the CPU torch's argmax is a scalar loop; this takes the
+    vectorised maximum of each block of ARGMAX_BLOCK entries, the first best block, and the
+    first best entry within it (docs/benchmarks.md has both timed). Rows laid out one after
+    the other are read in place; any other layout is copied first."""
     B, V = logits.shape
     if logits.device.type != "cpu" or V % ARGMAX_BLOCK:
         return logits.argmax(dim=-1)
-    rows = torch.arange(B, device=logits.device)
-    if logits.stride(0) == 1 and B > 1:  # a transposed (V, B) product: reduce across blocks
-        blocks = logits.T.view(V // ARGMAX_BLOCK, ARGMAX_BLOCK, B)
-        best_block = blocks.amax(dim=1).argmax(dim=0)  # (B,)
-        within = blocks[best_block, :, rows].argmax(dim=-1)
-    else:
-        blocks = logits.view(B, V // ARGMAX_BLOCK, ARGMAX_BLOCK)
-        best_block = blocks.amax(dim=-1).argmax(dim=-1)
-        within = blocks[rows, best_block].argmax(dim=-1)
+    blocks = logits.reshape(B, V // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)
+    within = blocks[torch.arange(B, device=logits.device), best_block].argmax(dim=-1)
     return best_block * ARGMAX_BLOCK + within
 
 
 # The nucleus is looked for among this many most likely tokens (a partial top-k), then, for rows
-# whose nucleus may fit, among WIDE_NUCLEUS_CANDIDATES, before sorting the whole vocabulary. At
-# 32 rows x 32000 a top-256 takes 2.5 ms, a top-4096 9.7 ms and a full sort 40 ms; at 128256,
-# 5.3, 22 and 178 ms.
+# whose nucleus may fit, among WIDE_NUCLEUS_CANDIDATES, before sorting the whole vocabulary: a
+# partial top-k costs a fraction of a full sort, more so the larger the vocabulary
+# (docs/benchmarks.md).
 NUCLEUS_CANDIDATES = 256
 WIDE_NUCLEUS_CANDIDATES = 4096
 

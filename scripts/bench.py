@@ -4,12 +4,13 @@
     python scripts/bench.py --preset 7b --dtype bf16 --batch 64 --device cuda \
         --schedulers continuous,compiled,static --ctranslate2 False
 
-Both schedulers run the same requests in one process; the script prints generated tokens/s,
-their ratio, the share of decode slot-steps wasted, the share of wall time inside model forward
-passes, peak memory, and two bounds: the workload's compute ceiling (its matmul FLOPs divided
-by the matmul rate torch reaches here at the same shapes, measured in the same run) and its
-memory roofline (the bytes its decode steps must read, divided by the rate of a large copy on
-the device; the bound that matters for decoding on GPUs).
+The continuous engine (`llama_gen.engine.Engine`) and Meta's static batching
+(`llama_gen.baseline.StaticEngine`) run the same requests in one process; the script prints
+generated tokens/s, their ratio, the share of decode slot-steps wasted, the share of wall time
+inside model forward passes, peak memory, and two bounds: the workload's compute ceiling (its
+matmul FLOPs divided by the matmul rate torch reaches here at the same shapes, measured in the
+same run) and its memory roofline (the bytes its decode steps must read, divided by the rate of
+a large copy on the device; the bound that matters for decoding on GPUs).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 
 from llama_gen import distributed
 from llama_gen.args import ModelArgs
+from llama_gen.baseline import StaticEngine
 from llama_gen.engine import DECODE_KV_BUCKET, Engine, EngineStats, Request, SamplingParams
 from llama_gen.model import Transformer
 from llama_gen.layers import ParallelLayers
@@ -57,7 +59,8 @@ def make_workload(args: ModelArgs, n_prompts: int, min_len: int, max_len: int, m
     rng = random.Random(seed)
     requests = []
     for i in range(n_prompts):
-        prompt = [1] + [rng.randrange(3, args.vocab_size) for _ in range(rng.randint(min_len, max_len) - 1)]
+        n = rng.randint(min_len, max_len)
+        prompt = [1] + [rng.randrange(3, args.vocab_size) for _ in range(n - 1)]
         length = min(max_gen_len, 1 + int(math.log(1 - rng.random()) / math.log(1 - stop_rate)))
         params = SamplingParams(temperature=temperature, top_p=top_p, max_gen_len=length, seed=i)
         requests.append(Request(prompt, params, tag=i))
@@ -188,8 +191,12 @@ def run_scheduler(model: Transformer, work: Workload, name: str, batch: int,
     """`name`: continuous, static, or compiled (continuous with the compiled decode step, which
     is compiled before the timed run)."""
     compiled = name == "compiled"
-    engine = Engine(model, {EOS}, batch, max_seq_len, scheduler="continuous" if compiled else name,
-                    compile=compiled)
+    if name == "static":
+        engine = StaticEngine(model, {EOS}, batch, max_seq_len)
+    elif name in ("continuous", "compiled"):
+        engine = Engine(model, {EOS}, batch, max_seq_len, compile=compiled)
+    else:
+        raise SystemExit(f"unknown scheduler {name!r}: continuous, static or compiled")
     compile_seconds = 0.0
     if compiled:  # one sequence crosses the first cache bucket, one reaches the cache's end
         start = time.perf_counter()
@@ -217,17 +224,12 @@ def ctranslate2_available() -> bool:
     return True
 
 
-def run_ctranslate2(model: Transformer, work: Workload, batch: int, directory: str) -> dict:
-    """The same weights and requests through CTranslate2's `generate_batch` (greedy, fp32): it
-    sorts the prompts by length, runs batches of `batch`, and drops finished sequences from a
-    batch. A callback stops each sequence at its own max_gen_len."""
-    import ctranslate2
+def ctranslate2_spec(model: Transformer, names: list[str]):
+    """CTranslate2's decoder spec holding the model's weights, with vocabulary `names`."""
     import numpy as np
     from ctranslate2.specs import common_spec, transformer_spec
 
     args = model.args
-    if args.use_scaled_rope or model.output.weight.device.type != "cpu":
-        raise SystemExit("the CTranslate2 column covers unscaled RoPE models on the CPU")
     spec = transformer_spec.TransformerDecoderModelSpec.from_config(
         args.n_layers, args.n_heads, pre_norm=True, activation=common_spec.Activation.SWISH,
         ffn_glu=True, rms_norm=True, rotary_dim=0, rotary_interleave=True,  # Meta's pairs
@@ -251,11 +253,22 @@ def run_ctranslate2(model: Transformer, work: Workload, batch: int, directory: s
         layer.ffn.linear_1.weight = w[key + "feed_forward.w2.weight"]
     spec.config.bos_token, spec.config.eos_token, spec.config.unk_token = "<s>", "</s>", "<unk>"
     spec.config.layer_norm_epsilon = args.norm_eps
-    names = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, args.vocab_size)]
     spec.register_vocabulary(names)
     spec.validate()
     spec.optimize(quantization=None)
-    spec.save(directory)
+    return spec
+
+
+def run_ctranslate2(model: Transformer, work: Workload, batch: int, directory: str) -> dict:
+    """The same weights and requests through CTranslate2's `generate_batch` (greedy, fp32): it
+    sorts the prompts by length, runs batches of `batch`, and drops finished sequences from a
+    batch. A callback stops each sequence at its own max_gen_len."""
+    import ctranslate2
+
+    if model.args.use_scaled_rope or model.output.weight.device.type != "cpu":
+        raise SystemExit("the CTranslate2 column covers unscaled RoPE models on the CPU")
+    names = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, model.args.vocab_size)]
+    ctranslate2_spec(model, names).save(directory)
     generator = ctranslate2.Generator(directory, device="cpu", compute_type="float32",
                                       intra_threads=torch.get_num_threads())
 
@@ -302,18 +315,26 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
           f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB")
     if ctranslate2 is None:
         ctranslate2 = ctranslate2_available()
-    avg_prompt = work.prompt_tokens // n_prompts
-
     # Before the runs: its two buffers must not meet a device the runs have filled.
     bandwidth = memory_bandwidth(info.device, 1024 if info.device.type == "cuda" else 256)
+    names = schedulers.split(",") if isinstance(schedulers, str) else list(schedulers)
+    results = run_all(model, work, names, ctranslate2, batch, max_seq_len)
+    report(results, model, work, batch, bandwidth)
+    distributed.shutdown()
+
+
+def run_all(model: Transformer, work: Workload, schedulers: list[str], ctranslate2: bool,
+            batch: int, max_seq_len: int) -> list[dict]:
+    """Each scheduler's run (and CTranslate2's), in order, with the matmul rates around it: the
+    machine's speed drifts, so each run's ceiling uses rates measured just before and after."""
+    weight = model.output.weight
+    avg_prompt = work.prompt_tokens // len(work.requests)
 
     def rates() -> MatmulRates:
-        return MatmulRates.measure(args, batch, avg_prompt, info.device, torch_dtype)
+        return MatmulRates.measure(model.args, batch, avg_prompt, weight.device, weight.dtype)
 
-    # The machine's speed drifts, so each run's ceiling uses rates measured just before and
-    # just after it.
     runs = [lambda name=name: run_scheduler(model, work, name, batch, max_seq_len)
-            for name in (schedulers.split(",") if isinstance(schedulers, str) else schedulers)]
+            for name in schedulers]
     with tempfile.TemporaryDirectory() as ctranslate2_dir:
         if ctranslate2:
             runs.append(lambda: run_ctranslate2(model, work, batch, ctranslate2_dir))
@@ -323,7 +344,13 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
             after = rates()
             result["rates"], before = before.mean(after), after
             results.append(result)
-    reference = results[0]
+    return results
+
+
+def report(results: list[dict], model: Transformer, work: Workload, batch: int,
+           bandwidth: float) -> None:
+    """The workload and one table row per run; the first run's tokens are the reference."""
+    args, reference = model.args, results[0]
     generated = [len(t) for t in reference["tokens"]]
     flops = workload_flops(args, work, generated)
     print(f"workload: {sum(generated)} generated tokens, {sum(flops.values()) / 1e12:.3f} TFLOP "
@@ -339,7 +366,7 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
         r["tokens_per_s"] = sum(lengths) / r["wall"]
         ceiling = sum(lengths) / ceiling_seconds(workload_flops(args, work, lengths), r["rates"])
         roofline = sum(lengths) / (decode_bytes(model, work, lengths, batch) / bandwidth)
-        same = sum(a == b for a, b in zip(r["tokens"], reference["tokens"])) / n_prompts
+        same = sum(a == b for a, b in zip(r["tokens"], reference["tokens"])) / len(work.requests)
         print(f"{r['name']:<11} {r['tokens_per_s']:7.0f} {r['wall']:7.2f} {r['in_forward']:>10} "
               f"{r['wasted']:>7} {r['decode_steps']:>12} {r['refills']:>7} {r['peak_mib']:>8} "
               f"{ceiling:13.0f} {r['tokens_per_s'] / ceiling:10.0%} {roofline:14.0f} "
@@ -351,7 +378,6 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
         if r.get("compile_seconds"):
             print(f"{r['name']}: compiling took {r['compile_seconds']:.1f} s before the run "
                   "(not in its wall time)")
-    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from llama_gen.baseline import StaticEngine
 from llama_gen.build import load_model
 from llama_gen.engine import DECODE_KV_BUCKET, Engine, Request, SamplingParams
 from llama_gen.tokenizer import load_tokenizer
@@ -35,7 +36,7 @@ def requests(vocab_size: int) -> list[Request]:
     shapes = [(3, 20), (17, 3), (1, 15), (9, 1), (25, 8), (2, 25), (12, 5), (6, 30), (30, 2),
               (4, 12), (250, 20), (7, 9)]
     return [Request(torch.randint(vocab_size, (n,), generator=gen).tolist(),
-                    SamplingParams(temperature=1.0 if i % 3 == 0 else 0.0, max_gen_len=m,
+                    SamplingParams(temperature=1.0 if i % 3 == 0 else 0.0, top_p=0.9, max_gen_len=m,
                                    seed=i, logprobs=True), tag=i)
             for i, (n, m) in enumerate(shapes)]
 
@@ -52,20 +53,19 @@ def assert_same(got: dict, want: dict, atol: float) -> None:
                                    atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("scheduler", ["continuous", "static"])
-def test_gpu_engine_matches_the_cpu(models, scheduler):
+@pytest.mark.parametrize("engine_type", [Engine, StaticEngine])
+def test_gpu_engine_matches_the_cpu(models, engine_type):
     reqs = requests(models["cpu"].args.vocab_size)
-    want = run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN, scheduler), reqs)
-    got = run(Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN, scheduler), reqs)
+    want = run(engine_type(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs)
+    got = run(engine_type(models["cuda"], (), SLOTS, MAX_SEQ_LEN), reqs)
     assert_same(got, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("scheduler", ["continuous", "static"])
-def test_cuda_graphs_decode_matches_eager(models, scheduler, monkeypatch):
+def test_cuda_graphs_decode_matches_eager(models, monkeypatch):
     """--compile on CUDA: mode reduce-overhead records CUDA graphs, and no step falls back."""
     model = models["cuda"]
     reqs = requests(model.args.vocab_size)
-    eager = run(Engine(model, (), SLOTS, MAX_SEQ_LEN, scheduler), reqs)
+    eager = run(Engine(model, (), SLOTS, MAX_SEQ_LEN), reqs)
     captures, capture_begin = [], torch.cuda.CUDAGraph.capture_begin
     def counting_capture_begin(graph, *args, **kwargs):
         captures.append(graph)
@@ -74,7 +74,7 @@ def test_cuda_graphs_decode_matches_eager(models, scheduler, monkeypatch):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = run(Engine(model, (), SLOTS, MAX_SEQ_LEN, scheduler, compile=True), reqs)
+    compiled = run(Engine(model, (), SLOTS, MAX_SEQ_LEN, compile=True), reqs)
     assert_same(compiled, eager, atol=1e-4)
     assert counters["stats"]["unique_graphs"] >= 1
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

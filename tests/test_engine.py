@@ -1,5 +1,7 @@
 """The engine over the tiny checkpoints: a completion depends only on its own request, however the
-batch slots around it are filled, refilled and compacted; stops, lengths, errors, echo and tags."""
+batch slots around it are filled, refilled and compacted; stops, lengths, refused prompts, echo,
+prompt logprobs and tags. The static baseline (`baseline.StaticEngine`) gives the same
+completions."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +10,12 @@ import re
 import pytest
 import torch
 
+from llama_gen import engine as engine_module
+from llama_gen.baseline import StaticEngine
 from llama_gen.build import load_model
 from llama_gen.engine import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, Completion, Engine, Request,
-                              SamplingParams, attention_chunks, shortest_first_in_windows,
-                              take_prefill_groups)
+                              SamplingParams, attention_chunks, prompt_logprobs,
+                              shortest_first_in_windows, take_prefill_groups)
 from llama_gen.model import Transformer
 from llama_gen.sampling import token_logprobs
 from llama_gen.tokenizer import load_tokenizer
@@ -152,26 +156,25 @@ def test_generation_stops_at_the_end_of_the_cache(model):
         assert_same(done[n], roomy)
 
 
-def test_bad_prompts_are_errors_and_the_rest_complete(model):
+def test_a_prompt_that_cannot_run_is_refused_and_the_rest_complete(model):
+    """The job leaves such prompts out (`prompt_problem`); the engine refuses one it is given."""
     max_seq_len = 24
     good = [Request(prompt(model, n, seed=20 + n), params(max_gen_len=6), tag=f"ok{n}")
             for n in (5, 23, 3)]  # 23 = max_seq_len - 1, the longest that fits
     bad = {n: Request(prompt(model, n, seed=n), params(max_gen_len=6), tag=f"bad{n}")
            for n in (max_seq_len, max_seq_len + 6, 0)}
-    order = [good[0], bad[max_seq_len], good[1], bad[0], bad[max_seq_len + 6], good[2]]
-    done = run(Engine(model, (), max_batch_size=2, max_seq_len=max_seq_len), order)
-
-    for n, r in bad.items():
-        c = done[r.tag]
-        assert (c.finish_reason, c.tokens, c.logprobs, c.prompt_tokens) == ("error", [], None, n)
-        assert c.error
-    for n in (max_seq_len, max_seq_len + 6):  # names the prompt's length and the limit
-        numbers = set(re.findall(r"\d+", done[f"bad{n}"].error))
-        assert {str(n), str(max_seq_len)} <= numbers, done[f"bad{n}"].error
-    assert "no tokens" in done["bad0"].error
-    for r in good:
-        assert done[r.tag].error is None
-        assert_same(done[r.tag], alone(model, r, max_seq_len=max_seq_len))
+    for engine_type in (Engine, StaticEngine):
+        for n, r in bad.items():
+            engine = engine_type(model, (), max_batch_size=2, max_seq_len=max_seq_len)
+            with pytest.raises(ValueError) as refused:
+                list(engine.generate([good[0], r]))
+            if n:  # names the prompt's length and the limit
+                assert {str(n), str(max_seq_len)} <= set(re.findall(r"\d+", str(refused.value)))
+            else:
+                assert "no tokens" in str(refused.value)
+        done = run(engine_type(model, (), max_batch_size=2, max_seq_len=max_seq_len), good)
+        for r in good:
+            assert_same(done[r.tag], alone(model, r, max_seq_len=max_seq_len))
 
 
 # --- what a completion carries -----------------------------------------------------------------
@@ -199,9 +202,9 @@ def test_echo_logprobs_are_teacher_forced_for_the_prompt(model, n):
     assert all(x is not None for x in echoed.logprobs[1:])
     # The prompt's part: log p(p[t] | p[:t]) from one full forward pass.
     model.setup_cache(1, n)
-    step = model.make_step(torch.arange(n)[None], slice(0, 1), kv_len=n)
+    step = model.make_step(torch.arange(n)[None], slice(0, 1), kv_len=n, every_token=True)
     with torch.inference_mode():
-        logits = model(torch.tensor([p]), step, all_logits=True)[0]
+        logits = model(torch.tensor([p]), step)
     forced = token_logprobs(logits[:-1], torch.tensor(p[1:]))
     torch.testing.assert_close(torch.tensor(echoed.logprobs[1:n]), forced,
                                atol=LOGPROB_ATOL, rtol=0)
@@ -210,17 +213,52 @@ def test_echo_logprobs_are_teacher_forced_for_the_prompt(model, n):
                                atol=LOGPROB_ATOL, rtol=0)
 
 
+def test_prompt_logprobs_in_chunks_equal_one_pass(model, monkeypatch):
+    """The teacher-forced pass splits a long prompt into passes of PREFILL_TOKENS and its logits
+    into LOGPROB_ROWS rows, and gives what one pass over the whole prompt gives; so does an
+    echoed completion, in a slot that is not the first, beside a decoding neighbour."""
+    p = prompt(model, 23, seed=12)
+    model.setup_cache(1, len(p))
+    step = model.make_step(torch.arange(len(p))[None], slice(0, 1), kv_len=len(p),
+                           every_token=True)
+    with torch.inference_mode():
+        forced = token_logprobs(model(torch.tensor([p]), step)[:-1], torch.tensor(p[1:]))
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 5)
+    monkeypatch.setattr(engine_module, "LOGPROB_ROWS", 3)
+    model.setup_cache(3, 32)
+    with torch.inference_mode():
+        chunked = prompt_logprobs(model, p, slot=2)
+    assert len(chunked) == len(p) - 1
+    torch.testing.assert_close(torch.tensor(chunked), forced, atol=LOGPROB_ATOL, rtol=0)
+    neighbour = Request(prompt(model, 4, seed=13), params(max_gen_len=8), tag="neighbour")
+    echo = Request(p, params(max_gen_len=3, echo=True), tag="echo")
+    done = run(Engine(model, (), max_batch_size=3, max_seq_len=32), [neighbour, echo])
+    torch.testing.assert_close(torch.tensor(done["echo"].logprobs[1:len(p)]), forced,
+                               atol=LOGPROB_ATOL, rtol=0)
+    assert_same(done["neighbour"], alone(model, neighbour))
+
+
+def test_default_sampling_params_are_greedy_over_the_whole_context(model):
+    """The engine's own defaults are neutral: greedy, the whole vocabulary, no length cap (the
+    CLI's temperature and top-p defaults live in its settings)."""
+    p = prompt(model, 6, seed=14)
+    default = alone(model, Request(p), max_seq_len=20)
+    assert default.tokens == alone(model, Request(p, params(logprobs=False)), max_seq_len=20).tokens
+    assert len(default.tokens) == 20 - 6 and default.logprobs is None
+    assert (SamplingParams().temperature, SamplingParams().top_p) == (0.0, 1.0)
+
+
 def test_completions_carry_their_request_and_tag(model):
     tags = [("record", 7, 0), {"id": "x"}, None, "empty"]
     requests = [Request(prompt(model, 4, seed=1), params(max_gen_len=9), tag=tags[0]),
                 Request(prompt(model, 6, seed=2), params(max_gen_len=2), tag=tags[1]),
                 Request(prompt(model, 2, seed=3), params(max_gen_len=4), tag=tags[2]),
-                Request([], params(max_gen_len=4), tag=tags[3])]
+                Request(prompt(model, 1, seed=4), params(max_gen_len=0), tag=tags[3])]
     done = list(Engine(model, (), max_batch_size=2, max_seq_len=32).generate(requests))
     assert sorted(map(id, (c.request for c in done))) == sorted(map(id, requests))
     for c in done:
         assert c.request.tag is tags[requests.index(c.request)]
-        assert len(c.tokens) == (0 if c.request.tag == "empty" else c.request.params.max_gen_len)
+        assert len(c.tokens) == c.request.params.max_gen_len  # "empty": none
 
 
 def mixed_requests(model: Transformer, n: int = 12) -> list[Request]:
@@ -238,8 +276,8 @@ def test_static_scheduler_gives_the_same_completions_as_continuous(model):
     """Greedy and sampled tokens, finish reasons and logprobs (echo included) agree."""
     stop = {int(model.args.vocab_size // 3)}
     results = {}
-    for scheduler in ("continuous", "static"):
-        engine = Engine(model, stop, max_batch_size=4, max_seq_len=64, scheduler=scheduler)
+    for scheduler, engine_type in (("continuous", Engine), ("static", StaticEngine)):
+        engine = engine_type(model, stop, max_batch_size=4, max_seq_len=64)
         results[scheduler] = run(engine, mixed_requests(model))
     for tag, want in results["continuous"].items():
         got = results["static"][tag]
@@ -261,7 +299,7 @@ def test_scheduler_counters(model):
     generated = sum(r.params.max_gen_len for r in requests)  # no stop ids: every one runs out
     assert continuous.stats.slot_steps == generated - len(requests)  # prefill draws the first
 
-    static = Engine(model, (), max_batch_size=4, max_seq_len=64, scheduler="static")
+    static = StaticEngine(model, (), max_batch_size=4, max_seq_len=64)
     list(static.generate(requests))
     assert static.stats.refills == 0
     assert static.stats.wasted_slot_steps > 0
@@ -342,21 +380,20 @@ def spy_compiled_steps(engine: Engine) -> list[tuple[int, int]]:
     return calls
 
 
-@pytest.mark.parametrize("scheduler", ["continuous", "static"])
-def test_compiled_decode_gives_the_eager_completions(model, scheduler):
+def test_compiled_decode_gives_the_eager_completions(model):
     """torch.compile's decode step (inductor on the CPU) at fixed shapes: every slot, cache
     reads rounded up to DECODE_KV_BUCKET. A prompt of 250 tokens crosses the first bucket; 12
-    requests on 5 slots leave the static scheduler's last batch short (padding rows)."""
+    requests on 5 slots leave slots empty as the last ones finish (padding rows)."""
     max_seq_len, slots = DECODE_KV_BUCKET + 40, 5
     requests = crowd(model, GREEDY) + [
         Request(prompt(model, 250, seed=50), params(max_gen_len=20), tag="long"),
-        Request(prompt(model, 6, seed=51), params(SamplingParams(temperature=1.0, logprobs=True),
+        Request(prompt(model, 6, seed=51), params(SamplingParams(temperature=1.0, top_p=0.9, logprobs=True),
                                                   max_gen_len=9, seed=7), tag="sampled")]
-    eager_engine = Engine(model, (), slots, max_seq_len, scheduler)
+    eager_engine = Engine(model, (), slots, max_seq_len)
     eager = run(eager_engine, requests)
     torch._dynamo.reset()  # this test's compilations alone, under the recompile limit
     torch._dynamo.utils.counters.clear()
-    engine = Engine(model, (), slots, max_seq_len, scheduler, compile=True)
+    engine = Engine(model, (), slots, max_seq_len, compile=True)
     calls = spy_compiled_steps(engine)
     compiled = run(engine, requests)
     for r in requests:
@@ -371,8 +408,8 @@ def test_compiled_decode_gives_the_eager_completions(model, scheduler):
     assert stats.wasted_slot_steps > eager_engine.stats.wasted_slot_steps
 
 
-@pytest.mark.parametrize("scheduler", ["continuous", "static"])
-def test_forward_passes_run_under_inference_mode(model, scheduler):
+@pytest.mark.parametrize("engine_type", [Engine, StaticEngine])
+def test_forward_passes_run_under_inference_mode(model, engine_type):
     """The engine's generators enter inference mode at every resumption, not just when made."""
     modes, final_hidden = [], model.final_hidden
     def spy(*args, **kwargs):
@@ -380,7 +417,7 @@ def test_forward_passes_run_under_inference_mode(model, scheduler):
         return final_hidden(*args, **kwargs)
     model.final_hidden = spy
     try:
-        run(Engine(model, (), 2, 32, scheduler), crowd(model, GREEDY)[:3])
+        run(engine_type(model, (), 2, 32), crowd(model, GREEDY)[:3])
     finally:
         del model.final_hidden
     assert modes and all(modes)

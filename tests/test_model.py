@@ -141,9 +141,9 @@ def forward_all(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """One full forward over a fresh cache: logits (T, vocab)."""
     n = len(tokens)
     model.setup_cache(1, n)
-    step = model.make_step(torch.arange(n)[None], slice(0, 1), kv_len=n)
+    step = model.make_step(torch.arange(n)[None], slice(0, 1), kv_len=n, every_token=True)
     with torch.inference_mode():
-        return model(tokens[None], step, all_logits=True)[0]
+        return model(tokens[None], step)
 
 
 def echo_logprobs(model: Transformer, tokens: torch.Tensor) -> list[float | None]:

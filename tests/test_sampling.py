@@ -294,7 +294,7 @@ def test_wide_candidates_are_tried_where_the_nucleus_fits_and_skipped_where_it_i
 def test_blocked_argmax_equals_torch_argmax_with_ties_and_nans(vocab, transposed):
     torch.manual_seed(vocab)
     rows = 9
-    # A transposed view is what the CPU output head returns: (V, B) storage read as (B, V).
+    # Any layout gives the same result, e.g. a transposed view: (V, B) storage read as (B, V).
     logits = torch.randn(vocab, rows).T if transposed else torch.randn(rows, vocab)
     logits[1] = 0.0  # all tied: the first index
     logits[2, [5, vocab - 1]] = 50.0  # tied maxima in different blocks
