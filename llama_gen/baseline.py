@@ -64,7 +64,6 @@ class StaticEngine(SlotEngine):
         positions = torch.arange(shortest, device=self.device).expand(n, shortest)
         step = self.model.make_step(positions, slice(0, n), shortest, fresh=True)
         self.stats.prefills += n
-        self.stats.prefill_tokens += n * shortest
         for seq in batch:
             if seq.budget <= 0:
                 seq.finish_reason = "length"

@@ -141,7 +141,6 @@ class EngineStats:
     """Counters of what the engine did, for benchmarks and tests (not timings of record)."""
 
     prefills: int = 0  # prompts prefilled
-    prefill_tokens: int = 0  # tokens through prefill forward passes (padding included)
     decode_steps: int = 0  # decode forward passes
     slot_steps: int = 0  # rows computed by decode passes
     wasted_slot_steps: int = 0  # rows computed for sequences that had already finished
@@ -311,7 +310,6 @@ class Engine(SlotEngine):
                                     last=last)
         self._position[slot:slot + n] = last + 1
         self.stats.prefills += n
-        self.stats.prefill_tokens += n * longest
         return step, tokens.view(-1)
 
     def _forward(self, kv_lens: list[int],
