@@ -107,6 +107,9 @@ class Settings:
         if self.completion_key in OUTPUT_FIELDS:
             raise UserError(f"--completion_key {self.completion_key} is another output field "
                             f"(llama-gen writes {', '.join(OUTPUT_FIELDS)}): choose another name")
+        if self.compile and self.scheduler == "static":
+            raise UserError("--compile compiles the continuous scheduler's decode step; the "
+                            "static one is the uncompiled baseline: drop one of the two")
 
     def with_overrides(self, overrides: dict[str, Any]) -> Settings:
         """These settings with a record's own (already checked) values in place."""

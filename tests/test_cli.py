@@ -156,7 +156,7 @@ def test_clear_errors(checkpoint_copy, tmp_path):
     base = ["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path",
             str(tmp_path / "o.jsonl")]
 
-    assert_one_line_error(run(base + ["--dtype", "fp8"]), "--dtype 'fp8' is not one of")
+    assert_one_line_error(run(base + ["--dtype", "fp8"]), '--dtype must be one of bf16', 'got "fp8"')
     assert_one_line_error(run(base[:3] + ["nope.jsonl"] + base[4:]), "nope.jsonl: no such file")
     assert_one_line_error(run(base[:5] + ["/no/such/dir/o.jsonl"]), "does not exist")
     assert_one_line_error(run(base + ["--device", "gpu"]), "--device 'gpu' is not a device")

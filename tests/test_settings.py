@@ -200,3 +200,10 @@ def test_with_overrides(tmp_path):
     assert own.out_path == s.out_path
     with pytest.raises(UserError, match=re.escape("--top_p must be a number in (0, 1], got 0")):
         s.with_overrides({"top_p": 0})  # still checked, whoever calls it
+
+
+def test_compile_with_the_static_scheduler_is_refused(tmp_path):
+    """The static scheduler is the uncompiled baseline: --compile would be silently ignored."""
+    with pytest.raises(UserError, match="^--compile compiles the continuous scheduler"):
+        Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "p.jsonl", out_path=tmp_path / "o",
+                 compile=True, scheduler="static")
