@@ -151,6 +151,14 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def key_value_store() -> dist.Store:
+    """The process group's key-value store (torchrun's, or the in-memory one of one process)."""
+    return dist.distributed_c10d._get_default_store()
+
+
+StoreError = dist.DistError  # what the store raises when its server (torchrun) is gone
+
+
 def model_parallel_group() -> dist.ProcessGroup:
     return fs_init.get_model_parallel_group()
 

@@ -48,7 +48,10 @@ def parse(cls: type, argv: list[str], command: str) -> Any:
 def from_flags(cls: type, unexpected: tuple, values: dict[str, Any]) -> Any:
     fields = rules(cls)
     if unexpected:
-        raise UserError(f"unexpected argument {unexpected[0]!r}: give settings as --name value")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        example = f" (the paths are flags too: --{required[0]} {unexpected[0]})" if required else ""
+        raise UserError(f"unexpected argument {unexpected[0]!r}: give settings as --name "
+                        f"value{example}")
     for name in values.keys() - fields.keys():
         near = difflib.get_close_matches(name, list(fields), n=1)
         hint = f": did you mean --{near[0]}?" if near else "; see --help"
@@ -59,6 +62,8 @@ def from_flags(cls: type, unexpected: tuple, values: dict[str, Any]) -> Any:
                         f"{', '.join('--' + name for name in required)}")
     checked = {}
     for name, value in values.items():
+        if value is True and fields[name].base is not bool:  # fire's reading of a bare --name
+            raise UserError(f"--{name} needs a value: --{name} {fields[name].describe()}")
         try:
             checked[name] = fields[name].check(value, from_words=True)
         except BadValue as e:
@@ -77,7 +82,7 @@ def help_text(cls: type, usage: str, summary: str, commands: dict[str, str] = {}
         kind = "|".join(rule.choices) if rule.choices else rule.base.__name__.lower()
         value = "" if rule.base is bool else f" {kind.upper() if not rule.choices else kind}"
         default = ("required" if f.default is dataclasses.MISSING else
-                   f"default {f.default}" if f.default not in (None, False) else "")
+                   "" if f.default is None or f.default is False else f"default {f.default}")
         text = f.metadata["help"] + (f" ({default})" if default else "")
         if f.metadata.get("per_record"):
             text += "; a record may set it"

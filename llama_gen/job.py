@@ -55,14 +55,18 @@ def run_job(settings: Settings) -> None:
     try:
         dtype = resolve_dtype(settings.dtype, dist.device)
         plan = prepare(settings, tokenizer, str(dtype), dist, lock)
-        engine = make_engine(settings, load_model(settings.ckpt_dir, tokenizer, dist, dtype),
-                             tokenizer, dist)
         results = Results(settings, dist, plan.total)
         feed = Feed(settings, plan.done, tokenizer, dist, results, stop)
-        for completion in engine.generate(feed.requests(), feed.should_stop):
-            results.finished(output_line(completion, tokenizer, settings),
-                             completion.request.tag.record.line)
-        results.finish()
+        if plan.total:
+            model = load_model(settings.ckpt_dir, tokenizer, dist, dtype)
+            engine = make_engine(settings, model, tokenizer, dist)
+            for completion in engine.generate(feed.requests(), feed.should_stop):
+                results.finished(output_line(completion, tokenizer, settings),
+                                 completion.request.tag.record.line)
+        else:  # no sample to write: the feed only records bad lines, so no model is loaded
+            for _ in feed.requests():
+                pass
+        results.finish(stop)
         end_of_run(settings, stop, results, plan)
     finally:
         if results is not None:
@@ -108,22 +112,26 @@ def count_pending(settings: Settings, done: set[tuple[Any, int]]) -> int:
     pending = 0
     for item in read_records(settings.prompt_path, settings.prompt_key, settings.id_key):
         if isinstance(item, Record):
-            check_no_clash(item, settings)
+            check_no_clash(item, settings, resuming=bool(done))
             n = settings.with_overrides(item.overrides).num_samples
             pending += sum((item.id, i) not in done for i in range(n))
     return pending
 
 
-def check_no_clash(record: Record, settings: Settings) -> None:
+def check_no_clash(record: Record, settings: Settings, resuming: bool = False) -> None:
     """Output lines hold the record's fields and llama-gen's: none may have both."""
     ours = [settings.completion_key, *OUTPUT_FIELDS]
     taken = [k for k in ours if k in record.fields
              and not (k == "id" and settings.id_key in (None, "id"))]  # the id, written as is
     if not taken:
         return
-    fix = ("pass --completion_key with another name (--completion_key generated)"
-           if taken[0] == settings.completion_key else
-           f"rename it in the input (llama-gen writes {', '.join(OUTPUT_FIELDS)})")
+    if taken[0] != settings.completion_key:
+        fix = f"rename it in the input (llama-gen writes {', '.join(OUTPUT_FIELDS)})"
+    elif resuming:  # the output's lines were written with this --completion_key
+        fix = ("rename it in the input, or start over with another name (--completion_key "
+               "generated --overwrite)")
+    else:
+        fix = "pass --completion_key with another name (--completion_key generated)"
     raise UserError(f"{settings.prompt_path}: line {record.line}: field {taken[0]!r} is also "
                     f"an output field: {fix}")
 
@@ -131,10 +139,11 @@ def check_no_clash(record: Record, settings: Settings) -> None:
 # 2. Feed -------------------------------------------------------------------------------------
 
 class Ending(enum.Enum):
-    """Why a run stopped before its work was done."""
+    """Why a feed stopped before its work was done: it reads no further line, and its group
+    drops the sequences it has not finished."""
 
-    SIGNAL = "a signal asked the job to stop"
-    STRICT = "--strict: a bad line"
+    SIGNAL = enum.auto()  # Ctrl-C or SIGTERM (end_of_run reports it as Interrupted)
+    STRICT = enum.auto()  # --strict and a bad line (rank 0 reports the line)
 
 
 @dataclass(frozen=True)
@@ -281,12 +290,13 @@ class Results:
             for message in self.mailbox.receive():
                 self.deliver(message)
 
-    def finish(self) -> None:
-        """A replica's leader says it is done; rank 0 waits for every replica's results."""
+    def finish(self, stop: StopRequested) -> None:
+        """A replica's leader says it is done; rank 0 waits for every replica's results, or
+        until it is asked to stop (what has not arrived is made again by the next run)."""
         if self.mailbox is not None:
             if self.writer is None and self.dist.is_model_parallel_leader:
                 self.mailbox.close()
-            while self.writer is not None and not self.mailbox.all_closed():
+            while self.writer is not None and not self.mailbox.all_closed() and not stop:
                 self._collect_mail()
                 time.sleep(0.05)
         if self.writer is not None:
@@ -319,9 +329,10 @@ class Interrupted(Exception):
 
 
 def end_of_run(settings: Settings, stop: StopRequested, results: Results, plan: Plan) -> None:
-    """How the run ends for the user: a clean exit, or the reason it stopped early."""
+    """How the run ends for the user: a clean exit, or why it stopped early. Rank 0 hears of
+    every replica's bad lines, so it is the one that reports --strict's."""
     writer = results.writer
-    if settings.strict and (bad := results.first_bad_line):  # rank 0 hears of every replica's
+    if settings.strict and (bad := results.first_bad_line):
         raise UserError(f"{settings.prompt_path}: line {bad.line}: {bad.reason} (--strict; see "
                         f"{settings.errors_path})")
     if stop.signal is not None:

@@ -9,8 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-
+from . import distributed
 from .distributed import Dist
 from .records import BadLine
 
@@ -46,10 +45,10 @@ class Mailbox:
     """Messages from data-parallel replica leaders to global rank 0, through the process group's
     key-value store. A replica `close`s its mailbox when it has sent everything."""
 
-    def __init__(self, group: Dist):
-        self._store = dist.distributed_c10d._get_default_store()
-        self._replica = group.data_parallel_rank
-        self._replicas = group.data_parallel_size
+    def __init__(self, dist: Dist):
+        self._store = distributed.key_value_store()
+        self._replica = dist.data_parallel_rank
+        self._replicas = dist.data_parallel_size
         self._sent = 0
         self._received = [0] * self._replicas
         self._closed = [False] * self._replicas
@@ -69,9 +68,9 @@ class Mailbox:
         messages = []
         with _store_errors():
             for r in range(1, self._replicas):
-                if not self._store.check([f"mail/{r}/count"]):
-                    continue
-                count = int(self._store.get(f"mail/{r}/count"))
+                # A replica that had nothing to send closes without a count.
+                has_mail = self._store.check([f"mail/{r}/count"])
+                count = int(self._store.get(f"mail/{r}/count")) if has_mail else 0
                 for i in range(self._received[r], count):
                     key = f"mail/{r}/{i}"
                     messages.append(decode(self._store.get(key).decode()))
@@ -89,6 +88,6 @@ class Mailbox:
 def _store_errors():
     try:
         yield
-    except dist.DistError as e:
+    except distributed.StoreError as e:
         raise StoreLost(f"the replicas' results could not go through torchrun's store ({e})"
                         ) from None

@@ -124,6 +124,17 @@ def _tried_with_shorter_context(line: bytes, max_seq_len: int) -> bool:
     return isinstance(limit, int) and limit < max_seq_len
 
 
+def read_fingerprint(settings: Settings) -> dict[str, Any]:
+    try:
+        old = json.loads(settings.settings_path.read_text(encoding="utf-8"))
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        raise UserError(f"{settings.settings_path} is not a llama-gen run settings file; move it "
+                        "away, or pass --overwrite to start over (the old files are kept aside)")
+    return old
+
+
 def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple[Any, int]]:
     """Rank 0, holding the lock: check the fingerprint against the output's and recover the
     output; the (id, sample)s it already holds. A fingerprint without output (a start that
@@ -131,7 +142,7 @@ def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple
     if settings.overwrite and (folder := move_aside(settings)):
         log.info("--overwrite: the earlier output and its files are now in %s", folder)
     elif has_lines(settings.out_path) and settings.settings_path.exists():
-        old = json.loads(settings.settings_path.read_text(encoding="utf-8"))
+        old = read_fingerprint(settings)
         if changed := fingerprint_differences(old, fingerprint, settings.prompt_path):
             raise UserError(f"{settings.out_path} was written with other settings "
                             f"({'; '.join(changed)}); resume with the same command and files, "
@@ -141,7 +152,7 @@ def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple
                         f"{settings.settings_path.name}); choose another --out_path or pass "
                         "--overwrite")
     elif has_lines(settings.errors_path) and settings.settings_path.exists():
-        old = json.loads(settings.settings_path.read_text(encoding="utf-8"))
+        old = read_fingerprint(settings)
         if fingerprint_differences(old, fingerprint, settings.prompt_path):
             folder = move_aside(settings)  # no output line rests on them
             log.info("the errors of a run with other settings are now in %s", folder)

@@ -63,8 +63,8 @@ class Settings:
     tokenizer_path: Path | None = setting(None, help="tokenizer.model (default: in ckpt_dir "
                                           "or its parent)")
     max_seq_len: int = setting(1024, low=1, help="longest prompt + completion in tokens; sizes "
-                               "the KV cache (raise it on resume to answer prompts that were "
-                               "too long)")
+                               "the KV cache; raise it on resume to answer prompts that were "
+                               "too long")
     max_batch_size: int = setting(8, low=1, help="sequences decoded together; sizes the KV "
                                   "cache")
     max_gen_len: int = setting(256, low=1, role=DEFINES_OUTPUT, per_record=True,

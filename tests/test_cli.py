@@ -369,6 +369,24 @@ def test_a_run_in_which_every_line_is_bad_fails(tiny_checkpoints, tmp_path):
     assert len((tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_replica_with_nothing_to_do_does_not_hang_the_writer(tiny_checkpoints, tmp_path):
+    """Two replicas, one prompt: replica 1 sends nothing and must still be heard to finish; and
+    a file of only bad lines (reported by replica 0 alone) ends non-zero, not in a hang."""
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    out = tmp_path / "o.jsonl"
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    args = ["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path", str(out),
+            "--max_gen_len", "3", "--model_parallel_size", "1"]
+    result = run(args, nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert set(read_output(out)) == {(1, 0)}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt"}\n')
+    result = run(args[:2] + ["--prompt_path", str(bad), "--out_path", str(tmp_path / "b.jsonl"),
+                             *args[6:]], nproc=2)
+    assert result.returncode != 0 and "every line of" in result.stderr, result.stderr
+
+
 def descendants(pid: int) -> list[int]:
     """torchrun starts its workers in sessions of their own, so killpg would miss them."""
     try:

@@ -13,8 +13,8 @@ from llama_gen.distributed import Dist
 from llama_gen.engine import Completion, Request, SamplingParams
 from llama_gen.errors import UserError
 from llama_gen.job import (OUTPUT_FIELDS, Interrupted, Plan, Results, StopRequested, Tag, Work,
-                           count_pending, end_of_run, output_line, pending_work, prepare,
-                           requests_for)
+                           check_no_clash, count_pending, end_of_run, output_line, pending_work,
+                           prepare, requests_for)
 from llama_gen.output import OutputLock
 from llama_gen.records import BadLine, Record, parse_line
 from llama_gen.replicas import Finished, decode, encode
@@ -247,7 +247,18 @@ def test_prepare_locks_checks_and_counts(tmp_path, tokenizer, single_process):
 
 # --- results on one process ----------------------------------------------------------------------
 
-def test_results_on_one_process_go_to_the_writer(tmp_path):
+@pytest.fixture
+def stop():
+    """A StopRequested, with the test runner's own signal handlers put back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield StopRequested()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_results_on_one_process_go_to_the_writer(tmp_path, stop):
     s = settings(tmp_path)
     results = Results(s, ONE_PROCESS, total=2)
     assert results.mailbox is None and results.writer is not None
@@ -256,7 +267,7 @@ def test_results_on_one_process_go_to_the_writer(tmp_path):
         results.deliver(BadLine(2, "invalid JSON", "x"))
         results.deliver(BadLine(3, "too long", "y", max_seq_len=8))
         results.finished({"id": 4, "sample": 0, "completion": "z", "completion_tokens": 3}, 4)
-        results.finish()
+        results.finish(stop)
     finally:
         results.close()
     assert results.first_bad_line == BadLine(2, "invalid JSON", "x")
@@ -288,17 +299,6 @@ def test_a_replica_message_survives_encoding(message):
 
 # --- the end of a run ----------------------------------------------------------------------------
 
-@pytest.fixture
-def stop():
-    """A StopRequested, with the test runner's own signal handlers put back afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield StopRequested()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
 def ended(s: Settings, stop: StopRequested, *items, done=frozenset()) -> None:
     """Deliver `items` (BadLines, or output lines) on one process, then end the run."""
     results = Results(s, ONE_PROCESS, total=0)
@@ -308,7 +308,7 @@ def ended(s: Settings, stop: StopRequested, *items, done=frozenset()) -> None:
                 results.deliver(item)
             else:
                 results.finished(item, 1)
-        results.finish()
+        results.finish(stop)
         end_of_run(s, stop, results, Plan(frozenset(done), 0))
     finally:
         results.close()
@@ -355,3 +355,14 @@ def test_strict_is_reported_before_the_signal(tmp_path, stop):
     signal.raise_signal(signal.SIGINT)  # caught: only noted
     with pytest.raises(UserError, match="line 2: bad"):
         ended(settings(tmp_path, strict=True), stop, BadLine(2, "bad", "x"))
+
+
+def test_a_clash_found_on_resume_names_the_ways_out_that_work(tmp_path):
+    """On resume, --completion_key may not change (it defines the output): the message must not
+    send the user to a flag the resume check then refuses."""
+    s = settings(tmp_path)
+    record = Record(4, 4, "p", {"prompt": "p", "completion": "gold"})
+    with pytest.raises(UserError, match=r"line 4: .*--completion_key generated --overwrite"):
+        check_no_clash(record, s, resuming=True)
+    with pytest.raises(UserError, match=r"pass --completion_key with another name"):
+        check_no_clash(record, s)

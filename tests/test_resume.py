@@ -444,7 +444,7 @@ def test_a_prompt_too_long_is_retried_after_a_resume_with_a_longer_context(tmp_p
     assert replaced(tmp_path) == []
 
 
-# --- known bugs (strict xfails: a fix turns them into plain tests) -------------------------------
+# --- the errors file read back: lines split at newlines alone, lines that are not entries kept ---
 
 def test_an_errors_file_entry_holding_a_line_separator_does_not_stop_the_next_start(tmp_path):
     s = job(tmp_path)
