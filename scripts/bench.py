@@ -298,17 +298,17 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
     """`schedulers`: any of continuous, static and compiled (continuous with `--compile`'s
     decode step). `ctranslate2`: add a CTranslate2 run of the same weights (default: if it is
     installed)."""
-    info = distributed.init_distributed(1, device=device)
+    dist = distributed.init_distributed(1, device=device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     args = ModelArgs.from_params(PRESETS[preset])
-    model = build_model(args, info.device, torch_dtype)
+    model = build_model(args, dist.device, torch_dtype)
     work = make_workload(args, n_prompts, min_len, max_len, max_gen_len, stop_rate, temperature,
                          top_p, seed)
     max_seq_len = max_len + max_gen_len
     cache_mib = (2 * args.n_layers * batch * max_seq_len * args.kv_heads * args.head_dim
                  * torch_dtype.itemsize / 2**20)
     print(f"model {preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{dtype}) on {info.device} with {torch.get_num_threads()} threads; {n_prompts} prompts "
+          f"{dtype}) on {dist.device} with {torch.get_num_threads()} threads; {n_prompts} prompts "
           f"of {min_len}-{max_len} tokens ({work.prompt_tokens} in all), max_gen_len "
           f"{max_gen_len}, ~{stop_rate:.0%} of steps end a sequence, batch {batch}, "
           f"temperature {temperature}; KV cache {cache_mib:.0f} MiB, weights "
@@ -316,7 +316,7 @@ def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max
     if ctranslate2 is None:
         ctranslate2 = ctranslate2_available()
     # Before the runs: its two buffers must not meet a device the runs have filled.
-    bandwidth = memory_bandwidth(info.device, 1024 if info.device.type == "cuda" else 256)
+    bandwidth = memory_bandwidth(dist.device, 1024 if dist.device.type == "cuda" else 256)
     names = schedulers.split(",") if isinstance(schedulers, str) else list(schedulers)
     results = run_all(model, work, names, ctranslate2, batch, max_seq_len)
     report(results, model, work, batch, bandwidth)
