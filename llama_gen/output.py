@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,6 @@ from .records import BadLine
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OutputState:
-    done: set[tuple[Any, int]] = field(default_factory=set)
-    lines: int = 0
-    torn_bytes: int = 0
 
 
 def cut_torn_last_line(path: Path) -> int:
@@ -59,24 +51,24 @@ def cut_torn_last_line(path: Path) -> int:
     return size - tail_start
 
 
-def recover_output(path: Path) -> OutputState:
-    """What `path` already holds; a torn last line is cut off once the rest checks out."""
-    state = OutputState()
+def recover_output(path: Path) -> set[tuple[Any, int]]:
+    """The (id, sample)s `path` already holds; a torn last line is cut off once the rest checks
+    out."""
+    done: set[tuple[Any, int]] = set()
     if not path.exists():
-        return state
+        return done
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.endswith(b"\n"):
                 break
             try:
                 obj = json.loads(raw)
-                state.done.add((obj["id"], obj["sample"]))
+                done.add((obj["id"], obj["sample"]))
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{path}: line {number} is not a llama-gen output line; move the "
                                 "file away or pass --overwrite") from None
-            state.lines += 1
-    state.torn_bytes = cut_torn_last_line(path)
-    return state
+    cut_torn_last_line(path)
+    return done
 
 
 def recorded_error_lines(path: Path) -> set[int]:

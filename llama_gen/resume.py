@@ -158,4 +158,4 @@ def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple
             log.info("the errors of a run with other settings are now in %s", folder)
     forget_retryable_errors(settings)
     write_atomically(settings.settings_path, json.dumps(fingerprint, indent=1) + "\n")
-    return recover_output(settings.out_path).done
+    return recover_output(settings.out_path)

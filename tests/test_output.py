@@ -33,25 +33,22 @@ def lock_on(out_path: Path) -> OutputLock:
 
 def test_recover_a_missing_file_is_empty_and_creates_nothing(tmp_path):
     path = tmp_path / "out.jsonl"
-    state = recover_output(path)
-    assert (state.done, state.lines, state.torn_bytes) == (set(), 0, 0)
+    assert recover_output(path) == set()
     assert not path.exists()
 
 
 def test_recover_an_empty_file(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_bytes(b"")
-    state = recover_output(path)
-    assert (state.done, state.lines, state.torn_bytes) == (set(), 0, 0)
+    assert recover_output(path) == set()
+    assert path.read_bytes() == b""
 
 
 def test_recover_a_clean_file_leaves_it_alone(tmp_path):
     path = tmp_path / "out.jsonl"
     data = out_line("a", 0) + out_line("a", 1) + out_line(3, 0, note="é🦙")
     path.write_bytes(data)
-    state = recover_output(path)
-    assert state.done == {("a", 0), ("a", 1), (3, 0)}
-    assert (state.lines, state.torn_bytes) == (3, 0)
+    assert recover_output(path) == {("a", 0), ("a", 1), (3, 0)}
     assert path.read_bytes() == data
 
 
@@ -61,36 +58,35 @@ def test_recover_cuts_a_torn_last_line_and_keeps_the_rest_byte_for_byte(tmp_path
     torn = out_line("c", 0)[:17]
     path.write_bytes(good + torn)
     with caplog.at_level(logging.WARNING, logger="llama_gen.output"):
-        state = recover_output(path)
-    assert path.read_bytes() == good
-    assert state.torn_bytes == len(torn) == 17
-    assert state.done == {("a", 0), ("b", 0)} and state.lines == 2
+        done = recover_output(path)
+    assert path.read_bytes() == good and len(torn) == 17
+    assert done == {("a", 0), ("b", 0)}
     assert "torn last line (17 bytes)" in caplog.text
     # A second recovery finds nothing more to cut.
-    again = recover_output(path)
-    assert again.torn_bytes == 0 and again.done == state.done and path.read_bytes() == good
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llama_gen.output"):
+        assert recover_output(path) == done and path.read_bytes() == good
+    assert "torn" not in caplog.text
 
 
 def test_a_whole_json_object_without_its_newline_is_still_torn(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_bytes(out_line("a", 0) + out_line("b", 0).rstrip(b"\n"))
-    state = recover_output(path)
-    assert state.done == {("a", 0)}
+    assert recover_output(path) == {("a", 0)}
     assert path.read_bytes() == out_line("a", 0)
 
 
 def test_a_file_that_is_only_a_torn_line_ends_empty(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"id": "a", "sam')
-    state = recover_output(path)
-    assert (state.done, state.lines, state.torn_bytes) == (set(), 0, 16)
-    assert path.read_bytes() == b""
+    assert recover_output(path) == set()
+    assert path.read_bytes() == b""  # the 16 torn bytes cut
 
 
 def test_a_torn_line_cut_inside_a_multibyte_character(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_bytes(out_line("a", 0) + "{\"completion\": \"🦙".encode()[:-2])
-    assert recover_output(path).done == {("a", 0)}
+    assert recover_output(path) == {("a", 0)}
     assert path.read_bytes() == out_line("a", 0)
 
 
