@@ -18,6 +18,7 @@ from llama_gen.job import (OUTPUT_FIELDS, Interrupted, Plan, Results, StopReques
 from llama_gen.output import OutputLock
 from llama_gen.records import BadLine, Record, parse_line
 from llama_gen.replicas import Finished, decode, encode
+from llama_gen.sampling import derive_seed
 from llama_gen.settings import Settings
 from llama_gen.tiny_tokenizers import build_sentencepiece_model
 from llama_gen.tokenizer import load_tokenizer
@@ -43,6 +44,11 @@ def settings(tmp_path: Path, **kwargs) -> Settings:
 def write_prompts(tmp_path: Path, *objs: dict | str) -> None:
     (tmp_path / "prompts.jsonl").write_text(
         "".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs))
+
+
+def parse(text: str, id_key: str = "id", required: bool = False) -> Record | BadLine | None:
+    """Line 7 of a prompt file."""
+    return parse_line(text.encode() + b"\n", 7, "prompt", id_key, required)
 
 
 def record(text: str) -> Record:
@@ -366,3 +372,186 @@ def test_a_clash_found_on_resume_names_the_ways_out_that_work(tmp_path):
         check_no_clash(record, s, resuming=True)
     with pytest.raises(UserError, match=r"pass --completion_key with another name"):
         check_no_clash(record, s)
+
+
+# --- work sharing and requests: a replica's share of the pending records ----------------------
+
+def collect(s: Settings, tokenizer, replicas: int, done=frozenset()):
+    return [list(pending_work(s, set(done), tokenizer, r, replicas)) for r in range(replicas)]
+
+
+def test_pending_work_shards_records_disjointly_and_completely(tmp_path, tokenizer):
+    write_prompts(tmp_path, *({"prompt": f"prompt number {i}", "id": f"r{i}"} for i in range(7)))
+    s = settings(tmp_path)
+    one = collect(s, tokenizer, 1)[0]
+    assert [w.record.id for w in one] == [f"r{i}" for i in range(7)]
+    shares = collect(s, tokenizer, 2)
+    ids = [{w.record.id for w in share} for share in shares]
+    assert ids[0].isdisjoint(ids[1])
+    assert ids[0] | ids[1] == {f"r{i}" for i in range(7)}
+    assert len(ids[0]) == 4 and len(ids[1]) == 3  # balanced
+    for share in shares:
+        for w in share:
+            assert isinstance(w, Work) and w.samples == [0]
+            assert w.prompt_tokens == tokenizer.encode(w.record.prompt, bos=True)
+            assert w.prompt_tokens[0] == tokenizer.bos_id
+
+
+def test_pending_work_skips_done_pairs_and_rebalances_what_is_left(tmp_path, tokenizer):
+    write_prompts(tmp_path, *({"prompt": f"p{i}", "id": i} for i in range(6)),
+                  {"prompt": "many", "id": "m", "num_samples": 3})
+    s = settings(tmp_path, num_samples=2)
+    done = {(0, 0), (0, 1), (1, 0), (2, 1), (4, 0), (4, 1), ("m", 1)}
+    shares = collect(s, tokenizer, 2, done)
+    pending = {w.record.id: w.samples for share in shares for w in share}
+    assert pending == {1: [1], 2: [0], 3: [0, 1], 5: [0, 1], "m": [0, 2]}
+    ids = [[w.record.id for w in share] for share in shares]
+    assert ids == [[1, 3, "m"], [2, 5]]  # fully done records take no turn in the rotation
+    for share in shares:
+        for w in share:
+            assert all((w.record.id, i) not in done for i in w.samples)
+
+
+def test_pending_work_with_everything_done_is_empty(tmp_path, tokenizer):
+    write_prompts(tmp_path, {"prompt": "a"}, {"prompt": "b"})
+    s = settings(tmp_path)
+    assert collect(s, tokenizer, 2, {(1, 0), (2, 0)}) == [[], []]
+
+
+def test_bad_lines_come_from_replica_0_and_too_long_prompts_from_their_owner(tmp_path, tokenizer):
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 10
+    write_prompts(tmp_path,
+                  {"prompt": "short a", "id": "a"},      # owned by replica 0
+                  "not json",                            # line 2: invalid, replica 0 reports
+                  {"prompt": long_prompt, "id": "b"},    # owned by replica 1: too long
+                  {"prompt": "short c", "id": "a"},      # line 4: duplicate id, replica 0
+                  {"prompt": "short c", "id": "c"},      # owned by replica 0
+                  {"prompt": long_prompt, "id": "d"})    # owned by replica 1: too long
+    s = settings(tmp_path, max_seq_len=32)
+    assert len(tokenizer.encode(long_prompt, bos=True)) > 31
+    shares = collect(s, tokenizer, 2)
+    kinds = [[(type(x).__name__, x.line if isinstance(x, BadLine) else x.record.id)
+              for x in share] for share in shares]
+    assert kinds == [[("Work", "a"), ("BadLine", 2), ("BadLine", 4), ("Work", "c")],
+                     [("BadLine", 3), ("BadLine", 6)]]
+    too_long = shares[1][0]
+    n = len(tokenizer.encode(long_prompt, bos=True))
+    assert too_long.reason.startswith(f"the prompt has {n} tokens; --max_seq_len 32 allows at "
+                                      "most 31")
+    assert json.loads(too_long.text) == {"prompt": long_prompt, "id": "b"}
+    assert too_long.max_seq_len == 32  # retried on a resume with a longer context
+    assert all(x.max_seq_len is None for x in shares[0] if isinstance(x, BadLine))
+    # One replica reports everything.
+    alone = collect(s, tokenizer, 1)[0]
+    assert sorted(x.line for x in alone if isinstance(x, BadLine)) == [2, 3, 4, 6]
+
+
+def test_a_prompt_of_exactly_max_seq_len_minus_1_tokens_is_accepted(tmp_path, tokenizer):
+    write_prompts(tmp_path, {"prompt": "Hello world! This is a tiny corpus."})
+    n = len(tokenizer.encode("Hello world! This is a tiny corpus.", bos=True))
+    assert isinstance(collect(settings(tmp_path, max_seq_len=n + 1), tokenizer, 1)[0][0], Work)
+    assert isinstance(collect(settings(tmp_path, max_seq_len=n), tokenizer, 1)[0][0], BadLine)
+
+
+def test_count_pending_uses_num_samples_and_per_record_overrides(tmp_path):
+    write_prompts(tmp_path, {"prompt": "a"}, {"prompt": "b", "num_samples": 4}, "bad",
+                  {"prompt": "c", "num_samples": 1}, {"prompt": "d", "id": 1})  # d: duplicate
+    s = settings(tmp_path, num_samples=3)
+    assert count_pending(s, set()) == 3 + 4 + 1
+    assert count_pending(s, {(1, 0), (1, 2), (2, 3), (2, 9), (4, 0), ("x", 0)}) == 1 + 3 + 0
+    assert count_pending(settings(tmp_path), set()) == 1 + 4 + 1
+
+
+def requests(tmp_path: Path, tokenizer, s: Settings, done=frozenset()):
+    return [r for w in collect(s, tokenizer, 1, done)[0] for r in requests_for(w, s)]
+
+
+def test_requests_for_derives_a_seed_per_id_and_sample(tmp_path, tokenizer):
+    write_prompts(tmp_path, {"prompt": "same", "id": "a"}, {"prompt": "same", "id": "b"},
+                  {"prompt": "same", "id": 1})
+    s = settings(tmp_path, num_samples=2, seed=11)
+    reqs = requests(tmp_path, tokenizer, s)
+    assert all(isinstance(r.tag, Tag) for r in reqs)
+    assert [(r.tag.record.id, r.tag.sample) for r in reqs] == [
+        ("a", 0), ("a", 1), ("b", 0), ("b", 1), (1, 0), (1, 1)]
+    seeds = [r.params.seed for r in reqs]
+    assert len(set(seeds)) == 6
+    assert seeds[0] == derive_seed(11, "a", 0) and seeds[5] == derive_seed(11, 1, 1)
+    assert all(0 <= x < 2**63 for x in seeds)
+    # Resuming with some samples done gives the remaining ones the same seeds as before.
+    resumed = requests(tmp_path, tokenizer, s, {("a", 0), ("b", 1)})
+    assert [r.params.seed for r in resumed] == [seeds[1], seeds[2], seeds[4], seeds[5]]
+    # Another run seed changes them all.
+    other = requests(tmp_path, tokenizer, settings(tmp_path, num_samples=2, seed=12))
+    assert not set(seeds) & {r.params.seed for r in other}
+
+
+def test_requests_for_applies_per_record_overrides(tmp_path, tokenizer):
+    write_prompts(tmp_path, {"prompt": "a"},
+                  {"prompt": "b", "temperature": 0, "top_p": 0.5, "max_gen_len": 3, "seed": 99,
+                   "num_samples": 2})
+    s = settings(tmp_path, temperature=0.7, top_p=0.9, max_gen_len=20, seed=5, logprobs=True,
+                 echo=True)
+    plain, *special = requests(tmp_path, tokenizer, s)
+    assert (plain.params.temperature, plain.params.top_p, plain.params.max_gen_len,
+            plain.params.seed) == (0.7, 0.9, 20, derive_seed(5, 1, 0))
+    assert plain.params.logprobs and plain.params.echo
+    assert len(special) == 2
+    for sample, r in enumerate(special):
+        assert r.params.temperature == 0  # an override of 0 is not "unset"
+        assert (r.params.top_p, r.params.max_gen_len) == (0.5, 3)
+        assert r.params.seed == derive_seed(99, 2, sample)
+        assert r.params.logprobs and r.params.echo
+        assert r.tag == Tag(special[0].tag.record, sample)
+        assert r.prompt_tokens == tokenizer.encode("b", bos=True)
+
+
+# --- input fields named like output fields ---------------------------------------------------
+
+@pytest.mark.parametrize("name", ["sample", "completion", "finish_reason", "prompt_tokens",
+                                  "completion_tokens", "logprobs"])
+def test_output_field_names_in_the_input_are_rejected_by_the_job_at_start(tmp_path, name):
+    # A record reads fine (datasets with gold answers have such fields); the job refuses the
+    # clash once, at start, naming the line, the field and the fix.
+    item = parse(json.dumps({"prompt": "hi", name: 1}))
+    assert isinstance(item, Record) and item.fields[name] == 1
+    with pytest.raises(UserError) as e:
+        check_no_clash(item, settings(tmp_path))
+    message = str(e.value)
+    assert f"line 7: field {name!r} is also an output field" in message
+    assert ("--completion_key" if name == "completion" else "rename it in the input") in message
+    write_prompts(tmp_path, {"prompt": "ok"}, {"prompt": "hi", name: 1})
+    with pytest.raises(UserError, match=f"line 2: field {name!r} is also an output field"):
+        count_pending(settings(tmp_path), set())
+
+
+def test_a_completion_field_is_fine_under_another_completion_key(tmp_path):
+    item = parse('{"prompt": "hi", "completion": "gold"}')
+    check_no_clash(item, settings(tmp_path, completion_key="generated"))
+    with pytest.raises(UserError, match="field 'generated' is also an output field: pass "
+                                        "--completion_key with another name"):
+        check_no_clash(parse('{"prompt": "hi", "generated": "x"}'),
+                       settings(tmp_path, completion_key="generated"))
+
+
+def test_an_id_field_is_reserved_when_the_ids_come_from_another_key(tmp_path):
+    item = parse('{"prompt": "hi", "key": "a", "id": 3}', id_key="key", required=True)
+    assert isinstance(item, Record) and item.id == "a"
+    with pytest.raises(UserError, match="field 'id' is also an output field"):
+        check_no_clash(item, settings(tmp_path, id_key="key"))
+    default = parse('{"prompt": "hi", "id": 3}')
+    assert isinstance(default, Record)  # the default id key is fine
+    check_no_clash(default, settings(tmp_path))
+
+
+def test_an_id_field_is_fine_when_it_is_the_id_key(tmp_path):
+    item = parse('{"prompt": "hi", "id": 3}', id_key="id", required=True)
+    assert isinstance(item, Record) and item.id == 3
+    check_no_clash(item, settings(tmp_path, id_key="id"))
+
+
+@pytest.mark.parametrize("key", OUTPUT_FIELDS)
+def test_a_completion_key_that_is_another_output_field_is_refused(tmp_path, key):
+    write_prompts(tmp_path, {"prompt": "hi"})
+    with pytest.raises(UserError, match="--completion_key"):
+        count_pending(settings(tmp_path, completion_key=key), set())
