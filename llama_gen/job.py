@@ -55,14 +55,13 @@ def run_job(settings: Settings) -> None:
     try:
         dtype = resolve_dtype(settings.dtype, dist.device)
         plan = prepare(settings, tokenizer, str(dtype), dist, lock)
-        results = Results(settings, dist, plan.total)
+        results = Results(settings, dist, plan.total, tokenizer)
         feed = Feed(settings, plan.done, tokenizer, dist, results, stop)
         if plan.total:
             model = load_model(settings.ckpt_dir, tokenizer, dist, dtype)
             engine = make_engine(settings, model, tokenizer, dist)
             for completion in engine.generate(feed.requests(), feed.should_stop):
-                results.finished(output_line(completion, tokenizer, settings),
-                                 completion.request.tag.record.line)
+                results.finished(completion)
         else:  # no sample to write: the feed only records bad lines, so no model is loaded
             for _ in feed.requests():
                 pass
@@ -265,15 +264,17 @@ class Results:
     """Where this rank's results go: global rank 0 writes them (its own and, from the mailbox,
     the other replicas'); other replicas' leaders mail them to it; other ranks have none."""
 
-    def __init__(self, settings: Settings, dist: Dist, total: int):
-        self.settings, self.dist = settings, dist
+    def __init__(self, settings: Settings, dist: Dist, total: int, tokenizer: Tokenizer):
+        self.settings, self.dist, self.tokenizer = settings, dist, tokenizer
         self.writer = Writer(settings, total) if dist.is_writer else None
         self.mailbox = Mailbox(dist) if dist.data_parallel_size > 1 else None
         self.first_bad_line: BadLine | None = None
 
-    def finished(self, output: dict[str, Any], source_line: int) -> None:
+    def finished(self, completion: Completion) -> None:
+        """A completion every rank of the group has; its leader makes the line and sends it."""
         if self.dist.is_model_parallel_leader:
-            self.deliver(Finished(output, source_line))
+            line = output_line(completion, self.tokenizer, self.settings)
+            self.deliver(Finished(line, completion.request.tag.record.line))
         self._collect_mail()
 
     def deliver(self, message: Message) -> None:

@@ -266,13 +266,15 @@ def stop():
 
 def test_results_on_one_process_go_to_the_writer(tmp_path, stop):
     s = settings(tmp_path)
-    results = Results(s, ONE_PROCESS, total=2)
+    results = Results(s, ONE_PROCESS, total=2, tokenizer=None)  # deliver formats nothing
     assert results.mailbox is None and results.writer is not None
     try:
-        results.finished({"id": 1, "sample": 0, "completion": "é", "completion_tokens": 2}, 1)
+        results.deliver(Finished({"id": 1, "sample": 0, "completion": "é",
+                                  "completion_tokens": 2}, 1))
         results.deliver(BadLine(2, "invalid JSON", "x"))
         results.deliver(BadLine(3, "too long", "y", max_seq_len=8))
-        results.finished({"id": 4, "sample": 0, "completion": "z", "completion_tokens": 3}, 4)
+        results.deliver(Finished({"id": 4, "sample": 0, "completion": "z",
+                                  "completion_tokens": 3}, 4))
         results.finish(stop)
     finally:
         results.close()
@@ -305,15 +307,32 @@ def test_a_replica_message_survives_encoding(message):
 
 # --- the end of a run ----------------------------------------------------------------------------
 
+def test_a_finished_completion_is_written_as_its_output_line(tmp_path, tokenizer, stop):
+    s = settings(tmp_path)
+    rec = record('{"prompt": "Hello", "key": "k"}')
+    prompt = tokenizer.encode("Hello", bos=True)
+    completion = Completion(Request(prompt, SamplingParams(), tag=Tag(rec, 1)),
+                            tokenizer.encode("world", bos=False), None, "length", len(prompt))
+    results = Results(s, ONE_PROCESS, total=1, tokenizer=tokenizer)
+    try:
+        results.finished(completion)
+        results.finish(stop)
+    finally:
+        results.close()
+    assert [json.loads(x) for x in s.out_path.read_bytes().splitlines()] == [
+        output_line(completion, tokenizer, s)]
+    assert "last line 4" in s.log_path.read_text()
+
+
 def ended(s: Settings, stop: StopRequested, *items, done=frozenset()) -> None:
     """Deliver `items` (BadLines, or output lines) on one process, then end the run."""
-    results = Results(s, ONE_PROCESS, total=0)
+    results = Results(s, ONE_PROCESS, total=0, tokenizer=None)
     try:
         for item in items:
             if isinstance(item, BadLine):
                 results.deliver(item)
             else:
-                results.finished(item, 1)
+                results.deliver(Finished(item, 1))
         results.finish(stop)
         end_of_run(s, stop, results, Plan(frozenset(done), 0))
     finally:
