@@ -5,6 +5,7 @@ check (`resume.py`) all read them from `Settings`' fields.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import typing
@@ -40,15 +41,19 @@ def rules(cls: type) -> dict[str, Rule]:
     return {f.name: Rule(kinds[f.name], **f.metadata["bounds"]) for f in dataclasses.fields(cls)}
 
 
+def checked(name: str, rule: Rule, value: Any) -> Any:
+    """`value` in its setting's type, or a UserError naming the flag."""
+    try:
+        return rule.check(value)
+    except BadValue as e:
+        raise UserError(f"--{name} {e}") from None
+
+
 def check_fields(obj: Any) -> None:
     """Check a settings dataclass's values against their rules and store them in their types
     (a str given for a Path becomes a Path)."""
     for name, rule in rules(type(obj)).items():
-        try:
-            value = rule.check(getattr(obj, name))
-        except BadValue as e:
-            raise UserError(f"--{name} {e}") from None
-        object.__setattr__(obj, name, value)
+        object.__setattr__(obj, name, checked(name, rule, getattr(obj, name)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,8 +117,15 @@ class Settings:
                             "static one is the uncompiled baseline: drop one of the two")
 
     def with_overrides(self, overrides: dict[str, Any]) -> Settings:
-        """These settings with a record's own (already checked) values in place."""
-        return dataclasses.replace(self, **overrides) if overrides else self
+        """These settings with a record's own values in place, each checked by its rule (only
+        those: the job calls this per record, up to three passes over the prompt file)."""
+        if not overrides:
+            return self
+        own = copy.copy(self)
+        for name, value in overrides.items():
+            assert name in PER_RECORD, f"{name} is not a per-record setting"
+            object.__setattr__(own, name, checked(name, RULES[name], value))
+        return own
 
     @property
     def errors_path(self) -> Path:
