@@ -44,6 +44,11 @@ def run(args: list[str], nproc: int | None = None,
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def job_args(ckpt: Path, prompts: Path, out: Path) -> list[str]:
+    """The three paths every run names."""
+    return ["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path", str(out)]
+
+
 def write_prompts(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                     encoding="utf-8")
@@ -61,8 +66,7 @@ def generate(ckpt: Path, tmp: Path, nproc: int | None = None, extra: tuple = (),
              prompts: list[dict] = PROMPTS) -> dict[tuple, dict]:
     prompt_path = write_prompts(tmp / "prompts.jsonl", prompts)
     out = tmp / f"out-{nproc}-{len(list(tmp.iterdir()))}.jsonl"
-    result = run(["--ckpt_dir", str(ckpt), "--prompt_path", str(prompt_path), "--out_path",
-                  str(out), *GREEDY, *extra], nproc)
+    result = run([*job_args(ckpt, prompt_path, out), *GREEDY, *extra], nproc)
     assert result.returncode == 0, result.stderr
     return read_output(out)
 
@@ -110,8 +114,8 @@ def test_compiled_decode_under_torchrun_matches_one_process(tiny_checkpoints, re
                                                            tmp_path):
     """--compile with model parallelism: the collectives are traced into the compiled step."""
     prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
-    result = run(["--ckpt_dir", str(tiny_checkpoints[("llama3", 2)]), "--prompt_path",
-                  str(prompts), "--out_path", str(tmp_path / "out.jsonl"), *GREEDY, "--compile"],
+    ckpt = tiny_checkpoints[("llama3", 2)]
+    result = run([*job_args(ckpt, prompts, tmp_path / "out.jsonl"), *GREEDY, "--compile"],
                  nproc=2)
     assert result.returncode == 0, result.stderr
     assert "--compile: the first decode steps compile" in result.stderr
@@ -126,9 +130,8 @@ def test_two_replicas_match_one_process(tiny_checkpoints, reference, tmp_path):
 def test_every_flag_survives_torchrun(tiny_checkpoints, tmp_path):
     ckpt = tiny_checkpoints[("llama3", 2)]
     prompts = write_prompts(tmp_path / "p.jsonl", [{"uid": "x", "text": "Hello"}])
-    result = run(["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path",
-                  str(tmp_path / "o.jsonl"), "--logging_path", str(tmp_path / "o.log"),
-                  "--tokenizer_path", str(ckpt / "tokenizer.model"), "--max_seq_len", "32",
+    result = run([*job_args(ckpt, prompts, tmp_path / "o.jsonl"),
+                  "--logging_path", str(tmp_path / "o.log"), "--tokenizer_path", str(ckpt / "tokenizer.model"), "--max_seq_len", "32",
                   "--max_batch_size", "2", "--max_gen_len", "3", "--temperature", "0.7",
                   "--top_p", "0.8", "--seed", "3", "--dtype", "fp32", "--prompt_key", "text",
                   "--id_key", "uid", "--num_samples", "2", "--logprobs", "--echo", "--strict",
@@ -153,10 +156,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def test_clear_errors(checkpoint_copy, tmp_path):
     ckpt = checkpoint_copy("llama2", 2)
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
-    base = ["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path",
-            str(tmp_path / "o.jsonl")]
+    base = job_args(ckpt, prompts, tmp_path / "o.jsonl")
 
-    assert_one_line_error(run(base + ["--dtype", "fp8"]), '--dtype must be one of bf16', 'got "fp8"')
+    assert_one_line_error(run(base + ["--dtype", "fp8"]), "--dtype must be one of bf16",
+                          'got "fp8"')
     assert_one_line_error(run(base[:3] + ["nope.jsonl"] + base[4:]), "nope.jsonl: no such file")
     assert_one_line_error(run(base[:5] + ["/no/such/dir/o.jsonl"]), "does not exist")
     assert_one_line_error(run(base + ["--device", "gpu"]), "--device 'gpu' is not a device")
@@ -186,8 +189,7 @@ def test_flag_mistakes_are_refused_before_anything_is_written(tiny_checkpoints, 
     true (the text "false"), which would throw away the output."""
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     out = tmp_path / "o.jsonl"
-    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
-            "--out_path", str(out), "--max_gen_len", "3"]
+    args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--max_gen_len", "3"]
     assert_one_line_error(run(args + ["--tempreature", "0"]), "did you mean --temperature?")
     assert not out.exists()
     assert run(args).returncode == 0
@@ -227,16 +229,15 @@ def test_short_flags_are_refused_with_the_way_to_write_them(tmp_path):
 def test_a_file_system_error_is_one_line(tiny_checkpoints, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     (tmp_path / "o.jsonl.lock").mkdir()  # the lock file cannot be opened
-    result = run(["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path",
-                  str(prompts), "--out_path", str(tmp_path / "o.jsonl")])
+    result = run(job_args(tiny_checkpoints[("llama2", 1)], prompts, tmp_path / "o.jsonl"))
     assert_one_line_error(result, "Is a directory", "o.jsonl.lock")
 
 
 def test_compile_without_a_cxx_compiler_is_a_clear_error(tiny_checkpoints, tmp_path):
     """Inductor's CPU kernels need a C++ compiler; its caches are off so that it must look."""
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
-    result = run(["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path",
-                  str(prompts), "--out_path", str(tmp_path / "o.jsonl"), "--compile",
+    ckpt = tiny_checkpoints[("llama2", 1)]
+    result = run([*job_args(ckpt, prompts, tmp_path / "o.jsonl"), "--compile",
                   "--device", "cpu"],  # on CUDA, inductor writes Triton kernels instead
                  env={"CXX": "/no/such/g++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
     assert_one_line_error(result, "--compile: torch.compile failed", "C++ compiler",
@@ -251,12 +252,13 @@ def test_every_bad_line_is_recorded_and_the_rest_answered(tiny_checkpoints, tmp_
         b'{"id": 1, "prompt": "duplicate of line 1"}', b'{"prompt": "' + b"word " * 80 + b'"}',
         b'{"prompt": "x", "top_p": 2}', b'{"prompt": "also fine"}']) + b"\n")
     out = tmp_path / "o.jsonl"
-    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
-            "--out_path", str(out), "--max_seq_len", "48", "--max_gen_len", "4"]
+    args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--max_seq_len", "48",
+            "--max_gen_len", "4"]
     result = run(args)
     assert result.returncode == 0, result.stderr
     assert set(read_output(out)) == {(1, 0), (11, 0)}
-    errors = [json.loads(line) for line in (tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line)
+              for line in (tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()]
     assert [e["line"] for e in sorted(errors, key=lambda e: e["line"])] == list(range(2, 11))
     assert "9 bad line(s)" in result.stderr
 
@@ -273,8 +275,7 @@ def test_every_bad_line_is_recorded_and_the_rest_answered(tiny_checkpoints, tmp_
 def test_resume_refuses_changed_settings_and_a_second_job(tiny_checkpoints, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     out = tmp_path / "o.jsonl"
-    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
-            "--out_path", str(out), "--max_gen_len", "3"]
+    args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--max_gen_len", "3"]
     assert run(args).returncode == 0
     assert_one_line_error(run(args + ["--temperature", "0.1"]), "temperature: 0.6 -> 0.1",
                           "--overwrite")
@@ -296,8 +297,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_next_run(checkpoint_copy,
     ckpt = checkpoint_copy("llama2", 2)
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     out = tmp_path / "o.jsonl"
-    args = ["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path", str(out),
-            "--max_gen_len", "3"]
+    args = [*job_args(ckpt, prompts, out), "--max_gen_len", "3"]
     shard = ckpt / "consolidated.01.pth"
     shard.rename(tmp_path / "kept.pth")
     assert run(args).returncode != 0
@@ -314,8 +314,8 @@ def test_runtime_settings_may_change_on_resume_and_long_prompts_are_retried(tiny
     long_prompt = "word " * 40
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": long_prompt}])
     out, errors = tmp_path / "o.jsonl", tmp_path / "o.jsonl.errors.jsonl"
-    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
-            "--out_path", str(out), "--max_gen_len", "3", "--temperature", "0"]
+    args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--max_gen_len", "3",
+            "--temperature", "0"]
     assert run(args + ["--max_seq_len", "24"]).returncode == 0
     assert set(read_output(out)) == {(1, 0)}
     [error] = [json.loads(line) for line in errors.read_text().splitlines()]
@@ -330,8 +330,7 @@ def test_runtime_settings_may_change_on_resume_and_long_prompts_are_retried(tiny
 def test_overwrite_moves_the_old_output_aside(tiny_checkpoints, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     out = tmp_path / "o.jsonl"
-    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
-            "--out_path", str(out), "--max_gen_len", "3"]
+    args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--max_gen_len", "3"]
     assert run(args).returncode == 0
     old = out.read_bytes()
     result = run(args + ["--temperature", "0", "--overwrite"])
@@ -348,8 +347,7 @@ def test_an_input_field_named_like_an_output_field_is_one_error_naming_the_flag(
     records = [{"prompt": "2+2=", "completion": "4"}, {"prompt": "3+3=", "completion": "6"}]
     prompts = write_prompts(tmp_path / "p.jsonl", records)
     out = tmp_path / "o.jsonl"
-    args = ["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path", str(prompts),
-            "--out_path", str(out), "--max_gen_len", "3"]
+    args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--max_gen_len", "3"]
     assert_one_line_error(run(args), "line 1", "'completion'", "--completion_key")
     assert not out.exists() or out.read_text() == ""
     result = run(args + ["--completion_key", "generated"])
@@ -363,8 +361,7 @@ def test_a_run_in_which_every_line_is_bad_fails(tiny_checkpoints, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"text": "no prompt field"}\n{"prompt": ""}\n')
     out = tmp_path / "o.jsonl"
-    result = run(["--ckpt_dir", str(tiny_checkpoints[("llama2", 1)]), "--prompt_path",
-                  str(prompts), "--out_path", str(out)])
+    result = run(job_args(tiny_checkpoints[("llama2", 1)], prompts, out))
     assert_one_line_error(result, "every line of", "o.jsonl.errors.jsonl")
     assert len((tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()) == 2
 
@@ -375,8 +372,7 @@ def test_a_replica_with_nothing_to_do_does_not_hang_the_writer(tiny_checkpoints,
     ckpt = tiny_checkpoints[("llama3", 1)]
     out = tmp_path / "o.jsonl"
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
-    args = ["--ckpt_dir", str(ckpt), "--prompt_path", str(prompts), "--out_path", str(out),
-            "--max_gen_len", "3", "--model_parallel_size", "1"]
+    args = [*job_args(ckpt, prompts, out), "--max_gen_len", "3", "--model_parallel_size", "1"]
     result = run(args, nproc=2)
     assert result.returncode == 0, result.stderr
     assert set(read_output(out)) == {(1, 0)}
@@ -456,8 +452,8 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tiny_checkpoints, tm
     prompts = write_prompts(tmp_path / "p.jsonl", records)
     out = tmp_path / "o.jsonl"
     family = "llama2" if nproc is None else "llama3"
-    args = ["--ckpt_dir", str(tiny_checkpoints[(family, nproc or 1)]), "--prompt_path",
-            str(prompts), "--out_path", str(out), "--max_gen_len", "40", "--max_batch_size", "2"]
+    args = [*job_args(tiny_checkpoints[(family, nproc or 1)], prompts, out), "--max_gen_len",
+            "40", "--max_batch_size", "2"]
     proc = launch(args, nproc)
     deadline = time.monotonic() + 120
     while not (out.exists() and out.read_bytes().count(b"\n") >= 3) and time.monotonic() < deadline:
