@@ -131,7 +131,8 @@ def test_every_flag_survives_torchrun(tiny_checkpoints, tmp_path):
     ckpt = tiny_checkpoints[("llama3", 2)]
     prompts = write_prompts(tmp_path / "p.jsonl", [{"uid": "x", "text": "Hello"}])
     result = run([*job_args(ckpt, prompts, tmp_path / "o.jsonl"),
-                  "--logging_path", str(tmp_path / "o.log"), "--tokenizer_path", str(ckpt / "tokenizer.model"), "--max_seq_len", "32",
+                  "--logging_path", str(tmp_path / "o.log"),
+                  "--tokenizer_path", str(ckpt / "tokenizer.model"), "--max_seq_len", "32",
                   "--max_batch_size", "2", "--max_gen_len", "3", "--temperature", "0.7",
                   "--top_p", "0.8", "--seed", "3", "--dtype", "fp32", "--prompt_key", "text",
                   "--id_key", "uid", "--num_samples", "2", "--logprobs", "--echo", "--strict",
