@@ -8,6 +8,7 @@ communicating.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -53,70 +54,181 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return best_block * ARGMAX_BLOCK + within
 
 
-# The nucleus is looked for among this many most likely tokens (a partial top-k), then, for rows
-# whose nucleus may fit, among WIDE_NUCLEUS_CANDIDATES, before sorting the whole vocabulary: a
-# partial top-k costs a fraction of a full sort, more so the larger the vocabulary
-# (docs/benchmarks.md).
+def apply_penalties(logits: torch.Tensor, prompt_seen: torch.Tensor, output_counts: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor) -> torch.Tensor:
+    """New logits (B, V) with each row's penalties (B,) applied; the input is left as it is.
+
+    First the repetition penalty, as Hugging Face's RepetitionPenaltyLogitsProcessor and vLLM
+    define it: a token seen in the prompt (`prompt_seen`, bool) or generated (`output_counts`
+    > 0) has its logit divided by `repetition` where positive, multiplied where negative. Then,
+    as OpenAI and vLLM define them, over generated tokens only: minus `frequency` times the
+    count, minus `presence` once if the count is nonzero. Neutral values (1, 0, 0) return the
+    logits unchanged, bit for bit. No host reads."""
+    seen = prompt_seen | (output_counts > 0)
+    r = repetition.unsqueeze(-1)
+    penalised = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
+    penalised = penalised - frequency.unsqueeze(-1) * output_counts
+    return penalised - presence.unsqueeze(-1) * (output_counts > 0)
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens (B, k) under the model's own distribution (log_softmax of the
+    raw logits, temperature 1) and their float32 logprobs: most likely first, ties by lower id.
+    topk orders ties arbitrarily, so it ranks one int64 key per token: the logprob's bits
+    mapped to an integer of the same order, then the token id reversed."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    vocab = logprobs.shape[-1]
+    bits = logprobs.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # float order, as integers
+    reversed_ids = torch.arange(vocab - 1, -1, -1, device=logits.device)
+    best = ((ordered << 32) | reversed_ids).topk(k, dim=-1).values
+    ids = vocab - 1 - (best & _MASK32)
+    return logprobs.gather(-1, ids), ids
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which tokens a non-greedy row may draw, per row (B,), applied in this order after the
+    temperature: top-k (int64, 0 or >= V: no limit), then top-p on the top-k's renormalised
+    distribution (1: off), then min-p relative to the most likely token (0: off). None is off
+    for every row. In the canonical order (probability descending, ties by token id) each keeps
+    a prefix, so the kept set is a prefix too; tokens of probability 0 are never kept."""
+    top_p: torch.Tensor
+    top_k: torch.Tensor | None = None
+    min_p: torch.Tensor | None = None
+
+    def __getitem__(self, rows: torch.Tensor) -> Filters:
+        return Filters(self.top_p[rows], None if self.top_k is None else self.top_k[rows],
+                       None if self.min_p is None else self.min_p[rows])
+
+
+def _limits_top_k(top_k: torch.Tensor, vocab: int) -> torch.Tensor:
+    return (top_k > 0) & (top_k < vocab)
+
+
+def _dropped(probs: torch.Tensor, ahead: torch.Tensor, rank: torch.Tensor,
+             most_likely: torch.Tensor, top_k_mass: torch.Tensor | None, f: Filters,
+             vocab: int) -> torch.Tensor:
+    """Whether each row's filters drop the tokens of canonical rank `rank` with probabilities
+    `probs` and the mass `ahead` of them (all broadcast to (B, n)). Top-p drops a token once the
+    mass ahead of it reaches top_p of the top-k's mass (top_k_mass (B, 1); None or 1 where top-k
+    is off, so the threshold is top_p itself)."""
+    top_p = f.top_p.unsqueeze(-1)
+    dropped = (ahead >= (top_p if top_k_mass is None else top_p * top_k_mass)) & (top_p < 1)
+    dropped |= probs == 0
+    if f.top_k is not None:
+        dropped |= (rank >= f.top_k.unsqueeze(-1)) & _limits_top_k(f.top_k, vocab).unsqueeze(-1)
+    if f.min_p is not None:
+        dropped |= probs < f.min_p.unsqueeze(-1) * most_likely
+    return dropped
+
+
+def _filter_prefix(sorted_probs: torch.Tensor, f: Filters, vocab: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For probabilities (B, n) in the canonical order, all of the vocabulary or a prefix of
+    it: the tokens each row's filters drop, the mass ahead of each token (summed as a full
+    sort's cumsum sums it), and the top-k mass (valid where top_k <= n)."""
+    cumulative = sorted_probs.cumsum(dim=-1)
+    ahead = torch.cat((torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]), dim=-1)
+    top_k_mass = None
+    if f.top_k is not None:
+        last_kept = (f.top_k - 1).clamp(0, sorted_probs.shape[-1] - 1).unsqueeze(-1)
+        top_k_mass = torch.where(_limits_top_k(f.top_k, vocab).unsqueeze(-1),
+                                 cumulative.gather(-1, last_kept), 1.0)
+    rank = torch.arange(sorted_probs.shape[-1], device=sorted_probs.device)
+    dropped = _dropped(sorted_probs, ahead, rank, sorted_probs[:, :1], top_k_mass, f, vocab)
+    return dropped, ahead, top_k_mass
+
+
+def _pick(sorted_probs: torch.Tensor, order: torch.Tensor, dropped: torch.Tensor,
+          uniform: torch.Tensor) -> torch.Tensor:
+    """Invert the kept set's CDF at `uniform`, given probabilities in the canonical order (all
+    of the vocabulary, or a prefix holding the kept set) and the tokens dropped."""
+    kept = sorted_probs.masked_fill(dropped, 0.0).cumsum(dim=-1)
+    target = uniform.to(kept.dtype) * kept[:, -1]
+    pick = (kept <= target.unsqueeze(-1)).sum(dim=-1, keepdim=True)
+    pick = torch.minimum(pick, (~dropped).sum(dim=-1, keepdim=True) - 1)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+def _tempered(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
+
+
+def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                   top_k: torch.Tensor | None, min_p: torch.Tensor | None) -> torch.Tensor:
+    """The distribution (B, V) a non-greedy row draws from: softmax at the row's temperature,
+    the `Filters` applied, renormalised. A plain stable sort of the vocabulary: the reference
+    for `sample`'s faster paths (greedy rows' entries mean nothing)."""
+    probs = _tempered(logits, temperature)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    dropped, _, _ = _filter_prefix(sorted_probs, Filters(top_p, top_k, min_p), probs.shape[-1])
+    kept = sorted_probs.masked_fill(dropped, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, kept / kept.sum(dim=-1, keepdim=True))
+
+
+# The kept set is looked for among this many most likely tokens (a partial top-k), then, for
+# rows whose kept set may fit, among WIDE_NUCLEUS_CANDIDATES, before sorting the whole
+# vocabulary: a partial top-k costs a fraction of a full sort, more so the larger the
+# vocabulary (docs/benchmarks.md).
 NUCLEUS_CANDIDATES = 256
 WIDE_NUCLEUS_CANDIDATES = 4096
 
 
-def _pick_in_nucleus(sorted_probs: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor,
-                     uniform: torch.Tensor) -> torch.Tensor:
-    """Invert the nucleus's CDF at `uniform`, given probabilities in the canonical order
-    (descending, ties by token id): all of the vocabulary, or a prefix holding the nucleus."""
-    cumulative = sorted_probs.cumsum(dim=-1)
-    before = torch.cat((torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]), dim=-1)
-    # Outside the nucleus: the mass before it already reaches top_p (top_p 1 keeps the whole
-    # float32 tail), or it cannot be drawn at all.
-    outside = (before >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1)
-    outside |= sorted_probs == 0
-    kept = sorted_probs.masked_fill(outside, 0.0).cumsum(dim=-1)
-    target = uniform.to(kept.dtype) * kept[:, -1]
-    pick = (kept <= target.unsqueeze(-1)).sum(dim=-1, keepdim=True)
-    pick = torch.minimum(pick, (~outside).sum(dim=-1, keepdim=True) - 1)
-    return order.gather(-1, pick).squeeze(-1)
-
-
-def _sample_among_top(probs: torch.Tensor, k: int, top_p: torch.Tensor,
-                      uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens drawn from the nucleus found among each row's k most likely tokens, whether that
-    nucleus is whole there (else the row must look further), and those k probabilities."""
+def _canonical_top(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest probabilities and their ids, ties by token id (topk orders them
+    arbitrarily, and may hold any members of the last tie group)."""
     top_probs, top_ids = probs.topk(k, dim=-1)
-    if (top_probs[:, 1:] == top_probs[:, :-1]).any():  # topk orders ties arbitrarily
+    if (top_probs[:, 1:] == top_probs[:, :-1]).any():
         top_ids, by_id = top_ids.sort(dim=-1)
         top_probs, by_prob = top_probs.gather(-1, by_id).sort(dim=-1, descending=True,
                                                               stable=True)
         top_ids = top_ids.gather(-1, by_prob)
-    # topk may hold any members of the last tie group, so the nucleus must end before it: the
-    # mass before that group (summed as the full sort's cumsum sums it) reaches top_p.
-    mass_before_last_group = top_probs.masked_fill(top_probs == top_probs[:, -1:], 0.0).cumsum(
-        dim=-1)[:, -1]
-    whole = (mass_before_last_group >= top_p) & (top_p < 1)
-    return _pick_in_nucleus(top_probs, top_ids, top_p, uniform), whole, top_probs
+    return top_probs, top_ids
+
+
+def _sample_among_top(probs: torch.Tensor, k: int, f: Filters, uniform: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens drawn from the kept set found among each row's k most likely tokens, whether
+    that kept set is whole there (else the row must look further), and those k probabilities.
+    It is whole if the filters drop the first member of the candidates' last tie group (the
+    candidates before it are the canonical order's), and the top-k mass, where top-p needs it,
+    lies within the candidates."""
+    vocab = probs.shape[-1]
+    top_probs, top_ids = _canonical_top(probs, k)
+    dropped, ahead, top_k_mass = _filter_prefix(top_probs, f, vocab)
+    last_group = (top_probs > top_probs[:, -1:]).sum(dim=-1, keepdim=True)
+    whole = _dropped(top_probs[:, -1:], ahead.gather(-1, last_group), last_group,
+                     top_probs[:, :1], top_k_mass, f, vocab).squeeze(-1)
+    if f.top_k is not None:
+        whole &= (f.top_k <= k) | ~_limits_top_k(f.top_k, vocab) | (f.top_p >= 1)
+    return _pick(top_probs, top_ids, dropped, uniform), whole, top_probs
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           uniform: torch.Tensor) -> torch.Tensor:
+           uniform: torch.Tensor, top_k: torch.Tensor | None = None,
+           min_p: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens (B,) from float32 logits (B, V) with per-row settings (B,).
 
-    Temperature 0 is greedy. Otherwise top-p (nucleus) sampling: the smallest set of most likely
-    tokens whose mass reaches top_p, in the canonical order (probability descending, ties by
-    token id), sampled by inverting its CDF at `uniform`. The nucleus is looked for among the
-    NUCLEUS_CANDIDATES most likely tokens, then among WIDE_NUCLEUS_CANDIDATES (partial top-ks);
-    only rows whose nucleus is wider still, or that keep everything (top_p 1), sort the
-    vocabulary. Every path gives the tokens a stable full sort gives (on the CPU, where a
-    cumsum's prefix rounds as the whole row's does; on CUDA a row within a few ulps of top_p
-    may differ)."""
+    Temperature 0 is greedy (the filters do not apply). Otherwise the softmax at the row's
+    temperature, then the `Filters` (top_k, top_p, min_p), sampled by inverting the kept set's
+    CDF, in the canonical order (probability descending, ties by token id), at `uniform`.
+    Penalties (`apply_penalties`) come before, on the logits. The kept set is looked for among
+    the NUCLEUS_CANDIDATES most likely tokens, then among WIDE_NUCLEUS_CANDIDATES (partial
+    top-ks); only rows whose kept set is wider still, or may be, sort the vocabulary. Every
+    path gives the tokens a stable full sort gives (on the CPU, where a cumsum's prefix rounds
+    as the whole row's does; on CUDA a row within a few ulps of a top-p boundary may differ).
+    top_k and min_p None (off for every row) cost nothing."""
     greedy = argmax(logits)
-    probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
-    vocab = probs.shape[-1]
-    sampled, whole, top_probs = _sample_among_top(probs, min(NUCLEUS_CANDIDATES, vocab), top_p,
-                                                  uniform)
-    whole |= temperature == 0  # greedy rows need no nucleus
+    probs = _tempered(logits, temperature)
+    filters = Filters(top_p, top_k, min_p)
+    sampled, whole, top_probs = _sample_among_top(
+        probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]), filters, uniform)
+    whole |= temperature == 0  # greedy rows need no kept set
     if not whole.all():
         rows = (~whole).nonzero().squeeze(-1)
-        sampled[rows] = _sample_wide(probs[rows], top_probs[rows], top_p[rows], uniform[rows])
+        sampled[rows] = _sample_wide(probs[rows], top_probs[rows], filters[rows], uniform[rows])
     return torch.where(temperature == 0, greedy, sampled)
 
 
@@ -141,20 +253,25 @@ def nucleus_may_fit(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.T
     return (least <= k) & (mass_estimate >= 0.9 * top_p) & (top_p < 1)
 
 
-def _sample_wide(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.Tensor,
+def _sample_wide(probs: torch.Tensor, top_probs: torch.Tensor, f: Filters,
                  uniform: torch.Tensor) -> torch.Tensor:
-    """`sample` for rows whose nucleus is wider than their `top_probs`."""
-    may_fit = nucleus_may_fit(probs, top_probs, top_p, WIDE_NUCLEUS_CANDIDATES)
+    """`sample` for rows whose kept set is wider than their `top_probs`, or may be. The wide
+    candidates are tried where the nucleus may fit them or top-k keeps no more than them
+    (min-p alone does not steer the search)."""
+    k, vocab = WIDE_NUCLEUS_CANDIDATES, probs.shape[-1]
+    may_fit = nucleus_may_fit(probs, top_probs, f.top_p, k)
+    if f.top_k is not None and k < vocab:
+        may_fit |= _limits_top_k(f.top_k, vocab) & (f.top_k <= k)
     sampled = torch.empty(len(probs), dtype=torch.long, device=probs.device)
     if may_fit.any():
         rows = may_fit.nonzero().squeeze(-1)
-        sampled[rows], whole, _ = _sample_among_top(probs[rows], WIDE_NUCLEUS_CANDIDATES,
-                                                    top_p[rows], uniform[rows])
+        sampled[rows], whole, _ = _sample_among_top(probs[rows], k, f[rows], uniform[rows])
         may_fit[rows[~whole]] = False
     if not may_fit.all():
         rows = (~may_fit).nonzero().squeeze(-1)
         sorted_probs, order = probs[rows].sort(dim=-1, descending=True, stable=True)
-        sampled[rows] = _pick_in_nucleus(sorted_probs, order, top_p[rows], uniform[rows])
+        dropped, _, _ = _filter_prefix(sorted_probs, f[rows], vocab)
+        sampled[rows] = _pick(sorted_probs, order, dropped, uniform[rows])
     return sampled
 
 
