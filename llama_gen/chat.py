@@ -94,14 +94,12 @@ def chat_format_for(tokenizer: Tokenizer, norm_eps: float, requested: str | None
 
 
 def _checked_request(tokenizer: Tokenizer, requested: str) -> ChatFormat:
-    if requested == "llama3" and tokenizer.kind == "tiktoken":
-        return "llama3"
-    if requested == "llama2" and tokenizer.kind == "sentencepiece":
-        return "llama2"
     if requested not in CHAT_FORMATS:
         raise UserError(f"--chat_format must be llama2 or llama3, got {shown(requested)}")
-    family = "Llama 3's tiktoken" if tokenizer.kind == "tiktoken" else "Llama 1/2's SentencePiece"
-    fits = "llama3" if tokenizer.kind == "tiktoken" else "llama2"
+    fits: ChatFormat = "llama3" if tokenizer.kind == "tiktoken" else "llama2"
+    if requested == fits:
+        return fits
+    family = "Llama 3's tiktoken" if fits == "llama3" else "Llama 1/2's SentencePiece"
     raise UserError(
         f"--chat_format {requested} does not fit this checkpoint's tokenizer ({family}; "
         f"its special tokens differ); pass --chat_format {fits} or leave the flag out")
