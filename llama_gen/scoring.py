@@ -1,0 +1,268 @@
+"""Teacher-forced scoring (`llama-gen score`): the log-likelihood of texts under the model, on the
+prefill path alone, batched.
+
+The path of a request:
+- `Scorer.score` reads the requests in windows, sorts each window by length and cuts it into
+  groups of similar lengths (`score_groups`): each group is a right-padded rectangle of texts in
+  consecutive cache slots.
+- `plan_passes` lays the groups side by side into forward passes of at most PREFILL_TOKENS
+  tokens (padding included) and `max_batch_size` rows, so the layers' weights are read once for
+  all of them. A text too long for one pass is cut along its length into pieces that go through
+  its slot's KV cache pass after pass, as `engine.prompt_logprobs` does for one prompt.
+- A pass keeps the final hidden states of scored positions only and maps them to logits
+  LOGPROB_ROWS rows at a time, so memory stays bounded: never a length x vocabulary tensor.
+
+The schedule depends on the requests' lengths alone, so every model-parallel rank that is given
+the same requests runs the same passes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import engine
+from .model import Step, Transformer
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score tokens[first_scored:], each given every token before it."""
+
+    tokens: list[int]
+    first_scored: int  # >= 1: the first token has no context to be scored in
+    tag: Any = None  # the caller's handle, returned with the result
+
+    def __post_init__(self):
+        if self.first_scored < 1:
+            raise ValueError(f"first_scored is {self.first_scored}; it must be at least 1")
+
+    @property
+    def input_length(self) -> int:
+        """Tokens that go through the model: all but the last, whose successor is not scored."""
+        return len(self.tokens) - 1
+
+
+@dataclass
+class Scored:
+    request: ScoreRequest
+    logprobs: list[float]  # log p(tokens[t] | tokens[:t]) for t = first_scored..n-1
+
+    @property
+    def total(self) -> float:
+        """The log-likelihood of the scored tokens (their logprobs' sum)."""
+        return math.fsum(self.logprobs)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.logprobs)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n_tokens
+
+
+def score_problem(n_tokens: int, max_seq_len: int, first_scored: int = 1) -> str | None:
+    """Why a text of n_tokens cannot be scored from token `first_scored` on, or None."""
+    if n_tokens <= first_scored:
+        return "there is nothing to score: the text to score is empty"
+    if n_tokens > max_seq_len:
+        return (f"the text has {n_tokens} tokens; --max_seq_len {max_seq_len} allows at most "
+                f"{max_seq_len}: shorten the text or raise --max_seq_len")
+    return None
+
+
+def checked(request: ScoreRequest, max_seq_len: int) -> ScoreRequest:
+    """The request, or ValueError if it cannot be scored (callers check `score_problem` first)."""
+    problem = score_problem(len(request.tokens), max_seq_len, request.first_scored)
+    if problem is not None:
+        raise ValueError(problem)
+    return request
+
+
+@dataclass
+class Group:
+    """Texts scored side by side, right-padded to the longest's input, in consecutive slots."""
+
+    requests: list[ScoreRequest]
+    logprobs: list[list[float]] = field(init=False)  # per request, so far
+
+    def __post_init__(self):
+        self.logprobs = [[] for _ in self.requests]
+
+    @property
+    def length(self) -> int:
+        return max(r.input_length for r in self.requests)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Positions start..stop-1 of a group's rows, in cache slots slot, slot + 1, ... in one pass.
+    A group's pieces run in consecutive passes, in order; the last finishes the group."""
+
+    group: Group
+    slot: int
+    start: int
+    stop: int
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.group.requests) * (self.stop - self.start)
+
+    @property
+    def last(self) -> bool:
+        return self.stop == self.group.length
+
+
+def score_groups(requests: list[ScoreRequest], max_rows: int,
+                 max_tokens: int) -> list[Group]:
+    """Groups of similar lengths (shortest first): at most `max_rows` texts each, their padded
+    tokens within engine.PREFILL_PADDING x their real ones and within `max_tokens`, unless a
+    text alone exceeds it."""
+    groups: list[list[ScoreRequest]] = []
+    for request in sorted(requests, key=lambda r: r.input_length):
+        n = request.input_length  # the longest so far: the group pads to it
+        members = groups[-1] if groups else []
+        real = sum(r.input_length for r in members) + n
+        padded = n * (len(members) + 1)
+        if (members and len(members) < max_rows and padded <= engine.PREFILL_PADDING * real
+                and padded <= max_tokens):
+            members.append(request)
+        else:
+            groups.append([request])
+    return [Group(members) for members in groups]
+
+
+def plan_passes(groups: list[Group], max_rows: int, max_tokens: int) -> list[list[Piece]]:
+    """Forward passes of whole groups side by side, each within `max_rows` slots and
+    `max_tokens` padded tokens; a group longer than `max_tokens` is cut along its length into
+    passes of its own (its pieces in slots from 0)."""
+    passes: list[list[Piece]] = []
+    current: list[Piece] = []
+    rows = tokens = 0
+    for group in groups:
+        n, length = len(group.requests), group.length
+        if n * length > max_tokens:
+            assert n == 1, "a group of several texts fits one pass"  # score_groups' invariant
+            passes += [[Piece(group, 0, start, min(start + max_tokens, length))]
+                       for start in range(0, length, max_tokens)]
+            continue
+        if current and (rows + n > max_rows or tokens + n * length > max_tokens):
+            passes.append(current)
+            current, rows, tokens = [], 0, 0
+        current.append(Piece(group, rows, 0, length))
+        rows, tokens = rows + n, tokens + n * length
+    return passes + [current] if current else passes
+
+
+@dataclass
+class ScorerStats:
+    """Counters for benchmarks and tests (not timings of record)."""
+
+    passes: int = 0
+    tokens: int = 0  # real input tokens through the model
+    padded_tokens: int = 0  # tokens computed, padding included
+
+    @property
+    def padding_share(self) -> float:
+        return 1 - self.tokens / max(self.padded_tokens, 1)
+
+
+# Requests are read, sorted and grouped this many batches at a time, as the engine admits them.
+SCORE_WINDOW_BATCHES = engine.ADMISSION_WINDOW_BATCHES
+
+
+class Scorer:
+    """Teacher-forced log-likelihoods over a KV cache of `max_batch_size` slots (see the
+    module's docstring)."""
+
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int):
+        self.model = model
+        self.device = model.output.weight.device
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.stats = ScorerStats()
+        model.setup_cache(max_batch_size, max_seq_len)
+
+    def score(self, requests: Iterable[ScoreRequest],
+              should_stop: Callable[[], bool] | None = None) -> Iterator[Scored]:
+        """Each request's result once, in the order they finish. `should_stop` is asked before
+        every forward pass; when it says yes, unfinished requests are dropped. A request that
+        cannot be scored (`score_problem`) raises ValueError when its window is read."""
+        return self._run(iter(requests), should_stop or (lambda: False))
+
+    @torch.inference_mode()  # entered at each resumption of the generator
+    def _run(self, pending: Iterator[ScoreRequest],
+             should_stop: Callable[[], bool]) -> Iterator[Scored]:
+        window = SCORE_WINDOW_BATCHES * self.max_batch_size
+        while batch := [checked(r, self.max_seq_len) for r in itertools.islice(pending, window)]:
+            max_tokens = engine.PREFILL_TOKENS
+            groups = score_groups(batch, self.max_batch_size, max_tokens)
+            for pieces in plan_passes(groups, self.max_batch_size, max_tokens):
+                if should_stop():
+                    return
+                self._pass(pieces)
+                for piece in pieces:
+                    if piece.last:
+                        group = piece.group
+                        yield from map(Scored, group.requests, group.logprobs)
+
+    def _pass(self, pieces: list[Piece]) -> None:
+        """One forward pass over the pieces; each row's new logprobs join its group's."""
+        steps, inputs, outputs, targets, counts = [], [], [], [], []
+        offset = 0
+        for piece in pieces:
+            step, tokens = self._piece_step(piece)
+            steps.append(step)
+            inputs.append(tokens)
+            for row, request in enumerate(piece.group.requests):
+                scored = range(max(piece.start, request.first_scored - 1),
+                               min(piece.stop, request.input_length))
+                base = offset + row * (piece.stop - piece.start) - piece.start
+                outputs += [base + p for p in scored]
+                targets += request.tokens[scored.start + 1:scored.stop + 1]
+                counts.append(len(scored))
+            offset += piece.n_tokens
+            self.stats.tokens += sum(max(0, min(piece.stop, r.input_length) - piece.start)
+                                     for r in piece.group.requests)
+        self.stats.passes += 1
+        self.stats.padded_tokens += offset
+        step = dataclasses.replace(Step.join(steps),
+                                   outputs=torch.tensor(outputs, device=self.device,
+                                                        dtype=torch.long))
+        hidden = self.model.final_hidden(torch.cat(inputs), step)  # (n_scored, dim)
+        values = iter(self._logprobs(hidden, torch.tensor(targets, device=self.device)))
+        rows = (lp for piece in pieces for lp in piece.group.logprobs)
+        for logprobs, count in zip(rows, counts):
+            logprobs += itertools.islice(values, count)
+
+    def _piece_step(self, piece: Piece) -> tuple[Step, torch.Tensor]:
+        """The piece's step (every token an output, for the caller to narrow) and its tokens,
+        each row's input right-padded."""
+        start, stop = piece.start, piece.stop
+        rows = [r.tokens[start:min(stop, r.input_length)] for r in piece.group.requests]
+        tokens = torch.tensor([row + [0] * (stop - start - len(row)) for row in rows],
+                              device=self.device)
+        positions = torch.arange(start, stop, device=self.device).expand(len(rows), -1)
+        step = self.model.make_step(positions, slice(piece.slot, piece.slot + len(rows)), stop,
+                                    fresh=start == 0, every_token=True)
+        return step, tokens.view(-1)
+
+    def _logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        """log p(targets[i]) under the logits of hidden[i], LOGPROB_ROWS rows at a time: one
+        copy to the host for the whole pass."""
+        rows = engine.LOGPROB_ROWS
+        parts = [target_logprobs(self.model.logits(hidden[a:a + rows]), targets[a:a + rows])
+                 for a in range(0, len(hidden), rows)]
+        return torch.cat(parts).tolist() if parts else []
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[i, targets[i]] for (n, vocab) float32 logits, without writing the
+    whole log-softmax: each row's target logit less its logsumexp."""
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
