@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from .engine import Completion, Request, Sequence, SlotEngine, checked
-from .sampling import token_logprobs
 
 
 class StaticEngine(SlotEngine):
@@ -74,13 +73,14 @@ class StaticEngine(SlotEngine):
         no random number), else one drawn from its logits, which its sequence takes."""
         prompts = [s.request.prompt_tokens for s in batch]
         forced = [pos < len(p) for p in prompts]
-        drawn = self._draw(batch, logits).tolist()
-        self._counter[:len(batch)] -= torch.tensor(forced, device=self.device, dtype=torch.long)
-        chosen = [p[pos] if f else t for p, f, t in zip(prompts, forced, drawn)]
+        drawn = self._draw(batch, logits)
+        forced_t = torch.tensor(forced, device=self.device)
+        self._counter[:len(batch)] -= forced_t.long()
+        self._count(drawn, ~forced_t)
+        chosen = [p[pos] if f else t for p, f, t in zip(prompts, forced, drawn.tolist())]
         chosen_t = torch.tensor(chosen, device=self.device)
-        logprobs = (token_logprobs(logits, chosen_t).tolist()
-                    if any(s.request.params.logprobs for s in batch) else [None] * len(batch))
-        for seq, f, token, logprob in zip(batch, forced, chosen, logprobs):
+        logprobs, tops = self._detail(batch, logits, chosen_t)
+        for seq, f, token, logprob, top in zip(batch, forced, chosen, logprobs, tops):
             if not (f or seq.finish_reason):
-                seq.append(token, logprob, self.stop_ids)
+                seq.append(token, logprob, self.stop_ids, top)
         return chosen_t

@@ -72,15 +72,16 @@ def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dt
     return model
 
 
-def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, dist: Dist):
-    """The engine --scheduler names, over this rank's model."""
+def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, dist: Dist,
+                stop_ids: frozenset[int]):
+    """The engine --scheduler names, over this rank's model, stopping at `stop_ids`."""
     if settings.scheduler == "static":
         from .baseline import StaticEngine
-        return StaticEngine(model, tokenizer.stop_ids, settings.max_batch_size,
-                            settings.max_seq_len)
+        return StaticEngine(model, stop_ids, settings.max_batch_size, settings.max_seq_len,
+                            tokenizer)
     if settings.compile and dist.rank == 0:
         log.info("--compile: the first decode steps compile the model (a minute or more for "
                  "large models)%s", "" if dist.device.type == "cuda" else
                  "; on the CPU the compiled step is not faster than the eager one")
-    return Engine(model, tokenizer.stop_ids, settings.max_batch_size, settings.max_seq_len,
-                  compile=settings.compile)
+    return Engine(model, stop_ids, settings.max_batch_size, settings.max_seq_len,
+                  tokenizer=tokenizer, compile=settings.compile)

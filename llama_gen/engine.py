@@ -35,7 +35,10 @@ import torch
 
 from .errors import UserError
 from .model import Step, Transformer
-from .sampling import argmax, counter_uniform, sample, token_logprobs
+from .sampling import (apply_penalties, argmax, counter_uniform, sample, token_logprobs,
+                       top_logprobs)
+from .stopping import StopWatch
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +50,30 @@ class SamplingParams:
 
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # over prompt and generated tokens; 1: off
+    presence_penalty: float = 0.0  # over generated tokens; 0: off
+    frequency_penalty: float = 0.0
     max_gen_len: int | None = None  # None: until a stop token or the end of the context
+    min_tokens: int = 0  # stop tokens and stop strings count only after this many tokens
+    ignore_eos: bool = False  # stop tokens are generated like any other
+    stop: tuple[str, ...] = ()  # stop strings, matched on the decoded text (needs a tokenizer)
+    skip_special_tokens: bool = True  # stop strings are looked for in text without them
     seed: int = 0
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives returned per generated token
     echo: bool = False  # return the prompt's tokens (and logprobs) before the completion's
 
     @property
     def prompt_logprobs(self) -> bool:
         """Whether the prompt's own logprobs are returned."""
         return self.echo and self.logprobs
+
+    @property
+    def penalised(self) -> bool:
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0)
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,9 @@ class Completion:
     logprobs: list[float | None] | None  # per token; None for a prompt's first token
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
+    stop_reason: str | int | None = None  # the stop string, or the stop token, that ended it
+    # Per generated token, its most likely alternatives: (token, logprob), most likely first.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -103,37 +124,77 @@ class Sequence:
     budget: int  # how many tokens it may generate in all
     generated: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | int | None = None
+    tokenizer: Tokenizer | None = None  # decodes for stop strings
+    watch: StopWatch | None = None  # the stop strings, once min_tokens are generated
 
     @classmethod
-    def start(cls, request: Request, max_seq_len: int) -> Sequence:
+    def start(cls, request: Request, max_seq_len: int,
+              tokenizer: Tokenizer | None = None) -> Sequence:
+        if request.params.stop and tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer")
         budget = max_seq_len - len(request.prompt_tokens)
         max_gen_len = request.params.max_gen_len
-        return cls(request, budget if max_gen_len is None else min(budget, max_gen_len))
+        seq = cls(request, budget if max_gen_len is None else min(budget, max_gen_len),
+                  tokenizer=tokenizer)
+        seq._watch_from_here()
+        return seq
 
     @property
     def position(self) -> int:
         """Where the last sampled token goes in the cache."""
         return len(self.request.prompt_tokens) + len(self.generated) - 1
 
-    def append(self, token: int, logprob: float | None, stop_ids: frozenset[int]) -> None:
-        """Take the sampled token, or finish: at a stop token (dropped) or out of budget."""
+    @property
+    def may_stop(self) -> bool:
+        """Whether a stop token would end it now (not before min_tokens, nor with ignore_eos)."""
+        p = self.request.params
+        return not p.ignore_eos and len(self.generated) >= p.min_tokens
+
+    def append(self, token: int, logprob: float | None, stop_ids: frozenset[int],
+               top: list[tuple[int, float]] | None = None) -> None:
+        """Take the sampled token, or finish: at a stop token (dropped), at a stop string (the
+        token that completes it is kept; the text is cut by `stopping.cut_at_stop`), or out of
+        budget."""
         if len(self.generated) >= self.budget:  # max_gen_len 0: the prompt alone
             self.finish_reason = "length"
-        elif token in stop_ids:
-            self.finish_reason = "stop"
-        else:
-            self.generated.append(token)
-            if self.request.params.logprobs:
-                self.logprobs.append(logprob)
-            if len(self.generated) >= self.budget:
-                self.finish_reason = "length"
+            return
+        if token in stop_ids and self.may_stop:
+            self.finish_reason, self.stop_reason = "stop", token
+            return
+        self.generated.append(token)
+        if self.request.params.logprobs:
+            self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
+        if self.watch is not None and self._shown(token) and (
+                matched := self.watch.add(token)) is not None:
+            self.finish_reason, self.stop_reason = "stop", matched
+        elif len(self.generated) >= self.budget:
+            self.finish_reason = "length"
+        self._watch_from_here()
+
+    def _shown(self, token: int) -> bool:
+        """Whether the token is in the text stop strings are looked for in."""
+        return not (self.request.params.skip_special_tokens
+                    and token in self.tokenizer.special_ids)
+
+    def _watch_from_here(self) -> None:
+        """Stop strings are looked for in the text after the first min_tokens tokens."""
+        p = self.request.params
+        if p.stop and len(self.generated) == p.min_tokens and self.watch is None:
+            context = self.request.prompt_tokens + [t for t in self.generated if self._shown(t)]
+            self.watch = StopWatch(self.tokenizer, context, p.stop)
 
     def completion(self) -> Completion:
         req = self.request
         tokens = (req.prompt_tokens + self.generated) if req.params.echo else self.generated
         return Completion(req, list(tokens), self.logprobs if req.params.logprobs else None,
-                          self.finish_reason or "length", len(req.prompt_tokens))
+                          self.finish_reason or "length", len(req.prompt_tokens),
+                          self.stop_reason,
+                          self.top_logprobs if req.params.top_logprobs else None)
 
 
 @dataclass
@@ -150,6 +211,32 @@ class EngineStats:
     @property
     def wasted_share(self) -> float:
         return self.wasted_slot_steps / max(self.slot_steps, 1)
+
+
+@dataclass
+class TokenCounts:
+    """Per slot, which tokens its prompt holds and how often each was generated: what the
+    repetition, presence and frequency penalties read. Rows of slots whose requests have no
+    penalties are not kept up to date (their penalties are neutral)."""
+
+    in_prompt: torch.Tensor  # (slots, vocab) bool
+    generated: torch.Tensor  # (slots, vocab) int32
+
+    @classmethod
+    def empty(cls, slots: int, vocab: int, device: torch.device) -> TokenCounts:
+        return cls(torch.zeros(slots, vocab, dtype=torch.bool, device=device),
+                   torch.zeros(slots, vocab, dtype=torch.int32, device=device))
+
+    def restart(self, slot: int, prompt: list[int]) -> None:
+        self.in_prompt[slot] = False
+        self.in_prompt[slot, torch.tensor(prompt, device=self.in_prompt.device)] = True
+        self.generated[slot] = 0
+
+    def add(self, tokens: torch.Tensor, taken: torch.Tensor | None = None) -> None:
+        """Count slot i's new token tokens[i], for slots 0..n-1 (where `taken`)."""
+        rows = torch.arange(len(tokens), device=tokens.device)
+        ones = self.generated.new_ones(()) if taken is None else taken.to(self.generated.dtype)
+        self.generated.index_put_((rows, tokens), ones, accumulate=True)
 
 
 # A teacher-forced pass turns hidden states into logits this many rows at a time, so it never
@@ -179,13 +266,15 @@ def prompt_logprobs(model: Transformer, tokens: list[int], slot: int) -> list[fl
 class SlotEngine:
     """What both schedulers share: the model over a KV cache of `max_batch_size` slots, each
     slot's decoding state (kept on the device so a decode step copies nothing in), starting a
-    sequence in a slot, drawing tokens and the counters."""
+    sequence in a slot, drawing tokens and the counters. `tokenizer` is needed only by requests
+    with stop strings."""
 
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
-                 max_seq_len: int):
+                 max_seq_len: int, tokenizer: Tokenizer | None = None):
         self.model = model
         self.device = model.output.weight.device
         self.stop_ids = frozenset(stop_ids)
+        self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.stats = EngineStats()
@@ -198,16 +287,33 @@ class SlotEngine:
         self._seed = zeros(torch.long)
         self._temperature = zeros(torch.float32)
         self._top_p = zeros(torch.float32)
-        self._slot_state = (self._next_token, self._position, self._counter, self._seed,
-                            self._temperature, self._top_p)
+        self._top_k = zeros(torch.long)
+        self._min_p = zeros(torch.float32)
+        self._repetition = zeros(torch.float32)
+        self._presence = zeros(torch.float32)
+        self._frequency = zeros(torch.float32)
+        self._stop_id_tensor = torch.tensor(sorted(self.stop_ids), device=self.device)
+        self._counts: TokenCounts | None = None  # made when a request first asks for penalties
+        self._slot_state = [self._next_token, self._position, self._counter, self._seed,
+                            self._temperature, self._top_p, self._top_k, self._min_p,
+                            self._repetition, self._presence, self._frequency]
 
     def _start(self, request: Request, slot: int) -> Sequence:
         """A sequence for the request in cache slot `slot`, with its prompt's logprobs if it
         wants them (the slot's cache is their scratch until the prompt is prefilled)."""
-        seq = Sequence.start(request, self.max_seq_len)
+        seq = Sequence.start(request, self.max_seq_len, self.tokenizer)
         p = request.params
         self._seed[slot], self._counter[slot] = p.seed, 0
         self._temperature[slot], self._top_p[slot] = p.temperature, p.top_p
+        self._top_k[slot], self._min_p[slot] = p.top_k, p.min_p
+        self._repetition[slot], self._presence[slot] = p.repetition_penalty, p.presence_penalty
+        self._frequency[slot] = p.frequency_penalty
+        if p.penalised:
+            if self._counts is None:
+                self._counts = TokenCounts.empty(self.max_batch_size, self.model.args.vocab_size,
+                                                 self.device)
+                self._slot_state += [self._counts.in_prompt, self._counts.generated]
+            self._counts.restart(slot, request.prompt_tokens)
         if p.prompt_logprobs:
             seq.logprobs = [None] + self._timed(prompt_logprobs, self.model,
                                                 request.prompt_tokens, slot)
@@ -215,15 +321,48 @@ class SlotEngine:
 
     def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Next tokens for slots 0..n-1 (one per seq), each from its own (seed, counter) stream;
-        their counters advance."""
+        their counters advance. In order: penalties, stop tokens held back until min_tokens,
+        then greedy, or temperature and top-k / top-p / min-p (`sampling.sample`)."""
         rows = slice(0, len(seqs))
-        if all(s.request.params.temperature == 0 for s in seqs):
+        params = [s.request.params for s in seqs]
+        if self._counts is not None and any(p.penalised for p in params):
+            logits = apply_penalties(logits, self._counts.in_prompt[rows],
+                                     self._counts.generated[rows], self._repetition[rows],
+                                     self._presence[rows], self._frequency[rows])
+        if held := [i for i, s in enumerate(seqs) if not s.may_stop and not
+                    s.request.params.ignore_eos]:
+            logits = logits.index_put((torch.tensor(held, device=self.device)[:, None],
+                                       self._stop_id_tensor), torch.tensor(float("-inf")))
+        if all(p.temperature == 0 for p in params):
             tokens = argmax(logits)
         else:
             uniform = counter_uniform(self._seed[rows], self._counter[rows])
-            tokens = sample(logits, self._temperature[rows], self._top_p[rows], uniform)
+            tokens = sample(logits, self._temperature[rows], self._top_p[rows], uniform,
+                            self._top_k[rows] if any(p.top_k for p in params) else None,
+                            self._min_p[rows] if any(p.min_p for p in params) else None)
         self._counter[rows] += 1
         return tokens
+
+    def _count(self, tokens: torch.Tensor, taken: torch.Tensor | None = None) -> None:
+        """Count the tokens slots 0..n-1 took (where `taken`), for the penalties."""
+        if self._counts is not None:
+            self._counts.add(tokens, taken)
+
+    def _detail(self, seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor
+                ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        """Each drawn token's logprob, and its top alternatives, where its sequence wants them
+        (under the model's own distribution: before penalties, temperature and filters)."""
+        n = len(seqs)
+        logprobs: list[float | None] = [None] * n
+        tops: list[list[tuple[int, float]] | None] = [None] * n
+        if any(s.request.params.logprobs for s in seqs):
+            logprobs = token_logprobs(logits, tokens).tolist()
+        if k := max(s.request.params.top_logprobs for s in seqs):
+            values, ids = top_logprobs(logits, k)
+            for i, (row_ids, row_values) in enumerate(zip(ids.tolist(), values.tolist())):
+                if want := seqs[i].request.params.top_logprobs:
+                    tops[i] = list(zip(row_ids[:want], row_values[:want]))
+        return logprobs, tops
 
     def _timed(self, compute: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
@@ -239,8 +378,9 @@ class Engine(SlotEngine):
     `compile_decode`."""
 
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
-                 max_seq_len: int, *, compile: bool = False):
-        super().__init__(model, stop_ids, max_batch_size, max_seq_len)
+                 max_seq_len: int, *, tokenizer: Tokenizer | None = None,
+                 compile: bool = False):
+        super().__init__(model, stop_ids, max_batch_size, max_seq_len, tokenizer)
         self._compiled_decode = compile_decode(model) if compile else None
 
     def generate(self, requests: Iterable[Request],
@@ -270,11 +410,11 @@ class Engine(SlotEngine):
                 return
             # One forward pass: decode the active sequences, prefill the groups taken.
             groups = self._start_groups(take_prefill_groups(queued, PREFILL_TOKENS), len(active))
-            tokens, logprobs = self._step(active, groups)
+            tokens, logprobs, tops = self._step(active, groups)
             active += itertools.chain.from_iterable(groups)
             # Each sequence takes its token; the finished leave.
-            for seq, token, logprob in zip(active, tokens, logprobs):
-                seq.append(token, logprob, self.stop_ids)
+            for seq, token, logprob, top in zip(active, tokens, logprobs, tops):
+                seq.append(token, logprob, self.stop_ids, top)
             yield from self._retire(active)
 
     def _admit(self, pending: Iterator[Request], free: int) -> list[Request]:
@@ -285,11 +425,11 @@ class Engine(SlotEngine):
         slots = itertools.count(slot)
         return [[self._start(request, next(slots)) for request in group] for group in groups]
 
-    def _step(self, active: list[Sequence],
-              groups: list[list[Sequence]]) -> tuple[list[int], list[float | None]]:
+    def _step(self, active: list[Sequence], groups: list[list[Sequence]]
+              ) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
         """One forward pass that decodes the active sequences (slots 0..n-1) and prefills the
         groups' prompts into the next slots, then a token for each sequence, old and new in that
-        order, and its logprob (None where no sequence wants one)."""
+        order, with its logprob and top alternatives (None where not wanted)."""
         slot = len(active)
         prefills = []
         for group in groups:
@@ -339,14 +479,13 @@ class Engine(SlotEngine):
             self._position[:n] += 1
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _sample(self, seqs: list[Sequence],
-                logits: torch.Tensor) -> tuple[list[int], list[float | None]]:
-        """Tokens for slots 0..n-1 from their logits rows, and their logprobs if any wants."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor
+                ) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
+        """Tokens for slots 0..n-1 from their logits rows, with the detail they want."""
         tokens = self._draw(seqs, logits)
+        self._count(tokens)
         self._next_token[:len(seqs)] = tokens
-        if any(s.request.params.logprobs for s in seqs):
-            return tokens.tolist(), token_logprobs(logits, tokens).tolist()
-        return tokens.tolist(), [None] * len(seqs)
+        return tokens.tolist(), *self._detail(seqs, logits, tokens)
 
     def _decode_compiled(self, n: int, kv_len: int) -> torch.Tensor:
         """Logits (n, vocab) of the compiled decode step for slots 0..n-1. It always spans every

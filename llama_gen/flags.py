@@ -79,8 +79,9 @@ def help_text(cls: type, usage: str, summary: str, commands: dict[str, str] = {}
     lines = [f"usage: {usage}", "", summary, "", "flags:"]
     for f in dataclasses.fields(cls):
         rule = rules(cls)[f.name]
-        kind = "|".join(rule.choices) if rule.choices else rule.base.__name__.lower()
-        value = "" if rule.base is bool else f" {kind.upper() if not rule.choices else kind}"
+        kind = ("|".join(rule.choices) if rule.choices else "TEXT|'[\"TEXT\", ...]'"
+                if rule.is_texts else rule.base.__name__.upper())
+        value = "" if rule.base is bool else f" {kind}"
         default = ("required" if f.default is dataclasses.MISSING else
                    "" if f.default is None or f.default is False else f"default {f.default}")
         text = f.metadata["help"] + (f" ({default})" if default else "")

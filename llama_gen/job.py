@@ -22,6 +22,8 @@ from typing import Any
 
 from . import distributed
 from .distributed import Dist
+from .chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, prompt_tokens,
+                   with_system)
 from .engine import Completion, Request, SamplingParams, prompt_problem
 from .errors import UserError
 from .output import OutputLock, Writer
@@ -29,6 +31,7 @@ from .records import BadLine, Record, read_records
 from .replicas import Finished, Mailbox, Message
 from .resume import prepare_output, run_fingerprint
 from .sampling import derive_seed
+from .stopping import cut_at_stop
 from .settings import OUTPUT_FIELDS, Settings
 from .tokenizer import Tokenizer
 
@@ -47,7 +50,9 @@ def run_job(settings: Settings) -> None:
     distributed.stop_if_launcher_dies()
     settings.check_paths()
     tokenizer = load_tokenizer(find_tokenizer(settings.ckpt_dir, settings.tokenizer_path))
-    read_model_args(settings.ckpt_dir, tokenizer)  # a bad params.json before any process group
+    # A bad params.json, or chat flags the checkpoint cannot take, before any process group.
+    args = read_model_args(settings.ckpt_dir, tokenizer)
+    prompting = Prompting.for_run(settings, tokenizer, args.norm_eps)
     dist = distributed.init_distributed(model_parallel_size(settings), settings.device)
     stop = StopRequested()
     lock = OutputLock(settings.lock_path, settings.out_path)
@@ -56,10 +61,10 @@ def run_job(settings: Settings) -> None:
         dtype = resolve_dtype(settings.dtype, dist.device)
         plan = prepare(settings, tokenizer, str(dtype), dist, lock)
         results = Results(settings, dist, plan.total, tokenizer)
-        feed = Feed(settings, plan.done, tokenizer, dist, results, stop)
+        feed = Feed(settings, plan.done, prompting, dist, results, stop)
         if plan.total:
             model = load_model(settings.ckpt_dir, tokenizer, dist, dtype)
-            engine = make_engine(settings, model, tokenizer, dist)
+            engine = make_engine(settings, model, tokenizer, dist, prompting.stop_ids)
             for completion in engine.generate(feed.requests(), feed.should_stop):
                 results.finished(completion)
         else:  # no sample to write: the feed only records bad lines, so no model is loaded
@@ -162,7 +167,44 @@ class Tag:
     sample: int
 
 
-def pending_work(settings: Settings, done: set[tuple[Any, int]], tokenizer: Tokenizer,
+@dataclass(frozen=True)
+class Prompting:
+    """How a record becomes prompt tokens: its text after bos, or its dialog (`messages`, or
+    its prompt as one user message with --chat) in the checkpoint's chat format."""
+
+    tokenizer: Tokenizer
+    chat_format: ChatFormat | None
+    no_chat_format: str | None = None  # why there is none (a Llama 1 checkpoint)
+
+    @classmethod
+    def for_run(cls, settings: Settings, tokenizer: Tokenizer, norm_eps: float) -> Prompting:
+        """The run's chat format; a checkpoint without one is an error at once where the
+        flags ask for chat, else for each record that brings a dialog."""
+        try:
+            return cls(tokenizer, chat_format_for(tokenizer, norm_eps, settings.chat_format))
+        except UserError as e:
+            if settings.chat or settings.chat_format:
+                raise
+            return cls(tokenizer, None, str(e))
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Where generation stops: the tokenizer's stop tokens and the chat format's ends of
+        turn."""
+        turn_ends = end_of_turn_ids(self.chat_format, self.tokenizer) if self.chat_format else ()
+        return self.tokenizer.stop_ids | frozenset(turn_ends)
+
+    def tokens(self, record: Record, own: Settings) -> list[int]:
+        """The record's prompt tokens; DialogError for a dialog the format cannot take."""
+        if record.messages is None and not own.chat:
+            return self.tokenizer.encode(record.prompt, bos=True)
+        if self.chat_format is None:
+            raise DialogError(self.no_chat_format)
+        messages = record.messages or [{"role": "user", "content": record.prompt}]
+        return prompt_tokens(with_system(messages, own.system), self.chat_format, self.tokenizer)
+
+
+def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prompting,
                  replica: int, replicas: int) -> Iterator[Work | BadLine]:
     """This replica's share of the records with samples still to write, tokenized, and the bad
     lines it should report: invalid lines are reported by replica 0 (every replica reads them),
@@ -180,10 +222,14 @@ def pending_work(settings: Settings, done: set[tuple[Any, int]], tokenizer: Toke
         owned += 1
         if (owned - 1) % replicas != replica:
             continue
-        tokens = tokenizer.encode(item.prompt, bos=True)
+        shown = json.dumps(item.fields, ensure_ascii=False)[:1000]
+        try:
+            tokens = prompting.tokens(item, settings.with_overrides(item.overrides))
+        except DialogError as e:
+            yield BadLine(item.line, str(e), shown)
+            continue
         if problem := prompt_problem(len(tokens), settings.max_seq_len):
-            yield BadLine(item.line, problem, json.dumps(item.fields, ensure_ascii=False)[:1000],
-                          max_seq_len=settings.max_seq_len)
+            yield BadLine(item.line, problem, shown, max_seq_len=settings.max_seq_len)
             continue
         yield Work(item, tokens, samples)
 
@@ -192,10 +238,14 @@ def requests_for(work: Work, settings: Settings) -> Iterator[Request]:
     """A request per pending sample, with the record's settings and its own seed."""
     own = settings.with_overrides(work.record.overrides)
     for sample in work.samples:
-        params = SamplingParams(temperature=own.temperature, top_p=own.top_p,
-                                max_gen_len=own.max_gen_len,
-                                seed=derive_seed(own.seed, work.record.id, sample),
-                                logprobs=own.logprobs, echo=own.echo)
+        params = SamplingParams(
+            temperature=own.temperature, top_p=own.top_p, top_k=own.top_k, min_p=own.min_p,
+            repetition_penalty=own.repetition_penalty, presence_penalty=own.presence_penalty,
+            frequency_penalty=own.frequency_penalty, max_gen_len=own.max_gen_len,
+            min_tokens=own.min_tokens, ignore_eos=own.ignore_eos, stop=own.stop,
+            skip_special_tokens=not own.keep_special_tokens,
+            seed=derive_seed(own.seed, work.record.id, sample), logprobs=own.logprobs,
+            top_logprobs=own.top_logprobs, echo=own.echo)
         yield Request(work.prompt_tokens, params, tag=Tag(work.record, sample))
 
 
@@ -203,9 +253,9 @@ class Feed:
     """A model-parallel group's requests: its leader reads its replica's share of the work and
     broadcasts each request to the group; bad lines go to `results`."""
 
-    def __init__(self, settings: Settings, done: frozenset, tokenizer: Tokenizer, dist: Dist,
+    def __init__(self, settings: Settings, done: frozenset, prompting: Prompting, dist: Dist,
                  results: Results, stop: StopRequested):
-        self.settings, self.done, self.tokenizer, self.dist = settings, done, tokenizer, dist
+        self.settings, self.done, self.prompting, self.dist = settings, done, prompting, dist
         self.results, self.stop = results, stop
         self.ending: Ending | None = None
         self._decode_steps = 0
@@ -220,7 +270,7 @@ class Feed:
             yield request
 
     def _leader_requests(self) -> Iterator[Request]:
-        for item in pending_work(self.settings, self.done, self.tokenizer,
+        for item in pending_work(self.settings, self.done, self.prompting,
                                  self.dist.data_parallel_rank, self.dist.data_parallel_size):
             if isinstance(item, BadLine):
                 self.results.deliver(item)
@@ -247,17 +297,47 @@ class Feed:
 
 def output_line(completion: Completion, tokenizer: Tokenizer,
                 settings: Settings) -> dict[str, Any]:
+    """A completion's output line: its record's fields, then llama-gen's."""
     tag, request = completion.request.tag, completion.request
-    new_ids = completion.tokens[len(request.prompt_tokens):] if request.params.echo \
-        else completion.tokens
-    text = tokenizer.decode_continuation(request.prompt_tokens, new_ids)
+    p = request.params
+    new_ids = completion.tokens[len(request.prompt_tokens):] if p.echo else completion.tokens
+    text = completion_text(tokenizer, request.prompt_tokens, new_ids, p, completion.stop_reason)
+    if p.echo:
+        chat = tag.record.messages is not None or settings.chat
+        text = (tokenizer.decode(shown_ids(tokenizer, request.prompt_tokens, p)) if chat
+                else tag.record.prompt) + text
     line = {**tag.record.fields, "id": tag.record.id, "sample": tag.sample,
-            settings.completion_key: tag.record.prompt + text if request.params.echo else text,
-            "finish_reason": completion.finish_reason, "prompt_tokens": completion.prompt_tokens,
+            settings.completion_key: text, "finish_reason": completion.finish_reason,
+            "stop_reason": completion.stop_reason, "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens}
     if completion.logprobs is not None:
         line["logprobs"] = completion.logprobs
+        line["token_ids"] = completion.tokens
+    if completion.top_logprobs is not None:
+        line["top_logprobs"] = [[{"token_id": i, "token": tokenizer.token_text(i), "logprob": lp}
+                                 for i, lp in alternatives]
+                                for alternatives in completion.top_logprobs]
     return line
+
+
+def shown_ids(tokenizer: Tokenizer, ids: list[int], params: SamplingParams) -> list[int]:
+    """The ids whose text a completion shows: special tokens only if asked to keep them."""
+    if not params.skip_special_tokens:
+        return ids
+    return [t for t in ids if t not in tokenizer.special_ids]
+
+
+def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int],
+                    params: SamplingParams, stop_reason: str | int | None) -> str:
+    """The generated text, cut before the stop string that ended it. Stop strings count only
+    after the first min_tokens tokens, as the engine looked for them."""
+    shown = shown_ids(tokenizer, new_ids, params)
+    text = tokenizer.decode_continuation(prompt_ids, shown)
+    if isinstance(stop_reason, str):
+        n_head = len(shown_ids(tokenizer, new_ids[:params.min_tokens], params))
+        head = len(tokenizer.decode_continuation(prompt_ids, shown[:n_head])) if n_head else 0
+        text = text[:head] + cut_at_stop(text[head:], params.stop)[0]
+    return text
 
 
 class Results:

@@ -13,17 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chat import message_problem
 from .settings import PER_RECORD, RULES
 from .values import BadValue, is_int
 
 
 @dataclass(frozen=True)
 class Record:
+    """A valid line: a prompt, or a dialog (`messages`) for the model's chat format."""
+
     line: int  # 1-based line number in the prompt file
     id: str | int
-    prompt: str
+    prompt: str | None
     fields: dict[str, Any]  # the input object, unchanged
     overrides: dict[str, Any] = field(default_factory=dict)  # its own settings (PER_RECORD)
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,9 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str,
                        shown)
     if not isinstance(obj, dict):
         return BadLine(line, f"expected a JSON object, got {type(obj).__name__}", shown)
-    prompt = obj.get(prompt_key)
-    if not isinstance(prompt, str) or not prompt:
-        problem = "missing" if prompt_key not in obj else (
-            "empty" if prompt == "" else f"not a string ({type(prompt).__name__})")
-        return BadLine(line, f"prompt field {prompt_key!r} is {problem}", shown)
+    prompt, messages = obj.get(prompt_key), obj.get("messages")
+    if (problem := prompt_problem(obj, prompt_key)) is not None:
+        return BadLine(line, problem, shown)
     if id_key in obj:
         record_id = obj[id_key]
         if not (isinstance(record_id, str) or is_int(record_id)):
@@ -87,7 +89,23 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str,
     overrides, problem = check_overrides(obj)
     if problem:
         return BadLine(line, problem, shown)
-    return Record(line, record_id, prompt, obj, overrides)
+    return Record(line, record_id, prompt, obj, overrides, messages)
+
+
+def prompt_problem(obj: dict[str, Any], prompt_key: str) -> str | None:
+    """Why a record has no usable prompt: it needs a non-empty text under `prompt_key`, or a
+    dialog under "messages", not both."""
+    if "messages" in obj:
+        if prompt_key in obj:
+            return (f"has both {prompt_key!r} and 'messages': give a prompt or a dialog, not "
+                    "both")
+        return message_problem(obj["messages"])
+    prompt = obj.get(prompt_key)
+    if isinstance(prompt, str) and prompt:
+        return None
+    problem = "missing" if prompt_key not in obj else (
+        "empty" if prompt == "" else f"not a string ({type(prompt).__name__})")
+    return f"prompt field {prompt_key!r} is {problem} (or give a dialog as 'messages')"
 
 
 def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = None

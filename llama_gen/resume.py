@@ -67,6 +67,7 @@ def fingerprint_differences(old: dict[str, Any], new: dict[str, Any],
     changed = []
     for key in sorted(new.keys() - {"prompt_file", "prompt_file_bytes"}):
         before = old.get(key, FIELDS[key].default if key in OUTPUT_DEFINING else None)
+        before = list(before) if isinstance(before, tuple) else before  # as JSON has it
         if before != new[key]:
             changed.append(f"{key}: {json.dumps(before)} -> {json.dumps(new[key])}")
     if old.get("prompt_file") != new["prompt_file"]:

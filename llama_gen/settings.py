@@ -17,8 +17,8 @@ from .errors import UserError
 from .values import BadValue, Rule
 
 # Fields every output line has, beside the record's own and the completion (--completion_key).
-OUTPUT_FIELDS = ("id", "sample", "finish_reason", "prompt_tokens", "completion_tokens",
-                 "logprobs")
+OUTPUT_FIELDS = ("id", "sample", "finish_reason", "stop_reason", "prompt_tokens",
+                 "completion_tokens", "logprobs", "token_ids", "top_logprobs")
 
 # How a setting relates to a finished output line.
 DEFINES_OUTPUT = "defines the output"  # a resume must keep it: it changes what a line holds
@@ -78,6 +78,29 @@ class Settings:
                                  help="sampling temperature, 0 = greedy")
     top_p: float = setting(0.9, low=0, low_open=True, high=1, role=DEFINES_OUTPUT,
                            per_record=True, help="nucleus sampling mass")
+    top_k: int = setting(0, low=0, role=DEFINES_OUTPUT, per_record=True,
+                         help="sample among the k most likely tokens only, 0 = all")
+    min_p: float = setting(0.0, low=0, high=1, role=DEFINES_OUTPUT, per_record=True,
+                           help="drop tokens less likely than min_p times the most likely one")
+    repetition_penalty: float = setting(
+        1.0, low=0, low_open=True, role=DEFINES_OUTPUT, per_record=True,
+        help="divide (multiply if negative) the logits of tokens already in the prompt or the "
+        "completion by this, 1 = off (Hugging Face's)")
+    presence_penalty: float = setting(
+        0.0, low=-2, high=2, role=DEFINES_OUTPUT, per_record=True,
+        help="subtract this from the logits of tokens already generated, 0 = off (OpenAI's)")
+    frequency_penalty: float = setting(
+        0.0, low=-2, high=2, role=DEFINES_OUTPUT, per_record=True,
+        help="subtract this times its count from each generated token's logit, 0 = off "
+        "(OpenAI's)")
+    stop: tuple[str, ...] = setting(
+        (), role=DEFINES_OUTPUT, per_record=True,
+        help="stop strings: the completion ends before the first one it contains")
+    min_tokens: int = setting(0, low=0, role=DEFINES_OUTPUT, per_record=True,
+                              help="generate at least this many tokens before any stop")
+    ignore_eos: bool = setting(False, role=DEFINES_OUTPUT, per_record=True,
+                               help="do not stop at end-of-text or end-of-turn tokens (they are "
+                               "kept); only max_gen_len and stop strings end a completion")
     seed: int = setting(0, role=DEFINES_OUTPUT, per_record=True,
                         help="base seed; each (record, sample) draws from its own stream")
     num_samples: int = setting(1, low=1, role=DEFINES_OUTPUT, per_record=True,
@@ -90,7 +113,19 @@ class Settings:
     completion_key: str = setting("completion", role=DEFINES_OUTPUT, help="the output field "
                                   "holding the completion")
     logprobs: bool = setting(False, role=DEFINES_OUTPUT,
-                             help="write each generated token's log-probability")
+                             help="write each generated token's id and log-probability")
+    top_logprobs: int = setting(0, low=0, high=20, role=DEFINES_OUTPUT,
+                                help="write each generated token's most likely alternatives, "
+                                "this many")
+    keep_special_tokens: bool = setting(False, role=DEFINES_OUTPUT,
+                                        help="keep special tokens' text in the completion")
+    chat: bool = setting(False, role=DEFINES_OUTPUT, help="wrap each prompt as a user message "
+                         "in the model's chat format (records with messages always are)")
+    chat_format: Literal["llama2", "llama3"] | None = setting(
+        None, role=DEFINES_OUTPUT, help="chat format (default: llama3 for a tiktoken tokenizer, "
+        "llama2 for SentencePiece; Llama 1 has none)")
+    system: str | None = setting(None, role=DEFINES_OUTPUT, per_record=True,
+                                 help="system message for chat prompts")
     echo: bool = setting(False, role=DEFINES_OUTPUT, help="include the prompt in the completion")
     strict: bool = setting(False, help="stop at the first bad input line instead of recording "
                            "it and going on")
@@ -123,7 +158,7 @@ class Settings:
             return self
         own = copy.copy(self)
         for name, value in overrides.items():
-            assert name in PER_RECORD, f"{name} is not a per-record setting"
+            assert name in RULES, f"{name} is not a setting"  # PER_RECORD, or a batch file's
             object.__setattr__(own, name, checked(name, RULES[name], value))
         return own
 
@@ -145,7 +180,8 @@ class Settings:
 
     def output_defining(self) -> dict[str, Any]:
         """The settings a finished line depends on, as JSON values."""
-        return {name: getattr(self, name) for name in OUTPUT_DEFINING}
+        return {name: list(value) if isinstance(value := getattr(self, name), tuple) else value
+                for name in OUTPUT_DEFINING}
 
     def check_paths(self) -> None:
         """Path errors, before any model loads."""

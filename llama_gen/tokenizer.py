@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 import re
 from abc import ABC, abstractmethod
@@ -91,6 +92,11 @@ class Tokenizer(ABC):
             return full[len(prompt) :]
         return full[len(os.path.commonprefix([prompt, full])) :]
 
+    @abstractmethod
+    def token_text(self, token: int) -> str:
+        """One token's own text, leading space included (a piece of a multi-byte character
+        shows as U+FFFD)."""
+
     @property
     def path(self) -> Path:
         return self._path
@@ -111,6 +117,12 @@ class Tokenizer(ABC):
     @property
     def stop_ids(self) -> frozenset[int]:
         return self._stop_ids
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the control tokens (bos, eos, chat headers, reserved ones), which a
+        completion's text leaves out by default."""
+        return frozenset(self._special_tokens.values()) | {self._bos_id, self._eos_id}
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -150,6 +162,11 @@ class SentencePieceTokenizer(Tokenizer):
         text: str = self._sp.decode(list(ids))
         return text
 
+    def token_text(self, token: int) -> str:
+        if self._sp.IsByte(token):  # a byte-fallback piece, <0xE4>
+            return bytes([int(self._sp.IdToPiece(token)[3:5], 16)]).decode(errors="replace")
+        return self._sp.IdToPiece(token).replace("\u2581", " ")
+
 
 class TiktokenTokenizer(Tokenizer):
     """Llama 3: a tiktoken rank file plus 256 special tokens numbered from len(ranks)."""
@@ -188,6 +205,9 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         text: str = self._enc.decode(list(ids))
         return text
+
+    def token_text(self, token: int) -> str:
+        return self._enc.decode_single_token_bytes(token).decode(errors="replace")
 
 
 def split_long_runs(text: str, max_run: int) -> Iterator[str]:

@@ -45,8 +45,8 @@ def is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Rule:
-    """A value's type (bool, int, float, str, Path, a Literal of choices, or one of them | None)
-    and, for numbers, its bounds."""
+    """A value's type (bool, int, float, str, Path, a Literal of choices, `tuple[str, ...]` (one
+    text or a list of them), or one of them | None) and, for numbers, its bounds."""
 
     kind: Any
     low: float | None = None
@@ -69,10 +69,16 @@ class Rule:
     def choices(self) -> tuple[str, ...]:
         return typing.get_args(self.base) if typing.get_origin(self.base) is typing.Literal else ()
 
+    @property
+    def is_texts(self) -> bool:
+        return self.base == tuple[str, ...]
+
     def describe(self) -> str:
         """What the rule accepts, in words: "an integer >= 1", "a number in (0, 1]"."""
         if self.choices:
             return "one of " + ", ".join(self.choices)
+        if self.is_texts:
+            return "a non-empty text or a list of them"
         noun = {bool: "true or false", int: "an integer", float: "a number", str: "text",
                 Path: "a path"}[self.base]
         if self.low is not None and self.high is not None:
@@ -108,6 +114,10 @@ class Rule:
             return value if is_int(value) else None
         if base is float:
             return float(value) if is_number(value) else None
+        if self.is_texts:  # one text, or a list of them (a JSON list on a command line)
+            texts = [value] if isinstance(value, str) else value
+            ok = isinstance(texts, (list, tuple)) and all(isinstance(t, str) and t for t in texts)
+            return tuple(texts) if ok else None
         if base in (str, Path):  # fire reads `--prompt_key 5` as the number 5
             ok = isinstance(value, (str, Path)) or (from_words and is_int(value))
             return base(str(value)) if ok else None

@@ -422,3 +422,120 @@ def test_forward_passes_run_under_inference_mode(model, engine_type):
         del model.final_hidden
     assert modes and all(modes)
     assert not torch.is_inference_mode_enabled()  # and left between completions
+
+
+# --- sampling controls, token detail and stop strings ------------------------------------------
+
+CONTROLS = [dict(top_k=5), dict(min_p=0.2), dict(repetition_penalty=1.3),
+            dict(presence_penalty=1.5), dict(frequency_penalty=-0.7),
+            dict(top_k=40, top_p=0.8, min_p=0.05, repetition_penalty=0.8, frequency_penalty=0.5)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_each_control_draws_the_same_tokens_alone_and_in_a_crowded_batch(model, temperature):
+    """Every (request, control) in one crowd of mixed controls, refilled and compacted, draws
+    what it draws alone; the statics baseline agrees."""
+    sampled = SamplingParams(temperature=temperature, logprobs=True, top_logprobs=3)
+    requests = [Request(prompt(model, 3 + 2 * i, seed=20 + i),
+                        params(sampled, max_gen_len=6 + i % 5, seed=i, **CONTROLS[i % 6]), tag=i)
+                for i in range(12)]
+    batched = run(Engine(model, (), max_batch_size=3, max_seq_len=48), requests)
+    static = run(StaticEngine(model, (), max_batch_size=4, max_seq_len=48), requests)
+    for r in requests:
+        want = alone(model, r, max_seq_len=48)
+        assert_same(batched[r.tag], want)
+        assert batched[r.tag].tokens == static[r.tag].tokens
+        assert [[t for t, _ in top] for top in batched[r.tag].top_logprobs] == \
+            [[t for t, _ in top] for top in want.top_logprobs]
+
+
+def teacher_forced_logits(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    """Logits (len(tokens), vocab) from one uncached pass."""
+    model.setup_cache(1, len(tokens))
+    step = model.make_step(torch.arange(len(tokens))[None], slice(0, 1), kv_len=len(tokens),
+                           every_token=True)
+    with torch.inference_mode():
+        return model(torch.tensor([tokens]), step)
+
+
+def test_greedy_with_penalties_follows_hugging_faces_repetition_penalty(model):
+    """Penalties apply under greedy decoding too: each token is the argmax of Hugging Face's
+    repetition-penalised logits over prompt and completion, then OpenAI's presence and frequency
+    penalties over the completion."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+    p = prompt(model, 6, seed=30)
+    # Penalties below 0 and 1 favour seen tokens: a random model then repeats itself.
+    request = Request(p, params(max_gen_len=12, repetition_penalty=0.5, presence_penalty=-1.5,
+                                frequency_penalty=0.4))
+    done = alone(model, request)
+    plain = alone(model, Request(p, params(max_gen_len=12)))
+    assert done.tokens != plain.tokens  # the penalties changed something
+    full = p + done.tokens
+    logits = teacher_forced_logits(model, full)
+    for t in range(len(p), len(full)):
+        penalised = RepetitionPenaltyLogitsProcessor(0.5)(torch.tensor([full[:t]]),
+                                                          logits[t - 1:t].clone())[0]
+        counts = torch.bincount(torch.tensor(full[len(p):t], dtype=torch.long),
+                                minlength=penalised.numel())
+        penalised -= 0.4 * counts - 1.5 * (counts > 0)
+        assert int(penalised.argmax()) == full[t], t
+
+
+def test_top_logprobs_are_the_most_likely_tokens_under_the_model(model):
+    p = prompt(model, 5, seed=31)
+    done = alone(model, Request(p, params(max_gen_len=6, top_logprobs=4)))
+    logprobs = torch.log_softmax(teacher_forced_logits(model, p + done.tokens), dim=-1)
+    assert len(done.top_logprobs) == 6
+    for t, top in enumerate(done.top_logprobs):
+        row = logprobs[len(p) - 1 + t]
+        want = row.topk(4)
+        assert [i for i, _ in top] == want.indices.tolist()
+        torch.testing.assert_close(torch.tensor([lp for _, lp in top]), want.values,
+                                   atol=LOGPROB_ATOL, rtol=0)
+        assert top[0][0] == done.tokens[t]  # greedy takes the most likely
+        assert done.logprobs[t] == pytest.approx(top[0][1], abs=LOGPROB_ATOL)
+
+
+def test_min_tokens_holds_back_stop_tokens_and_ignore_eos_keeps_them(model):
+    p = prompt(model, 5, seed=3)
+    free = alone(model, Request(p, params(max_gen_len=10))).tokens
+    stop = free[0]
+    engine = Engine(model, {stop}, max_batch_size=2, max_seq_len=64)
+    done = run(engine, [Request(p, params(max_gen_len=10), tag="stops"),
+                        Request(p, params(max_gen_len=10, min_tokens=3), tag="min"),
+                        Request(p, params(max_gen_len=10, ignore_eos=True), tag="ignore")])
+    assert done["stops"].tokens == [] and done["stops"].stop_reason == stop
+    assert len(done["min"].tokens) >= 3 and stop not in done["min"].tokens[:3]
+    assert done["min"].tokens[0] != stop
+    assert done["ignore"].tokens == free and done["ignore"].finish_reason == "length"
+    assert done["ignore"].stop_reason is None
+
+
+@pytest.fixture(scope="module")
+def llama2(single_process, tiny_checkpoints):
+    ckpt = tiny_checkpoints[("llama2", 1)]
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    return load_model(ckpt, tokenizer, single_process, torch.float32), tokenizer
+
+
+def test_a_stop_string_ends_the_sequence_at_the_token_that_completes_it(llama2):
+    """The text is matched across tokens; the sequence stops at once (its slot takes the next
+    request) and keeps the token that completed the match."""
+    model, tokenizer = llama2
+    p = tokenizer.encode("The quick brown fox", bos=True)
+    free = alone(model, Request(p, params(max_gen_len=30))).tokens
+    text = tokenizer.decode_continuation(p, free)
+    ends = [len(tokenizer.decode_continuation(p, free[:n])) for n in range(len(free) + 1)]
+    # A stop string that starts in one token and ends in a later one.
+    n = next(n for n in range(2, len(free)) if ends[n - 1] - ends[n - 2] >= 1
+             and ends[n] - ends[n - 1] >= 1 and text[ends[n - 2]:ends[n]].strip())
+    stop = text[ends[n - 1] - 1:ends[n - 1] + 1]
+    if text.find(stop) < ends[n - 1] - 1:
+        pytest.skip("the string occurs earlier in this tiny model's text")
+    engine = Engine(model, (), max_batch_size=1, max_seq_len=64, tokenizer=tokenizer)
+    other = Request(p, params(max_gen_len=3), tag="next")
+    done = run(engine, [Request(p, params(max_gen_len=30, stop=("never there", stop)),
+                                tag="stopped"), other])
+    assert done["stopped"].finish_reason == "stop" and done["stopped"].stop_reason == stop
+    assert done["stopped"].tokens == free[:n]
+    assert_same(done["next"], alone(model, other))

@@ -12,15 +12,15 @@ import torch
 from llama_gen.distributed import Dist
 from llama_gen.engine import Completion, Request, SamplingParams
 from llama_gen.errors import UserError
-from llama_gen.job import (OUTPUT_FIELDS, Interrupted, Plan, Results, StopRequested, Tag, Work,
-                           check_no_clash, count_pending, end_of_run, output_line, pending_work,
-                           prepare, requests_for)
+from llama_gen.job import (OUTPUT_FIELDS, Interrupted, Plan, Prompting, Results, StopRequested,
+                           Tag, Work, check_no_clash, count_pending, end_of_run, output_line,
+                           pending_work, prepare, requests_for)
 from llama_gen.output import OutputLock
 from llama_gen.records import BadLine, Record, parse_line
 from llama_gen.replicas import Finished, decode, encode
 from llama_gen.sampling import derive_seed
 from llama_gen.settings import Settings
-from llama_gen.tiny_tokenizers import build_sentencepiece_model
+from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
 from llama_gen.tokenizer import load_tokenizer
 
 ONE_PROCESS = Dist(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo",
@@ -31,6 +31,11 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 10
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return load_tokenizer(build_sentencepiece_model(tmp_path_factory.mktemp("tok") / "t.model"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer3(tmp_path_factory):
+    return load_tokenizer(build_tiktoken_model(tmp_path_factory.mktemp("tok3") / "t.model"))
 
 
 def settings(tmp_path: Path, **kwargs) -> Settings:
@@ -67,7 +72,7 @@ def test_output_line_keeps_the_input_fields_and_adds_ours(tmp_path, tokenizer):
     line = output_line(Completion(request, new, None, "stop", len(prompt)), tokenizer,
                        settings(tmp_path))
     assert line == {"prompt": "Hello", "key": "k", "meta": {"a": 1}, "id": "k", "sample": 2,
-                    "completion": " world!", "finish_reason": "stop",
+                    "completion": " world!", "finish_reason": "stop", "stop_reason": None,
                     "prompt_tokens": len(prompt), "completion_tokens": len(new)}
     assert list(line)[:3] == ["prompt", "key", "meta"]
 
@@ -83,7 +88,50 @@ def test_output_line_with_echo_and_logprobs(tmp_path, tokenizer):
     assert line["completion"] == "Hello world!"
     assert line["completion_tokens"] == len(new) and line["prompt_tokens"] == len(prompt)
     assert line["logprobs"] == logprobs and line["finish_reason"] == "length"
+    assert line["token_ids"] == prompt + new
     assert (line["id"], line["sample"]) == (5, 0)
+
+
+def completed(tokenizer, prompt: str, new: list[int], stop_reason=None, top=None, **params):
+    rec = record(json.dumps({"prompt": prompt, "key": "k"}))
+    ids = tokenizer.encode(prompt, bos=True)
+    request = Request(ids, SamplingParams(**params), tag=Tag(rec, 0))
+    return Completion(request, new, None, "stop" if stop_reason else "length", len(ids),
+                      stop_reason, top)
+
+
+def test_output_line_cuts_the_text_before_the_stop_string_that_ended_it(tmp_path, tokenizer):
+    new = tokenizer.encode("one. two. three.", bos=False)
+    for stops, reason, want in ((("two", "."), ".", " one"), (("two", "."), "two", " one"),
+                                ((" t",), " t", " one.")):
+        completion = completed(tokenizer, "Count:", new, reason, stop=stops)
+        line = output_line(completion, tokenizer, settings(tmp_path, stop=stops))
+        assert (line["completion"], line["stop_reason"]) == (want, reason)
+        assert line["completion_tokens"] == len(new)  # the tokens generated, all of them
+    # min_tokens: stop strings count only after the first min_tokens tokens.
+    head = len(tokenizer.encode("one.", bos=False))
+    completion = completed(tokenizer, "Count:", new, ".", stop=(".",), min_tokens=head)
+    assert output_line(completion, tokenizer, settings(tmp_path))["completion"] == " one. two"
+
+
+def test_output_line_top_logprobs_name_each_alternative(tmp_path, tokenizer):
+    new = tokenizer.encode("hello world", bos=False)
+    top = [[(t, -0.1), (tokenizer.eos_id, -2.5)] for t in new]
+    line = output_line(completed(tokenizer, "Say:", new, top=top, top_logprobs=2), tokenizer,
+                       settings(tmp_path))
+    assert [[a["token_id"] for a in alt] for alt in line["top_logprobs"]] == \
+        [[t, tokenizer.eos_id] for t in new]
+    assert "".join(alt[0]["token"] for alt in line["top_logprobs"]) == " hello world"
+    assert line["top_logprobs"][0][1]["logprob"] == -2.5
+
+
+def test_special_tokens_are_dropped_from_the_text_unless_kept(tmp_path, tokenizer3):
+    eot = tokenizer3.special_tokens["<|eot_id|>"]
+    new = tokenizer3.encode("a", bos=False) + [eot] + tokenizer3.encode("b", bos=False)
+    dropped = output_line(completed(tokenizer3, "x", new), tokenizer3, settings(tmp_path))
+    kept = output_line(completed(tokenizer3, "x", new, skip_special_tokens=False), tokenizer3,
+                       settings(tmp_path))
+    assert (dropped["completion"], kept["completion"]) == ("ab", "a<|eot_id|>b")
 
 
 def test_output_line_names_the_completion_after_completion_key(tmp_path, tokenizer):
@@ -162,7 +210,8 @@ def test_count_pending_counts_samples_not_done(tmp_path):
 
 
 def shares(s: Settings, tokenizer, replicas: int, done=frozenset()) -> list[list]:
-    return [list(pending_work(s, set(done), tokenizer, r, replicas)) for r in range(replicas)]
+    return [list(pending_work(s, set(done), Prompting(tokenizer, None), r, replicas))
+            for r in range(replicas)]
 
 
 def test_two_replicas_share_the_pending_samples_disjointly_and_completely(tmp_path, tokenizer):
@@ -396,7 +445,8 @@ def test_a_clash_found_on_resume_names_the_ways_out_that_work(tmp_path):
 # --- work sharing and requests: a replica's share of the pending records ----------------------
 
 def collect(s: Settings, tokenizer, replicas: int, done=frozenset()):
-    return [list(pending_work(s, set(done), tokenizer, r, replicas)) for r in range(replicas)]
+    return [list(pending_work(s, set(done), Prompting(tokenizer, None), r, replicas))
+            for r in range(replicas)]
 
 
 def test_pending_work_shards_records_disjointly_and_completely(tmp_path, tokenizer):

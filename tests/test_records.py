@@ -41,7 +41,7 @@ def bad_reason(text: str | bytes, **kwargs) -> str:
     ('"hi"', "expected a JSON object, got str"),
     ("3", "expected a JSON object, got int"),
     ("null", "expected a JSON object, got NoneType"),
-    ('{"text": "hi"}', "prompt field 'prompt' is missing"),
+    ('{"text": "hi"}', "prompt field 'prompt' is missing (or give a dialog as 'messages')"),
     ('{"prompt": ""}', "prompt field 'prompt' is empty"),
     ('{"prompt": 5}', "prompt field 'prompt' is not a string (int)"),
     ('{"prompt": null}', "prompt field 'prompt' is not a string (NoneType)"),
@@ -118,7 +118,7 @@ def test_custom_prompt_key():
     item = parse('{"text": "Hello", "prompt": 5}', prompt_key="text")
     assert isinstance(item, Record) and item.prompt == "Hello"
     assert bad_reason('{"prompt": "Hello"}', prompt_key="text") == \
-        "prompt field 'text' is missing"
+        "prompt field 'text' is missing (or give a dialog as 'messages')"
 
 
 # --- a whole file -------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_an_explicit_id_key_is_required_on_every_line(tmp_path):
 def test_read_records_with_a_custom_prompt_key(tmp_path):
     items = read_all(tmp_path, '{"question": "why?"}', '{"prompt": "no"}', prompt_key="question")
     assert items[0].prompt == "why?"
-    assert items[1].reason == "prompt field 'question' is missing"
+    assert items[1].reason == "prompt field 'question' is missing (or give a dialog as 'messages')"
 
 
 # --- known bug ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llama_gen.errors import UserError
-from llama_gen.job import pending_work
+from llama_gen.job import Prompting, pending_work
 from llama_gen.output import JsonlAppender, OutputLock, Writer
 from llama_gen.records import BadLine
 from llama_gen.resume import (forget_retryable_errors, fingerprint_differences, move_aside,
@@ -286,7 +286,11 @@ def test_runtime_settings_are_not_in_the_fingerprint_and_may_change_on_resume(tm
 
 OUTPUT_CHANGES = {"max_gen_len": 7, "temperature": 0.0, "top_p": 0.5, "seed": 3,
                   "num_samples": 2, "prompt_key": "text", "id_key": "key",
-                  "completion_key": "generated", "logprobs": True, "echo": True}
+                  "completion_key": "generated", "logprobs": True, "echo": True, "top_k": 5,
+                  "min_p": 0.1, "repetition_penalty": 1.2, "presence_penalty": 0.5,
+                  "frequency_penalty": 0.5, "stop": ["###"], "min_tokens": 2,
+                  "ignore_eos": True, "top_logprobs": 3, "keep_special_tokens": True,
+                  "chat": True, "chat_format": "llama2", "system": "Be brief."}
 
 
 def test_every_setting_is_either_runtime_or_output_defining_here():
@@ -413,7 +417,7 @@ def test_a_prompt_too_long_is_retried_after_a_resume_with_a_longer_context(tmp_p
         s = Settings(ckpt_dir=ckpt, prompt_path=tmp_path / "prompts.jsonl",
                      out_path=tmp_path / "out.jsonl", max_seq_len=max_seq_len)
         done = prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32"))
-        work = list(pending_work(s, done, tokenizer, 0, 1))
+        work = list(pending_work(s, done, Prompting(tokenizer, None), 0, 1))
         writer = Writer(s, total=0)
         for item in work:
             if isinstance(item, BadLine):

@@ -137,13 +137,16 @@ def test_every_field_has_help_a_role_and_a_rule():
 
 
 def test_per_record_settings():
-    assert set(PER_RECORD) == {"max_gen_len", "temperature", "top_p", "seed", "num_samples"}
+    assert set(PER_RECORD) == {"max_gen_len", "temperature", "top_p", "seed", "num_samples",
+                               "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                               "frequency_penalty", "stop", "min_tokens", "ignore_eos", "system"}
     assert set(PER_RECORD) <= set(OUTPUT_DEFINING)  # a record's own value changes its lines
 
 
 def test_output_defining_holds_exactly_the_settings_that_change_a_finished_line(tmp_path):
-    assert set(OUTPUT_DEFINING) == {"max_gen_len", "temperature", "top_p", "seed", "num_samples",
-                                    "prompt_key", "id_key", "completion_key", "logprobs", "echo"}
+    assert set(OUTPUT_DEFINING) == {*PER_RECORD, "prompt_key", "id_key", "completion_key",
+                                    "logprobs", "top_logprobs", "echo", "keep_special_tokens",
+                                    "chat", "chat_format"}
     for runtime in ("max_seq_len", "max_batch_size", "device", "scheduler", "compile",
                     "model_parallel_size", "logging_path"):
         assert runtime not in OUTPUT_DEFINING
