@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node N --no-python llama-gen --ckpt_dir DIR --prompt_path p.jsonl \\
         --out_path out.jsonl [flags]
+    llama-gen score --ckpt_dir DIR --prompt_path texts.jsonl --out_path scores.jsonl
     llama-gen demo
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .errors import UserError
 from .flags import HELP_WORDS, help_text, parse
 from .job import Interrupted, run_job
 from .replicas import StoreLost
-from .settings import Settings
+from .settings import ScoreSettings, Settings
 
 log = logging.getLogger("llama_gen")
 
@@ -28,6 +29,18 @@ completion, finish_reason, prompt_tokens, completion_tokens (and logprobs). Run 
 command again after a crash to continue: nothing is lost or written twice. Bad input lines go
 to <out_path>.errors.jsonl. Without torchrun, `llama-gen --ckpt_dir ...` runs one process."""
 
+SCORE_USAGE = ("torchrun --nproc_per_node N --no-python llama-gen score --ckpt_dir DIR "
+               "--prompt_path TEXTS.jsonl --out_path OUT.jsonl [flags]")
+SCORE_SUMMARY = """\
+Score every record of a JSONL file by its log-likelihood under a Meta-format LLaMA checkpoint,
+teacher-forced, resumably: a whole text ({"text": ...}, every token after bos), a completion
+given its prompt ({"prompt": ..., "completion": ...}), or a dialog's last assistant message
+given the messages before it ({"messages": [...]}, in the checkpoint's chat format).
+
+Writes one line per record: its fields plus id, sample (0), logprob (the sum), n_tokens and
+mean_logprob (and with --logprobs, token_logprobs and token_ids). Resume, lock, errors file and
+progress work as for generation."""
+
 
 def command(argv: list[str]) -> None:
     """Run what `argv` asks for; help goes to stdout and runs nothing."""
@@ -38,9 +51,15 @@ def command(argv: list[str]) -> None:
             print(help_text(DemoSettings, "llama-gen demo [flags]", DEMO_SUMMARY), end="")
         else:
             demo(parse(DemoSettings, argv[1:], "llama-gen demo"))
+    elif argv[:1] == ["score"]:
+        if asks_help:
+            print(help_text(ScoreSettings, SCORE_USAGE, SCORE_SUMMARY), end="")
+        else:
+            run_job(parse(ScoreSettings, argv[1:], "llama-gen score"))
     elif asks_help:
-        print(help_text(Settings, USAGE, SUMMARY, {"demo": "try the whole pipeline on a tiny "
-                                                   "model (llama-gen demo --help)"}), end="")
+        print(help_text(Settings, USAGE, SUMMARY, {
+            "score": "score texts by their log-likelihood (llama-gen score --help)",
+            "demo": "try the whole pipeline on a tiny model (llama-gen demo --help)"}), end="")
     else:
         run_job(parse(Settings, argv, "llama-gen"))
 

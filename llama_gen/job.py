@@ -23,16 +23,17 @@ from typing import Any
 from . import distributed
 from .distributed import Dist
 from .chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, prompt_tokens,
-                   with_system)
+                   reply_tokens, with_system)
 from .engine import Completion, Request, SamplingParams, prompt_problem
 from .errors import UserError
 from .output import OutputLock, Writer
-from .records import BadLine, Record, read_records
+from .records import BadLine, Form, Record, read_records
 from .replicas import Finished, Mailbox, Message
 from .resume import prepare_output, run_fingerprint
 from .sampling import derive_seed
+from .scoring import Scored, Scorer, ScoreRequest, score_problem
+from .settings import JobSettings, Settings
 from .stopping import cut_at_stop
-from .settings import OUTPUT_FIELDS, Settings
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,14 @@ def run_job(settings: Settings) -> None:
         feed = Feed(settings, plan.done, prompting, dist, results, stop)
         if plan.total:
             model = load_model(settings.ckpt_dir, tokenizer, dist, dtype)
-            engine = make_engine(settings, model, tokenizer, dist, prompting.stop_ids)
-            for completion in engine.generate(feed.requests(), feed.should_stop):
-                results.finished(completion)
+            if settings.score_keys is None:
+                engine = make_engine(settings, model, tokenizer, dist, prompting.stop_ids)
+                finished = engine.generate(feed.requests(), feed.should_stop)
+            else:
+                scorer = Scorer(model, settings.max_batch_size, settings.max_seq_len)
+                finished = scorer.score(feed.requests(), feed.should_stop)
+            for result in finished:
+                results.finished(result)
         else:  # no sample to write: the feed only records bad lines, so no model is loaded
             for _ in feed.requests():
                 pass
@@ -114,7 +120,7 @@ def count_pending(settings: Settings, done: set[tuple[Any, int]]) -> int:
     """Samples still to write (for progress), in a pass that tokenizes nothing; a record whose
     fields clash with the output's is an error here, before any work."""
     pending = 0
-    for item in read_records(settings.prompt_path, settings.prompt_key, settings.id_key):
+    for item in records_of(settings):
         if isinstance(item, Record):
             check_no_clash(item, settings, resuming=bool(done))
             n = settings.with_overrides(item.overrides).num_samples
@@ -122,15 +128,23 @@ def count_pending(settings: Settings, done: set[tuple[Any, int]]) -> int:
     return pending
 
 
-def check_no_clash(record: Record, settings: Settings, resuming: bool = False) -> None:
+def records_of(settings: JobSettings) -> Iterator[Record | BadLine]:
+    """The prompt file's records, in the form the command needs."""
+    form = Form(settings.prompt_key, settings.per_record(), settings.score_keys)
+    return read_records(settings.prompt_path, settings.prompt_key, settings.id_key, form)
+
+
+def check_no_clash(record: Record, settings: JobSettings, resuming: bool = False) -> None:
     """Output lines hold the record's fields and llama-gen's: none may have both."""
-    ours = [settings.completion_key, *OUTPUT_FIELDS]
+    generating = settings.score_keys is None
+    written = settings.written_fields
+    ours = [settings.completion_key, *written] if generating else list(written)
     taken = [k for k in ours if k in record.fields
              and not (k == "id" and settings.id_key in (None, "id"))]  # the id, written as is
     if not taken:
         return
-    if taken[0] != settings.completion_key:
-        fix = f"rename it in the input (llama-gen writes {', '.join(OUTPUT_FIELDS)})"
+    if taken[0] != settings.completion_key or not generating:
+        fix = f"rename it in the input (llama-gen writes {', '.join(written)})"
     elif resuming:  # the output's lines were written with this --completion_key
         fix = ("rename it in the input, or start over with another name (--completion_key "
                "generated --overwrite)")
@@ -155,8 +169,9 @@ class Work:
     """One record's pending samples, tokenized by the replica that owns it."""
 
     record: Record
-    prompt_tokens: list[int]
+    prompt_tokens: list[int]  # scoring: the whole text
     samples: list[int]
+    first_scored: int | None = None  # scoring: the first token of the scored part
 
 
 @dataclass(frozen=True)
@@ -177,13 +192,14 @@ class Prompting:
     no_chat_format: str | None = None  # why there is none (a Llama 1 checkpoint)
 
     @classmethod
-    def for_run(cls, settings: Settings, tokenizer: Tokenizer, norm_eps: float) -> Prompting:
+    def for_run(cls, settings: JobSettings, tokenizer: Tokenizer, norm_eps: float
+                ) -> Prompting:
         """The run's chat format; a checkpoint without one is an error at once where the
         flags ask for chat, else for each record that brings a dialog."""
         try:
             return cls(tokenizer, chat_format_for(tokenizer, norm_eps, settings.chat_format))
         except UserError as e:
-            if settings.chat or settings.chat_format:
+            if settings.wants_chat:
                 raise
             return cls(tokenizer, None, str(e))
 
@@ -193,6 +209,24 @@ class Prompting:
         turn."""
         turn_ends = end_of_turn_ids(self.chat_format, self.tokenizer) if self.chat_format else ()
         return self.tokenizer.stop_ids | frozenset(turn_ends)
+
+    def score_tokens(self, record: Record, own: JobSettings) -> tuple[list[int], int]:
+        """A scored record's tokens, and where its scored part starts: a whole text after bos,
+        a completion after its prompt (the tokens of prompt + completion past those they share
+        with the prompt's own), or a dialog's last reply (DialogError if it is not one)."""
+        if record.messages is not None:
+            if self.chat_format is None:
+                raise DialogError(self.no_chat_format)
+            context, reply = reply_tokens(with_system(record.messages, own.system),
+                                          self.chat_format, self.tokenizer)
+            return context + reply, len(context)
+        if record.prompt is None:
+            return self.tokenizer.encode(record.target, bos=True), 1
+        prompt = self.tokenizer.encode(record.prompt, bos=True)
+        whole = self.tokenizer.encode(record.prompt + record.target, bos=True)
+        shared = next((i for i, (a, b) in enumerate(zip(prompt, whole)) if a != b),
+                      min(len(prompt), len(whole)))
+        return whole, max(shared, 1)
 
     def tokens(self, record: Record, own: Settings) -> list[int]:
         """The record's prompt tokens; DialogError for a dialog the format cannot take."""
@@ -210,7 +244,7 @@ def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prom
     lines it should report: invalid lines are reported by replica 0 (every replica reads them),
     prompts too long for the context by the replica that owns them."""
     owned = 0
-    for item in read_records(settings.prompt_path, settings.prompt_key, settings.id_key):
+    for item in records_of(settings):
         if isinstance(item, BadLine):
             if replica == 0:
                 yield item
@@ -223,19 +257,29 @@ def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prom
         if (owned - 1) % replicas != replica:
             continue
         shown = json.dumps(item.fields, ensure_ascii=False)[:1000]
+        own = settings.with_overrides(item.overrides)
         try:
-            tokens = prompting.tokens(item, settings.with_overrides(item.overrides))
+            if settings.score_keys is None:
+                tokens, first = prompting.tokens(item, own), None
+                problem = prompt_problem(len(tokens), settings.max_seq_len)
+            else:
+                tokens, first = prompting.score_tokens(item, own)
+                problem = score_problem(len(tokens), settings.max_seq_len, first)
         except DialogError as e:
             yield BadLine(item.line, str(e), shown)
             continue
-        if problem := prompt_problem(len(tokens), settings.max_seq_len):
+        if problem:
             yield BadLine(item.line, problem, shown, max_seq_len=settings.max_seq_len)
             continue
-        yield Work(item, tokens, samples)
+        yield Work(item, tokens, samples, first)
 
 
-def requests_for(work: Work, settings: Settings) -> Iterator[Request]:
-    """A request per pending sample, with the record's settings and its own seed."""
+def requests_for(work: Work, settings: JobSettings) -> Iterator[Request | ScoreRequest]:
+    """A request per pending sample, with the record's settings and its own seed (scoring: one
+    request, sample 0)."""
+    if work.first_scored is not None:
+        yield ScoreRequest(work.prompt_tokens, work.first_scored, tag=Tag(work.record, 0))
+        return
     own = settings.with_overrides(work.record.overrides)
     for sample in work.samples:
         params = SamplingParams(
@@ -320,6 +364,17 @@ def output_line(completion: Completion, tokenizer: Tokenizer,
     return line
 
 
+def score_line(scored: Scored, settings: JobSettings) -> dict[str, Any]:
+    """A scored record's output line: its fields, then the log-likelihood of its scored part."""
+    record = scored.request.tag.record
+    line = {**record.fields, "id": record.id, "sample": 0, "logprob": scored.total,
+            "n_tokens": scored.n_tokens, "mean_logprob": scored.mean}
+    if settings.logprobs:
+        line["token_logprobs"] = scored.logprobs
+        line["token_ids"] = scored.request.tokens[scored.request.first_scored:]
+    return line
+
+
 def shown_ids(tokenizer: Tokenizer, ids: list[int], params: SamplingParams) -> list[int]:
     """The ids whose text a completion shows: special tokens only if asked to keep them."""
     if not params.skip_special_tokens:
@@ -350,11 +405,12 @@ class Results:
         self.mailbox = Mailbox(dist) if dist.data_parallel_size > 1 else None
         self.first_bad_line: BadLine | None = None
 
-    def finished(self, completion: Completion) -> None:
-        """A completion every rank of the group has; its leader makes the line and sends it."""
+    def finished(self, result: Completion | Scored) -> None:
+        """A result every rank of the group has; its leader makes the line and sends it."""
         if self.dist.is_model_parallel_leader:
-            line = output_line(completion, self.tokenizer, self.settings)
-            self.deliver(Finished(line, completion.request.tag.record.line))
+            line = (score_line(result, self.settings) if isinstance(result, Scored)
+                    else output_line(result, self.tokenizer, self.settings))
+            self.deliver(Finished(line, result.request.tag.record.line))
         self._collect_mail()
 
     def deliver(self, message: Message) -> None:

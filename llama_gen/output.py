@@ -21,7 +21,7 @@ import jsonlines
 
 from .errors import UserError
 from .records import BadLine
-from .settings import Settings
+from .settings import JobSettings
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +171,16 @@ class Writer:
     """Rank 0's side of the job: the output and errors files, progress for people (a bar on a
     terminal, the log for `tail -f`) and the final summary."""
 
-    def __init__(self, settings: Settings, total: int):
+    def __init__(self, settings: JobSettings, total: int):
         self.out = JsonlAppender(settings.out_path)
         self.errors = JsonlAppender(settings.errors_path)
         self.known_errors = recorded_error_lines(settings.errors_path)
         self.progress = ProgressLog(settings.log_path)
         self.total = total
         self.samples = self.tokens = self.bad_lines = 0
+        scoring = settings.score_keys is not None
+        self._counted, self._verb = (("n_tokens", "scored") if scoring
+                                     else ("completion_tokens", "generated"))
         self.start = self._last_report = self._last_console = time.monotonic()
         self._bar = None
         if sys.stderr.isatty():
@@ -188,7 +191,7 @@ class Writer:
     def output(self, line: dict[str, Any], source_line: int) -> None:
         self.out.write(line)
         self.samples += 1
-        self.tokens += line["completion_tokens"]
+        self.tokens += line[self._counted]
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(f"{self.tokens / self._elapsed():.0f} tok/s", refresh=False)
@@ -214,7 +217,7 @@ class Writer:
     def summary(self) -> str:
         elapsed = self._elapsed()
         return (f"{self.samples} sample(s) written, {self.bad_lines} bad line(s), "
-                f"{self.tokens} tokens generated in {elapsed:.1f}s "
+                f"{self.tokens} tokens {self._verb} in {elapsed:.1f}s "
                 f"({self.tokens / elapsed:.1f} tok/s)")
 
     def finish(self) -> None:

@@ -28,6 +28,7 @@ class Record:
     fields: dict[str, Any]  # the input object, unchanged
     overrides: dict[str, Any] = field(default_factory=dict)  # its own settings (PER_RECORD)
     messages: list[dict[str, str]] | None = None
+    target: str | None = None  # scoring: the text scored (a whole text, or a completion)
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,11 @@ class BadLine:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def check_overrides(obj: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """The record's own settings (those a record may set), or the first bad one's problem."""
+def check_overrides(obj: dict[str, Any], names: tuple[str, ...] = PER_RECORD
+                    ) -> tuple[dict[str, Any], str | None]:
+    """The record's own settings (those of `names` it sets), or the first bad one's problem."""
     values = {}
-    for name in PER_RECORD:
+    for name in names:
         if name in obj:
             try:
                 values[name] = RULES[name].check(obj[name])
@@ -53,9 +55,10 @@ def check_overrides(obj: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     return values, None
 
 
-def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str,
-               id_key_required: bool) -> Record | BadLine | None:
+def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str, id_key_required: bool,
+               form: Form | None = None) -> Record | BadLine | None:
     """One line of the prompt file; None for a blank line."""
+    form = form or Form(prompt_key)
     text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
     shown = text if len(text) <= 1000 else text[:1000] + "..."
     if not text.strip():
@@ -75,8 +78,7 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str,
                        shown)
     if not isinstance(obj, dict):
         return BadLine(line, f"expected a JSON object, got {type(obj).__name__}", shown)
-    prompt, messages = obj.get(prompt_key), obj.get("messages")
-    if (problem := prompt_problem(obj, prompt_key)) is not None:
+    if (problem := form.problem(obj)) is not None:
         return BadLine(line, problem, shown)
     if id_key in obj:
         record_id = obj[id_key]
@@ -86,10 +88,48 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str,
         return BadLine(line, f"id field {id_key!r} is missing", shown)
     else:
         record_id = line
-    overrides, problem = check_overrides(obj)
+    overrides, problem = check_overrides(obj, form.per_record)
     if problem:
         return BadLine(line, problem, shown)
-    return Record(line, record_id, prompt, obj, overrides, messages)
+    prompt, messages, target = form.parts(obj)
+    return Record(line, record_id, prompt, obj, overrides, messages, target)
+
+
+@dataclass(frozen=True)
+class Form:
+    """What a record must hold. To generate: a prompt (its text under `prompt_key`) or a dialog
+    ("messages"). To score (`score_keys`, the text and completion fields): a text scored whole,
+    a prompt and a completion scored given it, or a dialog whose last reply is scored."""
+
+    prompt_key: str = "prompt"
+    per_record: tuple[str, ...] = PER_RECORD  # the settings a record may set
+    score_keys: tuple[str, str] | None = None
+
+    def problem(self, obj: dict[str, Any]) -> str | None:
+        if self.score_keys is None or "messages" in obj:
+            return prompt_problem(obj, self.prompt_key)
+        text_key, completion_key = self.score_keys
+        if text_key in obj:
+            clash = [k for k in (self.prompt_key, completion_key) if k in obj]
+            return (f"has both {text_key!r} and {clash[0]!r}: give a whole text, or a prompt and "
+                    "a completion" if clash else text_problem(obj, text_key, ""))
+        if self.prompt_key not in obj:
+            return (f"nothing to score: give a whole text as {text_key!r}, a prompt and a "
+                    f"completion as {self.prompt_key!r} and {completion_key!r}, or a dialog as "
+                    "'messages'")
+        return (text_problem(obj, self.prompt_key, "", "prompt field")
+                or text_problem(obj, completion_key, ""))
+
+    def parts(self, obj: dict[str, Any]) -> tuple[str | None, list | None, str | None]:
+        """A valid record's prompt, messages and target (see `Record`)."""
+        if "messages" in obj:
+            return None, obj["messages"], None
+        if self.score_keys is None:
+            return obj[self.prompt_key], None, None
+        text_key, completion_key = self.score_keys
+        if text_key in obj:
+            return None, None, obj[text_key]
+        return obj[self.prompt_key], None, obj[completion_key]
 
 
 def prompt_problem(obj: dict[str, Any], prompt_key: str) -> str | None:
@@ -100,16 +140,21 @@ def prompt_problem(obj: dict[str, Any], prompt_key: str) -> str | None:
             return (f"has both {prompt_key!r} and 'messages': give a prompt or a dialog, not "
                     "both")
         return message_problem(obj["messages"])
-    prompt = obj.get(prompt_key)
-    if isinstance(prompt, str) and prompt:
+    return text_problem(obj, prompt_key, " (or give a dialog as 'messages')", "prompt field")
+
+
+def text_problem(obj: dict[str, Any], key: str, hint: str, what: str = "field") -> str | None:
+    """Why obj[key] is not a non-empty text, or None."""
+    value = obj.get(key)
+    if isinstance(value, str) and value:
         return None
-    problem = "missing" if prompt_key not in obj else (
-        "empty" if prompt == "" else f"not a string ({type(prompt).__name__})")
-    return f"prompt field {prompt_key!r} is {problem} (or give a dialog as 'messages')"
+    problem = "missing" if key not in obj else (
+        "empty" if value == "" else f"not a string ({type(value).__name__})")
+    return f"{what} {key!r} is {problem}{hint}"
 
 
-def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = None
-                 ) -> Iterator[Record | BadLine]:
+def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = None,
+                 form: Form | None = None) -> Iterator[Record | BadLine]:
     """Every non-blank line as a Record or a BadLine (a repeated id is a BadLine).
 
     `id_key` None: records use their "id" field when they have one, else their line number.
@@ -119,7 +164,7 @@ def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = No
         for line, raw in enumerate(f, start=1):
             if line == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)  # as some editors on Windows save
-            item = parse_line(raw, line, prompt_key, id_key or "id", id_key is not None)
+            item = parse_line(raw, line, prompt_key, id_key or "id", id_key is not None, form)
             if item is None:
                 continue
             if isinstance(item, Record):

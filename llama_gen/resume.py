@@ -6,6 +6,7 @@ must match it; runtime settings (batch size, context length, device, processes) 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from typing import Any
 
 from .errors import UserError
 from .output import cut_torn_last_line, recover_output, write_atomically
-from .settings import FIELDS, OUTPUT_DEFINING, Settings
+from .settings import JobSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,21 @@ def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str) -> dic
         "prompt_file": file_digest(settings.prompt_path, prompt_bytes),
         "prompt_file_bytes": prompt_bytes,
         "dtype": dtype,
+        "command": settings.command,
         **settings.output_defining(),
     }
 
 
-def fingerprint_differences(old: dict[str, Any], new: dict[str, Any],
-                            prompt_path: Path) -> list[str]:
+def fingerprint_differences(old: dict[str, Any], new: dict[str, Any], prompt_path: Path,
+                            settings_type: type[JobSettings] = Settings) -> list[str]:
     """What changed between two runs' fingerprints, in words; [] when a resume may go on.
-    A setting that an older fingerprint lacks had its default then."""
+    A setting that an older fingerprint lacks had its default then (and the command was
+    `generate`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(settings_type)}
+    defaults["command"] = "generate"
     changed = []
     for key in sorted(new.keys() - {"prompt_file", "prompt_file_bytes"}):
-        before = old.get(key, FIELDS[key].default if key in OUTPUT_DEFINING else None)
+        before = old.get(key, defaults.get(key))
         before = list(before) if isinstance(before, tuple) else before  # as JSON has it
         if before != new[key]:
             changed.append(f"{key}: {json.dumps(before)} -> {json.dumps(new[key])}")
@@ -144,7 +149,8 @@ def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple
         log.info("--overwrite: the earlier output and its files are now in %s", folder)
     elif has_lines(settings.out_path) and settings.settings_path.exists():
         old = read_fingerprint(settings)
-        if changed := fingerprint_differences(old, fingerprint, settings.prompt_path):
+        changed = fingerprint_differences(old, fingerprint, settings.prompt_path, type(settings))
+        if changed:
             raise UserError(f"{settings.out_path} was written with other settings "
                             f"({'; '.join(changed)}); resume with the same command and files, "
                             "or pass --overwrite to start over (the old files are kept aside)")
@@ -154,7 +160,7 @@ def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple
                         "--overwrite")
     elif has_lines(settings.errors_path) and settings.settings_path.exists():
         old = read_fingerprint(settings)
-        if fingerprint_differences(old, fingerprint, settings.prompt_path):
+        if fingerprint_differences(old, fingerprint, settings.prompt_path, type(settings)):
             folder = move_aside(settings)  # no output line rests on them
             log.info("the errors of a run with other settings are now in %s", folder)
     forget_retryable_errors(settings)

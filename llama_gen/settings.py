@@ -11,7 +11,7 @@ import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .errors import UserError
 from .values import BadValue, Rule
@@ -49,6 +49,12 @@ def checked(name: str, rule: Rule, value: Any) -> Any:
         raise UserError(f"--{name} {e}") from None
 
 
+@functools.cache
+def names_with(cls: type, key: str, value: Any) -> tuple[str, ...]:
+    """The fields of a settings dataclass whose `setting` metadata has key = value."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata[key] == value)
+
+
 def check_fields(obj: Any) -> None:
     """Check a settings dataclass's values against their rules and store them in their types
     (a str given for a Path becomes a Path)."""
@@ -57,8 +63,9 @@ def check_fields(obj: Any) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Settings:
-    """A run of `llama-gen`: what to generate from what, and how."""
+class JobSettings:
+    """What every command over a prompt file shares: the model, the files, how records are
+    read, and where it runs."""
 
     ckpt_dir: Path = setting(help="directory with params.json and consolidated.NN.pth shards")
     prompt_path: Path = setting(help="JSONL file, one object per line with a prompt field")
@@ -72,6 +79,105 @@ class Settings:
                                "too long")
     max_batch_size: int = setting(8, low=1, help="sequences decoded together; sizes the KV "
                                   "cache")
+    dtype: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] | None = setting(
+        None, help="weights and activations (default bf16 on GPUs that have it, else fp32)")
+    prompt_key: str = setting("prompt", role=DEFINES_OUTPUT, help="the field holding the prompt")
+    id_key: str | None = setting(None, role=DEFINES_OUTPUT, help="the field holding a record's "
+                                 "id (default: id if present, else the line number)")
+    logprobs: bool = setting(False, role=DEFINES_OUTPUT,
+                             help="write each token's id and log-probability")
+    chat_format: Literal["llama2", "llama3"] | None = setting(
+        None, role=DEFINES_OUTPUT, help="chat format (default: llama3 for a tiktoken tokenizer, "
+        "llama2 for SentencePiece; Llama 1 has none)")
+    system: str | None = setting(None, role=DEFINES_OUTPUT, per_record=True,
+                                 help="system message for chat prompts")
+    strict: bool = setting(False, help="stop at the first bad input line instead of recording "
+                           "it and going on")
+    overwrite: bool = setting(False, help="start over: the old output and its files are moved "
+                              "aside under a dated name")
+    model_parallel_size: int | None = setting(None, low=1, help="processes per model copy "
+                                              "(default: the shard count when it divides the "
+                                              "number of processes, else all of them)")
+    device: str | None = setting(None, help="cpu, cuda or cuda:N (default: this process's GPU "
+                                 "if any, else cpu)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> JobSettings:
+        """These settings with a record's own values in place, each checked by its rule (only
+        those: the job calls this per record, up to three passes over the prompt file)."""
+        if not overrides:
+            return self
+        own = copy.copy(self)
+        for name, value in overrides.items():
+            rule = rules(type(self))[name]  # PER_RECORD, or a batch request's settings
+            object.__setattr__(own, name, checked(name, rule, value))
+        return own
+
+    @property
+    def errors_path(self) -> Path:
+        return self.out_path.with_name(self.out_path.name + ".errors.jsonl")
+
+    @property
+    def settings_path(self) -> Path:
+        return self.out_path.with_name(self.out_path.name + ".run.json")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.out_path.with_name(self.out_path.name + ".lock")
+
+    @property
+    def log_path(self) -> Path:
+        return self.logging_path or self.out_path.with_name(self.out_path.name + ".log")
+
+    def output_defining(self) -> dict[str, Any]:
+        """The settings a finished line depends on, as JSON values."""
+        return {name: list(value) if isinstance(value := getattr(self, name), tuple) else value
+                for name in names_with(type(self), "role", DEFINES_OUTPUT)}
+
+    @property
+    def wants_chat(self) -> bool:
+        """Whether the flags ask for a chat format (records with messages always need one)."""
+        return self.chat_format is not None
+
+    @classmethod
+    def per_record(cls) -> tuple[str, ...]:
+        """The settings a prompt record may set for itself."""
+        return names_with(cls, "per_record", True)
+
+    def check_paths(self) -> None:
+        """Path errors, before any model loads."""
+        if not self.ckpt_dir.is_dir():
+            raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such directory (it holds "
+                            "params.json and consolidated.NN.pth)")
+        if not self.prompt_path.is_file():
+            what = "a directory, not a file" if self.prompt_path.is_dir() else "no such file"
+            raise UserError(f"--prompt_path {self.prompt_path}: {what}")
+        for name, path in (("--out_path", self.out_path), ("--logging_path", self.log_path)):
+            if not path.parent.is_dir():
+                raise UserError(f"{name} {path}: directory {path.parent} does not exist")
+            if path.is_dir():
+                raise UserError(f"{name} {path} is a directory: name a file in it")
+        # Every file the job writes must be its own: none may be the prompt file or another.
+        written = {"--out_path": self.out_path, "the errors file": self.errors_path,
+                   "the run settings": self.settings_path, "the lock": self.lock_path,
+                   "--logging_path": self.log_path}
+        seen = {self.prompt_path.resolve(): "the prompt file"}
+        for name, path in written.items():
+            if (other := seen.setdefault(path.resolve(), name)) != name:
+                raise UserError(f"{name} must not be {other} ({path}): write it elsewhere")
+
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(JobSettings):
+    """A run of `llama-gen`: what to generate from what, and how."""
+
+    command: ClassVar[str] = "generate"
+    written_fields: ClassVar[tuple[str, ...]] = OUTPUT_FIELDS
+    score_keys: ClassVar[tuple[str, str] | None] = None  # (text, completion) fields: scoring
+
     max_gen_len: int = setting(256, low=1, role=DEFINES_OUTPUT, per_record=True,
                                help="most tokens generated per sample")
     temperature: float = setting(0.6, low=0, role=DEFINES_OUTPUT, per_record=True,
@@ -105,15 +211,8 @@ class Settings:
                         help="base seed; each (record, sample) draws from its own stream")
     num_samples: int = setting(1, low=1, role=DEFINES_OUTPUT, per_record=True,
                                help="completions per prompt")
-    dtype: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] | None = setting(
-        None, help="weights and activations (default bf16 on GPUs that have it, else fp32)")
-    prompt_key: str = setting("prompt", role=DEFINES_OUTPUT, help="the field holding the prompt")
-    id_key: str | None = setting(None, role=DEFINES_OUTPUT, help="the field holding a record's "
-                                 "id (default: id if present, else the line number)")
     completion_key: str = setting("completion", role=DEFINES_OUTPUT, help="the output field "
                                   "holding the completion")
-    logprobs: bool = setting(False, role=DEFINES_OUTPUT,
-                             help="write each generated token's id and log-probability")
     top_logprobs: int = setting(0, low=0, high=20, role=DEFINES_OUTPUT,
                                 help="write each generated token's most likely alternatives, "
                                 "this many")
@@ -121,29 +220,18 @@ class Settings:
                                         help="keep special tokens' text in the completion")
     chat: bool = setting(False, role=DEFINES_OUTPUT, help="wrap each prompt as a user message "
                          "in the model's chat format (records with messages always are)")
-    chat_format: Literal["llama2", "llama3"] | None = setting(
-        None, role=DEFINES_OUTPUT, help="chat format (default: llama3 for a tiktoken tokenizer, "
-        "llama2 for SentencePiece; Llama 1 has none)")
-    system: str | None = setting(None, role=DEFINES_OUTPUT, per_record=True,
-                                 help="system message for chat prompts")
     echo: bool = setting(False, role=DEFINES_OUTPUT, help="include the prompt in the completion")
-    strict: bool = setting(False, help="stop at the first bad input line instead of recording "
-                           "it and going on")
-    overwrite: bool = setting(False, help="start over: the old output and its files are moved "
-                              "aside under a dated name")
-    model_parallel_size: int | None = setting(None, low=1, help="processes per model copy "
-                                              "(default: the shard count when it divides the "
-                                              "number of processes, else all of them)")
-    device: str | None = setting(None, help="cpu, cuda or cuda:N (default: this process's GPU "
-                                 "if any, else cpu)")
     scheduler: Literal["continuous", "static"] = setting(
         "continuous", help="continuous (a finished sequence's slot takes the next prompt at "
         "once) or static (Meta's reference batching, for comparison)")
     compile: bool = setting(False, help="compile the decode step with torch.compile (CUDA "
                             "graphs on GPUs; the first steps wait for the compiler)")
+    @property
+    def wants_chat(self) -> bool:
+        return self.chat or self.chat_format is not None
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         if self.completion_key in OUTPUT_FIELDS:
             raise UserError(f"--completion_key {self.completion_key} is another output field "
                             f"(llama-gen writes {', '.join(OUTPUT_FIELDS)}): choose another name")
@@ -151,64 +239,32 @@ class Settings:
             raise UserError("--compile compiles the continuous scheduler's decode step; the "
                             "static one is the uncompiled baseline: drop one of the two")
 
-    def with_overrides(self, overrides: dict[str, Any]) -> Settings:
-        """These settings with a record's own values in place, each checked by its rule (only
-        those: the job calls this per record, up to three passes over the prompt file)."""
-        if not overrides:
-            return self
-        own = copy.copy(self)
-        for name, value in overrides.items():
-            assert name in RULES, f"{name} is not a setting"  # PER_RECORD, or a batch file's
-            object.__setattr__(own, name, checked(name, RULES[name], value))
-        return own
+
+# Fields every line of `llama-gen score` has, beside the record's own.
+SCORE_FIELDS = ("id", "sample", "logprob", "n_tokens", "mean_logprob", "token_logprobs",
+                "token_ids")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreSettings(JobSettings):
+    """A run of `llama-gen score`: the log-likelihood of each record's text under the model."""
+
+    command: ClassVar[str] = "score"
+    written_fields: ClassVar[tuple[str, ...]] = SCORE_FIELDS
+    num_samples: ClassVar[int] = 1  # a text has one score
+
+    text_key: str = setting("text", role=DEFINES_OUTPUT, help="the field holding a text scored "
+                            "whole (every token after bos)")
+    completion_key: str = setting("completion", role=DEFINES_OUTPUT, help="the field holding a "
+                                  "completion scored given the record's prompt")
 
     @property
-    def errors_path(self) -> Path:
-        return self.out_path.with_name(self.out_path.name + ".errors.jsonl")
-
-    @property
-    def settings_path(self) -> Path:
-        return self.out_path.with_name(self.out_path.name + ".run.json")
-
-    @property
-    def lock_path(self) -> Path:
-        return self.out_path.with_name(self.out_path.name + ".lock")
-
-    @property
-    def log_path(self) -> Path:
-        return self.logging_path or self.out_path.with_name(self.out_path.name + ".log")
-
-    def output_defining(self) -> dict[str, Any]:
-        """The settings a finished line depends on, as JSON values."""
-        return {name: list(value) if isinstance(value := getattr(self, name), tuple) else value
-                for name in OUTPUT_DEFINING}
-
-    def check_paths(self) -> None:
-        """Path errors, before any model loads."""
-        if not self.ckpt_dir.is_dir():
-            raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such directory (it holds "
-                            "params.json and consolidated.NN.pth)")
-        if not self.prompt_path.is_file():
-            what = "a directory, not a file" if self.prompt_path.is_dir() else "no such file"
-            raise UserError(f"--prompt_path {self.prompt_path}: {what}")
-        for name, path in (("--out_path", self.out_path), ("--logging_path", self.log_path)):
-            if not path.parent.is_dir():
-                raise UserError(f"{name} {path}: directory {path.parent} does not exist")
-            if path.is_dir():
-                raise UserError(f"{name} {path} is a directory: name a file in it")
-        # Every file the job writes must be its own: none may be the prompt file or another.
-        written = {"--out_path": self.out_path, "the errors file": self.errors_path,
-                   "the run settings": self.settings_path, "the lock": self.lock_path,
-                   "--logging_path": self.log_path}
-        seen = {self.prompt_path.resolve(): "the prompt file"}
-        for name, path in written.items():
-            if (other := seen.setdefault(path.resolve(), name)) != name:
-                raise UserError(f"{name} must not be {other} ({path}): write it elsewhere")
+    def score_keys(self) -> tuple[str, str]:
+        return self.text_key, self.completion_key
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 RULES = rules(Settings)
-PER_RECORD = tuple(name for name, f in FIELDS.items() if f.metadata["per_record"])
-OUTPUT_DEFINING = tuple(name for name, f in FIELDS.items()
-                        if f.metadata["role"] == DEFINES_OUTPUT)
+PER_RECORD = Settings.per_record()
+OUTPUT_DEFINING = names_with(Settings, "role", DEFINES_OUTPUT)
 REQUIRED = tuple(name for name, f in FIELDS.items() if f.default is dataclasses.MISSING)

@@ -12,14 +12,14 @@ import torch
 from llama_gen.distributed import Dist
 from llama_gen.engine import Completion, Request, SamplingParams
 from llama_gen.errors import UserError
-from llama_gen.job import (OUTPUT_FIELDS, Interrupted, Plan, Prompting, Results, StopRequested,
+from llama_gen.job import (Interrupted, Plan, Prompting, Results, StopRequested,
                            Tag, Work, check_no_clash, count_pending, end_of_run, output_line,
                            pending_work, prepare, requests_for)
 from llama_gen.output import OutputLock
 from llama_gen.records import BadLine, Record, parse_line
 from llama_gen.replicas import Finished, decode, encode
 from llama_gen.sampling import derive_seed
-from llama_gen.settings import Settings
+from llama_gen.settings import OUTPUT_FIELDS, Settings
 from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
 from llama_gen.tokenizer import load_tokenizer
 
