@@ -1,12 +1,16 @@
-"""Sampling: counter-based uniforms, greedy and top-p selection, log-probs and seed derivation."""
+"""Sampling: counter-based uniforms, greedy and top-p selection, top-k, min-p, penalties,
+log-probs and seed derivation."""
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from llama_gen.sampling import (ARGMAX_BLOCK, NUCLEUS_CANDIDATES, WIDE_NUCLEUS_CANDIDATES, argmax,
-                                counter_uniform, derive_seed, nucleus_may_fit, sample,
-                                token_logprobs)
+from llama_gen.sampling import (ARGMAX_BLOCK, NUCLEUS_CANDIDATES, WIDE_NUCLEUS_CANDIDATES,
+                                apply_penalties, argmax, counter_uniform, derive_seed,
+                                filtered_probs, nucleus_may_fit, sample, token_logprobs,
+                                top_logprobs)
 
 NEG_INF = float("-inf")
 U_MIN = 0.5 / 2**32  # the extremes counter_uniform can return
@@ -305,3 +309,256 @@ def test_blocked_argmax_equals_torch_argmax_with_ties_and_nans(vocab, transposed
     logits[7] = float("-inf")
     assert torch.equal(argmax(logits), logits.argmax(-1))
     assert torch.equal(argmax(logits[:1]), logits[:1].argmax(-1))
+
+
+# Rows of (temperature, top_k, top_p, min_p), each filter binding alone and together.
+MIXED_SETTINGS = [
+    (1.0, 0, 0.9, 0.0),  # top-p alone
+    (0.7, 7, 1.0, 0.0),  # top-k alone
+    (1.3, 0, 1.0, 0.1),  # min-p alone
+    (0.8, 50, 0.8, 0.0),  # top-p over the top-k's renormalised mass
+    (1.0, 300, 0.95, 0.05),  # all three
+    (0.5, 999, 0.5, 0.02),
+    (1.2, 1000, 1.0, 0.0),  # top_k = V: no limit
+    (1.0, 1, 0.9, 0.5),
+]
+
+
+def settings(rows: list[tuple[float, int, float, float]]) -> tuple[torch.Tensor, ...]:
+    """(temperature, top_p, top_k, min_p) tensors, in `sample`'s argument order."""
+    temperature, top_k, top_p, min_p = zip(*rows)
+    return (torch.tensor(temperature), torch.tensor(top_p), torch.tensor(top_k),
+            torch.tensor(min_p))
+
+
+def hugging_face_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                       min_p: float) -> torch.Tensor:
+    """One row through HF's warpers in generate's order, each only where it is on."""
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    warpers += [MinPLogitsWarper(min_p)] if min_p > 0 else []
+    scores = logits.unsqueeze(0).clone()
+    for warper in warpers:
+        scores = warper(torch.zeros(1, 0, dtype=torch.long), scores)
+    return torch.softmax(scores, dim=-1).squeeze(0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_filtered_probs_equal_hugging_faces_warper_chain(seed):
+    rows = MIXED_SETTINGS[seed:] + MIXED_SETTINGS[:seed]
+    temperature, top_p, top_k, min_p = settings(rows)
+    logits = torch.randn(8, 1000, generator=torch.Generator().manual_seed(seed)) * (1 + seed)
+    got = filtered_probs(logits, temperature, top_p, top_k, min_p)
+    want = torch.stack([hugging_face_probs(logits[i], *row) for i, row in enumerate(rows)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(got > 0, want > 0)
+    # each filter changes some row's distribution
+    assert not torch.equal(got, filtered_probs(logits, temperature, top_p, None, min_p))
+    assert not torch.equal(got, filtered_probs(logits, temperature, top_p, top_k, None))
+    assert not torch.equal(got, filtered_probs(logits, temperature, torch.ones(8), top_k, min_p))
+
+
+def penalty_inputs(seed: int, rows: int = 6, vocab: int = 50):
+    """Logits (some 0, some -inf), prompts and generated tokens drawn from a small vocabulary
+    so that tokens repeat, and the prompt-seen mask and output counts made from them."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    logits[:, :3] = torch.tensor([0.0, NEG_INF, 2.0])
+    prompts = [torch.randint(vocab, (int(n),), generator=gen)
+               for n in torch.randint(1, 30, (rows,), generator=gen)]
+    outputs = [torch.randint(vocab, (int(n),), generator=gen)
+               for n in torch.randint(0, 30, (rows,), generator=gen)]
+    seen = torch.stack([torch.zeros(vocab, dtype=torch.bool).index_fill(0, p, True)
+                        for p in prompts])
+    counts = torch.stack([o.bincount(minlength=vocab) for o in outputs]).int()
+    return logits, prompts, outputs, seen, counts
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_repetition_penalty_equals_hugging_faces(seed):
+    logits, prompts, outputs, seen, counts = penalty_inputs(seed)
+    penalty = torch.tensor([1.0, 1.2, 0.8, 2.0, 1.5, 0.5])
+    before = logits.clone()
+    got = apply_penalties(logits, seen, counts, penalty, torch.zeros(6), torch.zeros(6))
+    assert torch.equal(logits, before)  # the caller's logits are left alone
+    for i in range(6):
+        input_ids = torch.cat((prompts[i], outputs[i])).unsqueeze(0)
+        processor = RepetitionPenaltyLogitsProcessor(penalty[i].item())
+        want = processor(input_ids, logits[i:i + 1].clone()).squeeze(0)
+        assert torch.equal(got[i], want), i
+    assert not torch.equal(got[1:], logits[1:])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_presence_and_frequency_penalties_follow_openais_formula(seed):
+    """HF has no such processor. OpenAI's API reference (Parameter details) and vLLM's
+    `apply_penalties` (vllm/model_executor/layers/utils.py): over the generated tokens only,
+    logit[j] -= c[j] * frequency + (c[j] > 0) * presence, after the repetition penalty."""
+    logits, prompts, outputs, seen, counts = penalty_inputs(seed)
+    repetition = torch.tensor([1.0, 1.0, 1.3, 0.9, 1.0, 2.0])
+    presence = torch.tensor([0.0, 0.5, -0.5, 1.0, 2.0, 0.3])
+    frequency = torch.tensor([0.0, 0.25, 0.1, -0.2, 0.0, 1.5])
+    got = apply_penalties(logits, seen, counts, repetition, presence, frequency)
+    repeated = apply_penalties(logits, seen, counts, repetition, torch.zeros(6), torch.zeros(6))
+    for i in range(6):
+        generated = outputs[i].tolist()
+        for j in range(logits.shape[-1]):
+            c = generated.count(j)
+            want = repeated[i, j].item() - c * frequency[i].item() - (c > 0) * presence[i].item()
+            assert got[i, j].item() == pytest.approx(want, rel=1e-6, abs=1e-6), (i, j)
+    in_prompt_only = seen & (counts == 0)
+    assert torch.equal(got[in_prompt_only], repeated[in_prompt_only])
+
+
+def test_neutral_penalties_return_the_logits_bit_for_bit():
+    logits, _, _, seen, counts = penalty_inputs(0)
+    got = apply_penalties(logits, seen, counts, torch.ones(6), torch.zeros(6), torch.zeros(6))
+    assert torch.equal(got, logits)
+
+
+def test_penalties_apply_under_greedy_decoding():
+    logits, _, _, seen, counts = penalty_inputs(1)
+    seen[:, logits.argmax(-1)] = True  # every row has seen its most likely token
+    penalised = apply_penalties(logits, seen, counts, torch.full((6,), 1.5), torch.full((6,), 0.5),
+                                torch.full((6,), 0.5))
+    tokens = sample(penalised, torch.zeros(6), torch.ones(6), torch.full((6,), 0.5).double(),
+                    torch.full((6,), 3), torch.full((6,), 0.5))
+    assert torch.equal(tokens, penalised.argmax(-1))
+    assert (tokens != logits.argmax(-1)).any()
+
+
+def canonical_inverse_cdf(logits, temperature, top_p, top_k, min_p, uniform, margin):
+    """Tokens drawn from `filtered_probs` by inverting its CDF (float64) in the canonical
+    order at `uniform` (rounded to float32 as `sample` uses it), and which draws lie more than
+    `margin` from every step of that CDF (so float32 rounding cannot move them)."""
+    probs = filtered_probs(logits, temperature, top_p, top_k, min_p).double()
+    order = torch.softmax(logits / temperature.unsqueeze(-1), dim=-1).sort(
+        dim=-1, descending=True, stable=True).indices
+    cdf = probs.gather(-1, order).cumsum(dim=-1)
+    u = uniform.float().double().unsqueeze(-1)
+    pick = torch.minimum((cdf <= u).sum(dim=-1), (probs > 0).sum(dim=-1) - 1)
+    return order.gather(-1, pick.unsqueeze(-1)).squeeze(-1), (cdf - u).abs().amin(dim=-1) > margin
+
+
+def path_logits_and_settings():
+    """Rows whose kept set lies within the first candidates, within the wide ones, or neither,
+    by each filter: top_k small, top_k past the first candidates, past the wide ones,
+    min-p cutting inside or outside the candidates, top_p 1, and a greedy row."""
+    rows = [  # (logit scale, temperature, top_k, top_p, min_p)
+        (1.0, 1.0, 5, 0.9, 0.0), (0.3, 0.8, 40, 1.0, 0.0), (1.0, 1.0, 300, 0.99, 0.0),
+        (0.3, 1.0, 3000, 1.0, 0.0), (0.3, 1.0, 4500, 0.95, 0.0), (0.2, 1.0, 4097, 1.0, 0.0),
+        (5.0, 0.8, 0, 1.0, 0.05), (0.5, 1.0, 0, 1.0, 0.3), (0.3, 1.0, 0, 1.0, 0.5),
+        (0.3, 1.0, 2000, 0.9, 0.6), (1.0, 1.0, 0, 1.0, 0.0), (3.0, 0.7, 10, 0.8, 0.1),
+        (1.0, 0.0, 5, 0.9, 0.1), (2.0, 1.0, 0, 0.9, 0.0), (0.5, 1.0, 6000, 0.5, 0.0),
+        (4.0, 1.0, 1000, 1.0, 0.02),
+    ]
+    scale, temperature, top_k, top_p, min_p = (torch.tensor(c) for c in zip(*rows))
+    logits = torch.randn(len(rows), 5000, generator=torch.Generator().manual_seed(7))
+    return logits * scale.unsqueeze(-1), temperature, top_p, top_k, min_p
+
+
+def test_sample_inverts_the_cdf_of_filtered_probs_on_every_path():
+    logits, temperature, top_p, top_k, min_p = path_logits_and_settings()
+    kept = (filtered_probs(logits, temperature, top_p, top_k, min_p) > 0).sum(dim=-1)
+    sampled = temperature > 0
+    assert ((kept <= NUCLEUS_CANDIDATES) & sampled).sum() >= 4  # the paths the batch takes
+    assert ((kept > NUCLEUS_CANDIDATES) & (kept <= WIDE_NUCLEUS_CANDIDATES)).sum() >= 4
+    assert (kept > WIDE_NUCLEUS_CANDIDATES).sum() >= 3
+    checked = 0
+    for counter in range(100):
+        uniform = counter_uniform(torch.arange(16), torch.full((16,), counter))
+        got = sample(logits, temperature, top_p, uniform, top_k, min_p)
+        want, clear = canonical_inverse_cdf(logits, temperature, top_p, top_k, min_p, uniform,
+                                            margin=1e-5)
+        assert torch.equal(got[~sampled], logits[~sampled].argmax(-1))
+        assert torch.equal(got[sampled & clear], want[sampled & clear]), counter
+        checked += (sampled & clear).sum().item()
+    assert checked >= 0.95 * 100 * sampled.sum().item()
+
+
+def test_a_rows_token_does_not_depend_on_its_batch_neighbours():
+    logits, temperature, top_p, top_k, min_p = path_logits_and_settings()
+    for counter in range(5):
+        uniform = counter_uniform(torch.arange(16), torch.full((16,), counter))
+        batch = sample(logits, temperature, top_p, uniform, top_k, min_p)
+        for i in range(16):
+            row = slice(i, i + 1)
+            alone = sample(logits[row], temperature[row], top_p[row], uniform[row], top_k[row],
+                           min_p[row])
+            assert alone.item() == batch[i].item(), (counter, i)
+
+
+def test_neutral_top_k_and_min_p_leave_the_tokens_as_top_p_alone_gives():
+    gen = torch.Generator().manual_seed(9)
+    scales = torch.tensor([0.3, 1.0, 3.0, 6.0]).repeat(8)
+    logits = torch.randn(32, 5000, generator=gen) * scales[:, None]
+    temperature = torch.full((32,), 0.8)
+    top_p = torch.rand(32, generator=gen).clamp(0.05, 1.0)
+    top_p[::5] = 1.0
+    for counter in range(10):
+        uniform = counter_uniform(torch.arange(32), torch.full((32,), counter))
+        want = full_sort_reference(logits, temperature, top_p, uniform.float())
+        assert torch.equal(sample(logits, temperature, top_p, uniform), want)
+        neutral = sample(logits, temperature, top_p, uniform, torch.zeros(32, dtype=torch.long),
+                         torch.zeros(32))
+        assert torch.equal(neutral, want), counter
+
+
+def test_top_k_keeps_the_lowest_ids_of_a_tie_group_across_the_candidates_edge():
+    """400 equally likely tokens straddle the 256th place and top-k ends among them, before or
+    after that place: the kept set is the 200 more likely tokens and the tied ones with the
+    lowest ids (HF keeps the whole tie group; a prefix of the canonical order keeps exactly
+    top_k). topk holds an arbitrary 56 of the tied tokens, so no row may stop there."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.full((8, 5000), -30.0)
+    tied = []
+    for row in logits:
+        ids = torch.randperm(5000, generator=gen)
+        row[ids[:200]] = torch.linspace(5, 4, 200)
+        row[ids[200:600]] = 3.5
+        tied.append(ids[200:600].sort().values)
+    top_k, top_p = torch.tensor([230, 260] * 4), torch.tensor([1.0, 1.0, 0.99995, 0.99995] * 2)
+    min_p = torch.tensor([0.0] * 4 + [0.01] * 4)  # neither cuts before the top_k-th
+    kept = filtered_probs(logits, torch.ones(8), top_p, top_k, min_p) > 0
+    drawn = torch.zeros_like(kept)
+    for counter in range(300):
+        uniform = counter_uniform(torch.arange(8), torch.full((8,), counter))
+        tokens = sample(logits, torch.ones(8), top_p, uniform, top_k, min_p)
+        drawn[torch.arange(8), tokens] = True
+    assert torch.equal(kept.sum(dim=-1), top_k)
+    for i, n_tied in enumerate((top_k - 200).tolist()):
+        assert kept[i, tied[i][:n_tied]].all() and not kept[i, tied[i][n_tied:]].any()
+    assert not (drawn & ~kept).any()
+    assert all(drawn[i, tied[i]].any() for i in range(8))
+
+
+def test_min_p_keeps_every_token_at_least_min_p_times_the_most_likely():
+    logits = torch.tensor([[2.0, 1.0, 2.0, 0.0, 1.9]] * 2)
+    min_p = torch.tensor([1.0, 0.5])  # ties with the most likely are kept; e**-0.9 > 0.5 > e**-1
+    probs = filtered_probs(logits, torch.ones(2), torch.ones(2), None, min_p)
+    assert (probs > 0).tolist() == [[True, False, True, False, False],
+                                    [True, False, True, False, True]]
+    for u in (U_MIN, 0.5, U_MAX):
+        tokens = sample(logits, torch.ones(2), torch.ones(2), torch.full((2,), u).double(), None,
+                        min_p)
+        assert probs[torch.arange(2), tokens].all()
+    assert sample(logits, torch.ones(2), torch.ones(2), torch.full((2,), U_MAX).double(), None,
+                  min_p).tolist() == [2, 4]
+
+
+def test_top_logprobs_are_the_most_likely_first_ties_by_lower_id():
+    gen = torch.Generator().manual_seed(6)
+    logits = (torch.randn(6, 32000, generator=gen) * 2).bfloat16().float()  # ties everywhere
+    logits[0, :100] = NEG_INF
+    logits[1] = 0.0  # all tied
+    logits[2, 31999] = 50.0
+    logprobs, ids = top_logprobs(logits, 20)
+    want = torch.log_softmax(logits, dim=-1).sort(dim=-1, descending=True, stable=True)
+    assert ids.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert torch.equal(ids, want.indices[:, :20]) and torch.equal(logprobs, want.values[:, :20])
+    assert ids[1].tolist() == list(range(20)) and ids[2, 0] == 31999
+    assert torch.equal(logprobs, torch.log_softmax(logits, dim=-1).gather(-1, ids))
+    small = torch.tensor([[0.0, NEG_INF, -1.0]])
+    assert top_logprobs(small, 3)[1].tolist() == [[0, 2, 1]]
+    assert top_logprobs(small, 3)[0][0, 2] == NEG_INF
