@@ -495,3 +495,121 @@ def test_resume_with_another_number_of_processes(tiny_checkpoints, tmp_path):
     got = read_output(out)
     assert {k: r["completion"] for k, r in got.items()} == {
         k: r["completion"] for k, r in want.items()}
+
+
+# --- chat, stop strings, sampling controls and scoring -------------------------------------------
+
+NEW_FLAGS = ["--chat", "--system", "Be brief.", "--stop", '["\\n\\n", "###"]', "--top_k", "5",
+             "--min_p", "0.05", "--repetition_penalty", "1.1", "--presence_penalty", "0.2",
+             "--frequency_penalty", "0.1", "--min_tokens", "2", "--top_logprobs", "2",
+             "--temperature", "0.8", "--num_samples", "2"]
+
+
+def test_chat_stop_and_sampling_flags_match_between_torchrun_and_one_process(tiny_checkpoints,
+                                                                              tmp_path):
+    """Every new control on model parallel 2 under torchrun gives one process's lines (each rank
+    keeps its own penalty counts and stop strings, and they must agree)."""
+    prompts = [{"prompt": "Hello world"}, {"prompt": "Tell me a story", "stop": "e", "top_k": 0},
+               {"messages": [{"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello!"},
+                             {"role": "user", "content": "Grüße, 東京 🙂"}], "system": "Terse."}]
+    extra = (*NEW_FLAGS, "--ignore_eos", "--max_seq_len", "128")
+    one = generate(tiny_checkpoints[("llama3", 1)], tmp_path, prompts=prompts, extra=extra)
+    two = generate(tiny_checkpoints[("llama3", 2)], tmp_path, nproc=2, prompts=prompts,
+                   extra=extra)
+    assert_same_generation(two, one)
+    assert len(one) == 6
+    for line in one.values():
+        assert line["token_ids"] and len(line["top_logprobs"]) == line["completion_tokens"]
+        assert line["completion_tokens"] >= 2  # --min_tokens
+        assert all(len(alternatives) == 2 for alternatives in line["top_logprobs"])
+    stopped = [line for line in one.values() if line["finish_reason"] == "stop"]
+    assert all(line["stop_reason"] in ("\n\n", "###", "e") for line in stopped)
+
+
+def test_chat_prompts_are_in_the_checkpoints_format_and_bad_dialogs_are_recorded(
+        tiny_checkpoints, tmp_path):
+    from llama_gen import chat
+    from llama_gen.tokenizer import load_tokenizer
+    dialog = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "Grüße, 東京 🙂"}]
+    for family in ("llama2", "llama3"):
+        ckpt = tiny_checkpoints[(family, 1)]
+        tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+        prompts = write_prompts(tmp_path / f"{family}.jsonl", [
+            {"messages": dialog}, {"prompt": "Why?", "system": "Be brief."},
+            {"messages": dialog[:2]}, {"messages": []}])
+        out = tmp_path / f"{family}.out.jsonl"
+        result = run([*job_args(ckpt, prompts, out), *GREEDY, "--chat"])
+        assert result.returncode == 0, result.stderr
+        lines = read_output(out)
+        fmt = "llama2" if family == "llama2" else "llama3"
+        assert lines[(1, 0)]["prompt_tokens"] == len(chat.prompt_tokens(dialog, fmt, tokenizer))
+        with_system = chat.with_system([{"role": "user", "content": "Why?"}], "Be brief.")
+        assert lines[(2, 0)]["prompt_tokens"] == len(chat.prompt_tokens(with_system, fmt,
+                                                                         tokenizer))
+        errors = [json.loads(x) for x in out.with_name(out.name + ".errors.jsonl").read_text()
+                  .splitlines()]
+        assert [e["line"] for e in errors] == [3, 4]
+        assert "assistant" in errors[0]["reason"] and "empty" in errors[1]["reason"]
+
+
+def test_chat_on_a_llama_1_checkpoint_is_one_clear_error(checkpoint_copy, tmp_path):
+    ckpt = checkpoint_copy("llama2")
+    params = json.loads((ckpt / "params.json").read_text())
+    (ckpt / "params.json").write_text(json.dumps({**params, "norm_eps": 1e-6}))
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    result = run([*job_args(ckpt, prompts, tmp_path / "o.jsonl"), "--chat"])
+    assert_one_line_error(result, "Llama 1", "--chat_format llama2")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_stop_strings_cut_the_completion_before_the_first_match(tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints[("llama2", 1)]
+    free = generate(ckpt, tmp_path, prompts=[{"prompt": "Hello world"}])[(1, 0)]["completion"]
+    words = free.split()
+    assert len(words) >= 3, free
+    first, later = words[1], words[-1]
+    want = free[:free.index(first)]
+    records = [{"prompt": "Hello world", "stop": [later, first]},  # the later-listed comes first
+               {"prompt": "Hello world", "stop": "never there"}]
+    lines = generate(ckpt, tmp_path, prompts=records)
+    assert (lines[(1, 0)]["completion"], lines[(1, 0)]["finish_reason"],
+            lines[(1, 0)]["stop_reason"]) == (want, "stop", first)
+    assert lines[(1, 0)]["completion_tokens"] < lines[(2, 0)]["completion_tokens"]
+    assert lines[(2, 0)]["completion"] == free and lines[(2, 0)]["stop_reason"] is None
+
+
+def test_score_equals_the_engines_teacher_forced_logprobs_and_resumes(tiny_checkpoints,
+                                                                        tmp_path):
+    """Scoring a text gives the logprobs that generating with --echo --logprobs gives its
+    prompt; on model parallel 2 too; a second run adds nothing."""
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    texts = ["The quick brown fox jumps over the lazy dog.", "नमस्ते दुनिया", "a b c d e f g"]
+    echoed = generate(ckpt, tmp_path, prompts=[{"prompt": t} for t in texts],
+                      extra=("--echo", "--max_gen_len", "1"))
+    records = [{"text": t} for t in texts] + [{"prompt": "Q: 2+2? A:", "completion": " 4"},
+                                              {"text": ""}]
+    prompts = write_prompts(tmp_path / "texts.jsonl", records)
+    scores = {}
+    for nproc, ckpt_dir in ((None, ckpt), (2, tiny_checkpoints[("llama3", 2)])):
+        out = tmp_path / f"scores-{nproc}.jsonl"
+        args = ["score", *job_args(ckpt_dir, prompts, out), "--logprobs", "--max_batch_size", "2"]
+        result = run(args, nproc)
+        assert result.returncode == 0, result.stderr
+        scores[nproc] = read_output(out)
+        again = run(args, nproc)
+        assert again.returncode == 0 and "0 sample(s) written" in again.stderr
+        assert read_output(out) == scores[nproc]
+    for i in range(len(texts)):
+        line = scores[None][(i + 1, 0)]
+        want = echoed[(i + 1, 0)]["logprobs"][1:line["n_tokens"] + 1]
+        assert torch.allclose(torch.tensor(line["token_logprobs"]), torch.tensor(want),
+                              atol=1e-5)
+        assert line["logprob"] == pytest.approx(sum(line["token_logprobs"]), abs=1e-9)
+        assert line["mean_logprob"] == pytest.approx(line["logprob"] / line["n_tokens"])
+        assert torch.allclose(torch.tensor(scores[2][(i + 1, 0)]["token_logprobs"]),
+                              torch.tensor(line["token_logprobs"]), atol=1e-4)
+    assert scores[None][(4, 0)]["n_tokens"] >= 1
+    errors = (tmp_path / "scores-None.jsonl.errors.jsonl").read_text()
+    assert '"line": 5' in errors
