@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -34,8 +35,10 @@ def parse(cls: type, argv: list[str], command: str) -> Any:
                             f"(see {command} --help)")
     parsed: list[Any] = []
 
+    texts = raw_texts(cls, argv)
+
     def take(*unexpected: Any, **values: Any) -> None:
-        parsed.append(from_flags(cls, unexpected, values))
+        parsed.append(from_flags(cls, unexpected, {**values, **texts}))
 
     # Catch-alls, so that fire hands us every word instead of complaining after a run.
     take.__signature__ = inspect.Signature([
@@ -43,6 +46,27 @@ def parse(cls: type, argv: list[str], command: str) -> Any:
         inspect.Parameter("values", inspect.Parameter.VAR_KEYWORD)])
     fire.Fire(take, command=argv, name=command)
     return parsed[0]
+
+
+def raw_texts(cls: type, argv: list[str]) -> dict[str, Any]:
+    """The values of text-list flags (`--stop`) as typed: a JSON list if it starts with "[",
+    else one text, where fire would split "a,b" into two and read "5" as a number."""
+    names = {name for name, rule in rules(cls).items() if rule.is_texts}
+    texts = {}
+    for i, word in enumerate(argv):
+        name, equals, value = word.removeprefix("--").partition("=")
+        if not word.startswith("--") or name not in names:
+            continue
+        if not equals:
+            if i + 1 == len(argv):
+                continue  # fire's bare --name: from_flags asks for a value
+            value = argv[i + 1]
+        try:
+            texts[name] = json.loads(value) if value.lstrip().startswith("[") else value
+        except json.JSONDecodeError as e:
+            raise UserError(f"--{name} {value}: not a JSON list ({e.msg}); write one text, or "
+                            f"a list as '[\"a\", \"b\"]'") from None
+    return texts
 
 
 def from_flags(cls: type, unexpected: tuple, values: dict[str, Any]) -> Any:

@@ -161,3 +161,20 @@ def test_help_of_a_small_dataclass():
     assert "  --count INT\n      how many (default 1)\n" in text
     assert "  --verbose\n      say more\n" in text
     assert "  --name STR\n      a name; a record may set it\n" in text
+
+
+@pytest.mark.parametrize("typed, stops", [
+    ("###", ("###",)), ("a,b", ("a,b",)), ("5", ("5",)), ("\n\n", ("\n\n",)),
+    ('["\\n\\nQuestion:", "###"]', ("\n\nQuestion:", "###")), ('["x"]', ("x",))])
+def test_stop_takes_one_text_as_typed_or_a_json_list(typed, stops):
+    paths = ["--ckpt_dir", "a", "--prompt_path", "b", "--out_path", "c"]
+    assert parse(Settings, [*paths, "--stop", typed], "llama-gen").stop == stops
+    assert parse(Settings, [*paths, f"--stop={typed}"], "llama-gen").stop == stops
+
+
+@pytest.mark.parametrize("typed, message", [('["a"', "not a JSON list"),
+                                            ('["a", 5]', "non-empty text"), ('[""]', "non-empty")])
+def test_a_bad_stop_list_is_one_error(typed, message):
+    paths = ["--ckpt_dir", "a", "--prompt_path", "b", "--out_path", "c"]
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse(Settings, [*paths, "--stop", typed], "llama-gen")
