@@ -28,6 +28,7 @@ import torch
 
 from . import engine
 from .model import Step, Transformer
+from .sampling import token_logprobs
 
 
 @dataclass(frozen=True)
@@ -257,12 +258,7 @@ class Scorer:
         """log p(targets[i]) under the logits of hidden[i], LOGPROB_ROWS rows at a time: one
         copy to the host for the whole pass."""
         rows = engine.LOGPROB_ROWS
-        parts = [target_logprobs(self.model.logits(hidden[a:a + rows]), targets[a:a + rows])
+        parts = [token_logprobs(self.model.logits(hidden[a:a + rows]), targets[a:a + rows])
                  for a in range(0, len(hidden), rows)]
         return torch.cat(parts).tolist() if parts else []
 
-
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[i, targets[i]] for (n, vocab) float32 logits, without writing the
-    whole log-softmax: each row's target logit less its logsumexp."""
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
