@@ -26,6 +26,7 @@ from .chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, pr
                    reply_tokens, with_system)
 from .engine import Completion, Request, SamplingParams, prompt_problem
 from .errors import UserError
+from .openai_batch import Choice, request_id, response_line
 from .output import OutputLock, Writer
 from .records import BadLine, Form, Record, read_records
 from .replicas import Finished, Mailbox, Message
@@ -122,7 +123,8 @@ def count_pending(settings: Settings, done: set[tuple[Any, int]]) -> int:
     pending = 0
     for item in records_of(settings):
         if isinstance(item, Record):
-            check_no_clash(item, settings, resuming=bool(done))
+            if item.batch is None:  # a batch line's output holds none of its fields
+                check_no_clash(item, settings, resuming=bool(done))
             n = settings.with_overrides(item.overrides).num_samples
             pending += sum((item.id, i) not in done for i in range(n))
     return pending
@@ -257,6 +259,7 @@ def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prom
         if (owned - 1) % replicas != replica:
             continue
         shown = json.dumps(item.fields, ensure_ascii=False)[:1000]
+        custom_id = item.batch and item.batch.custom_id
         own = settings.with_overrides(item.overrides)
         try:
             if settings.score_keys is None:
@@ -266,10 +269,11 @@ def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prom
                 tokens, first = prompting.score_tokens(item, own)
                 problem = score_problem(len(tokens), settings.max_seq_len, first)
         except DialogError as e:
-            yield BadLine(item.line, str(e), shown)
+            yield BadLine(item.line, str(e), shown, custom_id=custom_id)
             continue
         if problem:
-            yield BadLine(item.line, problem, shown, max_seq_len=settings.max_seq_len)
+            yield BadLine(item.line, problem, shown, max_seq_len=settings.max_seq_len,
+                          custom_id=custom_id)
             continue
         yield Work(item, tokens, samples, first)
 
@@ -395,6 +399,46 @@ def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[i
     return text
 
 
+def batch_choice(completion: Completion, tokenizer: Tokenizer) -> Choice:
+    """A batch request's completion as one of its choices: the text an output line would hold,
+    and per token its id, text, logprob and alternatives (when asked for). A special token the
+    text leaves out has the empty text, so that the tokens join to the text (and completions'
+    text_offset points into it); alternatives keep their names."""
+    request, p = completion.request, completion.request.params
+    assert not p.echo, "a batch request never echoes its prompt"
+    ids = completion.tokens
+    text = completion_text(tokenizer, request.prompt_tokens, ids, p, completion.stop_reason)
+    shown = set(shown_ids(tokenizer, ids, p))
+    tokens = [tokenizer.token_text(t) if t in shown else "" for t in ids]
+    top = completion.top_logprobs
+    return Choice(text, completion.finish_reason, list(ids), tokens, completion.logprobs,
+                  None if top is None else [[(tokenizer.token_text(t), lp) for t, lp in alts]
+                                            for alts in top])
+
+
+class Answers:
+    """Batch requests' choices, held until a request has all of them: its output line holds
+    them all. What is held when the run stops is dropped (the next run makes it again)."""
+
+    def __init__(self, settings: Settings, tokenizer: Tokenizer):
+        self.settings, self.tokenizer = settings, tokenizer
+        self.model = settings.ckpt_dir.resolve().name  # for a body that names no model
+        self._held: dict[str, dict[int, Choice]] = {}
+
+    def add(self, completion: Completion) -> dict[str, Any] | None:
+        """The request's output line once this completion is its last choice, else None."""
+        record, sample = completion.request.tag.record, completion.request.tag.sample
+        held = self._held.setdefault(record.batch.custom_id, {})
+        held[sample] = batch_choice(completion, self.tokenizer)
+        n = self.settings.with_overrides(record.overrides).num_samples
+        if len(held) < n:
+            return None
+        del self._held[record.batch.custom_id]
+        return response_line(record.batch, [held[i] for i in range(n)],
+                             completion.prompt_tokens, self.model,
+                             request_id(record.batch.custom_id), int(time.time()))
+
+
 class Results:
     """Where this rank's results go: global rank 0 writes them (its own and, from the mailbox,
     the other replicas'); other replicas' leaders mail them to it; other ranks have none."""
@@ -403,14 +447,22 @@ class Results:
         self.settings, self.dist, self.tokenizer = settings, dist, tokenizer
         self.writer = Writer(settings, total) if dist.is_writer else None
         self.mailbox = Mailbox(dist) if dist.data_parallel_size > 1 else None
+        self.answers = Answers(settings, tokenizer)
         self.first_bad_line: BadLine | None = None
 
     def finished(self, result: Completion | Scored) -> None:
-        """A result every rank of the group has; its leader makes the line and sends it."""
+        """A result every rank of the group has; its leader makes the line and sends it (a
+        batch request's once all of its samples are in: they are all on this replica)."""
         if self.dist.is_model_parallel_leader:
-            line = (score_line(result, self.settings) if isinstance(result, Scored)
-                    else output_line(result, self.tokenizer, self.settings))
-            self.deliver(Finished(line, result.request.tag.record.line))
+            record = result.request.tag.record
+            if isinstance(result, Scored):
+                line = score_line(result, self.settings)
+            elif record.batch is not None:
+                line = self.answers.add(result)
+            else:
+                line = output_line(result, self.tokenizer, self.settings)
+            if line is not None:
+                self.deliver(Finished(line, record.line))
         self._collect_mail()
 
     def deliver(self, message: Message) -> None:

@@ -248,6 +248,17 @@ def completion_prompt(prompt: Any) -> str:
     raise Unsupported("body.prompt given as token ids is not supported: give the text")
 
 
+def body_field(setting: str, body: dict[str, Any], endpoint: str) -> str:
+    """The body field that set a llama-gen setting (`settings_of` in reverse), to word a bad
+    value in the request's own terms."""
+    if setting == "max_gen_len":
+        chat_max = endpoint == "chat" and body.get("max_completion_tokens") is not None
+        return "max_completion_tokens" if chat_max else "max_tokens"
+    if setting == "top_logprobs" and endpoint == "completion":
+        return "logprobs"
+    return next((k for k, v in SETTING_OF.items() if v == setting), setting)
+
+
 def settings_of(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     """The llama-gen settings a body sets, in llama-gen's names and types."""
     values = {SETTING_OF[k]: v for k, v in body.items() if k in SETTING_OF and v is not None}
@@ -297,6 +308,11 @@ def completion_logprobs_settings(body: dict[str, Any]) -> dict[str, Any]:
 
 def digest(custom_id: str) -> str:
     return hashlib.sha256(custom_id.encode("utf-8")).hexdigest()[:24]
+
+
+def request_id(custom_id: str) -> str:
+    """The response's request_id: the same for a custom_id in every run."""
+    return "req_" + digest(custom_id)
 
 
 def output_id(custom_id: str) -> str:

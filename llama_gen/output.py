@@ -3,7 +3,8 @@ writer that fills them (global rank 0).
 
 Output is only appended to, one whole line per write, or replaced atomically. On start-up the
 output file is read back: a torn last line (a crash mid-write) is cut off, and every (id, sample)
-pair already there is done.
+pair already there is done. A batch request's line (OpenAI's batch output format) holds all of
+its samples: (custom_id, i) for each of its choices i.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 import jsonlines
 
 from .errors import UserError
+from .openai_batch import done_key
 from .records import BadLine
 from .settings import JobSettings
 
@@ -51,6 +53,22 @@ def cut_torn_last_line(path: Path) -> int:
     return size - tail_start
 
 
+def is_batch_line(line: Any) -> bool:
+    """Whether an output line answers a batch request (llama-gen's own lines have a sample)."""
+    return isinstance(line, dict) and "custom_id" in line and "sample" not in line
+
+
+def done_pairs(line: Any) -> list[tuple[Any, int]]:
+    """The (id, sample)s an output line holds; KeyError, TypeError or ValueError for a line of
+    no kind llama-gen writes (a batch line must be a whole answer: error lines go elsewhere)."""
+    if not is_batch_line(line):
+        return [(line["id"], line["sample"])]
+    custom_id = done_key(line)
+    if custom_id is None:
+        raise ValueError("not a whole answer")
+    return [(custom_id, choice["index"]) for choice in line["response"]["body"]["choices"]]
+
+
 def recover_output(path: Path) -> set[tuple[Any, int]]:
     """The (id, sample)s `path` already holds; a torn last line is cut off once the rest checks
     out."""
@@ -62,8 +80,7 @@ def recover_output(path: Path) -> set[tuple[Any, int]]:
             if not raw.endswith(b"\n"):
                 break
             try:
-                obj = json.loads(raw)
-                done.add((obj["id"], obj["sample"]))
+                done.update(done_pairs(json.loads(raw)))
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{path}: line {number} is not a llama-gen output line; move the "
                                 "file away or pass --overwrite") from None
@@ -188,12 +205,20 @@ class Writer:
             self._bar = tqdm(total=total, unit="sample", dynamic_ncols=True)
         self.progress.write(f"start: {total} sample(s) to write to {settings.out_path}")
 
+    def counts(self, line: dict[str, Any]) -> tuple[int, int]:
+        """The samples and tokens a line holds (a batch line: its request's choices)."""
+        if is_batch_line(line):
+            body = line["response"]["body"]
+            return len(body["choices"]), body["usage"]["completion_tokens"]
+        return 1, line[self._counted]
+
     def output(self, line: dict[str, Any], source_line: int) -> None:
         self.out.write(line)
-        self.samples += 1
-        self.tokens += line[self._counted]
+        samples, tokens = self.counts(line)
+        self.samples += samples
+        self.tokens += tokens
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(samples)
             self._bar.set_postfix_str(f"{self.tokens / self._elapsed():.0f} tok/s", refresh=False)
         now = time.monotonic()
         if now - self._last_report >= 1.0 or self.samples == self.total:

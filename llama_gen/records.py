@@ -1,5 +1,8 @@
 """Prompt records: read a JSONL file line by line, validate each line, give each record an id.
 
+A line is a prompt record (its prompt or dialog, its id, its own settings) or an OpenAI batch
+request (custom_id, body: see `openai_batch`); each line decides for itself.
+
 Plain Python on plain data. A bad line never stops the reading: it comes out as a `BadLine`
 with its line number and reason, for the errors file.
 """
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .chat import message_problem
+from .openai_batch import (CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, BatchRequest, body_field,
+                           error_line, is_batch_request, parse_batch_request, request_id)
 from .settings import PER_RECORD, RULES
 from .values import BadValue, is_int
 
@@ -26,9 +31,11 @@ class Record:
     id: str | int
     prompt: str | None
     fields: dict[str, Any]  # the input object, unchanged
-    overrides: dict[str, Any] = field(default_factory=dict)  # its own settings (PER_RECORD)
+    overrides: dict[str, Any] = field(default_factory=dict)  # its own settings, checked
+    # (a record's: those of PER_RECORD it sets; a batch request's: its body's, BATCH_SETTINGS)
     messages: list[dict[str, str]] | None = None
     target: str | None = None  # scoring: the text scored (a whole text, or a completion)
+    batch: BatchRequest | None = None  # a batch request line: answered in the API's format
 
 
 @dataclass(frozen=True)
@@ -37,9 +44,20 @@ class BadLine:
     reason: str
     text: str  # the line as read (invalid UTF-8 replaced), cut to a readable length
     max_seq_len: int | None = None  # a prompt too long for this context: retried with a longer
+    custom_id: str | None = None  # a batch request's: its entry is in the batch error format
 
     def as_json(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The errors file's entry. A batch request's is the API's error line, plus the line
+        number (and max_seq_len) that resuming reads; any other is this BadLine's fields."""
+        if self.custom_id is None:
+            return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        code = INVALID_REQUEST if self.max_seq_len is None else CONTEXT_LENGTH_EXCEEDED
+        entry = error_line(self.custom_id, self.reason, code,
+                           request_id=request_id(self.custom_id))
+        entry["line"] = self.line
+        if self.max_seq_len is not None:
+            entry["max_seq_len"] = self.max_seq_len
+        return entry
 
 
 def check_overrides(obj: dict[str, Any], names: tuple[str, ...] = PER_RECORD
@@ -78,6 +96,8 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str, id_key_requi
                        shown)
     if not isinstance(obj, dict):
         return BadLine(line, f"expected a JSON object, got {type(obj).__name__}", shown)
+    if is_batch_request(obj):
+        return batch_record(obj, line, shown, form)
     if (problem := form.problem(obj)) is not None:
         return BadLine(line, problem, shown)
     if id_key in obj:
@@ -93,6 +113,33 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str, id_key_requi
         return BadLine(line, problem, shown)
     prompt, messages, target = form.parts(obj)
     return Record(line, record_id, prompt, obj, overrides, messages, target)
+
+
+# What a batch request's answer always is, whatever the run's flags: the API echoes no prompt
+# (a body's echo is refused), and a completion's prompt is its raw text, never a chat message.
+BATCH_SETTINGS = {"chat": {"echo": False}, "completion": {"echo": False, "chat": False}}
+
+
+def batch_record(obj: dict[str, Any], line: int, shown: str, form: Form) -> Record | BadLine:
+    """A batch request line as a record: its id is its custom_id, its settings its body's,
+    checked by the settings' rules and worded in the body's own field names."""
+    custom_id = obj.get("custom_id")
+    custom_id = custom_id if isinstance(custom_id, str) and custom_id else None
+    if form.score_keys is not None:
+        return BadLine(line, "an OpenAI batch request: `llama-gen score` scores texts; answer "
+                       "requests with `llama-gen` itself", shown, custom_id=custom_id)
+    request = parse_batch_request(obj)
+    if isinstance(request, str):
+        return BadLine(line, request, shown, custom_id=custom_id)
+    overrides = dict(BATCH_SETTINGS[request.endpoint])
+    for name, value in request.overrides.items():
+        try:
+            overrides[name] = RULES[name].check(value)
+        except BadValue as e:
+            field_name = body_field(name, obj["body"], request.endpoint)
+            return BadLine(line, f"body.{field_name} {e}", shown, custom_id=custom_id)
+    return Record(line, request.custom_id, request.prompt, obj, overrides, request.messages,
+                  batch=request)
 
 
 @dataclass(frozen=True)
@@ -157,7 +204,8 @@ def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = No
                  form: Form | None = None) -> Iterator[Record | BadLine]:
     """Every non-blank line as a Record or a BadLine (a repeated id is a BadLine).
 
-    `id_key` None: records use their "id" field when they have one, else their line number.
+    `id_key` None: records use their "id" field when they have one, else their line number. A
+    batch request's id is its custom_id, whatever `id_key` and `prompt_key` say.
     """
     seen: dict[str, str | int] = {}  # ids as text (5 and "5" would be one id downstream)
     with path.open("rb") as f:
@@ -173,7 +221,8 @@ def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = No
                     earlier = seen[key]
                     same = "" if earlier == item.id else f" (as {json.dumps(earlier)} earlier)"
                     item = BadLine(line, f"duplicate id {json.dumps(item.id)}{same}",
-                                   json.dumps(item.fields, ensure_ascii=False)[:1000])
+                                   json.dumps(item.fields, ensure_ascii=False)[:1000],
+                                   custom_id=item.batch and item.batch.custom_id)
                 else:
                     seen[key] = item.id
             yield item

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from llama_gen.openai_batch import (CONTEXT_LENGTH_EXCEEDED, BatchRequest, Choice, done_key,
-                                    error_line, is_batch_request, output_id,
-                                    parse_batch_request, response_line)
+from llama_gen.openai_batch import (CONTEXT_LENGTH_EXCEEDED, BatchRequest, Choice, body_field,
+                                    done_key, error_line, is_batch_request, output_id,
+                                    parse_batch_request, request_id, response_line)
 
 # --- The published schemas, as field -> type ------------------------------------------------
 # Read from openai-python (src/openai/types/chat/chat_completion.py, chat_completion_message.py,
@@ -192,6 +192,24 @@ def test_chat_body_maps_onto_settings():
 ])
 def test_body_fields_and_defaults(url, body, overrides):
     assert parsed(request(url, **body)).overrides == overrides
+
+
+@pytest.mark.parametrize("endpoint, body, setting, name", [
+    ("chat", {"max_tokens": 5}, "max_gen_len", "max_tokens"),
+    ("chat", {"max_tokens": 5, "max_completion_tokens": 6}, "max_gen_len",
+     "max_completion_tokens"),
+    ("chat", {"max_tokens": 5, "max_completion_tokens": None}, "max_gen_len", "max_tokens"),
+    ("completion", {"max_tokens": 5, "max_completion_tokens": 6}, "max_gen_len", "max_tokens"),
+    ("completion", {}, "max_gen_len", "max_tokens"),  # its default of 16
+    ("chat", {"top_logprobs": 3}, "top_logprobs", "top_logprobs"),
+    ("completion", {"logprobs": 3}, "top_logprobs", "logprobs"),
+    ("chat", {"logprobs": True}, "logprobs", "logprobs"),
+    ("chat", {"n": 2}, "num_samples", "n"),
+    ("completion", {"stop": "x"}, "stop", "stop"),
+    ("chat", {"repetition_penalty": 1.1}, "repetition_penalty", "repetition_penalty"),
+])
+def test_body_field_names_the_field_behind_a_setting(endpoint, body, setting, name):
+    assert body_field(setting, body, endpoint) == name
 
 
 def test_harmless_fields_are_accepted_and_ignored():
@@ -401,6 +419,7 @@ def test_error_line_reads_as_failed_to_openai_and_vllm_readers():
 
 def test_ids_are_stable_across_runs_and_distinct_per_request():
     assert output_id("request-1") == output_id("request-1")
+    assert request_id("request-1") == request_id("request-1") != request_id("request-2")
     assert output_id("request-1") != output_id("request-2")
     assert output_id("request-1").startswith("batch_req_")
     one = line_for(CHAT, [choice()])

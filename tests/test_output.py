@@ -15,6 +15,7 @@ import pytest
 
 import llama_gen
 from llama_gen.errors import UserError
+from llama_gen.openai_batch import BatchRequest, Choice, error_line, response_line
 from llama_gen.output import (JsonlAppender, OutputLock, ProgressLog, Writer,
                               recorded_error_lines, recover_output, write_atomically)
 from llama_gen.records import BadLine
@@ -328,3 +329,59 @@ def test_writer_appends_lines_counts_them_and_logs_progress(tmp_path):
     assert "start: 2 sample(s) to write to" in log and "done 2/2 samples, last line 3" in log
     assert "end: 2 sample(s) written" in log
     assert not (tmp_path / "out.jsonl.log").exists()  # --logging_path replaces the default
+
+
+# --- batch request lines (OpenAI's batch output format) ------------------------------------------
+
+def batch_out(custom_id: str, n: int, tokens: int = 3) -> bytes:
+    """A request's whole answer as response_line writes it."""
+    request = BatchRequest(custom_id, "completion", None, "Once", {"num_samples": n})
+    choices = [Choice(f"t{i}", "length", list(range(tokens)), ["a"] * tokens) for i in range(n)]
+    line = response_line(request, choices, 2, "llama", "req_1", 1_700_000_000)
+    return (json.dumps(line) + "\n").encode()
+
+
+def test_recover_a_batch_line_marks_each_of_its_choices_done(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(out_line("a", 0) + batch_out("r-1", 3) + batch_out("r-2", 1)
+                     + batch_out("r-3", 2)[:40])
+    assert recover_output(path) == {("a", 0), ("r-1", 0), ("r-1", 1), ("r-1", 2), ("r-2", 0)}
+    assert path.read_bytes().endswith(batch_out("r-2", 1))  # the torn answer cut off
+
+
+def test_a_plain_line_with_a_custom_id_field_is_a_plain_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(out_line(4, 0, custom_id="from the input"))
+    assert recover_output(path) == {(4, 0)}
+
+
+@pytest.mark.parametrize("bad", [
+    error_line("r-1", "bad", "invalid_request", request_id="r"),  # errors never go to out.jsonl
+    {"custom_id": "r-1", "response": {"status_code": 200, "body": {}}, "error": None},
+    {"custom_id": "r-1", "response": {"status_code": 200, "body": {"choices": [{"index": [0]}]}},
+     "error": None},
+])
+def test_a_batch_line_that_is_not_a_whole_answer_is_a_user_error(tmp_path, bad):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(batch_out("r-0", 1) + (json.dumps(bad) + "\n").encode())
+    with pytest.raises(UserError, match="line 2 is not a llama-gen output line"):
+        recover_output(path)
+
+
+def test_writer_counts_a_batch_lines_choices_and_writes_batch_errors_in_the_api_shape(tmp_path):
+    s = Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "prompts.jsonl",
+                 out_path=tmp_path / "out.jsonl")
+    writer = Writer(s, total=4)
+    writer.output(json.loads(batch_out("r-1", 3, tokens=5)), 1)
+    writer.output({"id": 2, "sample": 0, "completion": "z", "completion_tokens": 4}, 2)
+    writer.bad_line(BadLine(3, "body.n must be an integer >= 1, got 0", "{}", custom_id="r-3"))
+    writer.bad_line(BadLine(4, "invalid JSON", "x"))
+    writer.finish()
+    writer.close()
+    assert (writer.samples, writer.tokens, writer.bad_lines) == (4, 19, 2)
+    first, second = [json.loads(x) for x in s.errors_path.read_bytes().splitlines()]
+    assert (first["custom_id"], first["line"], first["error"]["code"]) == (
+        "r-3", 3, "invalid_request")
+    assert second == {"line": 4, "reason": "invalid JSON", "text": "x"}
+    assert recorded_error_lines(s.errors_path) == {3, 4}
+    assert recover_output(s.out_path) == {("r-1", 0), ("r-1", 1), ("r-1", 2), (2, 0)}

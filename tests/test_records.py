@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_gen.records import BadLine, Record, parse_line, read_records
+from llama_gen.openai_batch import output_id, request_id
+from llama_gen.records import BadLine, Form, Record, parse_line, read_records
 
 
 def write_lines(path: Path, *lines: str | bytes) -> Path:
@@ -196,3 +197,118 @@ def test_read_records_with_a_custom_prompt_key(tmp_path):
 def test_a_lone_surrogate_escape_is_a_bad_line():
     for text in ('{"prompt": "hi \\ud800"}', '{"prompt": "hi", "meta": "\\udfff"}'):
         assert isinstance(parse(text), BadLine)
+
+
+# --- OpenAI batch request lines -----------------------------------------------------------------
+
+CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
+
+
+def batch_line(custom_id="r-1", url=CHAT_URL, **body) -> str:
+    if url == CHAT_URL:
+        body.setdefault("messages", [{"role": "user", "content": "Hi"}])
+    else:
+        body.setdefault("prompt", "Once upon")
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def test_a_batch_request_is_a_record_named_by_its_custom_id_with_its_body_settings():
+    item = parse(batch_line(model="m", max_completion_tokens=9, temperature=0, n=2,
+                            stop="###", logprobs=True, top_logprobs=3))
+    assert isinstance(item, Record) and item.batch is not None
+    assert (item.id, item.prompt, item.target) == ("r-1", None, None)
+    assert item.messages == [{"role": "user", "content": "Hi"}] == item.batch.messages
+    assert item.overrides == {"echo": False, "max_gen_len": 9, "temperature": 0.0,
+                              "num_samples": 2, "stop": ("###",), "logprobs": True,
+                              "top_logprobs": 3}
+    assert type(item.overrides["temperature"]) is float  # checked into the setting's type
+    assert item.fields == json.loads(batch_line(model="m", max_completion_tokens=9,
+                                                temperature=0, n=2, stop="###", logprobs=True,
+                                                top_logprobs=3))
+
+
+def test_a_completions_request_is_its_raw_prompt_never_a_chat_message():
+    item = parse(batch_line(url=COMPLETIONS_URL, prompt="Say this", logprobs=2))
+    assert isinstance(item, Record) and (item.prompt, item.messages) == ("Say this", None)
+    assert item.overrides == {"echo": False, "chat": False, "max_gen_len": 16,
+                              "logprobs": True, "top_logprobs": 2}
+
+
+@pytest.mark.parametrize("url, body, reason", [
+    (CHAT_URL, {"n": 0}, "body.n must be an integer >= 1, got 0"),
+    (CHAT_URL, {"max_tokens": 0}, "body.max_tokens must be an integer >= 1, got 0"),
+    (CHAT_URL, {"max_tokens": 4, "max_completion_tokens": "5"},
+     'body.max_completion_tokens must be an integer >= 1, got "5"'),
+    (COMPLETIONS_URL, {"max_tokens": 2.5}, "body.max_tokens must be an integer >= 1, got 2.5"),
+    (CHAT_URL, {"temperature": -1}, "body.temperature must be a number >= 0, got -1"),
+    (CHAT_URL, {"top_p": 0}, "body.top_p must be a number in (0, 1], got 0"),
+    (CHAT_URL, {"seed": 1.5}, "body.seed must be an integer, got 1.5"),
+    (CHAT_URL, {"stop": 5}, "body.stop must be a non-empty text or a list of them, got 5"),
+    (CHAT_URL, {"stop": ["a", ""]},
+     'body.stop must be a non-empty text or a list of them, got ["a", ""]'),
+    (CHAT_URL, {"logprobs": "yes"}, 'body.logprobs must be true or false, got "yes"'),
+    (CHAT_URL, {"logprobs": True, "top_logprobs": 21},
+     "body.top_logprobs must be an integer in [0, 20], got 21"),
+    (COMPLETIONS_URL, {"logprobs": 30}, "body.logprobs must be an integer in [0, 20], got 30"),
+    (CHAT_URL, {"presence_penalty": 3},
+     "body.presence_penalty must be a number in [-2, 2], got 3"),
+    (CHAT_URL, {"ignore_eos": 1}, "body.ignore_eos must be true or false, got 1"),
+])
+def test_a_bad_body_setting_is_worded_in_the_bodys_own_field_name(url, body, reason):
+    item = parse(batch_line(url=url, **body))
+    assert isinstance(item, BadLine) and item.custom_id == "r-1"
+    assert item.reason == reason
+
+
+def test_a_request_llama_gen_cannot_answer_is_a_bad_line_that_keeps_its_custom_id():
+    item = parse(json.dumps({"custom_id": "e-1", "method": "POST", "url": "/v1/embeddings",
+                             "body": {"input": "x"}}))
+    assert isinstance(item, BadLine) and item.custom_id == "e-1"
+    assert item.reason.startswith('url "/v1/embeddings" is not supported')
+    for custom_id in (7, "", None):  # no custom_id to answer under: the plain shape
+        item = parse(batch_line(custom_id=custom_id))
+        assert isinstance(item, BadLine) and item.custom_id is None
+        assert "custom_id must be a non-empty string" in item.reason
+        assert set(item.as_json()) == {"line", "reason", "text"}
+
+
+def test_a_batch_bad_lines_entry_is_the_apis_error_line_with_the_line_number():
+    entry = BadLine(4, "body.n must be an integer >= 1, got 0", "{...}", custom_id="r-1").as_json()
+    assert entry["custom_id"] == "r-1" and entry["line"] == 4 and "max_seq_len" not in entry
+    assert entry["error"] == {"code": "invalid_request",
+                              "message": "body.n must be an integer >= 1, got 0"}
+    assert entry["response"]["status_code"] == 400
+    too_long = BadLine(5, "the prompt has 90 tokens", "{...}", max_seq_len=64,
+                       custom_id="r-2").as_json()
+    assert too_long["error"]["code"] == "context_length_exceeded"
+    assert (too_long["line"], too_long["max_seq_len"]) == (5, 64)  # what a resume reads
+    assert too_long["response"]["request_id"] == request_id("r-2")  # the same in every run
+    assert too_long["id"] == output_id("r-2")
+
+
+def test_id_key_and_prompt_key_do_not_apply_to_batch_lines(tmp_path):
+    items = read_all(tmp_path, '{"text": "plain", "key": "k"}', batch_line("r-1"),
+                     batch_line("r-2", url=COMPLETIONS_URL), id_key="key", prompt_key="text")
+    assert [(type(x).__name__, x.id) for x in items] == [("Record", "k"), ("Record", "r-1"),
+                                                         ("Record", "r-2")]
+    assert items[2].prompt == "Once upon"
+
+
+def test_a_repeated_custom_id_is_a_bad_line_in_the_batch_error_shape(tmp_path):
+    items = read_all(tmp_path, batch_line("r-1"), batch_line("r-1", temperature=0),
+                     '{"prompt": "plain", "id": "r-2"}', batch_line("r-2"))
+    assert [type(x).__name__ for x in items] == ["Record", "BadLine", "Record", "BadLine"]
+    assert (items[1].reason, items[1].custom_id) == ('duplicate id "r-1"', "r-1")
+    assert items[3].reason == 'duplicate id "r-2"' and items[3].as_json()["line"] == 4
+
+
+def test_a_line_with_a_custom_id_but_no_body_is_a_prompt_record():
+    item = parse('{"custom_id": "x", "prompt": "hi"}')
+    assert isinstance(item, Record) and item.batch is None and item.id == 7
+
+
+def test_score_refuses_batch_lines_by_name(tmp_path):
+    items = read_all(tmp_path, batch_line("r-1"), '{"text": "scored"}',
+                     form=Form(score_keys=("text", "completion")))
+    assert isinstance(items[0], BadLine) and "`llama-gen score` scores texts" in items[0].reason
+    assert isinstance(items[1], Record)
