@@ -4,6 +4,10 @@ Each sequence draws its random numbers from (seed, counter) alone, where the cou
 of the token being chosen. So a sequence's tokens do not depend on its batch neighbours, on the
 number of processes or on a resume, and every model-parallel rank draws the same number without
 communicating.
+
+The controls apply in one order, Hugging Face's and vLLM's: penalties on the logits
+(`apply_penalties`; greedy rows too), then the temperature, then top-k, top-p on the top-k's
+renormalised distribution, and min-p (`Filters`, `sample`; sampled rows only).
 """
 from __future__ import annotations
 
@@ -65,11 +69,13 @@ def apply_penalties(logits: torch.Tensor, prompt_seen: torch.Tensor, output_coun
     as OpenAI and vLLM define them, over generated tokens only: minus `frequency` times the
     count, minus `presence` once if the count is nonzero. Neutral values (1, 0, 0) return the
     logits unchanged, bit for bit. No host reads."""
-    seen = prompt_seen | (output_counts > 0)
+    generated = output_counts > 0
     r = repetition.unsqueeze(-1)
-    penalised = torch.where(seen, torch.where(logits < 0, logits * r, logits / r), logits)
-    penalised = penalised - frequency.unsqueeze(-1) * output_counts
-    return penalised - presence.unsqueeze(-1) * (output_counts > 0)
+    penalised = torch.where(prompt_seen | generated,
+                            torch.where(logits < 0, logits * r, logits / r), logits)
+    penalised -= frequency.unsqueeze(-1) * output_counts
+    penalised -= presence.unsqueeze(-1) * generated
+    return penalised
 
 
 def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
