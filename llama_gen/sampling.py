@@ -5,9 +5,10 @@ of the token being chosen. So a sequence's tokens do not depend on its batch nei
 number of processes or on a resume, and every model-parallel rank draws the same number without
 communicating.
 
-The controls apply in one order, Hugging Face's and vLLM's: penalties on the logits
-(`apply_penalties`; greedy rows too), then the temperature, then top-k, top-p on the top-k's
-renormalised distribution, and min-p (`Filters`, `sample`; sampled rows only).
+The controls apply in one order, Hugging Face's: penalties on the logits (`apply_penalties`;
+greedy rows too), then the temperature, then top-k, top-p on the top-k's renormalised
+distribution, and min-p (`Filters`, `sample`; sampled rows only). vLLM's V1 sampler applies
+min-p before top-k and top-p, so a row with both min-p and top-p < 1 may keep fewer tokens there.
 """
 from __future__ import annotations
 
