@@ -18,6 +18,7 @@ from llama_gen.job import (Prompting, Results, StopRequested, Tag, Work, batch_c
                            count_pending, pending_work, requests_for)
 from llama_gen.output import recover_output
 from llama_gen.records import BadLine, Record
+from llama_gen.replicas import decode, encode
 from llama_gen.sampling import derive_seed
 from llama_gen.settings import Settings
 from llama_gen.tiny_tokenizers import build_tiktoken_model
@@ -188,6 +189,11 @@ def test_a_batch_request_ignores_the_runs_echo_and_chat_flags(tmp_path, tokenize
     requests = list(requests_for(work, s))
     assert [r.params.echo for r in requests] == [False, False]
     assert [r.params.seed for r in requests] == [derive_seed(4, "r-1", i) for i in range(2)]
+
+
+def test_a_batch_bad_line_keeps_its_custom_id_between_replicas():
+    bad = BadLine(3, "the prompt has 90 tokens", "{}", max_seq_len=64, custom_id="r-1")
+    assert decode(encode(bad)) == bad
 
 
 # --- end to end through the command ------------------------------------------------------------
