@@ -410,10 +410,11 @@ def batch_choice(completion: Completion, tokenizer: Tokenizer) -> Choice:
     text = completion_text(tokenizer, request.prompt_tokens, ids, p, completion.stop_reason)
     shown = set(shown_ids(tokenizer, ids, p))
     tokens = [tokenizer.token_text(t) if t in shown else "" for t in ids]
+    token_bytes = [list(tokenizer.token_bytes(t)) if t in shown else [] for t in ids]
     top = completion.top_logprobs
     return Choice(text, completion.finish_reason, list(ids), tokens, completion.logprobs,
                   None if top is None else [[(tokenizer.token_text(t), lp) for t, lp in alts]
-                                            for alts in top])
+                                            for alts in top], token_bytes)
 
 
 class Answers:

@@ -93,9 +93,13 @@ class Tokenizer(ABC):
         return full[len(os.path.commonprefix([prompt, full])) :]
 
     @abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """One token's own bytes, leading space included (a byte-fallback token: its byte)."""
+
     def token_text(self, token: int) -> str:
         """One token's own text, leading space included (a piece of a multi-byte character
         shows as U+FFFD)."""
+        return self.token_bytes(token).decode(errors="replace")
 
     @property
     def path(self) -> Path:
@@ -162,10 +166,12 @@ class SentencePieceTokenizer(Tokenizer):
         text: str = self._sp.decode(list(ids))
         return text
 
-    def token_text(self, token: int) -> str:
+    def token_bytes(self, token: int) -> bytes:
         if self._sp.IsByte(token):  # a byte-fallback piece, <0xE4>
-            return bytes([int(self._sp.IdToPiece(token)[3:5], 16)]).decode(errors="replace")
-        return self._sp.IdToPiece(token).replace("\u2581", " ")
+            return bytes([int(self._sp.IdToPiece(token)[3:5], 16)])
+        if self._sp.IsControl(token) or self._sp.IsUnknown(token):
+            return self._sp.decode([token]).encode()  # bos, eos: nothing; unk: " \u2047 "
+        return self._sp.IdToPiece(token).replace("\u2581", " ").encode()
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -206,8 +212,8 @@ class TiktokenTokenizer(Tokenizer):
         text: str = self._enc.decode(list(ids))
         return text
 
-    def token_text(self, token: int) -> str:
-        return self._enc.decode_single_token_bytes(token).decode(errors="replace")
+    def token_bytes(self, token: int) -> bytes:
+        return self._enc.decode_single_token_bytes(token)
 
 
 def split_long_runs(text: str, max_run: int) -> Iterator[str]:

@@ -235,3 +235,14 @@ def test_error_malformed_tiktoken_line(tik_path: Path, tmp_path: Path) -> None:
     assert "line 7" in one_line_error(path)
     path.write_text("\n".join(lines[:10] + lines[11:]) + "\n")  # rank 10 missing
     assert "ranks are not 0..N-1" in one_line_error(path)
+
+
+def test_token_bytes_join_to_the_text_and_byte_tokens_keep_their_byte(tmp_path):
+    text = "Grüße, 東京 🙂 hello"
+    for build in (build_sentencepiece_model, build_tiktoken_model):
+        tokenizer = load_tokenizer(build(tmp_path / f"{build.__name__}.model"))
+        ids = tokenizer.encode(text, bos=False)
+        pieces = [tokenizer.token_bytes(i) for i in ids]
+        assert b"".join(pieces).decode().lstrip() == text
+        assert any(len(p) == 1 and p[0] >= 0x80 for p in pieces)  # a byte of a character
+        assert tokenizer.token_bytes(tokenizer.bos_id) in (b"", b"<|begin_of_text|>")
