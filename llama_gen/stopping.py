@@ -3,36 +3,17 @@
 The generated text is, by definition, `tokenizer.decode_continuation(prompt_ids, generated_ids)`:
 what the job writes. A completion stops at the first token after which that text contains a stop
 string, and is cut before the stop string that starts earliest in it. Two stop strings that start
-at the same place: the one listed first wins.
+at the same place: the one listed first wins. (A `stop` value is checked where every setting is,
+by `values.Rule`: a non-empty text or a list of them.)
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 from .tokenizer import Tokenizer
 
-MAX_STOPS = 16
 REPLACEMENT = "\ufffd"  # what a decoder writes for the bytes of a character not yet complete
-
-
-def stop_problem(value: Any) -> str | None:
-    """Why a record's `stop` value is unusable: it must be a non-empty string or a list of at most
-    MAX_STOPS non-empty strings (an empty list: no stop strings). None if it is usable."""
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        return "stop must be a string or a list of strings"
-    if len(stops) > MAX_STOPS:
-        return f"stop has {len(stops)} strings; give at most {MAX_STOPS}"
-    if not all(stops):
-        return "stop strings must not be empty"
-    return None
-
-
-def as_stops(value: str | Sequence[str]) -> tuple[str, ...]:
-    """A checked `stop` value (see `stop_problem`) as a tuple, in the order given."""
-    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def earliest_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:

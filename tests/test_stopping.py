@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from llama_gen.stopping import MAX_STOPS, StopWatch, as_stops, cut_at_stop, stop_problem
+from llama_gen.stopping import StopWatch, cut_at_stop
 from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
 from llama_gen.tokenizer import Tokenizer, load_tokenizer
 
@@ -141,21 +141,6 @@ def test_cut_at_stop() -> None:
     assert cut_at_stop("xabc", ("abc", "ab")) == ("x", "abc")
     assert cut_at_stop("", ("a",)) == ("", None)
     assert cut_at_stop("abc", ()) == ("abc", None)
-
-
-def test_stop_problem_and_as_stops() -> None:
-    for good in ("###", ["a"], ["\n\n", "User:"], [], ["x"] * MAX_STOPS):
-        assert stop_problem(good) is None
-    assert as_stops("###") == ("###",)
-    assert as_stops(["\n\n", "User:"]) == ("\n\n", "User:")
-    assert as_stops([]) == ()
-    assert "string or a list" in stop_problem(5)
-    assert "string or a list" in stop_problem(None)
-    assert "string or a list" in stop_problem(["a", 1])
-    assert "string or a list" in stop_problem(("a",))  # JSON has no tuples: only a list
-    assert "empty" in stop_problem("")
-    assert "empty" in stop_problem(["a", ""])
-    assert f"at most {MAX_STOPS}" in stop_problem(["x"] * (MAX_STOPS + 1))
 
 
 def random_stream(tok: Tokenizer, rng: random.Random, length: int) -> list[int]:
