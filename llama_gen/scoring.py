@@ -9,7 +9,7 @@ The path of a request:
   tokens (padding included) and `max_batch_size` rows, so the layers' weights are read once for
   all of them. A text too long for one pass is cut along its length into pieces that go through
   its slot's KV cache pass after pass, as `engine.prompt_logprobs` does for one prompt.
-- A pass keeps the final hidden states of scored positions only and maps them to logits
+- A pass keeps the final hidden states of scored positions only and maps them to logits at most
   LOGPROB_ROWS rows at a time, so memory stays bounded: never a length x vocabulary tensor.
 
 The schedule depends on the requests' lengths alone, so every model-parallel rank that is given
@@ -120,18 +120,27 @@ class Piece:
         return self.stop == self.group.length
 
 
+# Padded tokens / real tokens a group may reach. Tighter than the engine's PREFILL_PADDING: groups
+# share passes (Step.join), so a smaller group costs only an attention call per layer, while
+# padding costs every layer's products (docs/benchmarks.md, "Scoring").
+SCORE_PADDING = 1.05
+# Rows of logits at a time, within engine.LOGPROB_ROWS: at 256 rows x 32000 they stay in the
+# CPU's cache for the log-softmax (docs/benchmarks.md, "Scoring").
+SCORE_LOGIT_ROWS = 256
+
+
 def score_groups(requests: list[ScoreRequest], max_rows: int,
                  max_tokens: int) -> list[Group]:
     """Groups of similar lengths (shortest first): at most `max_rows` texts each, their padded
-    tokens within engine.PREFILL_PADDING x their real ones and within `max_tokens`, unless a
-    text alone exceeds it."""
+    tokens within SCORE_PADDING x their real ones and within `max_tokens`, unless a text alone
+    exceeds it."""
     groups: list[list[ScoreRequest]] = []
     for request in sorted(requests, key=lambda r: r.input_length):
         n = request.input_length  # the longest so far: the group pads to it
         members = groups[-1] if groups else []
         real = sum(r.input_length for r in members) + n
         padded = n * (len(members) + 1)
-        if (members and len(members) < max_rows and padded <= engine.PREFILL_PADDING * real
+        if (members and len(members) < max_rows and padded <= SCORE_PADDING * real
                 and padded <= max_tokens):
             members.append(request)
         else:
@@ -255,9 +264,9 @@ class Scorer:
         return step, tokens.view(-1)
 
     def _logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[float]:
-        """log p(targets[i]) under the logits of hidden[i], LOGPROB_ROWS rows at a time: one
-        copy to the host for the whole pass."""
-        rows = engine.LOGPROB_ROWS
+        """log p(targets[i]) under the logits of hidden[i], SCORE_LOGIT_ROWS rows at a time (at
+        most engine.LOGPROB_ROWS): one copy to the host for the whole pass."""
+        rows = min(SCORE_LOGIT_ROWS, engine.LOGPROB_ROWS)
         parts = [token_logprobs(self.model.logits(hidden[a:a + rows]), targets[a:a + rows])
                  for a in range(0, len(hidden), rows)]
         return torch.cat(parts).tolist() if parts else []

@@ -204,5 +204,5 @@ def test_passes_stay_within_rows_and_tokens_and_run_each_group_in_order():
         assert [s[0] for s in spans] == list(range(spans[0][0], spans[0][0] + len(spans)))
         if len(group.requests) > 1:
             real = sum(r.input_length for r in group.requests)
-            assert group.length * len(group.requests) <= engine.PREFILL_PADDING * real
+            assert group.length * len(group.requests) <= scoring.SCORE_PADDING * real
     assert any(len(covered[id(g)]) > 1 for g in groups)  # long texts were cut
