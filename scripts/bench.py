@@ -11,6 +11,16 @@ inside model forward passes, peak memory, and two bounds: the workload's compute
 matmul FLOPs divided by the matmul rate torch reaches here at the same shapes, measured in the
 same run) and its memory roofline (the bytes its decode steps must read, divided by the rate of
 a large copy on the device; the bound that matters for decoding on GPUs).
+
+    python scripts/bench.py --mode score          # teacher-forced scoring (`llama-gen score`)
+
+`--mode score` scores random texts of log-uniform lengths whole, batched
+(`llama_gen.scoring.Scorer`) and one text at a time through the engine's teacher-forced pass
+(`engine.prompt_logprobs`, what echo with logprobs runs), and prints scored tokens/s, the
+largest logprob difference between the two, and two shares of a compute ceiling at the scorer's
+shapes (`scoring_rates`): one from plain products, as generation's, and a stricter one from
+each product's fastest form here (`product_rate`: oneDNN's packed product is the fastest at
+these shapes on the CPU, and only the output head uses it).
 """
 from __future__ import annotations
 
@@ -25,12 +35,13 @@ from dataclasses import dataclass
 import fire
 import torch
 
-from llama_gen import distributed
+from llama_gen import distributed, engine, kernels, scoring
 from llama_gen.args import ModelArgs
 from llama_gen.baseline import StaticEngine
 from llama_gen.engine import DECODE_KV_BUCKET, Engine, EngineStats, Request, SamplingParams
 from llama_gen.model import Transformer
 from llama_gen.layers import ParallelLayers
+from llama_gen.scoring import Scorer, ScoreRequest
 from llama_gen.tiny import random_weights
 
 PRESETS = {
@@ -41,6 +52,12 @@ PRESETS = {
            "vocab_size": 32000},
 }
 EOS = 2
+# Each mode's workload and engines, unless flags say otherwise.
+MODE_DEFAULTS = {
+    "generate": {"n_prompts": 256, "min_len": 8, "max_len": 200,
+                 "schedulers": "continuous,static"},
+    "score": {"n_prompts": 128, "min_len": 32, "max_len": 2048, "schedulers": "batched,single"},
+}
 
 
 @dataclass
@@ -290,37 +307,183 @@ def run_ctranslate2(model: Transformer, work: Workload, batch: int, directory: s
             "peak_mib": "-"}
 
 
-def main(preset: str = "stories15m", n_prompts: int = 256, min_len: int = 8, max_len: int = 200,
-         max_gen_len: int = 256, stop_rate: float = 0.02, batch: int = 32,
-         temperature: float = 0.0, top_p: float = 0.9, dtype: str = "fp32",
-         device: str = "cpu", schedulers: str = "continuous,static",
+def make_texts(args: ModelArgs, n_texts: int, min_len: int, max_len: int,
+               seed: int) -> list[ScoreRequest]:
+    """Random texts (BOS first) scored whole, their lengths log-uniform in [min_len, max_len]:
+    many short texts and a few long ones, as a corpus has."""
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n_texts):
+        n = round(math.exp(rng.uniform(math.log(min_len), math.log(max_len))))
+        tokens = [1] + [rng.randrange(3, args.vocab_size) for _ in range(n - 1)]
+        texts.append(ScoreRequest(tokens, first_scored=1, tag=i))
+    return texts
+
+
+def scoring_flops(args: ModelArgs, texts: list[ScoreRequest]) -> dict[str, float]:
+    """Matmul FLOPs of scoring: every token but the last through the layers, logits for every
+    scored token, and attention over each fed token's context."""
+    fed = [r.input_length for r in texts]
+    scored = sum(len(r.tokens) - r.first_scored for r in texts)
+    attention = sum(2 * 2 * args.dim * args.n_layers * n * (n + 1) // 2 for n in fed)
+    return {"layers": sum(fed) * sum(linear_flops(args).values()),
+            "head": scored * 2 * args.dim * args.vocab_size, "attention": attention}
+
+
+def product_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of x @ W.T for x (m, k) and W (n, k) in the fastest form torch has here: the
+    plain product, the layers' `kernels.linear`, or oneDNN's packed product (the CPU head's)."""
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    packed = kernels.PackedWeight()
+    forms = [lambda: x @ w.T, lambda: kernels.linear(x, w)]
+    if packed.usable(x, w):
+        forms.append(lambda: packed.linear(x, w))
+    return max(per_second(2 * m * k * n, form, device) for form in forms)
+
+
+def scoring_rates(args: ModelArgs, text_len: int, device: torch.device, dtype: torch.dtype,
+                  best: bool) -> MatmulRates:
+    """Matmul rates at the scorer's shapes: the layers at a full pass (PREFILL_TOKENS rows), the
+    head at the scorer's logit rows, attention scores for a text of `text_len`. Plain products
+    as for generation's ceiling, or with `best` each in its fastest form (`product_rate`)."""
+    rate = product_rate if best else matmul_rate
+    per_shape = linear_flops(args)
+    total = sum(per_shape.values())
+    rows = engine.PREFILL_TOKENS
+    layers = 1 / sum(f / total / rate(rows, k, n, device, dtype)
+                     for (k, n), f in per_shape.items())
+    head_rows = min(scoring.SCORE_LOGIT_ROWS, engine.LOGPROB_ROWS)
+    return MatmulRates(layers, rate(head_rows, args.dim, args.vocab_size, device, dtype),
+                       matmul_rate(text_len, args.head_dim, text_len, device, dtype))
+
+
+def run_scorer(model: Transformer, texts: list[ScoreRequest], name: str, batch: int,
+               max_seq_len: int) -> dict:
+    """`name`: batched (the Scorer) or single (one text at a time through
+    `engine.prompt_logprobs`, in slot 0)."""
+    passes: int | str = "-"
+    padding = "-"
+    start = time.perf_counter()
+    if name == "batched":
+        scorer = Scorer(model, batch, max_seq_len)
+        logprobs = {s.request.tag: s.logprobs for s in scorer.score(texts)}
+        passes, padding = scorer.stats.passes, f"{scorer.stats.padding_share:.0%}"
+    elif name == "single":
+        model.setup_cache(1, max_seq_len)
+        with torch.inference_mode():
+            logprobs = {r.tag: engine.prompt_logprobs(model, r.tokens, 0) for r in texts}
+        passes = sum(-(-r.input_length // engine.PREFILL_TOKENS) for r in texts)
+    else:
+        raise SystemExit(f"unknown scorer {name!r}: batched or single")
+    wall = time.perf_counter() - start
+    return {"name": name, "wall": wall, "logprobs": [logprobs[r.tag] for r in texts],
+            "passes": passes, "padding": padding,
+            "peak_mib": f"{peak_memory_mib(model.output.weight.device):.0f}"}
+
+
+def score_main(model: Transformer, texts: list[ScoreRequest], names: list[str], batch: int,
+               max_seq_len: int) -> None:
+    """Each scorer's run, with the matmul rates (plain and best) measured just before and after
+    it: the machine's speed drifts."""
+    weight = model.output.weight
+    lengths = [len(r.tokens) for r in texts]
+    cache_mib = (2 * model.args.n_layers * batch * max_seq_len * model.args.kv_heads
+                 * model.args.head_dim * weight.element_size() / 2**20)
+    print(f"{len(texts)} texts of {min(lengths)}-{max(lengths)} tokens ({sum(lengths)} in all, "
+          f"log-uniform lengths), scored whole; batch {batch}, passes of at most "
+          f"{engine.PREFILL_TOKENS} tokens; KV cache {cache_mib:.0f} MiB")
+    text_len = sum(lengths) // len(lengths)
+
+    def rates() -> tuple[MatmulRates, MatmulRates]:
+        return tuple(scoring_rates(model.args, text_len, weight.device, weight.dtype, best)
+                     for best in (False, True))
+
+    results, before = [], rates()
+    for name in names:
+        result = run_scorer(model, texts, name, batch, max_seq_len)
+        after = rates()
+        result["rates"] = [b.mean(a) for b, a in zip(before, after)]
+        results.append(result)
+        before = after
+    report_scoring(results, model, texts)
+
+
+def report_scoring(results: list[dict], model: Transformer, texts: list[ScoreRequest]) -> None:
+    """The workload and one table row per scorer, with both ceilings (plain products as
+    generation's, and each product in its fastest form); the first run's logprobs are the
+    reference."""
+    flops = scoring_flops(model.args, texts)
+    scored = sum(len(r.tokens) - r.first_scored for r in texts)
+    print(f"workload: {scored} scored tokens, {sum(flops.values()) / 1e12:.3f} TFLOP of matmuls "
+          f"(layers {flops['layers'] / 1e9:.0f}, head {flops['head'] / 1e9:.0f}, attention "
+          f"{flops['attention'] / 1e9:.0f} GFLOP)")
+    print(f"{'scorer':<11} {'tok/s':>7} {'wall s':>7} {'passes':>6} {'padding':>7} "
+          f"{'peak MiB':>8} {'ceiling tok/s':>13} {'of ceiling':>10} {'best-form tok/s':>15} "
+          f"{'of best':>7} {'max |diff|':>10}")
+    reference = results[0]["logprobs"]
+    for r in results:
+        tok_s = scored / r["wall"]
+        plain, best = (scored / ceiling_seconds(flops, rates) for rates in r["rates"])
+        diff = max(abs(a - b) for ours, ref in zip(r["logprobs"], reference)
+                   for a, b in zip(ours, ref))
+        print(f"{r['name']:<11} {tok_s:7.0f} {r['wall']:7.2f} {r['passes']:>6} "
+              f"{r['padding']:>7} {r['peak_mib']:>8} {plain:13.0f} {tok_s / plain:10.0%} "
+              f"{best:15.0f} {tok_s / best:7.0%} {diff:10.1e}")
+    for r in results[1:]:
+        print(f"{results[0]['name']} / {r['name']}: {r['wall'] / results[0]['wall']:.2f}x")
+
+
+def main(mode: str = "generate", preset: str = "stories15m", n_prompts: int | None = None,
+         min_len: int | None = None, max_len: int | None = None, max_gen_len: int = 256,
+         stop_rate: float = 0.02, batch: int = 32, temperature: float = 0.0, top_p: float = 0.9,
+         dtype: str = "fp32", device: str = "cpu", schedulers: str | None = None,
          ctranslate2: bool | None = None, seed: int = 0) -> None:
-    """`schedulers`: any of continuous, static and compiled (continuous with `--compile`'s
-    decode step). `ctranslate2`: add a CTranslate2 run of the same weights (default: if it is
+    """`mode`: generate or score. `n_prompts`, `min_len`, `max_len` and `schedulers` default to
+    the mode's (MODE_DEFAULTS). Generation's `schedulers`: any of continuous, static and
+    compiled (continuous with `--compile`'s decode step); scoring's: batched and single.
+    `ctranslate2`: add a CTranslate2 run of the same weights to generation (default: if it is
     installed)."""
+    if mode not in MODE_DEFAULTS:
+        raise SystemExit(f"unknown mode {mode!r}: generate or score")
+    given = {"n_prompts": n_prompts, "min_len": min_len, "max_len": max_len,
+             "schedulers": schedulers}
+    w = {**MODE_DEFAULTS[mode], **{k: v for k, v in given.items() if v is not None}}
+    names = w["schedulers"].split(",") if isinstance(w["schedulers"], str) else list(
+        w["schedulers"])
     dist = distributed.init_distributed(1, device=device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     args = ModelArgs.from_params(PRESETS[preset])
     model = build_model(args, dist.device, torch_dtype)
-    work = make_workload(args, n_prompts, min_len, max_len, max_gen_len, stop_rate, temperature,
-                         top_p, seed)
-    max_seq_len = max_len + max_gen_len
-    cache_mib = (2 * args.n_layers * batch * max_seq_len * args.kv_heads * args.head_dim
-                 * torch_dtype.itemsize / 2**20)
     print(f"model {preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{dtype}) on {dist.device} with {torch.get_num_threads()} threads; {n_prompts} prompts "
-          f"of {min_len}-{max_len} tokens ({work.prompt_tokens} in all), max_gen_len "
-          f"{max_gen_len}, ~{stop_rate:.0%} of steps end a sequence, batch {batch}, "
-          f"temperature {temperature}; KV cache {cache_mib:.0f} MiB, weights "
+          f"{dtype}) on {dist.device} with {torch.get_num_threads()} threads; weights "
           f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB")
+    if mode == "score":
+        texts = make_texts(args, w["n_prompts"], w["min_len"], w["max_len"], seed)
+        score_main(model, texts, names, batch, w["max_len"])
+    else:
+        work = make_workload(args, w["n_prompts"], w["min_len"], w["max_len"], max_gen_len,
+                             stop_rate, temperature, top_p, seed)
+        generate_main(model, work, names, batch, w["max_len"] + max_gen_len, ctranslate2,
+                      f"{w['min_len']}-{w['max_len']}", max_gen_len, stop_rate, temperature)
+    distributed.shutdown()
+
+
+def generate_main(model: Transformer, work: Workload, names: list[str], batch: int,
+                  max_seq_len: int, ctranslate2: bool | None, lengths: str, max_gen_len: int,
+                  stop_rate: float, temperature: float) -> None:
+    args, weight = model.args, model.output.weight
+    cache_mib = (2 * args.n_layers * batch * max_seq_len * args.kv_heads * args.head_dim
+                 * weight.element_size() / 2**20)
+    print(f"{len(work.requests)} prompts of {lengths} tokens ({work.prompt_tokens} in all), "
+          f"max_gen_len {max_gen_len}, ~{stop_rate:.0%} of steps end a sequence, batch {batch}, "
+          f"temperature {temperature}; KV cache {cache_mib:.0f} MiB")
     if ctranslate2 is None:
         ctranslate2 = ctranslate2_available()
     # Before the runs: its two buffers must not meet a device the runs have filled.
-    bandwidth = memory_bandwidth(dist.device, 1024 if dist.device.type == "cuda" else 256)
-    names = schedulers.split(",") if isinstance(schedulers, str) else list(schedulers)
+    bandwidth = memory_bandwidth(weight.device, 1024 if weight.device.type == "cuda" else 256)
     results = run_all(model, work, names, ctranslate2, batch, max_seq_len)
     report(results, model, work, batch, bandwidth)
-    distributed.shutdown()
 
 
 def run_all(model: Transformer, work: Workload, schedulers: list[str], ctranslate2: bool,
