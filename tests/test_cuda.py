@@ -79,3 +79,34 @@ def test_cuda_graphs_decode_matches_eager(models, monkeypatch):
     assert counters["stats"]["unique_graphs"] >= 1
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert captures  # CUDA graphs were recorded
+
+
+def test_sampling_controls_on_the_gpu_match_the_cpu(models):
+    """Penalties (their per-slot token counts on the device), top-k, min-p, min_tokens and top
+    logprobs give the CPU's tokens."""
+    controls = [dict(top_k=5), dict(min_p=0.1), dict(repetition_penalty=1.3, frequency_penalty=0.5),
+                dict(presence_penalty=-1.0, top_k=40, min_tokens=3)]
+    reqs = [dataclasses.replace(r, params=dataclasses.replace(r.params, top_logprobs=3,
+                                                              **controls[i % 4]))
+            for i, r in enumerate(requests(models["cpu"].args.vocab_size))]
+    stop = {int(models["cpu"].args.vocab_size // 3)}
+    want = run(Engine(models["cpu"], stop, SLOTS, MAX_SEQ_LEN), reqs)
+    got = run(Engine(models["cuda"], stop, SLOTS, MAX_SEQ_LEN), reqs)
+    assert_same(got, want, atol=1e-4)
+    for tag, w in want.items():
+        assert [[t for t, _ in top] for top in got[tag].top_logprobs] == \
+            [[t for t, _ in top] for top in w.top_logprobs]
+
+
+def test_scoring_on_the_gpu_matches_the_cpu(models):
+    from llama_gen.scoring import Scorer, ScoreRequest
+    gen = torch.Generator().manual_seed(1)
+    vocab = models["cpu"].args.vocab_size
+    reqs = [ScoreRequest(torch.randint(vocab, (n,), generator=gen).tolist(), first, tag=i)
+            for i, (n, first) in enumerate([(5, 1), (40, 10), (250, 1), (2, 1), (31, 30)])]
+    scores = {device: {s.request.tag: s.logprobs
+                       for s in Scorer(models[device], SLOTS, MAX_SEQ_LEN).score(reqs)}
+              for device in ("cpu", "cuda")}
+    for tag, want in scores["cpu"].items():
+        torch.testing.assert_close(torch.tensor(scores["cuda"][tag]), torch.tensor(want),
+                                   atol=1e-4, rtol=0)
