@@ -119,6 +119,24 @@ class Piece:
     def last(self) -> bool:
         return self.stop == self.group.length
 
+    @property
+    def real_tokens(self) -> int:
+        return sum(min(self.stop, r.input_length) - self.start for r in self.group.requests)
+
+    def scored(self, offset: int) -> tuple[list[int], list[int], list[int]]:
+        """Laid out from token `offset` of its pass: the indices of the tokens whose logits score
+        a token (positions from first_scored - 1, padding excluded), the tokens they score,
+        and how many each row has."""
+        indices, targets, counts = [], [], []
+        for row, request in enumerate(self.group.requests):
+            positions = range(max(self.start, request.first_scored - 1),
+                              min(self.stop, request.input_length))
+            first = offset + row * (self.stop - self.start) - self.start
+            indices += [first + p for p in positions]
+            targets += request.tokens[positions.start + 1:positions.stop + 1]
+            counts.append(len(positions))
+        return indices, targets, counts
+
 
 # Padded tokens / real tokens a group may reach. Tighter than the engine's PREFILL_PADDING: groups
 # share passes (Step.join), so a smaller group costs only an attention call per layer, while
@@ -230,24 +248,19 @@ class Scorer:
             step, tokens = self._piece_step(piece)
             steps.append(step)
             inputs.append(tokens)
-            for row, request in enumerate(piece.group.requests):
-                scored = range(max(piece.start, request.first_scored - 1),
-                               min(piece.stop, request.input_length))
-                base = offset + row * (piece.stop - piece.start) - piece.start
-                outputs += [base + p for p in scored]
-                targets += request.tokens[scored.start + 1:scored.stop + 1]
-                counts.append(len(scored))
+            piece_outputs, piece_targets, piece_counts = piece.scored(offset)
+            outputs += piece_outputs
+            targets += piece_targets
+            counts += piece_counts
             offset += piece.n_tokens
-            self.stats.tokens += sum(max(0, min(piece.stop, r.input_length) - piece.start)
-                                     for r in piece.group.requests)
         self.stats.passes += 1
+        self.stats.tokens += sum(piece.real_tokens for piece in pieces)
         self.stats.padded_tokens += offset
-        step = dataclasses.replace(Step.join(steps),
-                                   outputs=torch.tensor(outputs, device=self.device,
-                                                        dtype=torch.long))
+        scored = torch.tensor(outputs, device=self.device, dtype=torch.long)
+        step = dataclasses.replace(Step.join(steps), outputs=scored)
         hidden = self.model.final_hidden(torch.cat(inputs), step)  # (n_scored, dim)
         values = iter(self._logprobs(hidden, torch.tensor(targets, device=self.device)))
-        rows = (lp for piece in pieces for lp in piece.group.logprobs)
+        rows = (logprobs for piece in pieces for logprobs in piece.group.logprobs)
         for logprobs, count in zip(rows, counts):
             logprobs += itertools.islice(values, count)
 
