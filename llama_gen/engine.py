@@ -292,7 +292,8 @@ class SlotEngine:
         self._repetition = zeros(torch.float32)
         self._presence = zeros(torch.float32)
         self._frequency = zeros(torch.float32)
-        self._stop_id_tensor = torch.tensor(sorted(self.stop_ids), device=self.device)
+        self._stop_id_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long,
+                                            device=self.device)
         self._counts: TokenCounts | None = None  # made when a request first asks for penalties
         self._slot_state = [self._next_token, self._position, self._counter, self._seed,
                             self._temperature, self._top_p, self._top_k, self._min_p,

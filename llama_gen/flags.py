@@ -49,8 +49,9 @@ def parse(cls: type, argv: list[str], command: str) -> Any:
 
 
 def raw_texts(cls: type, argv: list[str]) -> dict[str, Any]:
-    """The values of text-list flags (`--stop`) as typed: a JSON list if it starts with "[",
-    else one text, where fire would split "a,b" into two and read "5" as a number."""
+    """The values of text-list flags (`--stop`) as typed: a JSON list of texts, or else one
+    text (so "[INST]" is one), where fire would split "a,b" into two and read "5" as a
+    number."""
     names = {name for name, rule in rules(cls).items() if rule.is_texts}
     texts = {}
     for i, word in enumerate(argv):
@@ -61,12 +62,18 @@ def raw_texts(cls: type, argv: list[str]) -> dict[str, Any]:
             if i + 1 == len(argv):
                 continue  # fire's bare --name: from_flags asks for a value
             value = argv[i + 1]
-        try:
-            texts[name] = json.loads(value) if value.lstrip().startswith("[") else value
-        except json.JSONDecodeError as e:
-            raise UserError(f"--{name} {value}: not a JSON list ({e.msg}); write one text, or "
-                            f"a list as '[\"a\", \"b\"]'") from None
+        texts[name] = json_texts(value)
     return texts
+
+
+def json_texts(value: str) -> list[str] | str:
+    """`value` read as a JSON list of texts if it is one, else as it is."""
+    try:
+        texts = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    ok = isinstance(texts, list) and all(isinstance(t, str) for t in texts)
+    return texts if ok else value
 
 
 def from_flags(cls: type, unexpected: tuple, values: dict[str, Any]) -> Any:

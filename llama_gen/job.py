@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -198,6 +199,9 @@ class Prompting:
                 ) -> Prompting:
         """The run's chat format; a checkpoint without one is an error at once where the
         flags ask for chat, else for each record that brings a dialog."""
+        if settings.system is not None and not getattr(settings, "chat", False):
+            log.info("--system goes into dialogs (records with messages)%s", "" if
+                     settings.score_keys else "; with --chat, into every prompt")
         try:
             return cls(tokenizer, chat_format_for(tokenizer, norm_eps, settings.chat_format))
         except UserError as e:
@@ -233,6 +237,9 @@ class Prompting:
     def tokens(self, record: Record, own: Settings) -> list[int]:
         """The record's prompt tokens; DialogError for a dialog the format cannot take."""
         if record.messages is None and not own.chat:
+            if "system" in record.overrides:
+                raise DialogError("a system message is for chat prompts: pass --chat, or give "
+                                  "a dialog as 'messages'")
             return self.tokenizer.encode(record.prompt, bos=True)
         if self.chat_format is None:
             raise DialogError(self.no_chat_format)
@@ -394,7 +401,8 @@ def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[i
     text = tokenizer.decode_continuation(prompt_ids, shown)
     if isinstance(stop_reason, str):
         n_head = len(shown_ids(tokenizer, new_ids[:params.min_tokens], params))
-        head = len(tokenizer.decode_continuation(prompt_ids, shown[:n_head])) if n_head else 0
+        head_text = tokenizer.decode_continuation(prompt_ids, shown[:n_head]) if n_head else ""
+        head = len(os.path.commonprefix([head_text, text]))  # a split character: U+FFFD there
         text = text[:head] + cut_at_stop(text[head:], params.stop)[0]
     return text
 

@@ -180,16 +180,16 @@ class Settings(JobSettings):
 
     max_gen_len: int = setting(256, low=1, role=DEFINES_OUTPUT, per_record=True,
                                help="most tokens generated per sample")
-    temperature: float = setting(0.6, low=0, role=DEFINES_OUTPUT, per_record=True,
+    temperature: float = setting(0.6, low=0, high=1e4, role=DEFINES_OUTPUT, per_record=True,
                                  help="sampling temperature, 0 = greedy")
     top_p: float = setting(0.9, low=0, low_open=True, high=1, role=DEFINES_OUTPUT,
                            per_record=True, help="nucleus sampling mass")
-    top_k: int = setting(0, low=0, role=DEFINES_OUTPUT, per_record=True,
+    top_k: int = setting(0, low=0, high=2**31 - 1, role=DEFINES_OUTPUT, per_record=True,
                          help="sample among the k most likely tokens only, 0 = all")
     min_p: float = setting(0.0, low=0, high=1, role=DEFINES_OUTPUT, per_record=True,
                            help="drop tokens less likely than min_p times the most likely one")
     repetition_penalty: float = setting(
-        1.0, low=0, low_open=True, role=DEFINES_OUTPUT, per_record=True,
+        1.0, low=0, low_open=True, high=1e4, role=DEFINES_OUTPUT, per_record=True,
         help="divide (multiply if negative) the logits of tokens already in the prompt or the "
         "completion by this, 1 = off (Hugging Face's)")
     presence_penalty: float = setting(
@@ -209,7 +209,7 @@ class Settings(JobSettings):
                                "kept); only max_gen_len and stop strings end a completion")
     seed: int = setting(0, role=DEFINES_OUTPUT, per_record=True,
                         help="base seed; each (record, sample) draws from its own stream")
-    num_samples: int = setting(1, low=1, role=DEFINES_OUTPUT, per_record=True,
+    num_samples: int = setting(1, low=1, high=1024, role=DEFINES_OUTPUT, per_record=True,
                                help="completions per prompt")
     completion_key: str = setting("completion", role=DEFINES_OUTPUT, help="the output field "
                                   "holding the completion")
@@ -257,6 +257,14 @@ class ScoreSettings(JobSettings):
                             "whole (every token after bos)")
     completion_key: str = setting("completion", role=DEFINES_OUTPUT, help="the field holding a "
                                   "completion scored given the record's prompt")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        keys = {"--prompt_key": self.prompt_key, "--text_key": self.text_key,
+                "--completion_key": self.completion_key}
+        if len(set(keys.values())) < len(keys):
+            raise UserError(f"{', '.join(f'{k} {v}' for k, v in keys.items())}: the three "
+                            "fields must differ")
 
     @property
     def score_keys(self) -> tuple[str, str]:

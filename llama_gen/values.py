@@ -81,11 +81,17 @@ class Rule:
             return "a non-empty text or a list of them"
         noun = {bool: "true or false", int: "an integer", float: "a number", str: "text",
                 Path: "a path"}[self.base]
+        low, high = self._shown_bound(self.low), self._shown_bound(self.high)
         if self.low is not None and self.high is not None:
-            return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            return f"{noun} in {'(' if self.low_open else '['}{low}, {high}]"
         if self.low is not None:
-            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+            return f"{noun} {'>' if self.low_open else '>='} {low}"
         return noun
+
+    def _shown_bound(self, bound: float | None) -> str:
+        if bound is None:
+            return ""
+        return str(int(bound)) if self.base is int else f"{bound:g}"
 
     def check(self, value: Any, from_words: bool = False) -> Any:
         """`value` in the rule's type, or BadValue. `from_words`: the value was typed on a

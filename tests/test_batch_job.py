@@ -174,7 +174,7 @@ def test_batch_requests_are_counted_shared_and_reported_like_records(tmp_path, t
     items = works(s, tokenizer)
     assert [type(x).__name__ for x in items] == ["Work", "Work", "BadLine", "BadLine"]
     too_long, bad_n = items[2:]
-    assert bad_n.custom_id == "r-3" and bad_n.reason == "body.n must be an integer >= 1, got 0"
+    assert bad_n.custom_id == "r-3" and bad_n.reason == "body.n must be an integer in [1, 1024], got 0"
     assert isinstance(too_long, BadLine) and too_long.max_seq_len == 32
     entry = too_long.as_json()
     assert (entry["custom_id"], entry["error"]["code"], entry["line"], entry["max_seq_len"]) == (
@@ -272,7 +272,7 @@ def test_bad_requests_and_a_prompt_too_long_go_to_the_errors_file(answered):
     for custom_id in ("c-embed", "c-zero", "c-long"):
         assert problems(errors[custom_id], ERROR_ENTRY) == [], custom_id
         assert problems(errors[custom_id]["error"], ERROR) == []
-    assert errors["c-zero"]["error"]["message"] == "body.n must be an integer >= 1, got 0"
+    assert errors["c-zero"]["error"]["message"] == "body.n must be an integer in [1, 1024], got 0"
     assert errors["c-long"]["error"]["code"] == "context_length_exceeded"
     assert errors["c-long"]["max_seq_len"] == 64
     assert set(errors[8]) == {"line", "reason", "text"}  # not JSON: no custom_id to answer

@@ -496,6 +496,12 @@ def test_top_logprobs_are_the_most_likely_tokens_under_the_model(model):
         assert done.logprobs[t] == pytest.approx(top[0][1], abs=LOGPROB_ATOL)
 
 
+def test_min_tokens_without_stop_tokens(model):
+    p = prompt(model, 5, seed=3)
+    assert alone(model, Request(p, params(max_gen_len=4, min_tokens=2))).tokens == \
+        alone(model, Request(p, params(max_gen_len=4))).tokens
+
+
 def test_min_tokens_holds_back_stop_tokens_and_ignore_eos_keeps_them(model):
     p = prompt(model, 5, seed=3)
     free = alone(model, Request(p, params(max_gen_len=10))).tokens

@@ -165,6 +165,7 @@ def test_help_of_a_small_dataclass():
 
 @pytest.mark.parametrize("typed, stops", [
     ("###", ("###",)), ("a,b", ("a,b",)), ("5", ("5",)), ("\n\n", ("\n\n",)),
+    ("[INST]", ("[INST]",)), ('["a"', ('["a"',)), ("[1, 2]", ("[1, 2]",)),
     ('["\\n\\nQuestion:", "###"]', ("\n\nQuestion:", "###")), ('["x"]', ("x",))])
 def test_stop_takes_one_text_as_typed_or_a_json_list(typed, stops):
     paths = ["--ckpt_dir", "a", "--prompt_path", "b", "--out_path", "c"]
@@ -172,8 +173,7 @@ def test_stop_takes_one_text_as_typed_or_a_json_list(typed, stops):
     assert parse(Settings, [*paths, f"--stop={typed}"], "llama-gen").stop == stops
 
 
-@pytest.mark.parametrize("typed, message", [('["a"', "not a JSON list"),
-                                            ('["a", 5]', "non-empty text"), ('[""]', "non-empty")])
+@pytest.mark.parametrize("typed, message", [('[""]', "non-empty"), ("", "non-empty")])
 def test_a_bad_stop_list_is_one_error(typed, message):
     paths = ["--ckpt_dir", "a", "--prompt_path", "b", "--out_path", "c"]
     with pytest.raises(UserError, match=re.escape(message)):

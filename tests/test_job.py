@@ -624,3 +624,24 @@ def test_a_completion_key_that_is_another_output_field_is_refused(tmp_path, key)
     write_prompts(tmp_path, {"prompt": "hi"})
     with pytest.raises(UserError, match="--completion_key"):
         count_pending(settings(tmp_path, completion_key=key), set())
+
+
+def test_min_tokens_ending_inside_a_character_still_cuts_at_the_stop_string(tmp_path, tokenizer):
+    """The first min_tokens tokens decode to a replacement character where they end inside
+    one: the stop string is looked for after the text they share with the whole."""
+    new = tokenizer.encode(" €x and more", bos=False)
+    prompt = tokenizer.encode("Hello", bos=True)
+    heads = [tokenizer.decode_continuation(prompt, new[:n]) for n in range(len(new))]
+    n = next(n for n, head in enumerate(heads) if head.endswith("\ufffd"))
+    whole = tokenizer.decode_continuation(prompt, new)
+    completion = completed(tokenizer, "Hello", new, "x", stop=("x",), min_tokens=n)
+    assert output_line(completion, tokenizer, settings(tmp_path))["completion"] == \
+        whole[:whole.index("x")]
+
+
+def test_a_system_message_for_a_plain_prompt_without_chat_is_a_bad_line(tmp_path, tokenizer):
+    write_prompts(tmp_path, {"prompt": "Hi", "system": "Answer in French."}, {"prompt": "Hi"})
+    s = settings(tmp_path)
+    [items] = shares(s, tokenizer, 1)
+    assert isinstance(items[0], BadLine) and "--chat" in items[0].reason
+    assert isinstance(items[1], Work)

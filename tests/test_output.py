@@ -374,7 +374,7 @@ def test_writer_counts_a_batch_lines_choices_and_writes_batch_errors_in_the_api_
     writer = Writer(s, total=4)
     writer.output(json.loads(batch_out("r-1", 3, tokens=5)), 1)
     writer.output({"id": 2, "sample": 0, "completion": "z", "completion_tokens": 4}, 2)
-    writer.bad_line(BadLine(3, "body.n must be an integer >= 1, got 0", "{}", custom_id="r-3"))
+    writer.bad_line(BadLine(3, "body.n must be an integer in [1, 1024], got 0", "{}", custom_id="r-3"))
     writer.bad_line(BadLine(4, "invalid JSON", "x"))
     writer.finish()
     writer.close()

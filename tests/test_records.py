@@ -55,16 +55,19 @@ def bad_reason(text: str | bytes, **kwargs) -> str:
     ('{"prompt": "hi", "max_gen_len": "5"}', 'max_gen_len must be an integer >= 1, got "5"'),
     ('{"prompt": "hi", "max_gen_len": true}', "max_gen_len must be an integer >= 1, got true"),
     ('{"prompt": "hi", "max_gen_len": 2.0}', "max_gen_len must be an integer >= 1, got 2.0"),
-    ('{"prompt": "hi", "temperature": -1}', "temperature must be a number >= 0, got -1"),
-    ('{"prompt": "hi", "temperature": "0.5"}', "temperature must be a number >= 0"),
-    ('{"prompt": "hi", "temperature": NaN}', "temperature must be a number >= 0, got NaN"),
+    ('{"prompt": "hi", "temperature": -1}', "temperature must be a number in [0, 10000], got -1"),
+    ('{"prompt": "hi", "temperature": "0.5"}', "temperature must be a number in [0, 10000]"),
+    ('{"prompt": "hi", "temperature": NaN}', "temperature must be a number in [0, 10000], got NaN"),
     ('{"prompt": "hi", "top_p": 0}', "top_p must be a number in (0, 1], got 0"),
     ('{"prompt": "hi", "top_p": 1.5}', "top_p must be a number in (0, 1], got 1.5"),
     ('{"prompt": "hi", "top_p": false}', "top_p must be a number in (0, 1], got false"),
     ('{"prompt": "hi", "seed": 1.5}', "seed must be an integer, got 1.5"),
     ('{"prompt": "hi", "seed": "3"}', 'seed must be an integer, got "3"'),
-    ('{"prompt": "hi", "num_samples": 0}', "num_samples must be an integer >= 1, got 0"),
-    ('{"prompt": "hi", "num_samples": -2}', "num_samples must be an integer >= 1, got -2"),
+    ('{"prompt": "hi", "top_k": 100000000000000000000000}',
+     "top_k must be an integer in [0, 2147483647], got 100000000000000000000000"),
+    ('{"prompt": "hi", "repetition_penalty": 1e39}', "repetition_penalty must be a number in (0, "),
+    ('{"prompt": "hi", "num_samples": 0}', "num_samples must be an integer in [1, 1024], got 0"),
+    ('{"prompt": "hi", "num_samples": -2}', "num_samples must be an integer in [1, 1024], got -2"),
 ])
 def test_bad_line_reasons(text, reason):
     assert reason in bad_reason(text)
@@ -235,12 +238,12 @@ def test_a_completions_request_is_its_raw_prompt_never_a_chat_message():
 
 
 @pytest.mark.parametrize("url, body, reason", [
-    (CHAT_URL, {"n": 0}, "body.n must be an integer >= 1, got 0"),
+    (CHAT_URL, {"n": 0}, "body.n must be an integer in [1, 1024], got 0"),
     (CHAT_URL, {"max_tokens": 0}, "body.max_tokens must be an integer >= 1, got 0"),
     (CHAT_URL, {"max_tokens": 4, "max_completion_tokens": "5"},
      'body.max_completion_tokens must be an integer >= 1, got "5"'),
     (COMPLETIONS_URL, {"max_tokens": 2.5}, "body.max_tokens must be an integer >= 1, got 2.5"),
-    (CHAT_URL, {"temperature": -1}, "body.temperature must be a number >= 0, got -1"),
+    (CHAT_URL, {"temperature": -1}, "body.temperature must be a number in [0, 10000], got -1"),
     (CHAT_URL, {"top_p": 0}, "body.top_p must be a number in (0, 1], got 0"),
     (CHAT_URL, {"seed": 1.5}, "body.seed must be an integer, got 1.5"),
     (CHAT_URL, {"stop": 5}, "body.stop must be a non-empty text or a list of them, got 5"),
@@ -273,10 +276,10 @@ def test_a_request_llama_gen_cannot_answer_is_a_bad_line_that_keeps_its_custom_i
 
 
 def test_a_batch_bad_lines_entry_is_the_apis_error_line_with_the_line_number():
-    entry = BadLine(4, "body.n must be an integer >= 1, got 0", "{...}", custom_id="r-1").as_json()
+    entry = BadLine(4, "body.n must be an integer in [1, 1024], got 0", "{...}", custom_id="r-1").as_json()
     assert entry["custom_id"] == "r-1" and entry["line"] == 4 and "max_seq_len" not in entry
     assert entry["error"] == {"code": "invalid_request",
-                              "message": "body.n must be an integer >= 1, got 0"}
+                              "message": "body.n must be an integer in [1, 1024], got 0"}
     assert entry["response"]["status_code"] == 400
     too_long = BadLine(5, "the prompt has 90 tokens", "{...}", max_seq_len=64,
                        custom_id="r-2").as_json()

@@ -12,7 +12,7 @@ import pytest
 from llama_gen.errors import UserError
 from llama_gen.flags import parse
 from llama_gen.records import check_overrides, parse_line
-from llama_gen.settings import (DEFINES_OUTPUT, OUTPUT_DEFINING, PER_RECORD, REQUIRED, RULES,
+from llama_gen.settings import (DEFINES_OUTPUT, ScoreSettings, OUTPUT_DEFINING, PER_RECORD, REQUIRED, RULES,
                                 RUNTIME, Settings, rules)
 from llama_gen.values import BadValue
 
@@ -34,11 +34,11 @@ def test_job_settings_check_accepts_good_settings(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"top_p": 0.0}, "--top_p must be a number in (0, 1], got 0.0"),
     ({"top_p": 1.01}, "--top_p must be a number in (0, 1], got 1.01"),
-    ({"temperature": -0.1}, "--temperature must be a number >= 0, got -0.1"),
+    ({"temperature": -0.1}, "--temperature must be a number in [0, 10000], got -0.1"),
     ({"max_seq_len": 0}, "--max_seq_len must be an integer >= 1, got 0"),
     ({"max_batch_size": 0}, "--max_batch_size must be an integer >= 1, got 0"),
     ({"max_gen_len": 0}, "--max_gen_len must be an integer >= 1, got 0"),
-    ({"num_samples": 0}, "--num_samples must be an integer >= 1, got 0"),
+    ({"num_samples": 0}, "--num_samples must be an integer in [1, 1024], got 0"),
 ])
 def test_job_settings_check_flag_errors(tmp_path, change, message):
     with pytest.raises(UserError, match="^" + re.escape(message)):
@@ -56,7 +56,7 @@ def test_model_parallel_size_zero_is_an_error_not_the_default(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"max_seq_len": 2.0}, "--max_seq_len must be an integer >= 1, got 2.0"),
     ({"logprobs": "false"}, '--logprobs must be true or false, got "false"'),
-    ({"temperature": float("nan")}, "--temperature must be a number >= 0, got NaN"),
+    ({"temperature": float("nan")}, "--temperature must be a number in [0, 10000], got NaN"),
     ({"scheduler": "dynamic"}, '--scheduler must be one of continuous, static, got "dynamic"'),
     ({"dtype": "int8"}, "--dtype must be one of "),
     ({"prompt_key": None}, "--prompt_key must be text, got null"),
@@ -210,3 +210,11 @@ def test_compile_with_the_static_scheduler_is_refused(tmp_path):
     with pytest.raises(UserError, match="^--compile compiles the continuous scheduler"):
         Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "p.jsonl", out_path=tmp_path / "o",
                  compile=True, scheduler="static")
+
+
+@pytest.mark.parametrize("keys", [dict(completion_key="prompt"), dict(text_key="completion"),
+                                  dict(prompt_key="text")])
+def test_score_refuses_fields_that_coincide(tmp_path, keys):
+    with pytest.raises(UserError, match="the three fields must differ"):
+        ScoreSettings(ckpt_dir=tmp_path, prompt_path=tmp_path / "p", out_path=tmp_path / "o",
+                      **keys)
