@@ -11,8 +11,8 @@ import torch
 from llama_gen import engine, scoring
 from llama_gen.scoring import (Scored, Scorer, ScoreRequest, plan_passes, score_groups,
                                score_problem)
-from test_model import (CONFIGS, PARITY_ATOL, SEQ_LEN, build, config, hf_logits,
-                        random_tokens, teacher_forced)
+from test_model import (CONFIGS, PARITY_ATOL, SEQ_LEN, build, config, echo_logprobs,
+                        hf_logits, random_tokens, teacher_forced)
 
 ENGINE_ATOL = 1e-5
 # (length, first_scored): short and long texts, some scored after a prompt; with small passes
@@ -76,6 +76,15 @@ def test_scores_equal_the_engines_prompt_logprobs(single_process, request, name,
         assert scored.total == pytest.approx(sum(scored.logprobs))
         assert scored.mean == pytest.approx(scored.total / scored.n_tokens)
     assert scorer.stats.passes < len(work) or passes == "small"  # texts shared passes
+
+
+def test_scores_equal_echo_logprobs_from_generate(single_process):
+    """`Engine.generate` with echo and logprobs (max_gen_len 0) gives the same logprobs."""
+    args, vocab_parallel = config("llama3.1-scaled")
+    tokens = random_tokens(args.vocab_size, n=40, seed=6)
+    [scored] = Scorer(build(args, vocab_parallel), 2, 40).score([ScoreRequest(tokens.tolist(), 1)])
+    echoed = echo_logprobs(build(args, vocab_parallel), tokens)
+    assert_close(scored.logprobs, echoed[1:], ENGINE_ATOL)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
