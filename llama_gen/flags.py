@@ -114,7 +114,8 @@ def help_text(cls: type, usage: str, summary: str, commands: dict[str, str] = {}
                 if rule.is_texts else rule.base.__name__.upper())
         value = "" if rule.base is bool else f" {kind}"
         default = ("required" if f.default is dataclasses.MISSING else
-                   "" if f.default is None or f.default is False else f"default {f.default}")
+                   "" if f.default is None or f.default is False or f.default == ()
+                   else f"default {f.default}")
         text = f.metadata["help"] + (f" ({default})" if default else "")
         if f.metadata.get("per_record"):
             text += "; a record may set it"
