@@ -25,11 +25,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """--dtype by name; by default bf16 on GPUs that support it, else fp32."""
+    """--dtype by name; by default bf16 on GPUs that have it in hardware, fp16 on other GPUs
+    (V100, T4: emulated bf16 is slow, and fp32 would double the memory), fp32 on the CPU."""
     if name is None:
-        bf16_ok = (device.type == "cuda"  # in hardware: emulated bf16 (pre-Ampere) is slow
-                   and torch.cuda.is_bf16_supported(including_emulation=False))
-        return torch.bfloat16 if bf16_ok else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if bf16_ok else torch.float16
     if name not in DTYPES:
         raise UserError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
 from . import distributed
 from .errors import UserError
 from .flags import HELP_WORDS, help_text, parse
@@ -64,6 +66,16 @@ def command(argv: list[str]) -> None:
         run_job(parse(Settings, argv, "llama-gen"))
 
 
+def out_of_memory_advice(error: torch.OutOfMemoryError) -> str:
+    """One line: what ran out, that finished lines are kept, and what to change."""
+    first = next((line for line in str(error).splitlines() if line.strip()), "")
+    cause = f" ({first[:200]})" if first else ""
+    return (f"out of memory{cause}; every finished line is written. Lower --max_batch_size or "
+            "--max_seq_len, use --dtype bf16 or fp16, or spread the model over more GPUs "
+            "(`llama-gen plan` with the same flags shows what fits), then run the same command "
+            "to resume")
+
+
 def _setup_logging(rank: int) -> None:
     logging.basicConfig(format="llama-gen: %(message)s", stream=sys.stderr,
                         level=logging.INFO if rank == 0 else logging.WARNING)
@@ -94,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # before the job's own handler is installed
         say("interrupted")
         sys.exit(130)
+    except torch.OutOfMemoryError as e:  # on whichever rank it happened
+        print(f"llama-gen: error: {out_of_memory_advice(e)}", file=sys.stderr)
+        sys.exit(1)
     except OSError as e:
         if e.filename is None:  # not about a file: a bug's traceback is worth more
             raise

@@ -80,7 +80,8 @@ class JobSettings:
     max_batch_size: int = setting(8, low=1, help="sequences decoded together; sizes the KV "
                                   "cache")
     dtype: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] | None = setting(
-        None, help="weights and activations (default bf16 on GPUs that have it, else fp32)")
+        None, help="weights and activations (default bf16 on GPUs that have it, fp16 on other "
+        "GPUs, fp32 on the CPU)")
     prompt_key: str = setting("prompt", role=DEFINES_OUTPUT, help="the field holding the prompt")
     id_key: str | None = setting(None, role=DEFINES_OUTPUT, help="the field holding a record's "
                                  "id (default: id if present, else the line number)")

@@ -159,3 +159,14 @@ def test_files_that_are_not_weights_are_refused_without_unpickling(tmp_path):
     torch.save({"x": NotATensor()}, tmp_path / "consolidated.00.pth")
     with pytest.raises(UserError, match="cannot be read as a PyTorch checkpoint"):
         Checkpoint.open(tmp_path, args, False)
+
+
+@pytest.mark.parametrize("bf16_in_hardware, want", [(True, torch.bfloat16), (False, torch.float16)])
+def test_default_dtype_is_bf16_on_gpus_that_have_it_else_fp16_and_fp32_on_the_cpu(
+        monkeypatch, bf16_in_hardware, want):
+    from llama_gen.build import resolve_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: bf16_in_hardware)
+    assert resolve_dtype(None, torch.device("cuda")) == want
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16

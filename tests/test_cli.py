@@ -613,3 +613,30 @@ def test_score_equals_the_engines_teacher_forced_logprobs_and_resumes(tiny_check
     assert scores[None][(4, 0)]["n_tokens"] >= 1
     errors = (tmp_path / "scores-None.jsonl.errors.jsonl").read_text()
     assert '"line": 5' in errors
+
+
+def test_out_of_memory_is_one_line_of_advice_and_the_rerun_resumes(tiny_checkpoints, tmp_path):
+    """A CUDA out-of-memory error, injected into the engine after its first completions on the
+    CPU, ends the run with advice; the finished lines stay, and the same command completes."""
+    ckpt = tiny_checkpoints[("llama2", 1)]
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": f"Count to {i}"} for i in range(12)])
+    out = tmp_path / "o.jsonl"
+    args = [*job_args(ckpt, prompts, out), *GREEDY, "--max_batch_size", "2"]
+    inject = ("import sys, torch; from llama_gen import engine; from llama_gen.cli import main\n"
+              "retire, seen = engine.Engine._retire, []\n"
+              "def failing(self, active):\n"
+              "    for c in retire(self, active):\n"
+              "        seen.append(c); yield c\n"
+              "        if len(seen) == 3: raise torch.OutOfMemoryError('CUDA out of memory. "
+              "Tried to allocate 2.00 GiB')\n"
+              "engine.Engine._retire = failing\n"
+              "main(sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-c", inject, *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert_one_line_error(proc, "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)",
+                          "--max_batch_size", "llama-gen plan", "resume")
+    assert proc.returncode == 1
+    assert 1 <= len(read_output(out)) <= 3
+    result = run(args)
+    assert result.returncode == 0, result.stderr
+    assert len(read_output(out)) == 12
