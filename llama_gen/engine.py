@@ -206,11 +206,44 @@ class EngineStats:
     slot_steps: int = 0  # rows computed by decode passes
     wasted_slot_steps: int = 0  # rows computed for sequences that had already finished
     refills: int = 0  # prompts admitted into a slot that a finished sequence left
-    forward_seconds: float = 0.0  # wall time inside model forward passes
 
     @property
     def wasted_share(self) -> float:
         return self.wasted_slot_steps / max(self.slot_steps, 1)
+
+
+class ForwardTimer:
+    """Time spent in forward passes, for benchmarks: on a GPU between CUDA events, read (one
+    synchronisation) only when asked, so a decode step never waits for the device to time it;
+    on the CPU by the clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds = 0.0
+        self._start: Any = None
+
+    def __enter__(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._start, end))
+        else:
+            self._seconds += time.perf_counter() - self._start
+
+    def seconds(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000
+            self._events.clear()
+        return self._seconds
 
 
 @dataclass
@@ -272,6 +305,7 @@ class SlotEngine:
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
                  max_seq_len: int, tokenizer: Tokenizer | None = None):
         self.model = model
+        self.forward_timer: ForwardTimer | None = None  # set one to time forward passes
         self.device = model.output.weight.device
         self.stop_ids = frozenset(stop_ids)
         self.tokenizer = tokenizer
@@ -366,12 +400,10 @@ class SlotEngine:
         return logprobs, tops
 
     def _timed(self, compute: Callable[..., Any], *args: Any) -> Any:
-        start = time.perf_counter()
-        out = compute(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stats.forward_seconds += time.perf_counter() - start
-        return out
+        if self.forward_timer is None:
+            return compute(*args)
+        with self.forward_timer:
+            return compute(*args)
 
 
 class Engine(SlotEngine):
