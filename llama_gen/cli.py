@@ -4,6 +4,7 @@
         --out_path out.jsonl [flags]
     llama-gen score --ckpt_dir DIR --prompt_path texts.jsonl --out_path scores.jsonl
     llama-gen demo
+    llama-gen plan --ckpt_dir DIR --nproc N --gpu_memory 24GB
 """
 from __future__ import annotations
 
@@ -47,12 +48,18 @@ progress work as for generation."""
 def command(argv: list[str]) -> None:
     """Run what `argv` asks for; help goes to stdout and runs nothing."""
     from .demo import DEMO_SUMMARY, DemoSettings, demo
+    from .plan import PLAN_SUMMARY, PLAN_USAGE, PlanSettings, plan
     asks_help = any(word in HELP_WORDS for word in argv)
     if argv[:1] == ["demo"]:
         if asks_help:
             print(help_text(DemoSettings, "llama-gen demo [flags]", DEMO_SUMMARY), end="")
         else:
             demo(parse(DemoSettings, argv[1:], "llama-gen demo"))
+    elif argv[:1] == ["plan"]:
+        if asks_help:
+            print(help_text(PlanSettings, PLAN_USAGE, PLAN_SUMMARY), end="")
+        else:
+            plan(parse(PlanSettings, argv[1:], "llama-gen plan"))
     elif argv[:1] == ["score"]:
         if asks_help:
             print(help_text(ScoreSettings, SCORE_USAGE, SCORE_SUMMARY), end="")
@@ -61,6 +68,8 @@ def command(argv: list[str]) -> None:
     elif asks_help:
         print(help_text(Settings, USAGE, SUMMARY, {
             "score": "score texts by their log-likelihood (llama-gen score --help)",
+            "plan": "will a run fit on its GPUs, and at which batch size? (llama-gen plan "
+                    "--help)",
             "demo": "try the whole pipeline on a tiny model (llama-gen demo --help)"}), end="")
     else:
         run_job(parse(Settings, argv, "llama-gen"))

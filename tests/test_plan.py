@@ -1,0 +1,168 @@
+"""`llama-gen plan`: weights counted from params.json match real shards, published Llama shapes
+give the known sizes and verdicts, and the command's output and errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_gen.args import ModelArgs
+from llama_gen.errors import UserError
+from llama_gen.plan import (GIB, PlanSettings, kv_bytes_per_token, make_plan, parse_memory,
+                            weight_bytes)
+
+LLAMA_GEN = str(Path(sys.executable).parent / "llama-gen")
+# Published params.json files (vocab_size written out where Meta's file has -1).
+LLAMA_2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+              "vocab_size": 32000}
+LLAMA_2_13B = {"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-05,
+               "vocab_size": 32000}
+LLAMA_3_70B = {"dim": 8192, "ffn_dim_multiplier": 1.3, "multiple_of": 4096, "n_heads": 64,
+               "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, "rope_theta": 500000.0,
+               "vocab_size": 128256}
+
+
+def params_dir(tmp_path: Path, params: dict) -> Path:
+    """A checkpoint directory holding only params.json."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "params.json").write_text(json.dumps(params))
+    return ckpt
+
+
+def planned(ckpt: Path, **flags):
+    return make_plan(PlanSettings(ckpt_dir=ckpt, **flags))
+
+
+def run_plan(*words: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LLAMA_GEN, "plan", *words], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_memory_sizes_are_read_as_gpu_makers_write_them():
+    assert parse_memory("24GB") == parse_memory("24GiB") == parse_memory("24G") == 24 * GIB
+    assert parse_memory("80gb") == 80 * GIB and parse_memory("1.5 GB") == 3 * GIB // 2
+    assert parse_memory("512MB") == 512 * 2**20 and parse_memory("1000") == 1000
+    for bad in ("lots", "24XB", "-5GB", "GB", "24iB", "0"):
+        with pytest.raises(UserError, match="--gpu_memory"):
+            parse_memory(bad)
+
+
+def shard_tensor_bytes(ckpt: Path) -> list[int]:
+    """Each shard's weight bytes as stored, without the rope.freqs buffer."""
+    shards = [torch.load(p, weights_only=True) for p in sorted(ckpt.glob("consolidated.*.pth"))]
+    return [sum(t.nbytes for key, t in s.items() if key != "rope.freqs") for s in shards]
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_weights_per_rank_are_the_shards_tensor_bytes(tiny_checkpoints, family):
+    one, two = shard_tensor_bytes(tiny_checkpoints[(family, 1)]), shard_tensor_bytes(
+        tiny_checkpoints[(family, 2)])
+    for mp, ckpt, want in ((1, tiny_checkpoints[(family, 1)], one[0]),
+                           (2, tiny_checkpoints[(family, 2)], two[0]),
+                           (2, tiny_checkpoints[(family, 1)], two[0])):
+        plan = planned(ckpt, nproc=mp, model_parallel_size=mp, dtype="fp32", gpu_memory="1GB")
+        assert plan.memory["weights"] == pytest.approx(want, rel=1e-3)
+        assert plan.checkpoint["shards"] in (1, 2)
+        assert "as expected" in plan.notes[0]  # the file sizes agree with params.json
+    assert two[0] == two[1] and one[0] / 2 < two[0] < one[0] * 0.51  # norms are replicated
+
+
+def test_shards_that_disagree_with_params_json_are_noted(checkpoint_copy):
+    ckpt = checkpoint_copy("llama3", 1)
+    params = json.loads((ckpt / "params.json").read_text())
+    (ckpt / "params.json").write_text(json.dumps({**params, "n_layers": 4}))
+    plan = planned(ckpt, gpu_memory="1GB")
+    assert "does params.json belong to this checkpoint?" in plan.notes[0]
+
+
+def test_llama_2_7b_in_bf16_does_not_fit_a_12gb_card_and_two_would(tmp_path):
+    plan = planned(params_dir(tmp_path, LLAMA_2_7B), gpu_memory="12GB")
+    assert plan.parameters == pytest.approx(6.74e9, rel=2e-3)
+    assert plan.memory["weights"] == pytest.approx(6.74e9 * 2, rel=2e-3)  # ~12.6 GiB
+    assert plan.kv_bytes_per_token == 2 * 32 * 32 * 128 * 2
+    assert not plan.fits and plan.largest_batch == 0
+    assert "weights alone" in plan.verdict
+    assert any("--model_parallel_size 2" in line for line in plan.advice)
+    assert not any(line.startswith("--max_seq_len") for line in plan.advice)
+    assert planned(tmp_path / "ckpt", gpu_memory="12GB", nproc=2).fits
+
+
+def test_llama_2_13b_fits_on_two_24gb_cards(tmp_path):
+    plan = planned(params_dir(tmp_path, LLAMA_2_13B), gpu_memory="24GB", nproc=2)
+    assert plan.model_parallel_size == 2 and plan.fits and plan.largest_batch >= 8
+    assert plan.parameters == pytest.approx(13.0e9, rel=5e-3)
+    assert plan.advice == [] and plan.needed <= plan.usable
+    assert not planned(tmp_path / "ckpt", gpu_memory="24GB").fits  # one card is too small
+
+
+def test_llama_3_70b_on_eight_80gb_cards_at_8192_tokens(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_3_70B)
+    plan = planned(ckpt, gpu_memory="80GB", nproc=8, max_seq_len=8192)
+    args = ModelArgs.from_params(LLAMA_3_70B)
+    assert plan.model_parallel_size == 8 and plan.fits
+    assert plan.parameters == pytest.approx(70.6e9, rel=2e-3)
+    assert plan.kv_bytes_per_token == kv_bytes_per_token(args, 8, 2) == 2 * 80 * 1 * 128 * 2
+    most = plan.largest_batch
+    assert 100 < most < (plan.usable - plan.memory["weights"]) // (8192 * 40960)
+    assert planned(ckpt, gpu_memory="80GB", nproc=8, max_seq_len=8192, max_batch_size=most).fits
+    over = planned(ckpt, gpu_memory="80GB", nproc=8, max_seq_len=8192, max_batch_size=most + 1)
+    assert not over.fits and over.advice[0] == (f"--max_batch_size {most}: the most that fits "
+                                                 "at --max_seq_len 8192")
+
+
+def test_advice_names_a_16_bit_dtype_and_a_shorter_max_seq_len(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_7B)
+    fp32 = planned(ckpt, gpu_memory="40GB", dtype="fp32", max_batch_size=32, max_seq_len=4096)
+    assert not fp32.fits and fp32.memory["weights"] == 2 * weight_bytes(
+        ModelArgs.from_params(LLAMA_2_7B), 1, 2)
+    assert any(line.startswith("--dtype bf16") for line in fp32.advice)
+    shorter = [line for line in fp32.advice if line.startswith("--max_seq_len")]
+    assert shorter
+    seq_len = int(shorter[0].split()[1].rstrip(":"))
+    assert seq_len < 4096 and planned(ckpt, gpu_memory="40GB", dtype="fp32", max_batch_size=32,
+                                      max_seq_len=seq_len).fits
+
+
+def test_json_round_trips_and_the_table_shows_the_verdict(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_13B)
+    words = ["--ckpt_dir", str(ckpt), "--gpu_memory", "24GB", "--nproc", "2"]
+    result = run_plan(*words, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == planned(ckpt, gpu_memory="24GB", nproc=2).as_dict()
+    text = run_plan(*words).stdout
+    assert "weights" in text and "KV cache" in text and text.count("\nfits: ") == 1
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("llama-gen: error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+
+
+def test_errors_are_one_line(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_7B)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_plan("--ckpt_dir", str(empty), "--gpu_memory", "24GB"),
+                          "params.json: not found")
+    assert_one_line_error(run_plan("--ckpt_dir", str(ckpt), "--gpu_memory", "lots"),
+                          "--gpu_memory 'lots' is not a memory size")
+    assert_one_line_error(run_plan("--ckpt_dir", str(ckpt), "--gpu_memory", "24GB",
+                                   "--model_parallel_size", "3"), "use one of 1, 2, 4, 8")
+    assert_one_line_error(run_plan("--ckpt_dir", str(ckpt), "--gpu_memory", "24GB", "--nproc",
+                                   "3", "--model_parallel_size", "2"), "not a multiple")
+    assert_one_line_error(run_plan("--gpu_memory", "24GB"), "--ckpt_dir missing")
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_plan("--ckpt_dir", str(ckpt)), "--gpu_memory missing")
+
+
+def test_help_lists_plan_and_its_flags():
+    main = subprocess.run([LLAMA_GEN, "--help"], capture_output=True, text=True).stdout
+    assert "plan" in main.split("commands:")[1]
+    text = run_plan("--help").stdout
+    assert "--gpu_memory STR" in text and "--nproc INT" in text and "--prompt_path" not in text
