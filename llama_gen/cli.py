@@ -48,7 +48,7 @@ progress work as for generation."""
 def command(argv: list[str]) -> None:
     """Run what `argv` asks for; help goes to stdout and runs nothing."""
     from .demo import DEMO_SUMMARY, DemoSettings, demo
-    from .plan import PLAN_SUMMARY, PLAN_USAGE, PlanSettings, plan
+    from .plan import PLAN_SUMMARY, PLAN_USAGE, PlanSettings, plan, without_run_only_flags
     asks_help = any(word in HELP_WORDS for word in argv)
     if argv[:1] == ["demo"]:
         if asks_help:
@@ -59,7 +59,7 @@ def command(argv: list[str]) -> None:
         if asks_help:
             print(help_text(PlanSettings, PLAN_USAGE, PLAN_SUMMARY), end="")
         else:
-            plan(parse(PlanSettings, argv[1:], "llama-gen plan"))
+            plan(parse(PlanSettings, without_run_only_flags(argv[1:]), "llama-gen plan"))
     elif argv[:1] == ["score"]:
         if asks_help:
             print(help_text(ScoreSettings, SCORE_USAGE, SCORE_SUMMARY), end="")

@@ -19,7 +19,8 @@ from .args import ModelArgs
 from .checkpoint import SHARD_NAME, check_model_parallel_size, find_shards, full_shapes, split_dim
 from .engine import LOGPROB_ROWS, PREFILL_TOKENS
 from .errors import UserError
-from .settings import check_fields, setting
+from .settings import Settings, check_fields, rules, setting
+from .values import FALSE_WORDS, TRUE_WORDS
 
 GIB = 2**30
 # CUDA context, cuBLAS workspaces and the allocator's slack, which torch's own counters do not
@@ -65,12 +66,33 @@ class PlanSettings:
         check_fields(self)
 
 
-PLAN_USAGE = "llama-gen plan --ckpt_dir DIR [--nproc N] [--gpu_memory 24GB] [run flags] [--json]"
+PLAN_USAGE = ("llama-gen plan --ckpt_dir DIR [--nproc N] [--gpu_memory 24GB] [--json] [a run's "
+              "flags: those that do not change its memory are ignored]")
 PLAN_SUMMARY = """\
 Tell whether a run fits on its GPUs before starting it: per GPU, the bytes of weights, the KV
 cache's bytes per token and working memory; the largest --max_batch_size that fits at
 --max_seq_len; and a verdict with advice (more GPUs, a shorter --max_seq_len, --dtype). Reads
 params.json and the shard files' sizes only: it runs in seconds, on any machine."""
+
+
+def without_run_only_flags(words: list[str]) -> list[str]:
+    """`words` less a run's flags that do not change its memory (--prompt_path, --temperature,
+    a bare --logprobs ...), so a run's command line can be planned as it is."""
+    plan_names, run_rules = rules(PlanSettings).keys(), rules(Settings)
+    kept, skip = [], False
+    for i, word in enumerate(words):
+        if skip:
+            skip = False
+            continue
+        name, equals, _ = word.removeprefix("--").partition("=")
+        if not word.startswith("--") or name in plan_names or name not in run_rules:
+            kept.append(word)
+            continue
+        following = words[i + 1] if i + 1 < len(words) else "--"
+        bare_flag = run_rules[name].base is bool and (
+            following.startswith("--") or following.lower() not in TRUE_WORDS + FALSE_WORDS)
+        skip = not equals and not bare_flag
+    return kept
 
 
 def parse_memory(text: str) -> int:

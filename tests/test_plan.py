@@ -166,3 +166,16 @@ def test_help_lists_plan_and_its_flags():
     assert "plan" in main.split("commands:")[1]
     text = run_plan("--help").stdout
     assert "--gpu_memory STR" in text and "--nproc INT" in text and "--prompt_path" not in text
+
+
+def test_a_runs_command_line_is_planned_as_it_is(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_13B)
+    run_words = ["--ckpt_dir", str(ckpt), "--prompt_path", "p.jsonl", "--out_path", "o.jsonl",
+                 "--logprobs", "--temperature", "0.8", "--chat", "false", "--echo=true",
+                 "--stop", "[INST]", "--max_seq_len", "2048", "--nproc", "2", "--gpu_memory",
+                 "24GB", "--json"]
+    result = run_plan(*run_words)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got == planned(ckpt, max_seq_len=2048, nproc=2, gpu_memory="24GB").as_dict()
+    assert_one_line_error(run_plan(*run_words, "--tempreature", "1"), "--tempreature")
