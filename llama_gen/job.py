@@ -11,7 +11,9 @@ same requests from it and run the same schedule.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
+import itertools
 import json
 import logging
 import os
@@ -25,7 +27,8 @@ from . import distributed
 from .distributed import Dist
 from .chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, prompt_tokens,
                    reply_tokens, with_system)
-from .engine import Completion, Request, SamplingParams, prompt_problem
+from .engine import (ADMISSION_WINDOW_BATCHES, Completion, Request, SamplingParams,
+                     prompt_problem)
 from .errors import UserError
 from .openai_batch import Choice, request_id, response_line
 from .output import OutputLock, Writer
@@ -306,7 +309,9 @@ def requests_for(work: Work, settings: JobSettings) -> Iterator[Request | ScoreR
 
 class Feed:
     """A model-parallel group's requests: its leader reads its replica's share of the work and
-    broadcasts each request to the group; bad lines go to `results`."""
+    broadcasts it to the group an admission window at a time, as token ids and settings (the
+    other ranks need no record: only the leader makes output lines); bad lines go to
+    `results`."""
 
     def __init__(self, settings: Settings, done: frozenset, prompting: Prompting, dist: Dist,
                  results: Results, stop: StopRequested):
@@ -315,14 +320,16 @@ class Feed:
         self.ending: Ending | None = None
         self._decode_steps = 0
 
-    def requests(self) -> Iterator[Request]:
+    def requests(self) -> Iterator[Request | ScoreRequest]:
         own = self._leader_requests() if self.dist.is_model_parallel_leader else None
+        window = ADMISSION_WINDOW_BATCHES * self.settings.max_batch_size
         while True:
-            request = None if own is None or self._stopping() else next(own, None)
-            request = distributed.broadcast_from_model_parallel_leader(request)
-            if request is None:
+            taken = [] if own is None or self._stopping() else list(itertools.islice(own, window))
+            shared = distributed.broadcast_from_model_parallel_leader(
+                [dataclasses.replace(request, tag=None) for request in taken])
+            if not shared:
                 return
-            yield request
+            yield from taken if own is not None else shared
 
     def _leader_requests(self) -> Iterator[Request]:
         for item in pending_work(self.settings, self.done, self.prompting,
