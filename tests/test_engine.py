@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama_gen import engine as engine_module
 from llama_gen.baseline import StaticEngine
@@ -545,3 +546,52 @@ def test_a_stop_string_ends_the_sequence_at_the_token_that_completes_it(llama2):
     assert done["stopped"].finish_reason == "stop" and done["stopped"].stop_reason == stop
     assert done["stopped"].tokens == free[:n]
     assert_same(done["next"], alone(model, other))
+
+
+# --- host round trips ------------------------------------------------------------------------------
+
+HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default",
+              "aten.is_nonzero.default", "aten.equal.default"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value to the host (a device sync on a GPU). The one
+    copy a step makes on purpose, its tokens' `tolist`, does not dispatch an op."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in HOST_READS:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# Host reads per step of today's sampler: its partial top-k paths ask whether a row's kept set
+# is whole (`.all()`, `.any()`) and gather the rows that must look further (`nonzero`). Issue
+# 14's sort-free sampler is to take this to 0; the bound keeps it from growing meanwhile.
+SAMPLER_HOST_READS = 9
+
+
+@pytest.mark.parametrize("sampling, bound", [
+    (dict(), 0), (dict(temperature=0.8, top_p=0.95), SAMPLER_HOST_READS),
+    (dict(temperature=1.0, top_k=20, min_p=0.05), SAMPLER_HOST_READS)])
+def test_host_reads_per_step_are_bounded(model, sampling, bound):
+    """Forward pass and sampler together, in steps that decode, prefill or both: greedy steps
+    read nothing back but their tokens (on a GPU, nothing waits for the device), sampled
+    steps at most the sampler's bound."""
+    engine = Engine(model, (), max_batch_size=3, max_seq_len=48)
+    reads, step = [], engine._step
+    def counted(active, groups):
+        with HostReads() as mode:
+            out = step(active, groups)
+        reads.append(mode.reads)
+        return out
+    engine._step = counted
+    requests = [Request(prompt(model, 4 + 3 * i, seed=i), params(max_gen_len=5 + i, seed=i,
+                                                                  logprobs=False, **sampling),
+                        tag=i)
+                for i in range(5)]
+    run(engine, requests)
+    assert len(reads) > 5 and max(map(len, reads)) <= bound, reads
