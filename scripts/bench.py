@@ -49,6 +49,11 @@ PRESETS = {
     # llama2.c's stories15M shape
     "stories15m": {"dim": 288, "n_layers": 6, "n_heads": 6, "multiple_of": 32, "norm_eps": 1e-5,
                    "vocab_size": 32000},
+    # the same layers with Llama 3's vocabulary and grouped-query attention: the output head
+    # and the sampler weigh four times as much
+    "stories15m-v128k": {"dim": 288, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2,
+                         "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 500000.0,
+                         "vocab_size": 128256},
     "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "norm_eps": 1e-5,
            "vocab_size": 32000},
 }
