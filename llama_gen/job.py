@@ -202,7 +202,7 @@ class Prompting:
                 ) -> Prompting:
         """The run's chat format; a checkpoint without one is an error at once where the
         flags ask for chat, else for each record that brings a dialog."""
-        if settings.system is not None and not getattr(settings, "chat", False):
+        if settings.system is not None and not settings.chats_every_prompt:
             log.info("--system goes into dialogs (records with messages)%s", "" if
                      settings.score_keys else "; with --chat, into every prompt")
         try:

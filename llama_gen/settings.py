@@ -142,6 +142,11 @@ class JobSettings:
         """Whether the flags ask for a chat format (records with messages always need one)."""
         return self.chat_format is not None
 
+    @property
+    def chats_every_prompt(self) -> bool:
+        """Whether plain prompts too are put in the chat format (generation's --chat)."""
+        return False
+
     @classmethod
     def per_record(cls) -> tuple[str, ...]:
         """The settings a prompt record may set for itself."""
@@ -230,6 +235,10 @@ class Settings(JobSettings):
     @property
     def wants_chat(self) -> bool:
         return self.chat or self.chat_format is not None
+
+    @property
+    def chats_every_prompt(self) -> bool:
+        return self.chat
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from llama_gen import distributed
+from llama_gen.job import StopRequested
 from llama_gen.tiny import make_tiny_model
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -39,3 +41,14 @@ def checkpoint_copy(tiny_checkpoints, tmp_path):
         shutil.copytree(tiny_checkpoints[(family, n_shards)], dst)
         return dst
     return copy
+
+
+@pytest.fixture
+def stop():
+    """A StopRequested, with the test runner's own signal handlers put back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield StopRequested()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -14,7 +14,7 @@ import torch
 
 from llama_gen.distributed import Dist
 from llama_gen.engine import Completion, Request, SamplingParams
-from llama_gen.job import (Prompting, Results, StopRequested, Tag, Work, batch_choice,
+from llama_gen.job import (Prompting, Results, Tag, Work, batch_choice,
                            count_pending, pending_work, requests_for)
 from llama_gen.output import recover_output
 from llama_gen.records import BadLine, Record
@@ -76,17 +76,6 @@ def n_tokens(choice: dict) -> int:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return load_tokenizer(build_tiktoken_model(tmp_path_factory.mktemp("tok") / "t.model"))
-
-
-@pytest.fixture
-def stop():
-    """A StopRequested, with the test runner's own signal handlers put back afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield StopRequested()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def settings(tmp_path: Path, *lines: dict | str, **kwargs) -> Settings:

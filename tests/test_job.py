@@ -302,17 +302,6 @@ def test_prepare_locks_checks_and_counts(tmp_path, tokenizer, single_process):
 
 # --- results on one process ----------------------------------------------------------------------
 
-@pytest.fixture
-def stop():
-    """A StopRequested, with the test runner's own signal handlers put back afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield StopRequested()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
 def test_results_on_one_process_go_to_the_writer(tmp_path, stop):
     s = settings(tmp_path)
     results = Results(s, ONE_PROCESS, total=2, tokenizer=None)  # deliver formats nothing
