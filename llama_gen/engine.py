@@ -93,6 +93,8 @@ class Completion:
     stop_reason: str | int | None = None  # the stop string, or the stop token, that ended it
     # Per generated token, its most likely alternatives: (token, logprob), most likely first.
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Whether the end of the context (max_seq_len) cut it, short of the max_gen_len it asked for
+    context_limit: bool = False
 
     @property
     def completion_tokens(self) -> int:
@@ -122,6 +124,7 @@ class Sequence:
 
     request: Request
     budget: int  # how many tokens it may generate in all
+    context_budget: int  # how many the context leaves room for
     generated: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -135,9 +138,9 @@ class Sequence:
               tokenizer: Tokenizer | None = None) -> Sequence:
         if request.params.stop and tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer")
-        budget = max_seq_len - len(request.prompt_tokens)
+        room = max_seq_len - len(request.prompt_tokens)
         max_gen_len = request.params.max_gen_len
-        seq = cls(request, budget if max_gen_len is None else min(budget, max_gen_len),
+        seq = cls(request, room if max_gen_len is None else min(room, max_gen_len), room,
                   tokenizer=tokenizer)
         seq._watch_from_here()
         return seq
@@ -188,13 +191,21 @@ class Sequence:
             context = self.request.prompt_tokens + [t for t in self.generated if self._shown(t)]
             self.watch = StopWatch(self.tokenizer, context, p.stop)
 
+    @property
+    def context_limited(self) -> bool:
+        """Whether it ran out of context before reaching its max_gen_len (or a stop)."""
+        max_gen_len = self.request.params.max_gen_len
+        return (self.finish_reason != "stop" and len(self.generated) >= self.context_budget
+                and (max_gen_len is None or max_gen_len > self.context_budget))
+
     def completion(self) -> Completion:
         req = self.request
         tokens = (req.prompt_tokens + self.generated) if req.params.echo else self.generated
         return Completion(req, list(tokens), self.logprobs if req.params.logprobs else None,
                           self.finish_reason or "length", len(req.prompt_tokens),
                           self.stop_reason,
-                          self.top_logprobs if req.params.top_logprobs else None)
+                          self.top_logprobs if req.params.top_logprobs else None,
+                          self.context_limited)
 
 
 @dataclass

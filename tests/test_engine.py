@@ -140,6 +140,7 @@ def test_max_gen_len_gives_exactly_that_many_tokens(model, max_gen_len):
     assert done.finish_reason == "length"
     assert len(done.tokens) == done.completion_tokens == max_gen_len
     assert done.prompt_tokens == 4
+    assert not done.context_limit
 
 
 def test_generation_stops_at_the_end_of_the_cache(model):
@@ -152,9 +153,14 @@ def test_generation_stops_at_the_end_of_the_cache(model):
     for r in requests:
         n = len(r.prompt_tokens)
         assert done[n].finish_reason == "length"
+        assert done[n].context_limit
         assert len(done[n].tokens) == max_seq_len - n
         roomy = alone(model, Request(r.prompt_tokens, params(max_gen_len=max_seq_len - n)))
         assert_same(done[n], roomy)
+        assert not roomy.context_limit  # it got the tokens it asked for
+        cut = alone(model, Request(r.prompt_tokens, params(max_gen_len=max_seq_len)),
+                    max_seq_len=max_seq_len)
+        assert cut.context_limit and cut.tokens == done[n].tokens
 
 
 def test_a_prompt_that_cannot_run_is_refused_and_the_rest_complete(model):
