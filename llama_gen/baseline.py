@@ -15,9 +15,25 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from .engine import Completion, Request, Sequence, SlotEngine, checked
+from .model import Transformer
+from .tokenizer import Tokenizer
 
 
 class StaticEngine(SlotEngine):
+    """Meta's layout too: every row holds max_seq_len positions (an unpaged cache), so a KV
+    budget (`kv_cache_tokens`) bounds the batch instead of paging it."""
+
+    def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
+                 max_seq_len: int, tokenizer: Tokenizer | None = None, *,
+                 kv_cache_tokens: int | None = None, kv_block_size: int | None = None):
+        if kv_cache_tokens is not None:
+            if kv_cache_tokens < max_seq_len:
+                raise ValueError(f"a KV cache of {kv_cache_tokens} positions cannot hold one "
+                                 f"sequence of max_seq_len {max_seq_len}")
+            max_batch_size = min(max_batch_size, kv_cache_tokens // max_seq_len)
+        super().__init__(model, stop_ids, max_batch_size, max_seq_len, tokenizer,
+                         kv_block_size=max_seq_len)
+
     def generate(self, requests: Iterable[Request],
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Completion]:
         """Completions batch by batch (as `Engine.generate`, whose rules they follow)."""

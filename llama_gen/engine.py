@@ -34,7 +34,8 @@ from typing import Any, Literal
 import torch
 
 from .errors import UserError
-from .model import Step, Transformer
+from .model import BlockTable, Step, Transformer
+from .paging import BlockAllocator, OneBlockPerRow, blocks_for
 from .sampling import (apply_penalties, argmax, counter_uniform, sample, token_logprobs,
                        top_logprobs)
 from .stopping import StopWatch
@@ -118,7 +119,7 @@ def checked(request: Request, max_seq_len: int) -> Request:
     return request
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """A request being generated: its tokens so far and how many more it may take."""
 
@@ -132,6 +133,7 @@ class Sequence:
     stop_reason: str | int | None = None
     tokenizer: Tokenizer | None = None  # decodes for stop strings
     watch: StopWatch | None = None  # the stop strings, once min_tokens are generated
+    admitted: int = 0  # when it was started, in the engine's order of starts
 
     @classmethod
     def start(cls, request: Request, max_seq_len: int,
@@ -217,6 +219,9 @@ class EngineStats:
     slot_steps: int = 0  # rows computed by decode passes
     wasted_slot_steps: int = 0  # rows computed for sequences that had already finished
     refills: int = 0  # prompts admitted into a slot that a finished sequence left
+    preempted: int = 0  # sequences dropped for want of KV blocks, to be generated again
+    peak_running: int = 0  # most sequences decoding at once
+    peak_kv_tokens: int = 0  # most KV positions held at once (whole blocks)
 
     @property
     def wasted_share(self) -> float:
@@ -288,17 +293,19 @@ class TokenCounts:
 LOGPROB_ROWS = 512
 
 
-def prompt_logprobs(model: Transformer, tokens: list[int], slot: int) -> list[float]:
+def prompt_logprobs(model: Transformer, tokens: list[int], slot: int,
+                    table: BlockTable | None = None) -> list[float]:
     """log p(tokens[t] | tokens[:t]) for t = 1..n-1, teacher-forced. tokens[:-1] go through the
-    model in passes of at most PREFILL_TOKENS, written into cache slot `slot` (scratch: the
-    caller's next prefill of that slot overwrites it)."""
+    model in passes of at most PREFILL_TOKENS, written into cache slot `slot`, or the blocks of
+    a paged cache's one-row `table` (scratch: the caller's next prefill overwrites it)."""
     device = model.output.weight.device
     ids = torch.tensor(tokens, device=device)
     out = []
     for start in range(0, len(tokens) - 1, PREFILL_TOKENS):
         stop = min(start + PREFILL_TOKENS, len(tokens) - 1)
         step = model.make_step(torch.arange(start, stop, device=device)[None],
-                               slice(slot, slot + 1), stop, fresh=start == 0, every_token=True)
+                               slice(slot, slot + 1), stop, fresh=start == 0, every_token=True,
+                               table=table)
         hidden = model.final_hidden(ids[start:stop], step)  # (stop - start, dim)
         for row in range(0, stop - start, LOGPROB_ROWS):
             logits = model.logits(hidden[row:row + LOGPROB_ROWS])
@@ -307,14 +314,25 @@ def prompt_logprobs(model: Transformer, tokens: list[int], slot: int) -> list[fl
     return torch.cat(out).tolist() if out else []
 
 
+def default_block_size(device: torch.device, max_seq_len: int) -> int:
+    """Positions per KV block: 128 on GPUs (flex attention's block), so a sequence holds only
+    what it uses; on the CPU one block of max_seq_len per row, where reads are plain views and
+    memory is rarely what limits the batch."""
+    return 128 if device.type == "cuda" else max_seq_len
+
+
 class SlotEngine:
-    """What both schedulers share: the model over a KV cache of `max_batch_size` slots, each
-    slot's decoding state (kept on the device so a decode step copies nothing in), starting a
-    sequence in a slot, drawing tokens and the counters. `tokenizer` is needed only by requests
-    with stop strings."""
+    """What both schedulers share: the model over a KV cache, `max_batch_size` rows of decoding
+    state (kept on the device so a decode step copies nothing in), starting a sequence in a row,
+    drawing tokens and the counters. `tokenizer` is needed only by requests with stop strings.
+
+    The cache holds `kv_cache_tokens` positions (default: max_seq_len for every row) in blocks
+    of `kv_block_size` (default: `default_block_size`). A row holds the blocks its sequence
+    needs (`self.blocks`); with one block of max_seq_len per row the cache is unpaged."""
 
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
-                 max_seq_len: int, tokenizer: Tokenizer | None = None):
+                 max_seq_len: int, tokenizer: Tokenizer | None = None, *,
+                 kv_cache_tokens: int | None = None, kv_block_size: int | None = None):
         self.model = model
         self.forward_timer: ForwardTimer | None = None  # set one to time forward passes
         self.device = model.output.weight.device
@@ -323,7 +341,7 @@ class SlotEngine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.stats = EngineStats()
-        model.setup_cache(max_batch_size, max_seq_len)
+        self.blocks = self._setup_cache(kv_cache_tokens, kv_block_size)
         def zeros(dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(max_batch_size, device=self.device, dtype=dtype)
         self._next_token = zeros(torch.long)  # the last sampled token, input of the next step
@@ -344,10 +362,28 @@ class SlotEngine:
                             self._temperature, self._top_p, self._top_k, self._min_p,
                             self._repetition, self._presence, self._frequency]
 
+    def _setup_cache(self, kv_cache_tokens: int | None,
+                     kv_block_size: int | None) -> BlockAllocator | OneBlockPerRow:
+        rows, longest = self.max_batch_size, self.max_seq_len
+        size = min(kv_block_size or default_block_size(self.device, longest), longest)
+        tokens = rows * longest if kv_cache_tokens is None else kv_cache_tokens
+        n_blocks = tokens // size
+        if n_blocks * size < longest:
+            raise ValueError(f"a KV cache of {tokens} positions cannot hold one sequence of "
+                             f"max_seq_len {longest}")
+        if size == longest and n_blocks >= rows:
+            self.model.setup_cache(rows, longest)
+            return OneBlockPerRow(rows, longest)
+        self.model.setup_cache(rows, longest, blocks=n_blocks + 1, block_size=size)  # + the sink
+        return BlockAllocator(n_blocks, size, rows, longest, self.device)
+
     def _start(self, request: Request, slot: int) -> Sequence:
-        """A sequence for the request in cache slot `slot`, with its prompt's logprobs if it
-        wants them (the slot's cache is their scratch until the prompt is prefilled)."""
+        """A sequence for the request in row `slot`, whose blocks hold its prompt and first
+        token, with its prompt's logprobs if it wants them (the row's cache is their scratch
+        until the prompt is prefilled)."""
         seq = Sequence.start(request, self.max_seq_len, self.tokenizer)
+        grown = self.blocks.extend(slot, len(request.prompt_tokens) + 1)
+        assert grown, "admission counts free blocks"
         p = request.params
         self._seed[slot], self._counter[slot] = p.seed, 0
         self._temperature[slot], self._top_p[slot] = p.temperature, p.top_p
@@ -362,7 +398,8 @@ class SlotEngine:
             self._counts.restart(slot, request.prompt_tokens)
         if p.prompt_logprobs:
             seq.logprobs = [None] + self._timed(prompt_logprobs, self.model,
-                                                request.prompt_tokens, slot)
+                                                request.prompt_tokens, slot,
+                                                self.blocks.rows(slot, slot + 1))
         return seq
 
     def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
@@ -423,9 +460,15 @@ class Engine(SlotEngine):
 
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
                  max_seq_len: int, *, tokenizer: Tokenizer | None = None,
-                 compile: bool = False):
-        super().__init__(model, stop_ids, max_batch_size, max_seq_len, tokenizer)
+                 compile: bool = False, kv_cache_tokens: int | None = None,
+                 kv_block_size: int | None = None):
+        super().__init__(model, stop_ids, max_batch_size, max_seq_len, tokenizer,
+                         kv_cache_tokens=kv_cache_tokens, kv_block_size=kv_block_size)
         self._compiled_decode = compile_decode(model) if compile else None
+        self._admitted = itertools.count()  # admission order: the newest is preempted first
+        # Free blocks admission leaves for the decoding sequences to grow into, so admitting a
+        # prompt does not force a preemption a few steps later (vLLM keeps 1% too).
+        self._reserve = 0 if self.blocks.moves_data else -(-self.blocks.n_blocks // 100)
 
     def generate(self, requests: Iterable[Request],
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Completion]:
@@ -440,34 +483,96 @@ class Engine(SlotEngine):
     @torch.inference_mode()  # entered at each resumption of the generator
     def _run(self, pending: Iterator[Request],
              should_stop: Callable[[], bool]) -> Iterator[Completion]:
-        active: list[Sequence] = []  # active[i] holds cache slot i
+        active: list[Sequence] = []  # active[i] holds row i
         queued: list[list[Request]] = []  # admitted, in prefill groups, not yet prefilled
+        waiting: list[Request] = []  # preempted or not yet fitting, taken before `pending`
         first = True
         while True:
-            # Admit requests into the free slots.
-            admitted = self._admit(pending, self.max_batch_size - len(active)
-                                   - sum(map(len, queued)))
+            # Admit requests into the free rows, as far as free blocks allow.
+            admitted = self._admit(waiting, pending, active, queued)
             self.stats.refills += 0 if first else len(admitted)
             first = False
             queued += prefill_groups(admitted)
             if not (active or queued) or should_stop():
                 return
+            # Blocks for each decoding sequence's next token, preempting the newest if need be.
+            self._make_room(active, waiting)
             # One forward pass: decode the active sequences, prefill the groups taken.
-            groups = self._start_groups(take_prefill_groups(queued, PREFILL_TOKENS), len(active))
+            groups = self._start_groups(take_prefill_groups(queued, PREFILL_TOKENS), len(active),
+                                        waiting)
             tokens, logprobs, tops = self._step(active, groups)
             active += itertools.chain.from_iterable(groups)
+            self._note_peaks(len(active))
             # Each sequence takes its token; the finished leave.
             for seq, token, logprob, top in zip(active, tokens, logprobs, tops):
                 seq.append(token, logprob, self.stop_ids, top)
             yield from self._retire(active)
 
-    def _admit(self, pending: Iterator[Request], free: int) -> list[Request]:
-        return [checked(request, self.max_seq_len) for request in itertools.islice(pending, free)]
+    def _admit(self, waiting: list[Request], pending: Iterator[Request],
+               active: list[Sequence], queued: list[list[Request]]) -> list[Request]:
+        """Requests to start, `waiting` ones first: while a row is free and the free blocks,
+        less those the queued prompts will take and a reserve for the decoding sequences to
+        grow into, hold the next one's prompt and first token."""
+        rows = self.max_batch_size - len(active) - sum(map(len, queued))
+        size = self.blocks.block_size
+        spare = (self.blocks.free_blocks - self._reserve
+                 - sum(blocks_for(len(r.prompt_tokens) + 1, size) for g in queued for r in g))
+        admitted = []
+        while len(admitted) < rows:
+            if not waiting:
+                request = next(pending, None)
+                if request is None:
+                    break
+                waiting.append(checked(request, self.max_seq_len))
+            need = blocks_for(len(waiting[0].prompt_tokens) + 1, size)
+            if need > spare and (active or admitted or queued):
+                break
+            spare -= need
+            admitted.append(waiting.pop(0))
+        return admitted
 
-    def _start_groups(self, groups: list[list[Request]], slot: int) -> list[list[Sequence]]:
-        """The groups' sequences, in slots slot, slot + 1, ..."""
-        slots = itertools.count(slot)
-        return [[self._start(request, next(slots)) for request in group] for group in groups]
+    def _make_room(self, active: list[Sequence], waiting: list[Request]) -> None:
+        """Blocks for every active sequence's next position. When too few are free, the newest
+        sequences are preempted: their blocks freed, their requests put back to run again
+        from the start (the same tokens: each draw depends only on its request)."""
+        size = self.blocks.block_size
+        short = [seq for row, seq in enumerate(active)
+                 if seq.position + 1 > self.blocks.held(row) * size]
+        for seq in sorted(short, key=lambda s: s.admitted):
+            while seq in active and not self.blocks.extend(active.index(seq), seq.position + 1):
+                self._preempt(active, max(active, key=lambda s: s.admitted), waiting)
+
+    def _preempt(self, active: list[Sequence], seq: Sequence, waiting: list[Request]) -> None:
+        row = active.index(seq)
+        self.blocks.release(row)
+        self._move(len(active) - 1, row, active[-1].position)
+        active[row] = active[-1]
+        active.pop()
+        waiting.insert(0, seq.request)
+        self.stats.preempted += 1
+
+    def _note_peaks(self, running: int) -> None:
+        stats = self.stats
+        stats.peak_running = max(stats.peak_running, running)
+        stats.peak_kv_tokens = max(stats.peak_kv_tokens,
+                                   self.blocks.held_blocks * self.blocks.block_size)
+
+    def _start_groups(self, groups: list[list[Request]], slot: int,
+                      waiting: list[Request]) -> list[list[Sequence]]:
+        """The groups' sequences, in rows slot, slot + 1, ..., as far as free blocks hold their
+        prompts; the groups that do not fit go back to the front of `waiting`."""
+        started: list[list[Sequence]] = []
+        for i, group in enumerate(groups):
+            size = self.blocks.block_size
+            if sum(blocks_for(len(r.prompt_tokens) + 1, size) for r in group) > \
+                    self.blocks.free_blocks:  # decoding sequences took the blocks since
+                waiting[:0] = itertools.chain.from_iterable(groups[i:])
+                break
+            started.append([self._start(request, slot + j) for j, request in enumerate(group)])
+            slot += len(group)
+        for seq in itertools.chain.from_iterable(started):
+            seq.admitted = next(self._admitted)
+        return started
 
     def _step(self, active: list[Sequence], groups: list[list[Sequence]]
               ) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
@@ -491,7 +596,7 @@ class Engine(SlotEngine):
         positions = torch.arange(longest, device=self.device).expand(n, longest)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         step = self.model.make_step(positions, slice(slot, slot + n), longest, fresh=True,
-                                    last=last)
+                                    last=last, table=self.blocks.rows(slot, slot + n))
         self._position[slot:slot + n] = last + 1
         self.stats.prefills += n
         return step, tokens.view(-1)
@@ -514,7 +619,8 @@ class Engine(SlotEngine):
             chunks = (attention_chunks(kv_lens, CPU_ATTENTION_CHUNK)
                       if self.device.type == "cpu" else None)
             steps.insert(0, self.model.make_step(self._position[:n, None], slice(0, n),
-                                                 max(kv_lens), chunks=chunks))
+                                                 max(kv_lens), chunks=chunks,
+                                                 table=self.blocks.rows(0, n)))
             tokens.insert(0, self._next_token[:n])
         if steps:
             parts.append(self._timed(self.model, torch.cat(tokens) if len(tokens) > 1
@@ -532,9 +638,10 @@ class Engine(SlotEngine):
         return tokens.tolist(), *self._detail(seqs, logits, tokens)
 
     def _decode_compiled(self, n: int, kv_len: int) -> torch.Tensor:
-        """Logits (n, vocab) of the compiled decode step for slots 0..n-1. It always spans every
-        slot (padding rows, at position 0, count as wasted), and its cache reads are rounded up
-        to a multiple of DECODE_KV_BUCKET, so a few shapes serve the whole run."""
+        """Logits (n, vocab) of the compiled decode step for rows 0..n-1. It always spans every
+        row (padding rows, at position 0, count as wasted; in a paged cache they write to the
+        sink), and its reads of an unpaged cache are rounded up to `decode_kv_bucket`, so a few
+        shapes serve the whole run (one with flex attention, which reads by block mask)."""
         tokens, positions = self._next_token[:n], self._position[:n]
         padding = self.max_batch_size - n
         if padding:
@@ -542,10 +649,15 @@ class Engine(SlotEngine):
             positions = torch.cat((positions, positions.new_zeros(padding)))
         self.stats.slot_steps += padding
         self.stats.wasted_slot_steps += padding
-        kv_len = min(self.max_seq_len, -(-kv_len // DECODE_KV_BUCKET) * DECODE_KV_BUCKET)
+        table = self.blocks.rows(0, self.max_batch_size)
+        if table is not None and self.model.paged_reads == "flex":
+            kv_len = self.max_seq_len  # unused: flex's block mask bounds each row's reads
+        else:
+            kv_len = decode_kv_bucket(kv_len, self.max_seq_len)
+        blocks = () if table is None else (table.blocks, table.place)
         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
         try:
-            return self._timed(self._compiled_decode, tokens, positions, kv_len)[:n]
+            return self._timed(self._compiled_decode, tokens, positions, kv_len, *blocks)[:n]
         except Exception as e:
             from torch._dynamo.exc import TorchDynamoException  # loaded by compiling already
             if not isinstance(e, TorchDynamoException):
@@ -563,26 +675,40 @@ class Engine(SlotEngine):
         for slot in reversed(range(len(active))):
             if active[slot].finish_reason:
                 yield active[slot].completion()
+                self.blocks.release(slot)
                 self._move(len(active) - 1, slot, active[-1].position)
                 active[slot] = active[-1]
                 active.pop()
 
     def _move(self, src: int, dst: int, length: int) -> None:
-        """Move slot src's sequence into slot dst: its first `length` cache positions and its
-        decoding state."""
+        """Move row src's sequence into row dst (which holds no blocks): its blocks, or in an
+        unpaged cache its first `length` cache positions, and its decoding state."""
         if src == dst:
             return
-        for block in self.model.layers:
-            cache = block.attention.cache
-            cache.k[dst, :, :length].copy_(cache.k[src, :, :length])
-            cache.v[dst, :, :length].copy_(cache.v[src, :, :length])
         for state in self._slot_state:
             state[dst] = state[src]
+        self.blocks.move(src, dst)
+        if not self.blocks.moves_data:
+            return
+        for layer in self.model.layers:
+            cache = layer.attention.cache
+            for t in (cache.k, cache.v):
+                slots = cache.slots(t)
+                slots[dst, :, :length].copy_(slots[src, :, :length])
 
 
-# A compiled decode step reads the cache up to a multiple of this many positions: fewer shapes
-# to compile and capture, at the cost of reading up to this many masked positions per slot.
+# A compiled decode step reads an unpaged cache up to this many positions times a power of two:
+# a few shapes to compile and capture (log2 of max_seq_len / 256 + 1 at most), at the cost of
+# reading up to half of them masked.
 DECODE_KV_BUCKET = 256
+
+
+def decode_kv_bucket(kv_len: int, max_seq_len: int) -> int:
+    """The cache length a compiled decode step reads for contexts up to kv_len."""
+    bucket = DECODE_KV_BUCKET
+    while bucket < kv_len:
+        bucket *= 2
+    return min(bucket, max_seq_len)
 
 
 def compile_decode(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .args import (LLAMA_3_ROPE_HIGH_FREQ_FACTOR, LLAMA_3_ROPE_LOW_FREQ_FACTOR,
                    LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs)
@@ -67,17 +70,42 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values for `slots` sequences of up to `max_seq_len` tokens each."""
+    """Keys and values in blocks of `block_size` positions laid end to end: position p of block b
+    is index b * block_size + p of the sequence dimension. The layout is flex attention's
+    (batch 1, heads, positions, head_dim), so a paged decode reads it in place. With one block of
+    max_seq_len per slot (`Transformer.setup_cache`'s default), slot i is block i and its
+    positions are a plain view (`slots`)."""
 
-    k: torch.Tensor  # (slots, n_local_kv_heads, max_seq_len, head_dim)
+    k: torch.Tensor  # (1, n_local_kv_heads, n_blocks * block_size, head_dim)
     v: torch.Tensor
+    block_size: int
 
     @classmethod
-    def empty(cls, slots: int, kv_heads: int, max_seq_len: int, head_dim: int,
+    def empty(cls, n_blocks: int, kv_heads: int, block_size: int, head_dim: int,
               device: torch.device, dtype: torch.dtype) -> KVCache:
-        shape = (slots, kv_heads, max_seq_len, head_dim)
+        shape = (1, kv_heads, n_blocks * block_size, head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype),
-                   torch.zeros(shape, device=device, dtype=dtype))
+                   torch.zeros(shape, device=device, dtype=dtype), block_size)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.k.shape[2] // self.block_size
+
+    def slots(self, t: torch.Tensor) -> torch.Tensor:
+        """`k` or `v` seen as (n_blocks, kv_heads, block_size, head_dim): a view, not a copy."""
+        return t[0].unflatten(1, (self.n_blocks, self.block_size)).transpose(0, 1)
+
+
+@dataclass
+class BlockTable:
+    """Where a paged cache keeps a segment's rows: row i's position p is in block
+    blocks[i, p // block_size]. Entries past a row's own blocks name a sink block that no row
+    reads, so a padded token's write lands there. `place[b]` is block b's index in its row's
+    list (-1 for a block no row holds): flex attention's mask reads it to tell a row's own
+    blocks from the rest of the pool."""
+
+    blocks: torch.Tensor  # (B, max_blocks) int64
+    place: torch.Tensor  # (n_blocks,) int64
 
 
 @dataclass
@@ -85,8 +113,13 @@ class Segment:
     """A rectangle of tokens in a forward pass: row i of its (B, T) tokens is cache slot
     `rows.start + i`, and its token t attends to cache positions 0..positions[i, t]. `kv_len`
     bounds every position + 1. A `fresh` segment holds positions 0..T-1 in every row (prompts
-    from the start of their slots): it writes the cache by slicing and attends causally, with no
-    mask to build.
+    from the start of their slots): it attends causally among its own tokens, with no mask to
+    build and no cache to read.
+
+    Its keys and values are written at `write_index` of the cache's positions. Reads take one of
+    three paths: a slot's own positions as a view (no `table`: slot i is block i), a paged read
+    through `table` with flex attention (`block_mask`, on GPUs), or a paged read that gathers
+    each row's blocks (on the CPU).
     """
 
     positions: torch.Tensor  # (B, T) int64
@@ -94,7 +127,9 @@ class Segment:
     kv_len: int
     fresh: bool
     mask: torch.Tensor | None  # (B, 1, T, kv_len) additive: 0 where a query may attend, else -inf
-    batch_index: torch.Tensor  # (B, 1)
+    write_index: torch.Tensor  # (B * T,) int64: where each token's key and value go
+    table: BlockTable | None = None
+    block_mask: BlockMask | None = None
     # Row ranges attended separately, each over keys up to its own longest context: (start,
     # stop, kv_len). A chunk of short contexts then reads less of the cache.
     chunks: tuple[tuple[int, int, int], ...] | None = None
@@ -130,6 +165,73 @@ class Step:
                                       for step, offset in zip(steps, offsets)]))
 
 
+# Attention kernels a GPU may use. The math backend is left out: it expands grouped keys and
+# values per query head and upcasts them, many times the bytes of the fused kernels, so a call
+# no fused kernel takes fails loudly instead of running slowly.
+GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.CUDNN_ATTENTION]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, T, hd) over k, v (B, kv_heads, L, hd). On a GPU
+    only fused kernels may run; they take grouped heads only without a mask, so with a mask
+    the keys and values are repeated per query head first."""
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    if mask is not None and groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    with sdpa_kernel(GPU_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=mask is None)
+
+
+_compiled_flex_attention: Callable[..., torch.Tensor] | None = None
+
+
+def paged_attention(q: torch.Tensor, cache: KVCache, block_mask: BlockMask) -> torch.Tensor:
+    """q (B, H, T, hd) over each row's own blocks of the whole cache, as `block_mask` lists
+    them: flex attention, compiled on GPUs (eagerly it computes every score of the pool, which
+    only tests on the CPU can afford)."""
+    global _compiled_flex_attention
+    if q.device.type != "cuda":
+        return flex_attention(q, cache.k, cache.v, block_mask=block_mask, enable_gqa=True)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention(q, cache.k, cache.v, block_mask=block_mask, enable_gqa=True)
+
+
+def paged_block_mask(table: BlockTable, positions: torch.Tensor, block_size: int,
+                     pool_blocks: int) -> BlockMask:
+    """Flex attention's block mask for rows reading their own blocks of a pool of `pool_blocks`:
+    row i visits its first positions[i].max() // block_size + 1 blocks, in table order, and the
+    mask keeps keys at its own positions up to each query's. Built on the device: no host
+    reads."""
+    B, T = positions.shape
+    q_blocks = -(-T // FLEX_QUERY_BLOCK)
+    kv_count = (positions.max(dim=1).values // block_size + 1).to(torch.int32)
+    indices = F.pad(table.blocks, (0, pool_blocks - table.blocks.shape[1]))
+    blocks, place, widest = table.blocks, table.place, table.blocks.shape[1] - 1
+
+    def own_earlier_positions(b, h, q_idx, kv_idx):
+        block = kv_idx // block_size
+        index = place[block]
+        own = blocks[b, index.clamp(0, widest)] == block
+        return own & (index >= 0) & (index * block_size + kv_idx % block_size
+                                     <= positions[b, q_idx])
+
+    return BlockMask.from_kv_blocks(
+        kv_count[:, None, None].expand(B, 1, q_blocks).contiguous(),
+        indices.to(torch.int32)[:, None, None].expand(B, 1, q_blocks, pool_blocks).contiguous(),
+        BLOCK_SIZE=(FLEX_QUERY_BLOCK, block_size), mask_mod=own_earlier_positions,
+        seq_lengths=(T, pool_blocks * block_size), compute_q_blocks=False)
+
+
+FLEX_QUERY_BLOCK = 128  # queries per block of a flex attention block mask
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layers: ParallelLayers):
         super().__init__()
@@ -160,26 +262,31 @@ class Attention(nn.Module):
                seg: Segment) -> torch.Tensor:
         """Write one segment's keys and values into the cache and attend: (B * T, heads * hd)."""
         B, T = seg.positions.shape
-        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # (B, T, heads, hd)
-        cache_k, cache_v = self.cache.k[seg.rows], self.cache.v[seg.rows]
-        if seg.fresh:
-            cache_k[:, :, :T] = k.transpose(1, 2)
-            cache_v[:, :, :T] = v.transpose(1, 2)
+        self.cache.k[0][:, seg.write_index] = k.transpose(0, 1)  # (kv, N, hd)
+        self.cache.v[0][:, seg.write_index] = v.transpose(0, 1)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if seg.fresh:  # (B, heads, T, hd)
+            out = attention(q, k, v, None, causal=True)
+        elif seg.block_mask is not None:
+            out = paged_attention(q, self.cache, seg.block_mask)
         else:
-            cache_k[seg.batch_index, :, seg.positions] = k  # writes (B, T, kv, hd)
-            cache_v[seg.batch_index, :, seg.positions] = v
-        keys = cache_k[:, :, : seg.kv_len]  # (B, kv, L, hd)
-        values = cache_v[:, :, : seg.kv_len]
-
-        q = q.transpose(1, 2)  # (B, H, T, hd)
-        if seg.chunks is None:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=seg.mask,
-                                                 is_causal=seg.fresh, enable_gqa=True)
-        else:
-            out = torch.cat([F.scaled_dot_product_attention(
-                q[a:b], keys[a:b, :, :n], values[a:b, :, :n], attn_mask=seg.mask[a:b, ..., :n],
-                enable_gqa=True) for a, b, n in seg.chunks])
+            out = torch.cat([attention(q[a:b], *self.cached(seg, a, b, n), seg.mask[a:b, ..., :n])
+                             for a, b, n in seg.chunks or ((0, B, seg.kv_len),)])
         return out.transpose(1, 2).reshape(B * T, -1)
+
+    def cached(self, seg: Segment, a: int, b: int, length: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (b - a, kv_heads, length, hd) of the segment's rows a..b-1: a view of
+        their slots, or their blocks gathered in position order."""
+        cache = self.cache
+        if seg.table is None:
+            rows = slice(seg.rows.start + a, seg.rows.start + b)
+            return cache.slots(cache.k)[rows, :, :length], cache.slots(cache.v)[rows, :, :length]
+        size = cache.block_size
+        blocks = seg.table.blocks[a:b, :-(-length // size)]
+        index = (blocks[:, :, None] * size + torch.arange(size, device=blocks.device))
+        index = index.flatten(1)[:, :length]  # (b - a, length)
+        return (cache.k[0][:, index].transpose(0, 1), cache.v[0][:, index].transpose(0, 1))
 
 
 class FeedForward(nn.Module):
@@ -216,20 +323,27 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = layers.column(args.dim, args.vocab_size, gather_output=True, packed=True)
 
-    def setup_cache(self, slots: int, max_seq_len: int) -> None:
-        """Allocate the KV cache and rotary tables on the model's device and dtype. A cache of
-        the same shape is kept, not reallocated: it holds nothing that outlives a sequence
-        (every position is written before it is read), and CUDA graphs of a compiled decode
-        step, recorded with its address, need not be recorded again."""
+    def setup_cache(self, slots: int, max_seq_len: int, *, blocks: int | None = None,
+                    block_size: int | None = None) -> None:
+        """Allocate the KV cache and rotary tables on the model's device and dtype: `slots`
+        blocks of max_seq_len positions, slot i being block i; or, for a paged cache, `blocks`
+        blocks of `block_size`. A cache of the same shape is kept, not reallocated: it holds
+        nothing that outlives a sequence (every position is written before it is read), and CUDA
+        graphs of a compiled decode step, recorded with its address, need not be recorded
+        again. Paged reads take flex attention on GPUs and gather blocks on the CPU
+        (`paged_reads`)."""
         weight = self.output.weight
-        for block in self.layers:
-            attn = block.attention
-            shape = (slots, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
+        blocks, block_size = (slots, max_seq_len) if blocks is None else (blocks, block_size)
+        for layer in self.layers:
+            attn = layer.attention
+            shape = (1, attn.n_local_kv_heads, blocks * block_size, attn.head_dim)
             cache = attn.cache
-            if not (cache and cache.k.shape == shape and cache.k.dtype == weight.dtype
-                    and cache.k.device == weight.device):
+            if not (cache and cache.k.shape == shape and cache.block_size == block_size
+                    and cache.k.dtype == weight.dtype and cache.k.device == weight.device):
                 attn.cache = None  # freed before its successor is allocated
-                attn.cache = KVCache.empty(*shape, weight.device, weight.dtype)
+                attn.cache = KVCache.empty(blocks, attn.n_local_kv_heads, block_size,
+                                           attn.head_dim, weight.device, weight.dtype)
+        self.paged_reads = "flex" if weight.device.type == "cuda" else "gather"
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32),
                              rope_frequencies(self.args))  # (S, hd/2)
         self.register_buffer("rope_rotation", torch.stack((angles.cos(), angles.sin()), dim=-1)
@@ -237,26 +351,40 @@ class Transformer(nn.Module):
 
     def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int, fresh: bool = False,
                   chunks: tuple[tuple[int, int, int], ...] | None = None,
-                  last: torch.Tensor | None = None, every_token: bool = False) -> Step:
+                  last: torch.Tensor | None = None, every_token: bool = False,
+                  table: BlockTable | None = None) -> Step:
         """A one-segment step (see `Segment`) whose outputs are each row's last token: position
         `last[i]` of row i (right-padded rows), or the final one; or, with `every_token`, all
-        of its tokens. `Step.join` combines steps."""
+        of its tokens. Without a `table`, row i is cache slot rows.start + i. `Step.join`
+        combines steps."""
         assert not (fresh and chunks), "a fresh segment attends causally in one pass"
         device = positions.device
-        mask = None
-        if not fresh:
+        B, T = positions.shape
+        cache = self.layers[0].attention.cache
+        size = cache.block_size
+        if table is None:
+            slots = torch.arange(rows.start, rows.start + B, device=device)[:, None]
+            write_index = slots * size + positions
+        else:
+            write_index = table.blocks.gather(1, positions // size) * size + positions % size
+        mask = block_mask = None
+        if fresh:
+            pass
+        elif table is not None and self.paged_reads == "flex":
+            block_mask = paged_block_mask(table, positions, size, cache.n_blocks)
+        else:
             key_positions = torch.arange(kv_len, device=device)
             mask = torch.zeros(positions.shape + (kv_len,), device=device,
                                dtype=self.output.weight.dtype)  # (B, T, L)
             mask.masked_fill_(key_positions > positions[:, :, None], float("-inf"))
             mask = mask.unsqueeze(1)
-        B, T = positions.shape
         if every_token:
             outputs = torch.arange(B * T, device=device)
         else:
             outputs = torch.arange(B, device=device) * T + (T - 1 if last is None else last)
         segment = Segment(positions=positions, rows=rows, kv_len=kv_len, fresh=fresh, mask=mask,
-                          batch_index=torch.arange(B, device=device)[:, None], chunks=chunks)
+                          write_index=write_index.reshape(-1), table=table,
+                          block_mask=block_mask, chunks=chunks)
         return Step(segments=(segment,),
                     rotation=self.rope_rotation[positions.reshape(-1)].unsqueeze(1),
                     outputs=outputs)
@@ -265,11 +393,15 @@ class Transformer(nn.Module):
         """Float32 logits (n_out, vocab) for the step's outputs."""
         return self.logits(self.final_hidden(tokens, step))
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Float32 logits (B, vocab) for one decode step over cache slots 0..B-1: slot i's token
-        `tokens[i]` goes to `positions[i]`, and attention reads the first `kv_len` positions.
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
+               blocks: torch.Tensor | None = None,
+               place: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits (B, vocab) for one decode step over rows 0..B-1: row i's token
+        `tokens[i]` goes to `positions[i]`, and attention reads the first `kv_len` positions of
+        slot i, or of the blocks `blocks[i]` lists (a paged cache; `place` as in `BlockTable`).
         Everything it needs is built inside, so a compiled copy takes just these inputs."""
-        step = self.make_step(positions[:, None], slice(0, len(tokens)), kv_len)
+        table = None if blocks is None else BlockTable(blocks, place)
+        step = self.make_step(positions[:, None], slice(0, len(tokens)), kv_len, table=table)
         return self(tokens[:, None], step)
 
     def final_hidden(self, tokens: torch.Tensor, step: Step) -> torch.Tensor:

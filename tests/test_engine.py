@@ -380,9 +380,9 @@ def test_take_prefill_groups_keeps_a_pass_within_its_token_budget():
 def spy_compiled_steps(engine: Engine) -> list[tuple[int, int]]:
     """Record each compiled decode call's (rows, cache positions read)."""
     calls, compiled = [], engine._compiled_decode
-    def spy(tokens, positions, kv_len):
+    def spy(tokens, positions, kv_len, *blocks):
         calls.append((len(tokens), kv_len))
-        return compiled(tokens, positions, kv_len)
+        return compiled(tokens, positions, kv_len, *blocks)
     engine._compiled_decode = spy
     return calls
 
