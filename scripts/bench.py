@@ -1,8 +1,12 @@
 """Throughput benchmark: continuous batching vs Meta's static batching on one fixed workload.
 
     python scripts/bench.py                       # stories15M-shaped fp32 model on the CPU
-    python scripts/bench.py --preset 7b --dtype bf16 --batch 64 --device cuda \
+    python scripts/bench.py --temperature 0       # the same, greedy
+    python scripts/bench.py --mode generate --preset 7b --dtype bf16 --batch 64 --device cuda \
         --schedulers continuous,compiled,static --ctranslate2 False
+
+The workload samples as dataset jobs do (temperature 0.8, top-p 0.95); `--temperature 0`
+decodes greedily.
 
 The continuous engine (`llama_gen.engine.Engine`) and Meta's static batching
 (`llama_gen.baseline.StaticEngine`) run the same requests in one process; the script prints
@@ -21,6 +25,23 @@ largest logprob difference between the two, and two shares of a compute ceiling 
 shapes (`scoring_rates`): one from plain products, as generation's, and a stricter one from
 each product's fastest form here (`product_rate`: oneDNN's packed product is the fastest at
 these shapes on the CPU, and only the output head uses it).
+
+    python scripts/bench.py --device cuda         # --mode roofline: a 7B-shaped bf16 model
+    python scripts/bench.py --mode roofline --device cpu --preset tiny --hbm_gbps 20
+
+`--mode roofline` (the default on CUDA) decodes `batch` requests at each batch size (1 and 64)
+with a model whose random weights are drawn on the device, and prints tok/s and the share of
+the HBM roofline: the bytes a decode step must read (weights, and the KV cache at the run's
+context lengths) over the device's memory bandwidth (`--hbm_gbps`, or its datasheet figure for
+the GPUs in `HBM_GBPS`).
+
+    python scripts/bench.py --mode budget --temperature 0
+
+`--mode budget` runs requests of mixed lengths (prompts of 32-1024 tokens, 64-512 generated)
+at `--max_seq_len 4096` in a fixed KV budget (`--kv_budget` tokens; by default what 16 full-length
+sequences take), per-slot (one `max_seq_len` block per slot, `kv_budget / max_seq_len` slots)
+against paged (`--block_sizes` 16 and 128, up to `batch` sequences), and prints how many
+sequences decoded at once, how many were preempted, and tok/s.
 """
 from __future__ import annotations
 
@@ -30,7 +51,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import fire
 import torch
@@ -38,8 +59,9 @@ import torch
 from llama_gen import distributed, engine, kernels, scoring
 from llama_gen.args import ModelArgs
 from llama_gen.baseline import StaticEngine
+from llama_gen.checkpoint import EMBEDDING_KEY, full_shapes
 from llama_gen.engine import (DECODE_KV_BUCKET, Engine, EngineStats, ForwardTimer, Request,
-                              SamplingParams)
+                              SamplingParams, SlotEngine)
 from llama_gen.model import Transformer
 from llama_gen.layers import ParallelLayers
 from llama_gen.scoring import Scorer, ScoreRequest
@@ -54,16 +76,36 @@ PRESETS = {
     "stories15m-v128k": {"dim": 288, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2,
                          "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 500000.0,
                          "vocab_size": 128256},
+    # Llama 2 7B's params.json (FFN width 11008, as Meta computes it from multiple_of)
     "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "norm_eps": 1e-5,
            "vocab_size": 32000},
+    # seconds on the CPU, for smoke tests of every mode's code path
+    "tiny": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32,
+             "norm_eps": 1e-5, "vocab_size": 512},
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EOS = 2
-# Each mode's workload and engines, unless flags say otherwise.
+# Each mode's model, workload and engines, unless flags say otherwise.
 MODE_DEFAULTS = {
-    "generate": {"n_prompts": 256, "min_len": 8, "max_len": 200,
+    "generate": {"preset": "stories15m", "dtype": "fp32", "batch": 32, "n_prompts": 256,
+                 "min_len": 8, "max_len": 200, "max_gen_len": 256,
                  "schedulers": "continuous,static"},
-    "score": {"n_prompts": 128, "min_len": 32, "max_len": 2048, "schedulers": "batched,single"},
+    "score": {"preset": "stories15m", "dtype": "fp32", "batch": 32, "n_prompts": 128,
+              "min_len": 32, "max_len": 2048, "max_gen_len": 0, "schedulers": "batched,single"},
+    # `batch` requests at each batch size, every one generating exactly max_gen_len tokens
+    "roofline": {"preset": "7b", "dtype": "bf16", "batch": "1,64", "n_prompts": 0,
+                 "min_len": 512, "max_len": 512, "max_gen_len": 128, "schedulers": "continuous"},
+    "budget": {"preset": "stories15m", "dtype": "fp32", "batch": 256, "n_prompts": 128,
+               "min_len": 32, "max_len": 1024, "max_gen_len": 512, "schedulers": "continuous"},
 }
+# Datasheet HBM bandwidths in GB/s, by what the device's name holds and does not hold.
+HBM_GBPS = (
+    (("H200",), (), 4800),
+    (("H100", "SXM"), (), 3350),
+    (("H100", "HBM3"), ("PCIE", "NVL"), 3350),  # torch names the SXM part "H100 80GB HBM3"
+    (("A100", "80GB"), ("PCIE",), 2039),
+    (("A100", "40GB"), (), 1555),
+)
 
 
 @dataclass
@@ -90,9 +132,30 @@ def make_workload(args: ModelArgs, n_prompts: int, min_len: int, max_len: int, m
     return Workload(requests)
 
 
-def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
-    model = Transformer(args, ParallelLayers())
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in random_weights(args).items()}
+def device_random_weights(args: ModelArgs, device: torch.device, dtype: torch.dtype,
+                          seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights scaled as `random_weights`' (norms near one, activations O(1)), drawn on
+    `device` in `dtype`: a 7B takes no host memory and no host-to-device copy."""
+    gen = torch.Generator(device).manual_seed(seed)
+    weights = {}
+    for key, shape in full_shapes(args).items():
+        w = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        if len(shape) == 1:
+            weights[key] = w.mul_(0.1).add_(1.0)
+        else:
+            weights[key] = w if key == EMBEDDING_KEY else w.mul_(shape[1] ** -0.5)
+    return weights
+
+
+def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype,
+                on_device: bool = False) -> Transformer:
+    """A random-weight model: with `on_device` its weights are drawn on the device; else drawn
+    on the CPU in float32 (`random_weights`, whose tokens earlier runs recorded) and copied."""
+    model = Transformer(args, ParallelLayers())  # its weights wait on the meta device
+    if on_device:
+        weights = device_random_weights(args, device, dtype)
+    else:
+        weights = {k: v.to(device=device, dtype=dtype) for k, v in random_weights(args).items()}
     model.load_state_dict(weights, strict=True, assign=True)
     return model.requires_grad_(False).eval()
 
@@ -185,18 +248,38 @@ def memory_bandwidth(device: torch.device, mib: int) -> float:
     return per_second(2 * src.numel(), lambda: dst.copy_(src), device)
 
 
+@dataclass(frozen=True)
+class StepBytes:
+    """What decode steps must read at least."""
+
+    weights: int  # every weight but the embedding table, once per step (a step reads few rows)
+    kv_per_token: int  # one cached token's keys and values, every layer
+
+    @classmethod
+    def of(cls, model: Transformer) -> StepBytes:
+        args = model.args
+        weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                      if name != "tok_embeddings.weight")
+        return cls(weights, 2 * args.n_layers * args.kv_heads * args.head_dim
+                   * model.output.weight.element_size())
+
+    def after_prefill(self, prompt_lens: list[int], gen_len: int) -> int:
+        """Bytes of the gen_len - 1 decode steps that follow the prefill of sequences that
+        decode together: step j (from 1) reads the weights and each sequence's p + j keys and
+        values (its prompt's p, the j - 1 tokens fed before, and its own)."""
+        steps = gen_len - 1
+        contexts = steps * sum(prompt_lens) + len(prompt_lens) * steps * (steps + 1) // 2
+        return steps * self.weights + contexts * self.kv_per_token
+
+
 def decode_bytes(model: Transformer, work: Workload, generated: list[int], batch: int) -> float:
-    """Bytes the workload's decode steps must read at least: every weight but the embedding
-    table once per step, with steps always full (ceil(tokens / batch) of them), and each
-    generated token's cached context (keys and values, every layer)."""
-    args = model.args
-    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-                  if name != "tok_embeddings.weight")
-    per_position = (2 * args.n_layers * args.kv_heads * args.head_dim
-                    * model.output.weight.element_size())
+    """Bytes the workload's decode steps must read at least: the weights once per step, with
+    steps always full (ceil(tokens / batch) of them), and each generated token's cached
+    context."""
+    step = StepBytes.of(model)
     contexts = sum(g * len(r.prompt_tokens) + g * (g - 1) // 2
                    for r, g in zip(work.requests, generated))
-    return math.ceil(sum(generated) / batch) * weights + contexts * per_position
+    return math.ceil(sum(generated) / batch) * step.weights + contexts * step.kv_per_token
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -209,25 +292,31 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_scheduler(model: Transformer, work: Workload, name: str, batch: int,
-                  max_seq_len: int) -> dict:
-    """`name`: continuous, static, or compiled (continuous with the compiled decode step, which
-    is compiled before the timed run)."""
+def make_engine(model: Transformer, name: str, batch: int, max_seq_len: int,
+                stop_ids: tuple[int, ...] = (EOS,)) -> tuple[SlotEngine, float]:
+    """The engine `name`: continuous, static, or compiled (continuous with the compiled decode
+    step, compiled here), and the seconds compiling took."""
     compiled = name == "compiled"
     if name == "static":
-        engine = StaticEngine(model, {EOS}, batch, max_seq_len)
+        engine = StaticEngine(model, stop_ids, batch, max_seq_len)
     elif name in ("continuous", "compiled"):
-        engine = Engine(model, {EOS}, batch, max_seq_len, compile=compiled)
+        engine = Engine(model, stop_ids, batch, max_seq_len, compile=compiled)
     else:
         raise SystemExit(f"unknown scheduler {name!r}: continuous, static or compiled")
-    compile_seconds = 0.0
-    if compiled:  # one sequence crosses the first cache bucket, one reaches the cache's end
-        start = time.perf_counter()
-        greedy = SamplingParams(temperature=0, max_gen_len=3)
-        for length in (min(DECODE_KV_BUCKET, max_seq_len - 3) - 1, max_seq_len - 3):
-            list(engine.generate([Request([1] * length, greedy)]))
-        compile_seconds = time.perf_counter() - start
-        engine.stats = EngineStats()
+    if not compiled:
+        return engine, 0.0
+    start = time.perf_counter()  # one sequence crosses the first cache bucket, one reaches the end
+    greedy = SamplingParams(temperature=0, max_gen_len=3)
+    for length in (min(DECODE_KV_BUCKET, max_seq_len - 3) - 1, max_seq_len - 3):
+        list(engine.generate([Request([1] * length, greedy)]))
+    engine.stats = EngineStats()
+    return engine, time.perf_counter() - start
+
+
+def run_scheduler(model: Transformer, work: Workload, name: str, batch: int,
+                  max_seq_len: int) -> dict:
+    """`name`: continuous, static, or compiled (see `make_engine`)."""
+    engine, compile_seconds = make_engine(model, name, batch, max_seq_len)
     engine.forward_timer = ForwardTimer(model.output.weight.device)
     start = time.perf_counter()
     completions = sorted(engine.generate(work.requests), key=lambda c: c.request.tag)
@@ -442,52 +531,262 @@ def report_scoring(results: list[dict], model: Transformer, texts: list[ScoreReq
         print(f"{results[0]['name']} / {r['name']}: {r['wall'] / results[0]['wall']:.2f}x")
 
 
-def main(mode: str = "generate", preset: str = "stories15m", n_prompts: int | None = None,
-         min_len: int | None = None, max_len: int | None = None, max_gen_len: int = 256,
-         stop_rate: float = 0.02, batch: int = 32, temperature: float = 0.0, top_p: float = 0.9,
-         dtype: str = "fp32", device: str = "cpu", schedulers: str | None = None,
-         ctranslate2: bool | None = None, seed: int = 0) -> None:
-    """`mode`: generate or score. `n_prompts`, `min_len`, `max_len` and `schedulers` default to
-    the mode's (MODE_DEFAULTS). Generation's `schedulers`: any of continuous, static and
-    compiled (continuous with `--compile`'s decode step); scoring's: batched and single.
-    `ctranslate2`: add a CTranslate2 run of the same weights to generation (default: if it is
-    installed)."""
+def mixed_requests(args: ModelArgs, n: int, prompt_lens: tuple[int, int],
+                   gen_lens: tuple[int, int], temperature: float, top_p: float,
+                   seed: int) -> list[Request]:
+    """`n` random prompts whose lengths are uniform in `prompt_lens`, each generating exactly a
+    number of tokens uniform in `gen_lens` (when run without stop ids)."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(n):
+        prompt = [1] + [rng.randrange(3, args.vocab_size)
+                        for _ in range(rng.randint(*prompt_lens) - 1)]
+        params = SamplingParams(temperature=temperature, top_p=top_p,
+                                max_gen_len=rng.randint(*gen_lens), seed=i)
+        requests.append(Request(prompt, params, tag=i))
+    return requests
+
+
+def hbm_gbps_by_name(name: str) -> float | None:
+    """The datasheet memory bandwidth (GB/s) of the device named `name`, if `HBM_GBPS` has it."""
+    upper = name.upper()
+    for needed, excluded, gbps in HBM_GBPS:
+        if all(n in upper for n in needed) and not any(x in upper for x in excluded):
+            return gbps
+    return None
+
+
+def hbm_bandwidth(device: torch.device, hbm_gbps: float | None) -> tuple[float, str]:
+    """The device's memory bandwidth in bytes/s, and where the figure came from."""
+    if hbm_gbps:
+        return hbm_gbps * 1e9, "--hbm_gbps"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    gbps = hbm_gbps_by_name(name)
+    if gbps is None:
+        raise SystemExit(f"no memory bandwidth known for {name!r}: pass --hbm_gbps (its "
+                         "datasheet's GB/s)")
+    return gbps * 1e9, f"{name}'s datasheet"
+
+
+def with_gen_len(requests: list[Request], gen_len: int) -> list[Request]:
+    return [replace(r, params=replace(r.params, max_gen_len=gen_len)) for r in requests]
+
+
+def decode_timing(model: Transformer, name: str, requests: list[Request]) -> dict:
+    """All of `requests` in one engine with a slot each and no stop ids: the wall seconds to
+    prefill them and sample their first tokens (`first`), and to generate them whole
+    (`whole`), both after a warm-up run. `whole - first` is the decode steps' time."""
+    gen_len = requests[0].params.max_gen_len
+    max_seq_len = max(len(r.prompt_tokens) for r in requests) + gen_len
+    engine, compile_seconds = make_engine(model, name, len(requests), max_seq_len, stop_ids=())
+
+    def wall(requests: list[Request]) -> float:
+        start = time.perf_counter()
+        completions = list(engine.generate(requests))  # its tokens are on the host: synchronised
+        seconds = time.perf_counter() - start
+        assert all(len(c.tokens) == c.request.params.max_gen_len for c in completions)
+        return seconds
+
+    wall(with_gen_len(requests, 2))  # kernels chosen, memory allocated
+    first, whole = wall(with_gen_len(requests, 1)), wall(requests)
+    return {"name": name, "batch": len(requests), "gen_len": gen_len, "first": first,
+            "whole": whole, "compile_seconds": compile_seconds,
+            "prompt_lens": [len(r.prompt_tokens) for r in requests],
+            "peak_mib": f"{peak_memory_mib(model.output.weight.device):.0f}"}
+
+
+def roofline_main(model: Transformer, names: list[str], batches: list[int],
+                  requests_for: Callable[[int], list[Request]],
+                  bandwidth: tuple[float, str]) -> None:
+    """Each engine at each batch size, against the HBM roofline of its decode steps."""
+    step = StepBytes.of(model)
+    print(f"decode steps read at least {step.weights / 1e9:.3g} GB of weights each and "
+          f"{step.kv_per_token / 2**10:.3g} KiB per cached token; memory bandwidth "
+          f"{bandwidth[0] / 1e9:.0f} GB/s ({bandwidth[1]})")
+    print(f"{'engine':<11} {'batch':>5} {'prompt':>6} {'gen':>5} {'prefill s':>9} "
+          f"{'tok/s':>8} {'decode tok/s':>12} {'ms/step':>8} {'roofline tok/s':>14} "
+          f"{'of roofline':>11} {'peak MiB':>8}")
+    for name in names:
+        for batch in batches:
+            r = decode_timing(model, name, requests_for(batch))
+            report_roofline(r, step, bandwidth[0])
+
+
+def report_roofline(r: dict, step: StepBytes, bandwidth: float) -> None:
+    """One row: tok/s over the whole run, and over its decode steps against the roofline."""
+    batch, gen_len = r["batch"], r["gen_len"]
+    decode_seconds = max(r["whole"] - r["first"], 1e-9)
+    decode_tokens = batch * (gen_len - 1)
+    decode_tok_s = decode_tokens / decode_seconds
+    roofline = decode_tokens / (step.after_prefill(r["prompt_lens"], gen_len) / bandwidth)
+    print(f"{r['name']:<11} {batch:5d} {sum(r['prompt_lens']) // batch:6d} {gen_len:5d} "
+          f"{r['first']:9.2f} {batch * gen_len / r['whole']:8.1f} {decode_tok_s:12.1f} "
+          f"{decode_seconds / (gen_len - 1) * 1000:8.2f} {roofline:14.1f} "
+          f"{decode_tok_s / roofline:11.0%} {r['peak_mib']:>8}")
+    if r["compile_seconds"]:
+        print(f"{r['name']} at batch {batch}: compiling took {r['compile_seconds']:.1f} s")
+
+
+def budget_configs(max_seq_len: int, kv_budget: int, block_sizes: list[int],
+                   batch: int) -> list[tuple[str, int, int]]:
+    """(name, kv_block_size, max_batch_size) in one KV budget: per-slot (a block of
+    max_seq_len per slot, as many slots as fit), then paged at each block size (up to `batch`
+    sequences at once)."""
+    if kv_budget < max_seq_len:
+        raise SystemExit(f"--kv_budget {kv_budget} holds no sequence of --max_seq_len "
+                         f"{max_seq_len}: raise it to at least {max_seq_len}")
+    return ([("per-slot", max_seq_len, kv_budget // max_seq_len)]
+            + [(f"paged-{block}", block, batch) for block in block_sizes])
+
+
+def run_budget(model: Transformer, requests: list[Request], name: str, block: int, slots: int,
+               max_seq_len: int, kv_budget: int) -> dict:
+    """The requests through an engine with `slots` slots, KV blocks of `block` tokens and a
+    cache of `kv_budget` tokens (rounded down to whole blocks), with no stop ids."""
+    cache_tokens = kv_budget // block * block
+    engine = Engine(model, (), slots, max_seq_len, kv_cache_tokens=cache_tokens,
+                    kv_block_size=block)
+    start = time.perf_counter()
+    completions = sorted(engine.generate(requests), key=lambda c: c.request.tag)
+    wall = time.perf_counter() - start
+    s = engine.stats
+    return {"name": name, "block": block, "slots": slots, "cache_tokens": cache_tokens,
+            "wall": wall, "tokens": [c.tokens for c in completions],
+            "peak_running": s.peak_running, "preempted": s.preempted,
+            "peak_kv_tokens": s.peak_kv_tokens, "decode_steps": s.decode_steps,
+            "peak_mib": f"{peak_memory_mib(model.output.weight.device):.0f}"}
+
+
+def budget_main(model: Transformer, requests: list[Request], max_seq_len: int, kv_budget: int,
+                block_sizes: list[int], batch: int) -> None:
+    prompts = [len(r.prompt_tokens) for r in requests]
+    gens = [r.params.max_gen_len for r in requests]
+    kv_mib = kv_budget * StepBytes.of(model).kv_per_token / 2**20
+    print(f"{len(requests)} requests: prompts of {min(prompts)}-{max(prompts)} tokens "
+          f"({sum(prompts)} in all), {min(gens)}-{max(gens)} generated ({sum(gens)} in all), "
+          f"temperature {requests[0].params.temperature}; max_seq_len {max_seq_len}; KV budget "
+          f"{kv_budget} tokens ({kv_mib:.0f} MiB, {kv_budget / max_seq_len:g} full-length "
+          "sequences)")
+    results = [run_budget(model, requests, name, block, slots, max_seq_len, kv_budget)
+               for name, block, slots in budget_configs(max_seq_len, kv_budget, block_sizes,
+                                                         batch)]
+    report_budget(results)
+
+
+def report_budget(results: list[dict]) -> None:
+    """One row per configuration; the first one's tokens are the reference."""
+    print(f"{'kv cache':<11} {'block':>5} {'max batch':>9} {'peak running':>12} "
+          f"{'preempted':>9} {'peak KV tokens':>14} {'decode steps':>12} {'tok/s':>7} "
+          f"{'wall s':>7} {'peak MiB':>8} {'same tokens':>11}")
+    reference = results[0]["tokens"]
+    for r in results:
+        tok_s = sum(map(len, r["tokens"])) / r["wall"]
+        kv_share = r["peak_kv_tokens"] / r["cache_tokens"]
+        same = sum(a == b for a, b in zip(r["tokens"], reference)) / len(reference)
+        print(f"{r['name']:<11} {r['block']:5d} {r['slots']:9d} {r['peak_running']:12d} "
+              f"{r['preempted']:9d} {r['peak_kv_tokens']:8d} ({kv_share:3.0%}) "
+              f"{r['decode_steps']:12d} {tok_s:7.0f} {r['wall']:7.2f} {r['peak_mib']:>8} "
+              f"{same:11.0%}")
+    for r in results[1:]:
+        print(f"{r['name']} / {results[0]['name']}: {results[0]['wall'] / r['wall']:.2f}x")
+
+
+def listed(value: object, kind: type = str) -> list:
+    """A comma-separated flag as a list: fire passes "a,b" as a tuple, and "a" as itself."""
+    items = value.split(",") if isinstance(value, str) else (
+        list(value) if isinstance(value, (tuple, list)) else [value])
+    return [kind(item) for item in items]
+
+
+def main(mode: str | None = None, preset: str | None = None, n_prompts: int | None = None,
+         min_len: int | None = None, max_len: int | None = None, max_gen_len: int | None = None,
+         min_gen_len: int = 64, stop_rate: float = 0.02, batch: int | str | None = None,
+         temperature: float = 0.8, top_p: float = 0.95, dtype: str | None = None,
+         device: str = "cpu", schedulers: str | None = None, ctranslate2: bool | None = None,
+         seed: int = 0, hbm_gbps: float | None = None, max_seq_len: int | None = None,
+         kv_budget: int | None = None, block_sizes: str = "16,128") -> None:
+    """`mode`: generate (the default on the CPU), score, roofline (the default on CUDA) or
+    budget. `preset`, `dtype`, `batch`, `n_prompts`, `min_len`, `max_len` (prompt lengths),
+    `max_gen_len` and `schedulers` default to the mode's (MODE_DEFAULTS). Generation's
+    `schedulers`: any of continuous, static and compiled (continuous with `--compile`'s
+    decode step); scoring's: batched and single. `ctranslate2`: add a CTranslate2 run of the
+    same weights to greedy generation (default: if it is installed). `--temperature 0`:
+    greedy. Roofline: `batch` lists the batch sizes, `hbm_gbps` the device's memory bandwidth.
+    Budget: `max_seq_len` (4096), `kv_budget` in tokens (16 x max_seq_len), `block_sizes`
+    paged, `min_gen_len` to `max_gen_len` generated."""
+    mode = mode or ("roofline" if str(device).startswith("cuda") else "generate")
     if mode not in MODE_DEFAULTS:
-        raise SystemExit(f"unknown mode {mode!r}: generate or score")
-    given = {"n_prompts": n_prompts, "min_len": min_len, "max_len": max_len,
+        raise SystemExit(f"unknown mode {mode!r}: generate, score, roofline or budget")
+    given = {"preset": preset, "dtype": dtype, "batch": batch, "n_prompts": n_prompts,
+             "min_len": min_len, "max_len": max_len, "max_gen_len": max_gen_len,
              "schedulers": schedulers}
     w = {**MODE_DEFAULTS[mode], **{k: v for k, v in given.items() if v is not None}}
-    names = w["schedulers"].split(",") if isinstance(w["schedulers"], str) else list(
-        w["schedulers"])
+    if w["preset"] not in PRESETS:
+        raise SystemExit(f"unknown preset {w['preset']!r}: one of {', '.join(PRESETS)}")
     dist = distributed.init_distributed(1, device=device)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    args = ModelArgs.from_params(PRESETS[preset])
-    model = build_model(args, dist.device, torch_dtype)
-    print(f"model {preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{dtype}) on {dist.device} with {torch.get_num_threads()} threads; weights "
-          f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB")
+    bandwidth = hbm_bandwidth(dist.device, hbm_gbps) if mode == "roofline" else None
+    on_device = mode == "roofline" or dist.device.type != "cpu"
+    model = build_model(ModelArgs.from_params(PRESETS[w["preset"]]), dist.device,
+                        DTYPES[w["dtype"]], on_device)
+    print(f"model {w['preset']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"params, {w['dtype']}) on {dist.device} with {torch.get_num_threads()} threads; "
+          f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f}"
+          " MiB")
+    flags = {"min_gen_len": min_gen_len, "stop_rate": stop_rate, "temperature": temperature,
+             "top_p": top_p, "ctranslate2": ctranslate2, "seed": seed, "bandwidth": bandwidth,
+             "max_seq_len": max_seq_len, "kv_budget": kv_budget,
+             "block_sizes": listed(block_sizes, int)}
+    run_mode(mode, model, w, flags)
+    distributed.shutdown()
+
+
+def run_mode(mode: str, model: Transformer, w: dict, flags: dict) -> None:
+    """Build the mode's workload from the settings `w` and `main`'s other flags, and run it."""
+    args, names, seed = model.args, listed(w["schedulers"]), flags["seed"]
+    sampling = (flags["temperature"], flags["top_p"])
+    prompt_lens = (w["min_len"], w["max_len"])
     if mode == "score":
         texts = make_texts(args, w["n_prompts"], w["min_len"], w["max_len"], seed)
-        score_main(model, texts, names, batch, w["max_len"])
+        score_main(model, texts, names, w["batch"], w["max_len"])
+    elif mode == "roofline":
+        gen_lens = (w["max_gen_len"], w["max_gen_len"])
+        if w["max_gen_len"] < 2:
+            raise SystemExit("--max_gen_len must be at least 2 for decode steps to time")
+        roofline_main(model, names, listed(w["batch"], int),
+                      lambda n: mixed_requests(args, n, prompt_lens, gen_lens, *sampling, seed),
+                      flags["bandwidth"])
+    elif mode == "budget":
+        max_seq_len = flags["max_seq_len"] or 4096
+        requests = mixed_requests(args, w["n_prompts"], prompt_lens,
+                                  (flags["min_gen_len"], w["max_gen_len"]), *sampling, seed)
+        budget_main(model, requests, max_seq_len, flags["kv_budget"] or 16 * max_seq_len,
+                    flags["block_sizes"], w["batch"])
     else:
-        work = make_workload(args, w["n_prompts"], w["min_len"], w["max_len"], max_gen_len,
-                             stop_rate, temperature, top_p, seed)
-        generate_main(model, work, names, batch, w["max_len"] + max_gen_len, ctranslate2,
-                      f"{w['min_len']}-{w['max_len']}", max_gen_len, stop_rate, temperature)
-    distributed.shutdown()
+        work = make_workload(args, w["n_prompts"], w["min_len"], w["max_len"],
+                             w["max_gen_len"], flags["stop_rate"], *sampling, seed)
+        generate_main(model, work, names, w["batch"],
+                      flags["max_seq_len"] or w["max_len"] + w["max_gen_len"],
+                      flags["ctranslate2"], f"{w['min_len']}-{w['max_len']}", w["max_gen_len"],
+                      flags["stop_rate"], sampling)
 
 
 def generate_main(model: Transformer, work: Workload, names: list[str], batch: int,
                   max_seq_len: int, ctranslate2: bool | None, lengths: str, max_gen_len: int,
-                  stop_rate: float, temperature: float) -> None:
+                  stop_rate: float, sampling: tuple[float, float]) -> None:
+    """`sampling`: (temperature, top_p). CTranslate2's run decodes greedily, so it runs (by
+    default, when installed) only for greedy workloads."""
     args, weight = model.args, model.output.weight
+    temperature, top_p = sampling
     cache_mib = (2 * args.n_layers * batch * max_seq_len * args.kv_heads * args.head_dim
                  * weight.element_size() / 2**20)
+    decoding = "greedy" if temperature == 0 else f"temperature {temperature}, top-p {top_p}"
     print(f"{len(work.requests)} prompts of {lengths} tokens ({work.prompt_tokens} in all), "
           f"max_gen_len {max_gen_len}, ~{stop_rate:.0%} of steps end a sequence, batch {batch}, "
-          f"temperature {temperature}; KV cache {cache_mib:.0f} MiB")
+          f"{decoding}; KV cache {cache_mib:.0f} MiB")
     if ctranslate2 is None:
-        ctranslate2 = ctranslate2_available()
+        ctranslate2 = temperature == 0 and ctranslate2_available()
+    elif ctranslate2 and temperature != 0:
+        raise SystemExit("the CTranslate2 column decodes greedily: add --temperature 0")
     # Before the runs: its two buffers must not meet a device the runs have filled.
     bandwidth = memory_bandwidth(weight.device, 1024 if weight.device.type == "cuda" else 256)
     results = run_all(model, work, names, ctranslate2, batch, max_seq_len)
