@@ -95,7 +95,7 @@ class StaticEngine(SlotEngine):
         self._count(drawn, ~forced_t)
         chosen = [p[pos] if f else t for p, f, t in zip(prompts, forced, drawn.tolist())]
         chosen_t = torch.tensor(chosen, device=self.device)
-        logprobs, tops = self._detail(batch, logits, chosen_t)
+        _, logprobs, tops = self._detail(batch, logits, chosen_t)
         for seq, f, token, logprob, top in zip(batch, forced, chosen, logprobs, tops):
             if not (f or seq.finish_reason):
                 seq.append(token, logprob, self.stop_ids, top)

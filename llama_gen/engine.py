@@ -432,20 +432,26 @@ class SlotEngine:
             self._counts.add(tokens, taken)
 
     def _detail(self, seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor
-                ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
-        """Each drawn token's logprob, and its top alternatives, where its sequence wants them
-        (under the model's own distribution: before penalties, temperature and filters)."""
+                ) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
+        """The tokens, each one's logprob and its top alternatives where its sequence wants
+        them (under the model's own distribution: before penalties, temperature and filters),
+        in one copy from the device: float32 columns, exact for token ids below 2 ** 24."""
         n = len(seqs)
-        logprobs: list[float | None] = [None] * n
-        tops: list[list[tuple[int, float]] | None] = [None] * n
-        if any(s.request.params.logprobs for s in seqs):
-            logprobs = token_logprobs(logits, tokens).tolist()
+        columns = [tokens.float()[:, None]]
+        if wants_logprobs := any(s.request.params.logprobs for s in seqs):
+            columns.append(token_logprobs(logits, tokens)[:, None])
         if k := max(s.request.params.top_logprobs for s in seqs):
-            values, ids = top_logprobs(logits, k)
-            for i, (row_ids, row_values) in enumerate(zip(ids.tolist(), values.tolist())):
-                if want := seqs[i].request.params.top_logprobs:
-                    tops[i] = list(zip(row_ids[:want], row_values[:want]))
-        return logprobs, tops
+            columns += top_logprobs(logits, k)[::-1]  # ids, then their logprobs
+        host = torch.cat([c.float() for c in columns], dim=1).tolist() if len(columns) > 1 \
+            else [[t] for t in tokens.tolist()]
+        logprobs: list[float | None] = [row[1] for row in host] if wants_logprobs else [None] * n
+        tops: list[list[tuple[int, float]] | None] = [None] * n
+        first = 1 + wants_logprobs
+        for i, row in enumerate(host):
+            if want := seqs[i].request.params.top_logprobs:
+                tops[i] = [(int(t), v) for t, v in zip(row[first:first + want],
+                                                       row[first + k:first + k + want])]
+        return [int(row[0]) for row in host], logprobs, tops
 
     def _timed(self, compute: Callable[..., Any], *args: Any) -> Any:
         if self.forward_timer is None:
@@ -635,7 +641,7 @@ class Engine(SlotEngine):
         tokens = self._draw(seqs, logits)
         self._count(tokens)
         self._next_token[:len(seqs)] = tokens
-        return tokens.tolist(), *self._detail(seqs, logits, tokens)
+        return self._detail(seqs, logits, tokens)
 
     def _decode_compiled(self, n: int, kv_len: int) -> torch.Tensor:
         """Logits (n, vocab) of the compiled decode step for rows 0..n-1. It always spans every

@@ -583,11 +583,14 @@ SAMPLER_HOST_READS = 9
 @pytest.mark.parametrize("sampling, bound", [
     (dict(), 0), (dict(temperature=0.8, top_p=0.95), SAMPLER_HOST_READS),
     (dict(temperature=1.0, top_k=20, min_p=0.05), SAMPLER_HOST_READS)])
-def test_host_reads_per_step_are_bounded(model, sampling, bound):
-    """Forward pass and sampler together, in steps that decode, prefill or both: greedy steps
-    read nothing back but their tokens (on a GPU, nothing waits for the device), sampled
-    steps at most the sampler's bound."""
-    engine = Engine(model, (), max_batch_size=3, max_seq_len=48)
+@pytest.mark.parametrize("kv_block_size", [None, 8], ids=["unpaged", "paged"])
+def test_host_reads_per_step_are_bounded(model, sampling, bound, kv_block_size):
+    """Forward pass and sampler together, in steps that decode, prefill or both, over an
+    unpaged or a paged cache (its block table sent, never read back): greedy steps read
+    nothing back but their tokens (on a GPU, nothing waits for the device), sampled steps at
+    most the sampler's bound."""
+    engine = Engine(model, (), max_batch_size=3, max_seq_len=48, kv_block_size=kv_block_size,
+                    kv_cache_tokens=None if kv_block_size is None else 96)
     reads, step = [], engine._step
     def counted(active, groups):
         with HostReads() as mode:
