@@ -9,6 +9,13 @@ The controls apply in one order, Hugging Face's: penalties on the logits (`apply
 greedy rows too), then the temperature, then top-k, top-p on the top-k's renormalised
 distribution, and min-p (`Filters`, `sample`; sampled rows only). vLLM's V1 sampler applies
 min-p before top-k and top-p, so a row with both min-p and top-p < 1 may keep fewer tokens there.
+
+Each filter keeps the tokens at or above a probability threshold, so a tie group at a boundary
+is kept whole, and the kept set is drawn from by inverting its CDF in token-id order. `sample`
+finds the thresholds by radix selects and sums masses in whole units: no sort, no host read, a
+fixed number of passes over the logits, and a draw that depends only on its own row, on any
+device (issue 14). Until then the order was probability descending, ties by token id, and
+top-k kept exactly k tokens, so the tokens drawn at a given uniform changed then.
 """
 from __future__ import annotations
 
@@ -99,187 +106,147 @@ class Filters:
     """Which tokens a non-greedy row may draw, per row (B,), applied in this order after the
     temperature: top-k (int64, 0 or >= V: no limit), then top-p on the top-k's renormalised
     distribution (1: off), then min-p relative to the most likely token (0: off). None is off
-    for every row. In the canonical order (probability descending, ties by token id) each keeps
-    a prefix, so the kept set is a prefix too; tokens of probability 0 are never kept."""
+    for every row. Each keeps the tokens at or above a probability threshold, so a tie group
+    at a boundary is kept or dropped whole (top-k keeps more than k tokens where the k-th is
+    tied, as Hugging Face's TopKLogitsWarper does); tokens of probability 0 are never kept."""
     top_p: torch.Tensor
     top_k: torch.Tensor | None = None
     min_p: torch.Tensor | None = None
-
-    def __getitem__(self, rows: torch.Tensor) -> Filters:
-        return Filters(self.top_p[rows], None if self.top_k is None else self.top_k[rows],
-                       None if self.min_p is None else self.min_p[rows])
 
 
 def _limits_top_k(top_k: torch.Tensor, vocab: int) -> torch.Tensor:
     return (top_k > 0) & (top_k < vocab)
 
 
-def _dropped(probs: torch.Tensor, ahead: torch.Tensor, rank: torch.Tensor,
-             most_likely: torch.Tensor, top_k_mass: torch.Tensor | None, f: Filters,
-             vocab: int) -> torch.Tensor:
-    """Whether each row's filters drop the tokens of canonical rank `rank` with probabilities
-    `probs` and the mass `ahead` of them (all broadcast to (B, n)). Top-p drops a token once the
-    mass ahead of it reaches top_p of the top-k's mass (top_k_mass (B, 1); None or 1 where top-k
-    is off, so the threshold is top_p itself)."""
-    top_p = f.top_p.unsqueeze(-1)
-    dropped = (ahead >= (top_p if top_k_mass is None else top_p * top_k_mass)) & (top_p < 1)
-    dropped |= probs == 0
-    if f.top_k is not None:
-        dropped |= (rank >= f.top_k.unsqueeze(-1)) & _limits_top_k(f.top_k, vocab).unsqueeze(-1)
-    if f.min_p is not None:
-        dropped |= probs < f.min_p.unsqueeze(-1) * most_likely
-    return dropped
-
-
-def _filter_prefix(sorted_probs: torch.Tensor, f: Filters, vocab: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For probabilities (B, n) in the canonical order, all of the vocabulary or a prefix of
-    it: the tokens each row's filters drop, the mass ahead of each token (summed as a full
-    sort's cumsum sums it), and the top-k mass (valid where top_k <= n)."""
-    cumulative = sorted_probs.cumsum(dim=-1)
-    ahead = torch.cat((torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]), dim=-1)
-    top_k_mass = None
-    if f.top_k is not None:
-        last_kept = (f.top_k - 1).clamp(0, sorted_probs.shape[-1] - 1).unsqueeze(-1)
-        top_k_mass = torch.where(_limits_top_k(f.top_k, vocab).unsqueeze(-1),
-                                 cumulative.gather(-1, last_kept), 1.0)
-    rank = torch.arange(sorted_probs.shape[-1], device=sorted_probs.device)
-    dropped = _dropped(sorted_probs, ahead, rank, sorted_probs[:, :1], top_k_mass, f, vocab)
-    return dropped, ahead, top_k_mass
-
-
-def _pick(sorted_probs: torch.Tensor, order: torch.Tensor, dropped: torch.Tensor,
-          uniform: torch.Tensor) -> torch.Tensor:
-    """Invert the kept set's CDF at `uniform`, given probabilities in the canonical order (all
-    of the vocabulary, or a prefix holding the kept set) and the tokens dropped."""
-    kept = sorted_probs.masked_fill(dropped, 0.0).cumsum(dim=-1)
-    target = uniform.to(kept.dtype) * kept[:, -1]
-    pick = (kept <= target.unsqueeze(-1)).sum(dim=-1, keepdim=True)
-    pick = torch.minimum(pick, (~dropped).sum(dim=-1, keepdim=True) - 1)
-    return order.gather(-1, pick).squeeze(-1)
-
-
 def _tempered(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
+    return torch.softmax(logits.float() / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
+
+
+# Masses are counted in whole units of 2**-MASS_BITS (int32; each probability rounded), so
+# every sum (the histograms, the kept mass, the CDF) is exact and the same in any order: on any
+# device, with or without atomics, for any batch. A row's units add up to at most 2**30 (plus
+# rounding), within int32. A token less likely than 2**-(MASS_BITS + 1) is never drawn.
+MASS_BITS = 30
+
+
+def _masses(probs: torch.Tensor) -> torch.Tensor:
+    return (probs * 2.0**MASS_BITS).add_(0.5).int()
+
+
+# Probabilities are >= 0, so their float32 bit patterns, read as int32, are ordered as their
+# values, and all of them (<= 1.0, bits 0x3F800000) lie below 2**30: three digits of
+# RADIX_BITS, the most significant first.
+RADIX_BITS = 10
+_DIGITS = (2 * RADIX_BITS, RADIX_BITS, 0)
+
+
+def _digit_buckets(bits: torch.Tensor, prefix: torch.Tensor, shift: int) -> torch.Tensor:
+    """Each entry's bucket (int32) for the digit at `shift`: 1 + the digit for entries whose
+    higher digits equal the row's `prefix` (B, 1), 0 below them, 2**RADIX_BITS + 1 above. The
+    first digit has no prefix: every entry's bucket is 1 + its digit (NaN's clamped in)."""
+    buckets = 1 << RADIX_BITS
+    digits = bits >> shift
+    if shift == _DIGITS[0]:
+        return digits.clamp_(0, buckets - 1).add_(1)
+    return digits.sub_(prefix << RADIX_BITS).clamp_(-1, buckets).add_(1)
+
+
+def _largest_reaching(bits: torch.Tensor, weights: torch.Tensor, target: torch.Tensor
+                      ) -> torch.Tensor:
+    """The largest bit pattern t (int32, (B,)) whose entries' weight, sum(weights[bits >= t])
+    (int32), reaches `target` (float64, (B,)); 0 where no t does. A radix select: per digit, one
+    histogram of the weights of the entries that share the digits chosen so far, with one
+    bucket each for the entries below and above them; no sort, no host reads."""
+    rows, buckets = len(bits), 1 << RADIX_BITS
+    prefix = torch.zeros(rows, 1, dtype=torch.int32, device=bits.device)
+    for shift in _DIGITS:
+        histogram = torch.zeros(rows, buckets + 2, dtype=weights.dtype, device=bits.device)
+        histogram.scatter_add_(1, _digit_buckets(bits, prefix, shift), weights)
+        # below[:, d]: the weight under digit d (the entries below the prefix included), so
+        # digit d and those above it reach the target where below[:, d] <= total - target
+        below = histogram.cumsum(dim=-1)
+        spare = below[:, -1:] - target.unsqueeze(-1)
+        chosen = (below[:, :buckets] <= spare).sum(dim=-1, keepdim=True) - 1
+        prefix = (prefix << RADIX_BITS) | chosen.clamp_min(0).int()
+    return prefix.squeeze(-1)
+
+
+def _thresholds(probs: torch.Tensor, bits: torch.Tensor, masses: torch.Tensor, f: Filters
+                ) -> torch.Tensor:
+    """Each row's kept-set threshold as float32 bits (int32, (B,)): kept = {bits >= threshold},
+    never a token of probability 0. Top-k's is the k-th largest probability; top-p's the
+    largest t whose mass reaches top_p times the top-k set's mass; min-p's min_p times the
+    largest probability. The row's threshold is the largest of the three."""
+    threshold = torch.ones(len(probs), dtype=torch.int32, device=probs.device)
+    top_k_mass = masses.sum(dim=-1)
+    if f.top_k is not None:
+        counts = torch.ones_like(masses)
+        kth = _largest_reaching(bits, counts, f.top_k.double())
+        threshold = torch.where(_limits_top_k(f.top_k, probs.shape[-1]), kth, threshold)
+        top_k_mass = (masses * (bits >= threshold.unsqueeze(-1))).sum(dim=-1)
+    nucleus = _largest_reaching(bits, masses, f.top_p.double() * top_k_mass)
+    threshold = torch.where(f.top_p < 1, torch.maximum(nucleus, threshold), threshold)
+    if f.min_p is not None:
+        least = (f.min_p.float() * probs.amax(dim=-1)).view(torch.int32)
+        threshold = torch.maximum(threshold, least)
+    return threshold.clamp_min(1)
+
+
+def _kept_masses(probs: torch.Tensor, f: Filters) -> torch.Tensor:
+    bits = probs.view(torch.int32)
+    masses = _masses(probs)
+    threshold = _thresholds(probs, bits, masses, f)
+    return masses.mul_(bits >= threshold.unsqueeze(-1))
+
+
+CDF_BLOCK = 128  # tokens per block in `_invert_cdf`
+
+
+def _invert_cdf(masses: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The token t (B,) with C(t - 1) <= floor(uniform x C(V - 1)) < C(t), where C is the
+    cumulative sum of `masses` (int32) in token-id order: a token of nonzero
+    mass. Two levels, so that only one block of CDF_BLOCK tokens per row is summed in order:
+    the block sums' cumulative sum picks the block, then the block's own."""
+    rows, vocab = masses.shape
+    masses = torch.nn.functional.pad(masses, (0, -vocab % CDF_BLOCK))
+    blocks = masses.view(rows, -1, CDF_BLOCK)
+    ends = blocks.sum(dim=-1).cumsum(dim=-1)  # (B, blocks)
+    total = ends[:, -1]
+    target = torch.minimum((uniform.double() * total).long(), total - 1).unsqueeze(-1)
+    block = (ends <= target).sum(dim=-1, keepdim=True).clamp_max(ends.shape[-1] - 1)
+    start = torch.where(block > 0, ends.gather(-1, (block - 1).clamp_min(0)), 0)
+    within = blocks.gather(1, block.unsqueeze(-1).expand(-1, 1, CDF_BLOCK)).squeeze(1)
+    offset = ((start + within.cumsum(dim=-1)) <= target).sum(dim=-1, keepdim=True)
+    return (block * CDF_BLOCK + offset.clamp_max(CDF_BLOCK - 1)).squeeze(-1).clamp_max(vocab - 1)
 
 
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                    top_k: torch.Tensor | None, min_p: torch.Tensor | None) -> torch.Tensor:
-    """The distribution (B, V) a non-greedy row draws from: softmax at the row's temperature,
-    the `Filters` applied, renormalised. A plain stable sort of the vocabulary: the reference
-    for `sample`'s faster paths (greedy rows' entries mean nothing)."""
+    """The distribution (B, V) a non-greedy row draws from (float64): softmax at the row's
+    temperature, the `Filters` applied as `sample` applies them, renormalised (greedy rows'
+    entries mean nothing). `sample` draws from it in whole units of mass."""
     probs = _tempered(logits, temperature)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    dropped, _, _ = _filter_prefix(sorted_probs, Filters(top_p, top_k, min_p), probs.shape[-1])
-    kept = sorted_probs.masked_fill(dropped, 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, kept / kept.sum(dim=-1, keepdim=True))
-
-
-# The kept set is looked for among this many most likely tokens (a partial top-k), then, for
-# rows whose kept set may fit, among WIDE_NUCLEUS_CANDIDATES, before sorting the whole
-# vocabulary: a partial top-k costs a fraction of a full sort, more so the larger the
-# vocabulary (docs/benchmarks.md).
-NUCLEUS_CANDIDATES = 256
-WIDE_NUCLEUS_CANDIDATES = 4096
-
-
-def _canonical_top(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest probabilities and their ids, ties by token id (topk orders them
-    arbitrarily, and may hold any members of the last tie group)."""
-    top_probs, top_ids = probs.topk(k, dim=-1)
-    if (top_probs[:, 1:] == top_probs[:, :-1]).any():
-        top_ids, by_id = top_ids.sort(dim=-1)
-        top_probs, by_prob = top_probs.gather(-1, by_id).sort(dim=-1, descending=True,
-                                                              stable=True)
-        top_ids = top_ids.gather(-1, by_prob)
-    return top_probs, top_ids
-
-
-def _sample_among_top(probs: torch.Tensor, k: int, f: Filters, uniform: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens drawn from the kept set found among each row's k most likely tokens, whether
-    that kept set is whole there (else the row must look further), and those k probabilities.
-    It is whole if the filters drop the first member of the candidates' last tie group (the
-    candidates before it are the canonical order's), and the top-k mass, where top-p needs it,
-    lies within the candidates."""
-    vocab = probs.shape[-1]
-    top_probs, top_ids = _canonical_top(probs, k)
-    dropped, ahead, top_k_mass = _filter_prefix(top_probs, f, vocab)
-    last_group = (top_probs > top_probs[:, -1:]).sum(dim=-1, keepdim=True)
-    whole = _dropped(top_probs[:, -1:], ahead.gather(-1, last_group), last_group,
-                     top_probs[:, :1], top_k_mass, f, vocab).squeeze(-1)
-    if f.top_k is not None:
-        whole &= (f.top_k <= k) | ~_limits_top_k(f.top_k, vocab) | (f.top_p >= 1)
-    return _pick(top_probs, top_ids, dropped, uniform), whole, top_probs
+    bits = probs.view(torch.int32)
+    threshold = _thresholds(probs, bits, _masses(probs), Filters(top_p, top_k, min_p))
+    kept = probs.double() * (bits >= threshold.unsqueeze(-1))
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
            uniform: torch.Tensor, top_k: torch.Tensor | None = None,
            min_p: torch.Tensor | None = None) -> torch.Tensor:
-    """Next tokens (B,) from float32 logits (B, V) with per-row settings (B,).
+    """Next tokens (B,) from logits (B, V) (float32, or bf16/fp16, computed in float32) with
+    per-row settings (B,).
 
     Temperature 0 is greedy (the filters do not apply). Otherwise the softmax at the row's
-    temperature, then the `Filters` (top_k, top_p, min_p), sampled by inverting the kept set's
-    CDF, in the canonical order (probability descending, ties by token id), at `uniform`.
-    Penalties (`apply_penalties`) come before, on the logits. The kept set is looked for among
-    the NUCLEUS_CANDIDATES most likely tokens, then among WIDE_NUCLEUS_CANDIDATES (partial
-    top-ks); only rows whose kept set is wider still, or may be, sort the vocabulary. Every
-    path gives the tokens a stable full sort gives (on the CPU, where a cumsum's prefix rounds
-    as the whole row's does; on CUDA a row within a few ulps of a top-p boundary may differ).
-    top_k and min_p None (off for every row) cost nothing."""
-    greedy = argmax(logits)
+    temperature, then the `Filters` (top_k, top_p, min_p) as one probability threshold per row
+    (radix selects on the probabilities' bits), then the kept set's CDF, in token-id order,
+    inverted at `uniform` (`_invert_cdf`). Penalties (`apply_penalties`) come before, on the
+    logits. A fixed number of O(B x V) passes: no sort, no host read, nothing that depends on
+    other rows. top_k None (off for every row) skips its passes."""
     probs = _tempered(logits, temperature)
-    filters = Filters(top_p, top_k, min_p)
-    sampled, whole, top_probs = _sample_among_top(
-        probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]), filters, uniform)
-    whole |= temperature == 0  # greedy rows need no kept set
-    if not whole.all():
-        rows = (~whole).nonzero().squeeze(-1)
-        sampled[rows] = _sample_wide(probs[rows], top_probs[rows], filters[rows], uniform[rows])
-    return torch.where(temperature == 0, greedy, sampled)
-
-
-def nucleus_may_fit(probs: torch.Tensor, top_probs: torch.Tensor, top_p: torch.Tensor,
-                    k: int) -> torch.Tensor:
-    """Whether each row's nucleus may hold at most k tokens, given its most likely
-    probabilities `top_probs` (descending), so that looking among the k most likely is worth
-    it. It only steers the search, never the result. False where (1) the nucleus provably
-    holds more: every token past `top_probs` is at most as likely as the last of them, so the
-    nucleus holds at least `least`; or (2) every 8th entry of the vocabulary suggests that the
-    k most likely tokens hold well under top_p; or the row keeps everything (top_p 1)."""
-    if k >= probs.shape[-1]:
-        return torch.zeros_like(top_p, dtype=torch.bool)
-    last = top_probs[:, -1]
-    least = top_probs.shape[-1] + (top_p - top_probs.sum(dim=-1)) / last.clamp_min(
-        torch.finfo(probs.dtype).tiny)
-    # The k most likely tokens' mass: the top ones' exactly, the next ones' from a sample.
-    every_8th = probs[:, ::8]
-    tail_sample = every_8th.masked_fill(every_8th >= last.unsqueeze(-1), 0.0)
-    n_next = min((k - top_probs.shape[-1]) // 8, tail_sample.shape[-1])
-    mass_estimate = top_probs.sum(dim=-1) + 8 * tail_sample.topk(n_next, dim=-1).values.sum(dim=-1)
-    return (least <= k) & (mass_estimate >= 0.9 * top_p) & (top_p < 1)
-
-
-def _sample_wide(probs: torch.Tensor, top_probs: torch.Tensor, f: Filters,
-                 uniform: torch.Tensor) -> torch.Tensor:
-    """`sample` for rows whose kept set is wider than their `top_probs`, or may be. The wide
-    candidates are tried where the nucleus may fit them or top-k keeps no more than them
-    (min-p alone does not steer the search)."""
-    k, vocab = WIDE_NUCLEUS_CANDIDATES, probs.shape[-1]
-    may_fit = nucleus_may_fit(probs, top_probs, f.top_p, k)
-    if f.top_k is not None and k < vocab:
-        may_fit |= _limits_top_k(f.top_k, vocab) & (f.top_k <= k)
-    sampled = torch.empty(len(probs), dtype=torch.long, device=probs.device)
-    if may_fit.any():
-        rows = may_fit.nonzero().squeeze(-1)
-        sampled[rows], whole, _ = _sample_among_top(probs[rows], k, f[rows], uniform[rows])
-        may_fit[rows[~whole]] = False
-    if not may_fit.all():
-        rows = (~may_fit).nonzero().squeeze(-1)
-        sorted_probs, order = probs[rows].sort(dim=-1, descending=True, stable=True)
-        dropped, _, _ = _filter_prefix(sorted_probs, f[rows], vocab)
-        sampled[rows] = _pick(sorted_probs, order, dropped, uniform[rows])
-    return sampled
+    sampled = _invert_cdf(_kept_masses(probs, Filters(top_p, top_k, min_p)), uniform)
+    return torch.where(temperature == 0, argmax(logits), sampled)
 
 
 def derive_seed(*parts: object) -> int:

@@ -1,5 +1,6 @@
-"""Sampling: counter-based uniforms, greedy and top-p selection, top-k, min-p, penalties,
-log-probs and seed derivation."""
+"""Sampling: counter-based uniforms, greedy and top-p selection, top-k, min-p (against Hugging
+Face's warpers and a sorted reference), draws in token-id order, their frequencies, batch
+independence, no host reads, penalties, log-probs and seed derivation."""
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,9 @@ import torch
 from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from llama_gen.sampling import (ARGMAX_BLOCK, NUCLEUS_CANDIDATES, WIDE_NUCLEUS_CANDIDATES,
-                                apply_penalties, argmax, counter_uniform, derive_seed,
-                                filtered_probs, nucleus_may_fit, sample, token_logprobs,
-                                top_logprobs)
+from llama_gen.sampling import (ARGMAX_BLOCK, apply_penalties, argmax, counter_uniform,
+                                derive_seed, filtered_probs, sample, token_logprobs, top_logprobs)
+from test_engine import HostReads
 
 NEG_INF = float("-inf")
 U_MIN = 0.5 / 2**32  # the extremes counter_uniform can return
@@ -130,7 +130,7 @@ def test_frequencies_match_the_renormalised_nucleus(temperature, top_p):
     nucleus = before < top_p
     assert ((before - top_p).abs() > 1e-3).all()  # no token sits on the float32 boundary
     expected = torch.where(nucleus, probs, 0.0) / probs[nucleus].sum()
-    n = 100_000
+    n = 30_000
     counts = draw(logits, temperature, top_p, n).bincount(minlength=len(logits)).double()
     assert (counts[~nucleus] == 0).all()
     chi2 = ((counts - n * expected)[nucleus] ** 2 / (n * expected[nucleus])).sum().item()
@@ -191,108 +191,6 @@ def test_derive_seed_is_deterministic_63_bit_and_sensitive_to_every_part():
     assert torch.tensor(seeds, dtype=torch.int64).tolist() == seeds
 
 
-def full_sort_reference(logits, temperature, top_p, uniform):
-    """The nucleus by a stable sort of the whole vocabulary (what `sample` avoids where it can):
-    tokens in descending probability, ties by token id; a token is in the nucleus while the
-    mass before it is below top_p (top_p 1: all with a nonzero probability)."""
-    probs = torch.softmax(logits / temperature.unsqueeze(-1), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    cumulative = sorted_probs.cumsum(dim=-1)
-    before = torch.cat((torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]), dim=-1)
-    outside = (before >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1) | (sorted_probs == 0)
-    kept = sorted_probs.masked_fill(outside, 0.0).cumsum(dim=-1)
-    pick = (kept <= (uniform * kept[:, -1]).unsqueeze(-1)).sum(dim=-1, keepdim=True)
-    pick = torch.minimum(pick, (~outside).sum(dim=-1, keepdim=True) - 1)
-    return order.gather(-1, pick).squeeze(-1)
-
-
-@pytest.mark.parametrize("scale", [2.0, 6.0])
-def test_partial_top_k_matches_a_full_sort(scale):
-    """Peaked rows (nucleus within the candidates) and flat rows (full-sort fallback) in one
-    batch give the tokens a full sort of the vocabulary gives."""
-    gen = torch.Generator().manual_seed(int(scale))
-    logits = torch.randn(64, 5000, generator=gen) * scale
-    logits[::2] *= 0.1  # flat rows: their nucleus needs most of the vocabulary
-    temperature = torch.full((64,), 0.8)
-    top_p = torch.rand(64, generator=gen).clamp(0.05, 0.99)
-    for counter in range(20):
-        uniform = counter_uniform(torch.arange(64), torch.full((64,), counter))
-        got = sample(logits, temperature, top_p, uniform)
-        want = full_sort_reference(logits, temperature, top_p, uniform.float())
-        assert torch.equal(got, want), counter
-
-
-def test_wide_nucleus_candidates_match_a_full_sort():
-    """Rows whose nucleus fits the first candidates, fits the wide ones, does not fit them
-    (tried first, or skipped because it provably cannot fit), and top_p 1, in one batch."""
-    gen = torch.Generator().manual_seed(3)
-    scales = torch.tensor([6.0, 2.0, 1.0, 0.6, 0.3, 0.1, 1.0, 0.3]).repeat(8)
-    logits = torch.randn(64, 5000, generator=gen) * scales[:, None]
-    temperature = torch.full((64,), 0.8)
-    top_p = torch.full((64,), 0.9)
-    top_p[6::8] = 1.0
-    sorted_probs = torch.softmax(logits / 0.8, dim=-1).sort(dim=-1, descending=True).values
-    sizes = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p[:, None]).sum(dim=-1)
-    assert (sizes <= NUCLEUS_CANDIDATES).any()  # the paths the batch must take
-    assert ((sizes > NUCLEUS_CANDIDATES) & (sizes <= WIDE_NUCLEUS_CANDIDATES)).sum() >= 16
-    assert (sizes[top_p < 1] > WIDE_NUCLEUS_CANDIDATES).sum() >= 8
-    for counter in range(20):
-        uniform = counter_uniform(torch.arange(64), torch.full((64,), counter))
-        got = sample(logits, temperature, top_p, uniform)
-        want = full_sort_reference(logits, temperature, top_p, uniform.float())
-        assert torch.equal(got, want), counter
-
-
-@pytest.mark.parametrize("scale", [2.0, 3.0])
-def test_tied_probabilities_are_taken_in_token_order(scale):
-    """bf16 logits tie often. Whatever order topk gives ties in, every path takes them as a
-    stable sort does (by token id), so a draw depends only on its row."""
-    gen = torch.Generator().manual_seed(int(scale))
-    logits = (torch.randn(32, 32000, generator=gen) * scale + 12).bfloat16().float()
-    temperature, top_p = torch.full((32,), 0.8), torch.full((32,), 0.9)
-    probs = torch.softmax(logits / 0.8, dim=-1)
-    assert (probs.topk(NUCLEUS_CANDIDATES).values.diff() == 0).any()  # ties among candidates
-    for counter in range(10):
-        uniform = counter_uniform(torch.arange(32), torch.full((32,), counter))
-        want = full_sort_reference(logits, temperature, top_p, uniform.float())
-        assert torch.equal(sample(logits, temperature, top_p, uniform), want), counter
-        for row in (0, 17):  # alone, the same draw
-            alone = sample(logits[row:row + 1], temperature[:1], top_p[:1], uniform[row:row + 1])
-            assert alone.item() == want[row].item()
-
-
-def test_a_tie_group_across_the_candidates_edge_is_taken_in_token_order():
-    """400 equally likely tokens straddle the 256th place, and the nucleus ends among them
-    before it: topk holds an arbitrary 56 of them, so those rows must look further."""
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.full((32, 5000), -30.0)
-    for row in logits:
-        ids = torch.randperm(5000, generator=gen)
-        row[ids[:200]] = torch.linspace(5, 4, 200)
-        row[ids[200:600]] = 1.7  # the nucleus reaches about 17 of them
-    temperature, top_p = torch.ones(32), torch.full((32,), 0.9)
-    for counter in range(20):
-        uniform = counter_uniform(torch.arange(32), torch.full((32,), counter))
-        want = full_sort_reference(logits, temperature, top_p, uniform.float())
-        assert torch.equal(sample(logits, temperature, top_p, uniform), want), counter
-
-
-def test_wide_candidates_are_tried_where_the_nucleus_fits_and_skipped_where_it_is_far_wider():
-    """`nucleus_may_fit` only steers the search (every path is exact), so it is judged on what
-    it lets through: most nuclei within the wide candidates, and none of the very wide ones."""
-    gen = torch.Generator().manual_seed(5)
-    scales = torch.tensor([0.3, 1.0, 2.0, 2.5, 3.0]).repeat_interleave(8)
-    probs = torch.softmax(torch.randn(40, 32000, generator=gen) * scales[:, None], dim=-1)
-    top_p = torch.full((40,), 0.9)
-    sorted_probs = probs.sort(dim=-1, descending=True).values
-    sizes = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < 0.9).sum(dim=-1)
-    k = WIDE_NUCLEUS_CANDIDATES
-    may_fit = nucleus_may_fit(probs, sorted_probs[:, :NUCLEUS_CANDIDATES], top_p, k)
-    assert may_fit[sizes <= k].float().mean() >= 0.75
-    assert not may_fit[sizes > 2 * k].any()
-    assert not nucleus_may_fit(probs, sorted_probs[:, :256], torch.ones(40), k).any()
-
-
 @pytest.mark.parametrize("vocab", [32000, 128256, 1000])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_blocked_argmax_equals_torch_argmax_with_ties_and_nans(vocab, transposed):
@@ -351,7 +249,7 @@ def test_filtered_probs_equal_hugging_faces_warper_chain(seed):
     logits = torch.randn(8, 1000, generator=torch.Generator().manual_seed(seed)) * (1 + seed)
     got = filtered_probs(logits, temperature, top_p, top_k, min_p)
     want = torch.stack([hugging_face_probs(logits[i], *row) for i, row in enumerate(rows)])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-6)
     assert torch.equal(got > 0, want > 0)
     # each filter changes some row's distribution
     assert not torch.equal(got, filtered_probs(logits, temperature, top_p, None, min_p))
@@ -428,65 +326,147 @@ def test_penalties_apply_under_greedy_decoding():
     assert (tokens != logits.argmax(-1)).any()
 
 
-def canonical_inverse_cdf(logits, temperature, top_p, top_k, min_p, uniform, margin):
-    """Tokens drawn from `filtered_probs` by inverting its CDF (float64) in the canonical
-    order at `uniform` (rounded to float32 as `sample` uses it), and which draws lie more than
-    `margin` from every step of that CDF (so float32 rounding cannot move them)."""
-    probs = filtered_probs(logits, temperature, top_p, top_k, min_p).double()
-    order = torch.softmax(logits / temperature.unsqueeze(-1), dim=-1).sort(
-        dim=-1, descending=True, stable=True).indices
-    cdf = probs.gather(-1, order).cumsum(dim=-1)
-    u = uniform.float().double().unsqueeze(-1)
-    pick = torch.minimum((cdf <= u).sum(dim=-1), (probs > 0).sum(dim=-1) - 1)
-    return order.gather(-1, pick.unsqueeze(-1)).squeeze(-1), (cdf - u).abs().amin(dim=-1) > margin
+def token_order_inverse_cdf(logits, temperature, top_p, top_k, min_p, uniform, margin=1e-8):
+    """Tokens drawn from `filtered_probs` by inverting its CDF in token-id order at `uniform`
+    (float64), and which draws lie more than `margin` from every step of that CDF (so the
+    sampler's whole units of mass cannot move them)."""
+    probs = filtered_probs(logits, temperature, top_p, top_k, min_p)
+    cdf = probs.cumsum(dim=-1)
+    u = uniform.double().unsqueeze(-1)
+    ids = torch.arange(1, probs.shape[-1] + 1)
+    pick = torch.minimum((cdf <= u).sum(dim=-1), ((probs > 0) * ids).amax(dim=-1) - 1)
+    return pick, (cdf - u).abs().amin(dim=-1) > margin
 
 
-def path_logits_and_settings():
-    """Rows whose kept set lies within the first candidates, within the wide ones, or neither,
-    by each filter: top_k small, top_k past the first candidates, past the wide ones,
-    min-p cutting inside or outside the candidates, top_p 1, and a greedy row."""
+def sorted_kept(logits, temperature, top_p, top_k, min_p):
+    """The kept set (B, V) by a stable sort of each row, in float64 over the float32
+    probabilities, and each row's distance from its top-p boundary (relative to the top-k
+    mass), where the two ways of summing may round differently."""
+    probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1).double()
+    descending = probs.sort(dim=-1, descending=True).values
+    vocab = probs.shape[-1]
+    kth = descending.gather(-1, (top_k.clamp(1, vocab) - 1).unsqueeze(-1))
+    kth = torch.where(((top_k > 0) & (top_k < vocab)).unsqueeze(-1), kth, 0.0)
+    within = descending.masked_fill(descending < kth, 0.0)
+    target = (top_p.double() * within.sum(dim=-1)).unsqueeze(-1)
+    cumulative = within.cumsum(dim=-1)
+    reaching = (cumulative < target).sum(dim=-1, keepdim=True).clamp_max(vocab - 1)
+    nucleus = torch.where((top_p < 1).unsqueeze(-1), descending.gather(-1, reaching), kth)
+    threshold = torch.maximum(torch.maximum(nucleus, kth), min_p.unsqueeze(-1) * descending[:, :1])
+    distance = ((cumulative - target).abs() / within.sum(dim=-1, keepdim=True)).amin(dim=-1)
+    return (probs >= threshold) & (probs > 0), distance
+
+
+def all_kinds_of_rows():
+    """Logits (20, 3000) and settings (20,): peaked and flat rows under each filter, ties at
+    every threshold (bf16 logits, a tie group on the top-k-th place), top_k past the
+    vocabulary, top_p 1, min-p cutting, an all-equal row, -inf logits and a greedy row."""
     rows = [  # (logit scale, temperature, top_k, top_p, min_p)
         (1.0, 1.0, 5, 0.9, 0.0), (0.3, 0.8, 40, 1.0, 0.0), (1.0, 1.0, 300, 0.99, 0.0),
-        (0.3, 1.0, 3000, 1.0, 0.0), (0.3, 1.0, 4500, 0.95, 0.0), (0.2, 1.0, 4097, 1.0, 0.0),
+        (0.3, 1.0, 2000, 1.0, 0.0), (0.3, 1.0, 2500, 0.95, 0.0), (0.2, 1.0, 5000, 0.9, 0.0),
         (5.0, 0.8, 0, 1.0, 0.05), (0.5, 1.0, 0, 1.0, 0.3), (0.3, 1.0, 0, 1.0, 0.5),
         (0.3, 1.0, 2000, 0.9, 0.6), (1.0, 1.0, 0, 1.0, 0.0), (3.0, 0.7, 10, 0.8, 0.1),
-        (1.0, 0.0, 5, 0.9, 0.1), (2.0, 1.0, 0, 0.9, 0.0), (0.5, 1.0, 6000, 0.5, 0.0),
-        (4.0, 1.0, 1000, 1.0, 0.02),
+        (1.0, 0.0, 5, 0.9, 0.1), (2.0, 1.0, 0, 0.9, 0.0), (0.5, 1.0, 3000, 0.5, 0.0),
+        (4.0, 1.0, 1000, 1.0, 0.02), (0.0, 1.0, 0, 0.5, 0.0), (3.0, 1.0, 0, 0.9, 0.0),
+        (1.0, 1.0, 210, 1.0, 0.0), (1.0, 1.0, 5, 0.95, 0.0),
     ]
     scale, temperature, top_k, top_p, min_p = (torch.tensor(c) for c in zip(*rows))
-    logits = torch.randn(len(rows), 5000, generator=torch.Generator().manual_seed(7))
-    return logits * scale.unsqueeze(-1), temperature, top_p, top_k, min_p
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(len(rows), 3000, generator=gen) * scale.unsqueeze(-1)
+    logits[13:16] = (logits[13:16] * 4 + 12).bfloat16().float()  # ties everywhere
+    logits[17, 1000:] = NEG_INF
+    ids = torch.randperm(3000, generator=gen)
+    logits[18, ids[:200]] = torch.linspace(5, 4, 200)
+    logits[18, ids[200:600]] = 3.5  # the 210th place is tied with 399 others
+    logits[19, :3] = torch.tensor([2.0, 2.0, 2.0])
+    logits[19, 3:] = NEG_INF  # top_k 5 past the 3 tokens with a probability
+    return logits, temperature, top_p, top_k, min_p
 
 
-def test_sample_inverts_the_cdf_of_filtered_probs_on_every_path():
-    logits, temperature, top_p, top_k, min_p = path_logits_and_settings()
-    kept = (filtered_probs(logits, temperature, top_p, top_k, min_p) > 0).sum(dim=-1)
+def test_sample_inverts_the_token_order_cdf_of_filtered_probs_on_all_kinds_of_rows():
+    logits, temperature, top_p, top_k, min_p = all_kinds_of_rows()
+    kept = filtered_probs(logits, temperature, top_p, top_k, min_p) > 0
     sampled = temperature > 0
-    assert ((kept <= NUCLEUS_CANDIDATES) & sampled).sum() >= 4  # the paths the batch takes
-    assert ((kept > NUCLEUS_CANDIDATES) & (kept <= WIDE_NUCLEUS_CANDIDATES)).sum() >= 4
-    assert (kept > WIDE_NUCLEUS_CANDIDATES).sum() >= 3
+    assert kept[18].sum() == 600 and kept[16].all() and kept[19].sum() == 3
     checked = 0
-    for counter in range(100):
-        uniform = counter_uniform(torch.arange(16), torch.full((16,), counter))
+    for counter in range(200):
+        uniform = counter_uniform(torch.arange(20), torch.full((20,), counter))
         got = sample(logits, temperature, top_p, uniform, top_k, min_p)
-        want, clear = canonical_inverse_cdf(logits, temperature, top_p, top_k, min_p, uniform,
-                                            margin=1e-5)
+        want, clear = token_order_inverse_cdf(logits, temperature, top_p, top_k, min_p, uniform)
         assert torch.equal(got[~sampled], logits[~sampled].argmax(-1))
         assert torch.equal(got[sampled & clear], want[sampled & clear]), counter
         checked += (sampled & clear).sum().item()
-    assert checked >= 0.95 * 100 * sampled.sum().item()
+    assert checked >= 0.99 * 200 * sampled.sum().item()
+    for u in (U_MIN, U_MAX):  # the first and the last kept token
+        uniform = torch.full((20,), u, dtype=torch.float64)
+        got = sample(logits, temperature, top_p, uniform, top_k, min_p)
+        want, _ = token_order_inverse_cdf(logits, temperature, top_p, top_k, min_p, uniform)
+        assert torch.equal(got[sampled], want[sampled])
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256])
+def test_the_kept_set_is_a_sorted_rows_on_wide_and_narrow_rows(vocab):
+    """Flat rows whose nucleus holds most of the vocabulary and peaked ones holding a few
+    tokens, each filter alone and together, against a stable sort summed in float64; rows
+    within 1e-6 of their top-p boundary, where the two sums may round apart, are left out."""
+    gen = torch.Generator().manual_seed(vocab)
+    scales = torch.tensor([0.1, 0.3, 1.0, 3.0, 8.0]).repeat(4)
+    logits = torch.randn(20, vocab, generator=gen) * scales.unsqueeze(-1)
+    temperature = torch.rand(20, generator=gen) + 0.5
+    top_p = torch.rand(20, generator=gen).clamp(0.05, 1.0)
+    top_k = torch.randint(0, vocab + 10, (20,), generator=gen) * (torch.arange(20) % 3 > 0)
+    min_p = torch.rand(20, generator=gen) * 0.2 * (torch.arange(20) % 2)
+    got = filtered_probs(logits, temperature, top_p, top_k, min_p) > 0
+    want, distance = sorted_kept(logits, temperature, top_p, top_k, min_p)
+    clear = distance > 1e-6
+    assert clear.sum() >= 18 and torch.equal(got[clear], want[clear])
+    assert got.sum(dim=-1).min() < 100 and got.sum(dim=-1).max() > vocab // 2
 
 
 def test_a_rows_token_does_not_depend_on_its_batch_neighbours():
-    logits, temperature, top_p, top_k, min_p = path_logits_and_settings()
+    logits, temperature, top_p, top_k, min_p = all_kinds_of_rows()
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
     for counter in range(5):
-        uniform = counter_uniform(torch.arange(16), torch.full((16,), counter))
+        uniform = counter_uniform(torch.arange(20), torch.full((20,), counter))
         batch = sample(logits, temperature, top_p, uniform, top_k, min_p)
-        for i in range(16):
+        shuffled = sample(logits[perm], temperature[perm], top_p[perm], uniform[perm],
+                          top_k[perm], min_p[perm])
+        assert torch.equal(shuffled, batch[perm])
+        for i in range(20):
             row = slice(i, i + 1)
             alone = sample(logits[row], temperature[row], top_p[row], uniform[row], top_k[row],
                            min_p[row])
             assert alone.item() == batch[i].item(), (counter, i)
+
+
+@pytest.mark.parametrize("scale", [2.0, 3.0])
+def test_tied_bf16_logits_at_the_top_p_threshold_match_the_reference(scale):
+    """bf16 logits tie often, and the top-p threshold then falls inside a tie group, which is
+    kept whole."""
+    gen = torch.Generator().manual_seed(int(scale))
+    logits = (torch.randn(32, 32000, generator=gen) * scale + 12).bfloat16().float()
+    temperature, top_p = torch.full((32,), 0.8), torch.full((32,), 0.9)
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    kept = filtered_probs(logits, temperature, top_p, None, None) > 0
+    least_kept = probs.masked_fill(~kept, 2.0).amin(dim=-1, keepdim=True)
+    assert ((probs == least_kept).sum(dim=-1) > 1).all()  # the boundary splits no tie group
+    assert torch.equal(kept, probs >= least_kept)
+    for counter in range(5):
+        uniform = counter_uniform(torch.arange(32), torch.full((32,), counter))
+        want, clear = token_order_inverse_cdf(logits, temperature, top_p, None, None, uniform)
+        got = sample(logits, temperature, top_p, uniform)
+        assert clear.sum() >= 30 and torch.equal(got[clear], want[clear]), counter
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_draw_what_their_float32_values_draw(dtype):
+    logits, temperature, top_p, top_k, min_p = all_kinds_of_rows()
+    logits = logits.clamp_min(-60000).to(dtype)  # fp16 holds no -inf-free rows otherwise
+    logits[17, 1000:] = NEG_INF
+    for counter in range(5):
+        uniform = counter_uniform(torch.arange(20), torch.full((20,), counter))
+        got = sample(logits, temperature, top_p, uniform, top_k, min_p)
+        assert torch.equal(got, sample(logits.float(), temperature, top_p, uniform, top_k, min_p))
 
 
 def test_neutral_top_k_and_min_p_leave_the_tokens_as_top_p_alone_gives():
@@ -498,39 +478,31 @@ def test_neutral_top_k_and_min_p_leave_the_tokens_as_top_p_alone_gives():
     top_p[::5] = 1.0
     for counter in range(10):
         uniform = counter_uniform(torch.arange(32), torch.full((32,), counter))
-        want = full_sort_reference(logits, temperature, top_p, uniform.float())
-        assert torch.equal(sample(logits, temperature, top_p, uniform), want)
-        neutral = sample(logits, temperature, top_p, uniform, torch.zeros(32, dtype=torch.long),
-                         torch.zeros(32))
-        assert torch.equal(neutral, want), counter
+        alone = sample(logits, temperature, top_p, uniform)
+        for top_k in (torch.zeros(32, dtype=torch.long), torch.full((32,), 5000)):
+            neutral = sample(logits, temperature, top_p, uniform, top_k, torch.zeros(32))
+            assert torch.equal(neutral, alone), counter
 
 
-def test_top_k_keeps_the_lowest_ids_of_a_tie_group_across_the_candidates_edge():
-    """400 equally likely tokens straddle the 256th place and top-k ends among them, before or
-    after that place: the kept set is the 200 more likely tokens and the tied ones with the
-    lowest ids (HF keeps the whole tie group; a prefix of the canonical order keeps exactly
-    top_k). topk holds an arbitrary 56 of the tied tokens, so no row may stop there."""
+def test_top_k_keeps_the_whole_tie_group_at_its_threshold_as_hugging_face_does():
+    """400 equally likely tokens follow the 200 most likely, and top-k ends among them: all
+    600 are kept, as TopKLogitsWarper keeps them, and every one of them can be drawn."""
     gen = torch.Generator().manual_seed(2)
-    logits = torch.full((8, 5000), -30.0)
-    tied = []
+    logits = torch.full((4, 5000), -30.0)
     for row in logits:
         ids = torch.randperm(5000, generator=gen)
         row[ids[:200]] = torch.linspace(5, 4, 200)
         row[ids[200:600]] = 3.5
-        tied.append(ids[200:600].sort().values)
-    top_k, top_p = torch.tensor([230, 260] * 4), torch.tensor([1.0, 1.0, 0.99995, 0.99995] * 2)
-    min_p = torch.tensor([0.0] * 4 + [0.01] * 4)  # neither cuts before the top_k-th
-    kept = filtered_probs(logits, torch.ones(8), top_p, top_k, min_p) > 0
+    top_k, top_p = torch.tensor([230, 599, 230, 600]), torch.tensor([1.0, 1.0, 0.99995, 1.0])
+    kept = filtered_probs(logits, torch.ones(4), top_p, top_k, None) > 0
+    hf = torch.stack([hugging_face_probs(logits[i], 1.0, int(top_k[i]), float(top_p[i]), 0.0)
+                      for i in range(4)]) > 0
+    assert torch.equal(kept, hf) and kept.sum(dim=-1).tolist() == [600] * 4
     drawn = torch.zeros_like(kept)
-    for counter in range(300):
-        uniform = counter_uniform(torch.arange(8), torch.full((8,), counter))
-        tokens = sample(logits, torch.ones(8), top_p, uniform, top_k, min_p)
-        drawn[torch.arange(8), tokens] = True
-    assert torch.equal(kept.sum(dim=-1), top_k)
-    for i, n_tied in enumerate((top_k - 200).tolist()):
-        assert kept[i, tied[i][:n_tied]].all() and not kept[i, tied[i][n_tied:]].any()
-    assert not (drawn & ~kept).any()
-    assert all(drawn[i, tied[i]].any() for i in range(8))
+    for counter in range(3000):
+        uniform = counter_uniform(torch.arange(4), torch.full((4,), counter))
+        drawn[torch.arange(4), sample(logits, torch.ones(4), top_p, uniform, top_k, None)] = True
+    assert not (drawn & ~kept).any() and drawn.sum(dim=-1).min() >= 500
 
 
 def test_min_p_keeps_every_token_at_least_min_p_times_the_most_likely():
@@ -545,6 +517,71 @@ def test_min_p_keeps_every_token_at_least_min_p_times_the_most_likely():
         assert probs[torch.arange(2), tokens].all()
     assert sample(logits, torch.ones(2), torch.ones(2), torch.full((2,), U_MAX).double(), None,
                   min_p).tolist() == [2, 4]
+
+
+def chi_square(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's statistic over the tokens expected to be drawn; none drawn outside them."""
+    n = counts.sum()
+    assert (counts[expected == 0] == 0).all()
+    inside = expected > 0
+    return ((counts[inside] - n * expected[inside]) ** 2 / (n * expected[inside])).sum().item()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
+    (1.0, 3, 1.0, 0.0), (0.7, 0, 1.0, 0.2), (1.2, 5, 0.7, 0.0), (1.0, 6, 0.9, 0.1)])
+def test_frequencies_under_each_filter_match_hugging_faces_distribution(temperature, top_k,
+                                                                        top_p, min_p):
+    logits = torch.tensor([0.3, 2.0, -1.0, 1.5, 1.2, 0.4, -0.5, 0.0])  # unsorted ids
+    expected = hugging_face_probs(logits, temperature, top_k, top_p, min_p).double()
+    n = 20_000
+    seeds = torch.arange(n) // 1000 * 7919
+    u = counter_uniform(seeds, torch.arange(n) % 1000)
+    row = lambda x: torch.full((n,), x)  # noqa: E731
+    tokens = sample(logits.expand(n, -1), row(temperature), row(top_p), u,
+                    row(top_k).long(), row(min_p))
+    counts = tokens.bincount(minlength=8).double()
+    assert 2 <= (expected > 0).sum() < 8
+    assert chi_square(counts, expected) < 40  # df <= 6: p below 1e-6
+
+
+def test_a_tiny_temperature_is_greedy_and_a_huge_one_is_uniform():
+    logits = torch.tensor([[0.5, 3.0, -2.0, 2.999, 1.0, 3.0 - 1e-3]])
+    n = 6000
+    u = counter_uniform(torch.zeros(n, dtype=torch.long), torch.arange(n))
+    tiny = sample(logits.expand(n, -1), torch.full((n,), 1e-6), torch.ones(n), u)
+    assert (tiny == 1).all()
+    tied = torch.tensor([[0.5, 3.0, -2.0, 3.0, 1.0]])  # tied maxima split the draws
+    split = sample(tied.expand(n, -1), torch.full((n,), 1e-6), torch.ones(n), u)
+    assert set(split.tolist()) == {1, 3} and abs((split == 1).sum().item() - n / 2) < 5 * 39
+    huge = sample(logits.expand(n, -1), torch.full((n,), 1e6), torch.full((n,), 0.99), u)
+    assert chi_square(huge.bincount(minlength=6).double(), torch.full((6,), 1 / 6).double()) < 30
+
+
+def test_a_row_with_one_finite_logit_draws_it_and_a_row_with_none_still_draws_a_token():
+    logits = torch.full((4, 1000), NEG_INF)
+    logits[0, 997], logits[1, 3], logits[2, 500] = -50.0, 80.0, 0.0
+    temperature = torch.tensor([1.0, 0.3, 2.0, 1.0])
+    top_p, top_k, min_p = torch.tensor([0.1, 1.0, 0.9, 0.5]), torch.tensor([0, 7, 1, 3]), \
+        torch.tensor([0.0, 0.5, 0.0, 0.1])
+    for u in (U_MIN, 0.5, U_MAX):
+        uniform = torch.full((4,), u, dtype=torch.float64)
+        for filters in ((None, None), (top_k, min_p)):
+            tokens = sample(logits, temperature, top_p, uniform, *filters)
+            assert tokens[:3].tolist() == [997, 3, 500] and 0 <= tokens[3] < 1000
+
+
+def test_sample_reads_nothing_to_the_host():
+    logits, temperature, top_p, top_k, min_p = all_kinds_of_rows()
+    uniform = counter_uniform(torch.arange(20), torch.zeros(20, dtype=torch.long))
+    with HostReads() as mode:
+        sample(logits, temperature, top_p, uniform, top_k, min_p)
+        sample(logits, temperature, top_p, uniform)
+        filtered_probs(logits, temperature, top_p, top_k, min_p)
+    assert mode.reads == []
+    with HostReads() as mode:  # the counter sees a host read
+        logits.nonzero()
+        logits[0, 0].item()
+    assert len(mode.reads) == 2
 
 
 def test_top_logprobs_are_the_most_likely_first_ties_by_lower_id():
