@@ -296,13 +296,15 @@ LOGPROB_ROWS = 512
 def prompt_logprobs(model: Transformer, tokens: list[int], slot: int,
                     table: BlockTable | None = None) -> list[float]:
     """log p(tokens[t] | tokens[:t]) for t = 1..n-1, teacher-forced. tokens[:-1] go through the
-    model in passes of at most PREFILL_TOKENS, written into cache slot `slot`, or the blocks of
-    a paged cache's one-row `table` (scratch: the caller's next prefill overwrites it)."""
+    model in passes of at most `prefill_chunk` tokens, written into cache slot `slot`, or the
+    blocks of a paged cache's one-row `table` (scratch: the caller's next prefill overwrites
+    it)."""
     device = model.output.weight.device
     ids = torch.tensor(tokens, device=device)
+    chunk = prefill_chunk(len(tokens), masked=table is None or model.paged_reads != "flex")
     out = []
-    for start in range(0, len(tokens) - 1, PREFILL_TOKENS):
-        stop = min(start + PREFILL_TOKENS, len(tokens) - 1)
+    for start in range(0, len(tokens) - 1, chunk):
+        stop = min(start + chunk, len(tokens) - 1)
         step = model.make_step(torch.arange(start, stop, device=device)[None],
                                slice(slot, slot + 1), stop, fresh=start == 0, every_token=True,
                                table=table)
@@ -595,9 +597,13 @@ class Engine(SlotEngine):
 
     def _prefill_step(self, group: list[Sequence], slot: int) -> tuple[Step, torch.Tensor]:
         """The step and tokens that prefill the group's prompts, right-padded, into slots
-        slot, slot + 1, ...; its outputs are each prompt's last token."""
+        slot, slot + 1, ...; its outputs are each prompt's last token. A prompt longer than a
+        pass allows (`prefill_chunk`) is alone in its group: its first chunks go through passes
+        of their own here, and the step is its last chunk."""
         prompts = [seq.request.prompt_tokens for seq in group]
         n, longest = len(prompts), max(map(len, prompts))
+        if longest > PREFILL_TOKENS:
+            return self._chunked_prefill(prompts[0], slot)
         tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.device)
         positions = torch.arange(longest, device=self.device).expand(n, longest)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
@@ -606,6 +612,23 @@ class Engine(SlotEngine):
         self._position[slot:slot + n] = last + 1
         self.stats.prefills += n
         return step, tokens.view(-1)
+
+    def _chunked_prefill(self, prompt: list[int], slot: int) -> tuple[Step, torch.Tensor]:
+        table = self.blocks.rows(slot, slot + 1)
+        chunk = prefill_chunk(len(prompt), masked=table is None or self.model.paged_reads != "flex")
+        tokens = torch.tensor(prompt, device=self.device)
+        starts = range(0, len(prompt), chunk)
+        for start in starts:
+            stop = min(start + chunk, len(prompt))
+            step = self.model.make_step(torch.arange(start, stop, device=self.device)[None],
+                                        slice(slot, slot + 1), stop, fresh=start == 0,
+                                        table=table)
+            if stop == len(prompt):
+                break
+            self._timed(self.model.final_hidden, tokens[start:stop], step)  # fills the cache
+        self._position[slot] = len(prompt)
+        self.stats.prefills += 1
+        return step, tokens[start:]
 
     def _forward(self, kv_lens: list[int],
                  prefills: list[tuple[Step, torch.Tensor]]) -> torch.Tensor:
@@ -757,8 +780,20 @@ def attention_chunks(kv_lens: list[int], rows: int) -> tuple[tuple[int, int, int
 
 PREFILL_PADDING = 1.25  # padded tokens / real tokens a batched prefill may reach
 # Most prompt tokens (padding included) prefilled in one forward pass: a group of shorter
-# prompts, or one longer prompt alone. It bounds a pass's hidden states whatever the batch size.
+# prompts, or a chunk of a longer prompt. It bounds a pass's hidden states whatever the batch
+# size and prompt length.
 PREFILL_TOKENS = 4096
+# Most elements of the attention mask a chunk of a long prompt may build where reads need one
+# (an unpaged cache, or gathered blocks): queries x keys, 128 MiB of float32.
+PREFILL_MASK_ELEMENTS = 2 ** 25
+
+
+def prefill_chunk(n_tokens: int, masked: bool) -> int:
+    """Tokens per pass when a prompt of n_tokens is prefilled in chunks: PREFILL_TOKENS, or
+    fewer where each chunk's mask (its tokens x up to n_tokens keys) would pass its bound."""
+    if not masked:
+        return PREFILL_TOKENS
+    return max(1, min(PREFILL_TOKENS, PREFILL_MASK_ELEMENTS // n_tokens))
 
 
 def prefill_groups(requests: list[Request]) -> list[list[Request]]:

@@ -11,6 +11,7 @@ import torch
 
 from llama_gen.baseline import StaticEngine
 from llama_gen.build import load_model
+from llama_gen import engine as engine_module
 from llama_gen.engine import Completion, Engine, Request, SamplingParams
 from llama_gen.model import Transformer
 from llama_gen.paging import BlockAllocator, OneBlockPerRow
@@ -178,3 +179,35 @@ def test_a_budget_below_one_sequence_is_refused(model):
 def test_the_static_baseline_bounds_its_batch_by_the_budget(model):
     engine = StaticEngine(model, (), 8, MAX_SEQ_LEN, kv_cache_tokens=3 * MAX_SEQ_LEN + 5)
     assert engine.max_batch_size == 3
+
+
+# --- chunked prefill ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_block_size", [None, 8], ids=["unpaged", "paged"])
+@pytest.mark.parametrize("mask_elements", [2 ** 25, 200], ids=["token-bound", "mask-bound"])
+def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_completion(
+        model, monkeypatch, kv_block_size, mask_elements):
+    """Prompts longer than a pass allows go through the cache chunk by chunk (PREFILL_TOKENS
+    tokens, or fewer where a chunk's mask would pass PREFILL_MASK_ELEMENTS); their completions,
+    and their neighbours', are those of one pass."""
+    reqs = requests(model, dataclasses.replace(SAMPLED, echo=True), n=8)
+    want = unpaged(model, reqs)
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 12)
+    monkeypatch.setattr(engine_module, "PREFILL_MASK_ELEMENTS", mask_elements)
+    chunks = []
+    make_step = model.make_step
+    def spy(positions, rows, kv_len, fresh=False, **kwargs):
+        chunks.append((positions.shape[1], kv_len, fresh))
+        return make_step(positions, rows, kv_len, fresh, **kwargs)
+    monkeypatch.setattr(model, "make_step", spy)
+    engine = Engine(model, (), max_batch_size=4, max_seq_len=MAX_SEQ_LEN,
+                    kv_block_size=kv_block_size,
+                    kv_cache_tokens=None if kv_block_size is None else 3 * MAX_SEQ_LEN)
+    got = run(engine, reqs)
+    for r in reqs:
+        assert_same(got[r.tag], want[r.tag])
+    assert max(len(r.prompt_tokens) for r in reqs) > 2 * 12  # some prompts take 3 chunks
+    assert any(width > 1 and not fresh for width, _, fresh in chunks)  # later chunks
+    assert max(width for width, _, _ in chunks) <= 12
+    if mask_elements == 200:
+        assert max(width * kv_len for width, kv_len, _ in chunks) <= 200
