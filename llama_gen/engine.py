@@ -587,6 +587,7 @@ class Engine(SlotEngine):
         """One forward pass that decodes the active sequences (slots 0..n-1) and prefills the
         groups' prompts into the next slots, then a token for each sequence, old and new in that
         order, with its logprob and top alternatives (None where not wanted)."""
+        self.blocks.flush()  # the step's table changes reach the device before its passes
         slot = len(active)
         prefills = []
         for group in groups:

@@ -175,17 +175,19 @@ GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               causal: bool = False) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, hd) over k, v (B, kv_heads, L, hd). On a GPU
-    only fused kernels may run; they take grouped heads only without a mask, so with a mask
-    the keys and values are repeated per query head first."""
+    only fused kernels may run. Of those, flash attention alone takes grouped heads, and it
+    takes no mask and no float32; otherwise the keys and values are repeated per query head
+    first (a copy of what the prefill just computed, or of a scorer's chunk)."""
     if q.device.type != "cuda":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=True)
     groups = q.shape[1] // k.shape[1]
-    if mask is not None and groups > 1:
+    grouped = mask is None and q.dtype in (torch.float16, torch.bfloat16)
+    if groups > 1 and not grouped:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     with sdpa_kernel(GPU_SDPA_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=mask is None)
+                                              enable_gqa=grouped)
 
 
 _compiled_flex_attention: Callable[..., torch.Tensor] | None = None

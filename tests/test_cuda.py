@@ -110,3 +110,78 @@ def test_scoring_on_the_gpu_matches_the_cpu(models):
     for tag, want in scores["cpu"].items():
         torch.testing.assert_close(torch.tensor(scores["cuda"][tag]), torch.tensor(want),
                                    atol=1e-4, rtol=0)
+
+
+# --- the paged cache, precision, syncs (issue 14) ----------------------------------------------
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_paged_cache_with_preemption_matches_the_cpu(models, block_size):
+    """Flex attention over the paged pool, compiled; a budget just over one full sequence, so
+    sequences are preempted and generated again: the CPU's unpaged completions all the same."""
+    reqs = requests(models["cpu"].args.vocab_size)
+    want = run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs)
+    engine = Engine(models["cuda"], (), 8, MAX_SEQ_LEN, kv_block_size=block_size,
+                    kv_cache_tokens=MAX_SEQ_LEN + 2 * block_size)
+    assert engine.model.paged_reads == "flex"
+    got = run(engine, reqs)
+    assert_same(got, want, atol=1e-4)
+    if block_size == 16:
+        assert engine.stats.preempted > 0
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 0.25), (torch.float16, 0.05)])
+def test_half_precision_logprobs_stay_near_float32(single_process, tiny_checkpoints, models,
+                                                   dtype, atol):
+    """bf16 and fp16 on the GPU (flash attention with grouped heads for the prefill, flex for
+    decode): teacher-forced prompt logprobs within rounding of the CPU's float32 ones."""
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    on_gpu = dataclasses.replace(single_process, device=torch.device("cuda"))
+    model = load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), on_gpu, dtype)
+    reqs = [dataclasses.replace(r, params=dataclasses.replace(r.params, echo=True))
+            for r in requests(model.args.vocab_size)]
+    want = run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs)
+    got = run(Engine(model, (), SLOTS, MAX_SEQ_LEN), reqs)
+    for tag, w in want.items():
+        n = w.prompt_tokens
+        diff = (torch.tensor(got[tag].logprobs[1:n]) - torch.tensor(w.logprobs[1:n])).abs()
+        assert diff.max() < atol, (tag, diff.max())
+        assert all(x == x for x in got[tag].logprobs[1:])  # no NaN in what was generated
+
+
+def test_no_math_attention_on_the_gpu(models):
+    """The GPU's attention runs only fused kernels (`model.GPU_SDPA_BACKENDS`): grouped heads
+    with and without a mask, float32 and bf16, give the CPU's result."""
+    from llama_gen.model import attention
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 7, 64, generator=gen) for n in (8, 2, 2))
+    mask = torch.zeros(2, 1, 7, 7).masked_fill(torch.rand(2, 1, 7, 7, generator=gen) < 0.3,
+                                               float("-inf"))
+    mask[..., 0] = 0  # every query sees a key
+    for dtype in (torch.float32, torch.bfloat16):
+        for m, causal in ((None, True), (mask, False)):
+            want = attention(q.to(dtype), k.to(dtype), v.to(dtype), m if m is None else
+                             m.to(dtype), causal).float()
+            got = attention(*(t.cuda().to(dtype) for t in (q, k, v)),
+                            None if m is None else m.cuda().to(dtype), causal).float().cpu()
+            torch.testing.assert_close(got, want, atol=2e-2 if dtype != torch.float32 else 1e-5,
+                                       rtol=0)
+
+
+def test_decode_steps_make_no_unexpected_syncs(models):
+    """With torch.cuda.set_sync_debug_mode("error") around each step's passes and draws (the
+    step's one copy of its tokens to the host comes after), nothing waits for the device:
+    not the block table, not the block mask, not the sampler."""
+    engine = Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN)
+    reqs = requests(models["cuda"].args.vocab_size)
+    run(engine, reqs)  # compiles flex attention first: compiling may wait for the device
+    def strict(method):
+        def wrapped(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return method(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return wrapped
+    engine._forward, engine._draw = strict(engine._forward), strict(engine._draw)
+    assert_same(run(engine, reqs), run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs),
+                atol=1e-4)
