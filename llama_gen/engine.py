@@ -1,25 +1,32 @@
-"""Continuous batching over a fixed set of KV-cache slots: prefill each prompt, decode all slots
-together, and give a finished sequence's slot to the next prompt at once.
+"""Continuous batching over rows of decoding state and a KV cache of blocks: prefill each prompt,
+decode all rows together, and give a finished sequence's row and blocks to the next prompt at
+once.
 
 The path of a request:
 - `Engine.generate` reads the requests, shortest prompt first within windows
   (`shortest_first_in_windows`), and runs the loop `Engine._run`.
-- Each turn of the loop admits requests into free slots (`_admit`, in `prefill_groups` of similar
-  lengths), starts the groups it takes this turn (`_start`: a `Sequence` in its slot), runs one
-  `_step`, appends each sequence's new token (`Sequence.append`) and retires the finished ones
-  (`_retire`).
-- `_step` builds the step, runs one forward pass and samples: the decoding slots (one token each)
-  and the new prompts (right-padded prefill segments) are joined in one pass, so the layers'
-  weights are read once for both. With `compile`, the decode rows take a compiled copy of the
-  model at fixed shapes (CUDA graphs on GPUs) and the prefills an eager pass of their own.
-- Retiring moves the last active sequence into the gap, so active slots stay contiguous (0..n-1)
-  and a decode step reads the cache as a plain view.
+- Each turn of the loop admits requests while a row is free and the free KV blocks hold their
+  prompts (`_admit`, in `prefill_groups` of similar lengths); gives every decoding sequence the
+  block its next token needs, preempting the newest sequences when blocks run out (`_make_room`:
+  they are generated again from their prompts, to the same tokens); starts the groups it takes
+  this turn (`_start`: a `Sequence` in its row); runs one `_step`; appends each sequence's new
+  token (`Sequence.append`) and retires the finished ones (`_retire`).
+- `_step` builds the step, runs one forward pass and samples: the decoding rows (one token each)
+  and the new prompts (right-padded prefill segments; a long prompt chunk by chunk) are joined in
+  one pass, so the layers' weights are read once for both. With `compile`, the decode rows take
+  a compiled copy of the model at fixed shapes (CUDA graphs on GPUs) and the prefills an eager
+  pass of their own. Only the tokens (and the logprobs asked for) come back to the host, in one
+  copy per step.
+- Retiring moves the last active sequence into the gap, so active rows stay contiguous (0..n-1):
+  its row of the block table moves (`paging.BlockAllocator`), or, in an unpaged cache of one
+  block of max_seq_len per row (the CPU's default, `paging.OneBlockPerRow`), its cache positions,
+  so a decode step reads the cache as a plain view.
 
 A prompt's own logprobs (echo with logprobs) come from `prompt_logprobs`, a teacher-forced pass of
 their own; the scoring of whole texts uses the same pass.
 
 `SlotEngine` holds what this engine shares with the static baseline (`baseline.StaticEngine`):
-the cache slots and their decoding state on the device, starting a sequence in a slot, drawing
+the cache and the rows' decoding state on the device, starting a sequence in a row, drawing
 tokens, and the counters.
 """
 from __future__ import annotations

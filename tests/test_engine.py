@@ -15,8 +15,8 @@ from llama_gen import engine as engine_module
 from llama_gen.baseline import StaticEngine
 from llama_gen.build import load_model
 from llama_gen.engine import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, Completion, Engine, Request,
-                              SamplingParams, attention_chunks, prompt_logprobs,
-                              shortest_first_in_windows, take_prefill_groups)
+                              SamplingParams, attention_chunks, decode_kv_bucket,
+                              prompt_logprobs, shortest_first_in_windows, take_prefill_groups)
 from llama_gen.model import Transformer
 from llama_gen.sampling import token_logprobs
 from llama_gen.tokenizer import load_tokenizer
@@ -376,6 +376,16 @@ def test_take_prefill_groups_keeps_a_pass_within_its_token_budget():
 
 
 # --- the compiled decode step (--compile) ------------------------------------------------------
+
+def test_compiled_decode_reads_a_few_cache_lengths():
+    """An unpaged compiled decode step reads the cache up to DECODE_KV_BUCKET times a power of
+    two: at most log2(max_seq_len / DECODE_KV_BUCKET) + 1 shapes, each covering its context."""
+    max_seq_len = 131072
+    buckets = {decode_kv_bucket(n, max_seq_len) for n in range(1, max_seq_len + 1, 97)}
+    assert len(buckets) <= 10 and max(buckets) == max_seq_len
+    assert all(decode_kv_bucket(n, max_seq_len) >= n for n in (1, 256, 257, 5000, max_seq_len))
+    assert decode_kv_bucket(300, 296) == 296
+
 
 def spy_compiled_steps(engine: Engine) -> list[tuple[int, int]]:
     """Record each compiled decode call's (rows, cache positions read)."""
