@@ -140,28 +140,22 @@ RADIX_BITS = 10
 _DIGITS = (2 * RADIX_BITS, RADIX_BITS, 0)
 
 
-def _digit_buckets(bits: torch.Tensor, prefix: torch.Tensor, shift: int) -> torch.Tensor:
-    """Each entry's bucket (int32) for the digit at `shift`: 1 + the digit for entries whose
-    higher digits equal the row's `prefix` (B, 1), 0 below them, 2**RADIX_BITS + 1 above. The
-    first digit has no prefix: every entry's bucket is 1 + its digit (NaN's clamped in)."""
-    buckets = 1 << RADIX_BITS
-    digits = bits >> shift
-    if shift == _DIGITS[0]:
-        return digits.clamp_(0, buckets - 1).add_(1)
-    return digits.sub_(prefix << RADIX_BITS).clamp_(-1, buckets).add_(1)
-
-
 def _largest_reaching(bits: torch.Tensor, weights: torch.Tensor, target: torch.Tensor
                       ) -> torch.Tensor:
     """The largest bit pattern t (int32, (B,)) whose entries' weight, sum(weights[bits >= t])
-    (int32), reaches `target` (float64, (B,)); 0 where no t does. A radix select: per digit, one
-    histogram of the weights of the entries that share the digits chosen so far, with one
-    bucket each for the entries below and above them; no sort, no host reads."""
+    (int32), reaches `target` (float64, (B,)); 0 where no t does. A radix select: per digit,
+    one histogram of the weights of the entries that share the digits chosen so far (the
+    row's prefix), bucket 1 + digit, with bucket 0 for the entries below the prefix and the
+    last for those above it (NaN's clamped in). No sort, no host reads; one int32 buffer
+    holds each digit's buckets in turn."""
     rows, buckets = len(bits), 1 << RADIX_BITS
     prefix = torch.zeros(rows, 1, dtype=torch.int32, device=bits.device)
+    bucket = torch.empty_like(bits)
     for shift in _DIGITS:
+        torch.bitwise_right_shift(bits, shift, out=bucket)
+        bucket.sub_((prefix << RADIX_BITS) - 1).clamp_(0, buckets + 1)
         histogram = torch.zeros(rows, buckets + 2, dtype=weights.dtype, device=bits.device)
-        histogram.scatter_add_(1, _digit_buckets(bits, prefix, shift), weights)
+        histogram.scatter_add_(1, bucket, weights)
         # below[:, d]: the weight under digit d (the entries below the prefix included), so
         # digit d and those above it reach the target where below[:, d] <= total - target
         below = histogram.cumsum(dim=-1)
@@ -208,7 +202,8 @@ def _invert_cdf(masses: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     mass. Two levels, so that only one block of CDF_BLOCK tokens per row is summed in order:
     the block sums' cumulative sum picks the block, then the block's own."""
     rows, vocab = masses.shape
-    masses = torch.nn.functional.pad(masses, (0, -vocab % CDF_BLOCK))
+    if vocab % CDF_BLOCK:
+        masses = torch.nn.functional.pad(masses, (0, -vocab % CDF_BLOCK))
     blocks = masses.view(rows, -1, CDF_BLOCK)
     ends = blocks.sum(dim=-1).cumsum(dim=-1)  # (B, blocks)
     total = ends[:, -1]
