@@ -18,6 +18,10 @@ LLAMA_3_ROPE_LOW_FREQ_FACTOR = 1.0
 LLAMA_3_ROPE_HIGH_FREQ_FACTOR = 4.0
 LLAMA_3_ROPE_ORIGINAL_CONTEXT = 8192
 
+# The context each of Meta's releases was trained for, in tokens.
+CONTEXT_LENGTHS = {"Llama 1": 2048, "Llama 2": 4096, "Code Llama": 16384, "Llama 3": 8192,
+                   "Llama 3.1": 131072}
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -47,6 +51,27 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def family(self) -> str | None:
+        """Which of Meta's releases this shape is, from params.json alone, or None: Llama 3.1
+        and later scale RoPE; Llama 3 has rope_theta 500000, Code Llama 1e6; Llama 1 and 2 keep
+        10000 and differ in norm_eps (1e-6 and 1e-5)."""
+        if self.use_scaled_rope:
+            return "Llama 3.1"
+        if self.rope_theta == 500000:
+            return "Llama 3"
+        if self.rope_theta == 1e6:
+            return "Code Llama"
+        if self.rope_theta == 10000:
+            return {1e-6: "Llama 1", 1e-5: "Llama 2"}.get(self.norm_eps)
+        return None
+
+    @property
+    def context_length(self) -> int | None:
+        """The context the model was trained for (None for a shape no release of Meta's has):
+        positions beyond it are untrained."""
+        return CONTEXT_LENGTHS.get(self.family)
 
     @classmethod
     def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from .model import Transformer
 from . import distributed
 from .distributed import Dist
 from .layers import ParallelLayers
-from .settings import Settings
+from .plan import (CPU_AUTO_BATCH, GIB, Shape, Sizing, auto_sizing, check_seq_len,
+                   context_default, fixed_working_bytes, full_slots, sized_slots)
+from .settings import JobSettings, Settings
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,116 @@ def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dt
                  dist.model_parallel_size, str(dtype).removeprefix("torch."),
                  time.perf_counter() - start)
     return model
+
+
+def available_ram() -> int:
+    """This machine's memory available to new allocations (/proc/meminfo's MemAvailable), or,
+    where there is no /proc, its free memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget(device: torch.device, utilization: float) -> int:
+    """Bytes this process may still allocate: on a GPU, its share (`utilization`) of the GPU's
+    memory less what is in use there (the CUDA context, the weights once loaded, other
+    processes), as vLLM counts it; on the CPU, the available memory shared by this machine's
+    processes."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what loading freed is not in use
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total * utilization) - (total - free)
+    return available_ram() // distributed.launch_env().local_world_size
+
+
+def run_shape(args: ModelArgs, dist: Dist, dtype: torch.dtype, max_seq_len: int) -> Shape:
+    """The plan's shape of this rank's memory; no device overhead: it is measured."""
+    return Shape(args, dist.model_parallel_size, dtype.itemsize, max_seq_len, overhead=0)
+
+
+def resolve_max_seq_len(settings: JobSettings, args: ModelArgs, dist: Dist,
+                        dtype: torch.dtype) -> int:
+    """--max_seq_len as given (no longer than the model's context), or by default the model's
+    context, shortened to what fits in global rank 0's memory (the plan's estimate before the
+    weights load) and shared with every rank: their prompt checks must agree."""
+    if settings.max_seq_len is not None:
+        check_seq_len(args, settings.max_seq_len)
+        return settings.max_seq_len
+    on_gpu = dist.device.type == "cuda"
+    slots = settings.max_batch_size or (1 if on_gpu else CPU_AUTO_BATCH)
+    budget = memory_budget(dist.device, settings.gpu_memory_utilization)
+    length, why = distributed.broadcast_from_rank0(
+        context_default(run_shape(args, dist, dtype, 1), budget, slots))
+    if length is None:
+        raise UserError(f"{why} (`llama-gen plan` shows the memory per GPU): pass a "
+                        "--max_seq_len that fits, use more GPUs or a 16-bit --dtype")
+    if dist.rank == 0:
+        log.info("--max_seq_len %s", why)
+    return length
+
+
+def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
+    """Sequences decoding at once and the KV cache's tokens, after the weights are loaded. On a
+    GPU the cache takes what the measured memory budget leaves beside the working memory
+    (`--max_batch_size auto`: `plan.auto_sizing`; a given one: `plan.sized_slots`; scoring keeps
+    full-length slots), the least of its model-parallel group's ranks; on the CPU a full
+    --max_seq_len per sequence, 8 of them for auto."""
+    if dist.device.type != "cuda":
+        sizing = Sizing(settings.max_batch_size or CPU_AUTO_BATCH)
+        log_sizing(settings, model, dist, sizing, None)
+        return sizing
+    shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len)
+    budget = memory_budget(dist.device, settings.gpu_memory_utilization)
+    room = budget - sum(fixed_working_bytes(shape).values())
+    if settings.score_keys is not None:
+        most = settings.max_batch_size or full_slots(shape, room)
+        sizing = Sizing(most) if most and full_slots(shape, room) else None
+    elif settings.max_batch_size is None:
+        sizing = auto_sizing(shape, room)
+    else:
+        sizing = sized_slots(shape, room, settings.max_batch_size)
+    sizing = group_least(sizing, dist)
+    if sizing is None:
+        raise UserError(f"no room for one sequence of --max_seq_len {settings.max_seq_len} "
+                        f"beside the model: {budget / GIB:.2f} GiB left of "
+                        f"--gpu_memory_utilization {settings.gpu_memory_utilization} "
+                        f"of this GPU (`llama-gen plan` shows the memory per GPU): lower "
+                        "--max_seq_len or --max_batch_size, raise --gpu_memory_utilization, "
+                        "or use more GPUs")
+    log_sizing(settings, model, dist, sizing, budget)
+    return sizing
+
+
+def group_least(sizing: Sizing | None, dist: Dist) -> Sizing | None:
+    """The smallest of the model-parallel group's sizings (every rank runs the same schedule);
+    None where one rank has no room."""
+    if dist.model_parallel_size == 1:
+        return sizing
+    mine = (0, 0) if sizing is None else (sizing.max_batch_size, sizing.kv_cache_tokens or 0)
+    every = distributed.all_gather_last_dim(torch.tensor(mine, device=dist.device),
+                                            dist.model_parallel_size)
+    batch, tokens = every.view(-1, 2).min(dim=0).values.tolist()
+    return Sizing(batch, tokens or None) if batch else None
+
+
+def log_sizing(settings: JobSettings, model: Transformer, dist: Dist, sizing: Sizing,
+               budget: int | None) -> None:
+    """One line: the batch, the KV cache's tokens and bytes, and where they come from."""
+    if dist.rank != 0:
+        return
+    shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len)
+    tokens = sizing.kv_cache_tokens or sizing.max_batch_size * settings.max_seq_len
+    source = ("a full --max_seq_len each" if budget is None else
+              f"of {budget / GIB:.2f} GiB left to this run on the GPU "
+              f"(--gpu_memory_utilization {settings.gpu_memory_utilization})")
+    log.info("--max_batch_size %s%d: sequences decoding at once; KV cache %d tokens (%.2f GiB), "
+             "%s", "auto: " if settings.max_batch_size is None else "", sizing.max_batch_size,
+             tokens, tokens * shape.kv_bytes_per_token / GIB, source)
 
 
 def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, dist: Dist,

@@ -79,7 +79,8 @@ def out_of_memory_advice(error: torch.OutOfMemoryError) -> str:
     """One line: what ran out, that finished lines are kept, and what to change."""
     first = next((line for line in str(error).splitlines() if line.strip()), "")
     cause = f" ({first[:200]})" if first else ""
-    return (f"out of memory{cause}; every finished line is written. Lower --max_batch_size or "
+    return (f"out of memory{cause}; every finished line is written. Lower "
+            "--gpu_memory_utilization (the KV cache takes what it leaves), --max_batch_size or "
             "--max_seq_len, use --dtype bf16 or fp16, or spread the model over more GPUs "
             "(`llama-gen plan` with the same flags shows what fits), then run the same command "
             "to resume")

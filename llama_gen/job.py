@@ -30,7 +30,9 @@ from .chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, pr
 from .engine import (ADMISSION_WINDOW_BATCHES, Completion, Request, SamplingParams,
                      prompt_problem)
 from .errors import UserError
+from .model import Transformer
 from .openai_batch import Choice, request_id, response_line
+from .plan import Sizing
 from .output import OutputLock, Writer
 from .records import BadLine, Form, Record, read_records
 from .replicas import Finished, Mailbox, Message
@@ -48,9 +50,11 @@ STOP_CHECK_STEPS = 8
 
 
 def run_job(settings: Settings) -> None:
-    """Run the whole job on this rank; raises UserError for what a user can fix."""
-    from .build import (load_model, make_engine, model_parallel_size, read_model_args,
-                        resolve_dtype)
+    """Run the whole job on this rank; raises UserError for what a user can fix. Its
+    --max_seq_len is resolved before the output is prepared (a resume retries the prompts too
+    long for a shorter one), its --max_batch_size once the model is loaded."""
+    from .build import (load_model, model_parallel_size, read_model_args, resolve_dtype,
+                        resolve_max_seq_len, size_cache)
     from .tokenizer import find_tokenizer, load_tokenizer
 
     distributed.stop_if_launcher_dies()
@@ -65,22 +69,22 @@ def run_job(settings: Settings) -> None:
     results = None
     try:
         dtype = resolve_dtype(settings.dtype, dist.device)
+        settings = dataclasses.replace(
+            settings, max_seq_len=resolve_max_seq_len(settings, args, dist, dtype))
         plan = prepare(settings, tokenizer, str(dtype), dist, lock)
         results = Results(settings, dist, plan.total, tokenizer)
-        feed = Feed(settings, plan.done, prompting, dist, results, stop)
+        model = sizing = None
         if plan.total:
             model = load_model(settings.ckpt_dir, tokenizer, dist, dtype)
-            if settings.score_keys is None:
-                engine = make_engine(settings, model, tokenizer, dist, prompting.stop_ids)
-                finished = engine.generate(feed.requests(), feed.should_stop)
-            else:
-                scorer = Scorer(model, settings.max_batch_size, settings.max_seq_len)
-                finished = scorer.score(feed.requests(), feed.should_stop)
-            for result in finished:
-                results.finished(result)
-        else:  # no sample to write: the feed only records bad lines, so no model is loaded
+            sizing = size_cache(settings, model, dist)
+            settings = dataclasses.replace(settings, max_batch_size=sizing.max_batch_size)
+        feed = Feed(settings, plan.done, prompting, dist, results, stop)
+        if sizing is None:  # no sample to write: the feed only records bad lines
             for _ in feed.requests():
                 pass
+        else:
+            for result in run_model(settings, sizing, model, tokenizer, dist, feed):
+                results.finished(result)
         results.finish(stop)
         end_of_run(settings, stop, results, plan)
     finally:
@@ -88,6 +92,18 @@ def run_job(settings: Settings) -> None:
             results.close()
         lock.release()
         distributed.shutdown()
+
+
+def run_model(settings: Settings, sizing: Sizing, model: Transformer, tokenizer: Tokenizer,
+              dist: Dist, feed: Feed) -> Iterator[Completion | Scored]:
+    """The engine's (or the scorer's) results for the feed's requests, in a KV cache of
+    `sizing`."""
+    from .build import make_engine
+    if settings.score_keys is not None:
+        scorer = Scorer(model, sizing.max_batch_size, settings.max_seq_len)
+        return scorer.score(feed.requests(), feed.should_stop)
+    engine = make_engine(settings, model, tokenizer, dist, feed.prompting.stop_ids)
+    return engine.generate(feed.requests(), feed.should_stop)
 
 
 # 1. Prepare ----------------------------------------------------------------------------------
@@ -254,7 +270,9 @@ def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prom
                  replica: int, replicas: int) -> Iterator[Work | BadLine]:
     """This replica's share of the records with samples still to write, tokenized, and the bad
     lines it should report: invalid lines are reported by replica 0 (every replica reads them),
-    prompts too long for the context by the replica that owns them."""
+    prompts too long for the context by the replica that owns them. A run resolves
+    --max_seq_len first; settings that leave it None (no model to take it from) check no
+    prompt's length."""
     owned = 0
     for item in records_of(settings):
         if isinstance(item, BadLine):
@@ -274,10 +292,10 @@ def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prom
         try:
             if settings.score_keys is None:
                 tokens, first = prompting.tokens(item, own), None
-                problem = prompt_problem(len(tokens), settings.max_seq_len)
+                problem = prompt_problem(len(tokens), settings.max_seq_len or len(tokens) + 1)
             else:
                 tokens, first = prompting.score_tokens(item, own)
-                problem = score_problem(len(tokens), settings.max_seq_len, first)
+                problem = score_problem(len(tokens), settings.max_seq_len or len(tokens), first)
         except DialogError as e:
             yield BadLine(item.line, str(e), shown, custom_id=custom_id)
             continue
@@ -322,7 +340,8 @@ class Feed:
 
     def requests(self) -> Iterator[Request | ScoreRequest]:
         own = self._leader_requests() if self.dist.is_model_parallel_leader else None
-        window = ADMISSION_WINDOW_BATCHES * self.settings.max_batch_size
+        # max_batch_size is None (auto) only where no model is loaded: bad lines alone
+        window = ADMISSION_WINDOW_BATCHES * (self.settings.max_batch_size or 1)
         while True:
             taken = [] if own is None or self._stopping() else list(itertools.islice(own, window))
             shared = distributed.broadcast_from_model_parallel_leader(
@@ -369,9 +388,11 @@ def output_line(completion: Completion, tokenizer: Tokenizer,
         text = (tokenizer.decode(shown_ids(tokenizer, request.prompt_tokens, p)) if chat
                 else tag.record.prompt) + text
     line = {**tag.record.fields, "id": tag.record.id, "sample": tag.sample,
-            settings.completion_key: text, "finish_reason": completion.finish_reason,
-            "stop_reason": completion.stop_reason, "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": completion.completion_tokens}
+            settings.completion_key: text, "finish_reason": completion.finish_reason}
+    if completion.context_limit:  # only then: "length" short of max_gen_len
+        line["context_limit"] = True
+    line |= {"stop_reason": completion.stop_reason, "prompt_tokens": completion.prompt_tokens,
+             "completion_tokens": completion.completion_tokens}
     if completion.logprobs is not None:
         line["logprobs"] = completion.logprobs
         line["token_ids"] = completion.tokens

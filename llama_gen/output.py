@@ -195,6 +195,7 @@ class Writer:
         self.progress = ProgressLog(settings.log_path)
         self.total = total
         self.samples = self.tokens = self.bad_lines = 0
+        self.context_limited = 0  # completions the end of the context cut short
         scoring = settings.score_keys is not None
         self._counted, self._verb = (("n_tokens", "scored") if scoring
                                      else ("completion_tokens", "generated"))
@@ -217,6 +218,7 @@ class Writer:
         samples, tokens = self.counts(line)
         self.samples += samples
         self.tokens += tokens
+        self.context_limited += line.get("context_limit") is True
         if self._bar is not None:
             self._bar.update(samples)
             self._bar.set_postfix_str(f"{self.tokens / self._elapsed():.0f} tok/s", refresh=False)
@@ -241,7 +243,9 @@ class Writer:
 
     def summary(self) -> str:
         elapsed = self._elapsed()
-        return (f"{self.samples} sample(s) written, {self.bad_lines} bad line(s), "
+        cut = (f", {self.context_limited} cut short by --max_seq_len (raise it)"
+               if self.context_limited else "")
+        return (f"{self.samples} sample(s) written{cut}, {self.bad_lines} bad line(s), "
                 f"{self.tokens} tokens {self._verb} in {elapsed:.1f}s "
                 f"({self.tokens / elapsed:.1f} tok/s)")
 

@@ -34,6 +34,14 @@ SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4
 LOGIT_BYTES = 4  # logits are float32
 PENALTY_BYTES_PER_LOGIT = 5  # TokenCounts: in_prompt (bool) and generated (int32), per slot
 MEMORY_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+# --max_batch_size auto: at most this many sequences decode at once (vLLM's max_num_seqs), and
+# as many as the KV cache holds at this many tokens each (a few hundred prompt tokens and the
+# default --max_gen_len 256: dataset jobs' typical sequence; longer ones only wait for blocks,
+# as the engine admits by free blocks and preempts when they run out).
+AUTO_MAX_BATCH = 256
+AUTO_TOKENS_PER_SEQUENCE = 512
+CPU_AUTO_BATCH = 8  # on the CPU auto is 8 full-length slots, with no KV budget to size
+KV_BLOCK_TOKENS = 128  # a GPU's KV block (engine.default_block_size): caches are whole blocks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,8 +53,12 @@ class PlanSettings:
     tokenizer_path: Path | None = setting(None, help="tokenizer.model, read only where "
                                           "params.json's vocab_size is -1 (default: in ckpt_dir "
                                           "or its parent)")
-    max_seq_len: int = setting(1024, low=1, help="longest prompt + completion in tokens")
-    max_batch_size: int = setting(8, low=1, help="sequences decoded together")
+    max_seq_len: int | None = setting(None, low=1, help="longest prompt + completion in tokens "
+                                      "(default: the model's context, shortened to what fits)")
+    max_batch_size: int | None = setting(
+        None, low=1, auto=True, help="sequences decoded at once, or auto (the default): as many "
+        f"as the KV cache left beside the model holds at {AUTO_TOKENS_PER_SEQUENCE} tokens each, "
+        f"up to {AUTO_MAX_BATCH}")
     dtype: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] | None = setting(
         None, help=f"weights and activations (default {DEFAULT_DTYPE}, a run's default on GPUs "
         "that have it)")
@@ -71,8 +83,9 @@ PLAN_USAGE = ("llama-gen plan --ckpt_dir DIR [--nproc N] [--gpu_memory 24GB] [--
 PLAN_SUMMARY = """\
 Tell whether a run fits on its GPUs before starting it: per GPU, the bytes of weights, the KV
 cache's bytes per token and working memory; the largest --max_batch_size that fits at
---max_seq_len; and a verdict with advice (more GPUs, a shorter --max_seq_len, --dtype). Reads
-params.json and the shard files' sizes only: it runs in seconds, on any machine."""
+--max_seq_len, or what --max_batch_size auto picks; and a verdict with advice (more GPUs, a
+shorter --max_seq_len, --dtype). Without --max_seq_len, the model's context where it fits.
+Reads params.json and the shard files' sizes only: it runs in seconds, on any machine."""
 
 
 def without_run_only_flags(words: list[str]) -> list[str]:
@@ -167,6 +180,20 @@ class Shape:
     mp_size: int
     dtype_bytes: int
     max_seq_len: int
+    overhead: int = CUDA_CONTEXT_BYTES  # the device's own (the CUDA context); 0 on the CPU
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.args, self.mp_size, self.dtype_bytes)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How a run spends its memory: sequences decoding at once, and the KV cache's capacity in
+    tokens (None: a full --max_seq_len for each of them)."""
+
+    max_batch_size: int
+    kv_cache_tokens: int | None = None
 
 
 def fixed_working_bytes(shape: Shape) -> dict[str, int]:
@@ -194,26 +221,79 @@ def per_slot_bytes(shape: Shape) -> dict[str, int]:
     """What each batch slot adds: its KV cache (exact) and its share of the decode step's
     transients (estimates). Logits are gathered whole on every rank, so they do not shrink
     with the model-parallel size."""
-    a, mp, b = shape.args, shape.mp_size, shape.dtype_bytes
-    terms = {
-        "KV cache": shape.max_seq_len * kv_bytes_per_token(a, mp, b),
+    a = shape.args
+    return {
+        "KV cache": shape.max_seq_len * shape.kv_bytes_per_token,
         "decode logits and sampler": a.vocab_size * (LOGIT_BYTES + SAMPLER_BYTES_PER_LOGIT),
         "penalty counts": a.vocab_size * PENALTY_BYTES_PER_LOGIT,
     }
-    if a.kv_heads < a.n_heads:
-        # Grouped-query decode attention with a mask runs SDPA's math kernel today, which
-        # expands one layer's K and V to every query head (issue 14).
-        terms["decode attention K/V expanded"] = 2 * (a.n_heads // mp) * shape.max_seq_len \
-            * a.head_dim * b
-    return terms
+
+
+def slot_working_bytes(shape: Shape) -> int:
+    """What each sequence decoding at once adds beside its KV cache."""
+    return sum(size for name, size in per_slot_bytes(shape).items() if name != "KV cache")
+
+
+def cache_room(shape: Shape, usable: int) -> int:
+    """Bytes of `usable` left for the KV cache and the slots' working memory, beside the
+    device's overhead, the weights and the fixed working memory (negative where they do not
+    fit)."""
+    return (usable - shape.overhead - weight_bytes(shape.args, shape.mp_size, shape.dtype_bytes)
+            - sum(fixed_working_bytes(shape).values()))
 
 
 def largest_batch(shape: Shape, usable: int) -> int:
-    """The most batch slots whose cache and transients fit in `usable` bytes beside the CUDA
-    context, the weights and the fixed working memory; 0 where not even one does."""
-    left = (usable - CUDA_CONTEXT_BYTES - weight_bytes(shape.args, shape.mp_size, shape.dtype_bytes)
-            - sum(fixed_working_bytes(shape).values()))
-    return max(0, left // sum(per_slot_bytes(shape).values()))
+    """The most full-length batch slots whose cache and transients fit in `usable` bytes beside
+    the device's overhead, the weights and the fixed working memory; 0 where not one does."""
+    return max(0, cache_room(shape, usable) // sum(per_slot_bytes(shape).values()))
+
+
+def auto_sizing(shape: Shape, room: int) -> Sizing | None:
+    """--max_batch_size auto in `room` bytes (see `cache_room`): a KV cache of every token the
+    room holds beside the slots' working memory, and as many slots as it holds sequences of
+    AUTO_TOKENS_PER_SEQUENCE tokens (at most AUTO_MAX_BATCH, at least one); None where not one
+    sequence of max_seq_len fits. The cache holds at least one full-length sequence, and no
+    more tokens than full-length slots need."""
+    per_token, slot, longest = shape.kv_bytes_per_token, slot_working_bytes(shape), \
+        whole_blocks(shape.max_seq_len)
+    if room < longest * per_token + slot:
+        return None
+    average = min(shape.max_seq_len, AUTO_TOKENS_PER_SEQUENCE)
+    batch = min(AUTO_MAX_BATCH, room // (average * per_token + slot),
+                (room - longest * per_token) // slot)
+    return sized_slots(shape, room, max(batch, 1))
+
+
+def sized_slots(shape: Shape, room: int, batch: int) -> Sizing | None:
+    """`batch` slots (an explicit --max_batch_size) in `room` bytes: a KV cache of what the
+    room holds beside their working memory, up to a full-length sequence each; None where not
+    one full-length sequence fits."""
+    room_left = room - batch * slot_working_bytes(shape)
+    tokens = max(0, room_left) // shape.kv_bytes_per_token // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
+    longest = whole_blocks(shape.max_seq_len)
+    if tokens < longest:
+        return None
+    return Sizing(batch, min(tokens, batch * longest))
+
+
+def whole_blocks(tokens: int) -> int:
+    """`tokens` rounded up to whole KV blocks."""
+    return -(-tokens // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+
+
+def full_slots(shape: Shape, room: int) -> int:
+    """How many full-length slots (a cache of max_seq_len each, as scoring keeps) fit in `room`
+    bytes, at most AUTO_MAX_BATCH."""
+    return min(AUTO_MAX_BATCH, max(0, room) // sum(per_slot_bytes(shape).values()))
+
+
+def default_seq_len(shape: Shape, usable: int, slots: int) -> int | None:
+    """--max_seq_len's default: `shape`'s (the model's context) where `slots` full-length
+    sequences fit in `usable` bytes, else the longest that does (see `longest_seq_len`); None
+    where none does."""
+    if largest_batch(shape, usable) >= slots:
+        return shape.max_seq_len
+    return longest_seq_len(shape, usable, slots)
 
 
 def valid_mp_sizes(args: ModelArgs) -> list[int]:
@@ -257,7 +337,9 @@ class Plan:
     gpu_memory: int
     usable: int  # gpu_memory x gpu_memory_utilization
     max_seq_len: int
-    max_batch_size: int
+    max_batch_size: int  # what --max_batch_size auto picks, where auto_batch
+    auto_batch: bool
+    kv_cache_tokens: int | None  # auto's KV cache; None: max_seq_len per slot
     kv_bytes_per_token: int
     memory: dict[str, int]  # per rank at max_batch_size, term by term
     largest_batch: int
@@ -290,10 +372,13 @@ def resolved_mp_size(settings: PlanSettings, args: ModelArgs, n_shards: int) -> 
     return mp
 
 
-def memory_at(shape: Shape, batch: int) -> dict[str, int]:
-    """One rank's memory, term by term, with `batch` slots."""
+def memory_at(shape: Shape, batch: int, kv_cache_tokens: int | None = None) -> dict[str, int]:
+    """One rank's memory, term by term, with `batch` slots and a KV cache of `kv_cache_tokens`
+    tokens (None: max_seq_len per slot)."""
     slots = {name: batch * value for name, value in per_slot_bytes(shape).items()}
-    return {"CUDA context (allowance)": CUDA_CONTEXT_BYTES,
+    if kv_cache_tokens is not None:
+        slots["KV cache"] = kv_cache_tokens * shape.kv_bytes_per_token
+    return {"CUDA context (allowance)": shape.overhead,
             "weights": weight_bytes(shape.args, shape.mp_size, shape.dtype_bytes),
             **fixed_working_bytes(shape), **slots}
 
@@ -352,8 +437,16 @@ def gib(size: int) -> str:
     return f"{size / GIB:.2f}"
 
 
-def verdict(shape: Shape, memory: dict[str, int], usable: int, most: int, batch: int) -> str:
+def verdict(shape: Shape, memory: dict[str, int], usable: int, most: int, batch: int,
+            auto: Sizing | None = None) -> str:
+    """Whether the plan fits, in words; `auto`: what --max_batch_size auto picked (batch is 1
+    where it found no room)."""
     needed, per_gpu = sum(memory.values()), f"{gib(usable)} GiB usable per GPU"
+    if auto is not None:
+        return (f"fits: --max_batch_size auto picks {auto.max_batch_size} sequences decoding at "
+                f"once over a KV cache of {auto.kv_cache_tokens} tokens "
+                f"({gib(memory['KV cache'])} GiB) at --max_seq_len {shape.max_seq_len}; it all "
+                f"needs {gib(needed)} of the {per_gpu}")
     if most >= batch:
         return (f"fits: --max_batch_size {batch} at --max_seq_len {shape.max_seq_len} needs "
                 f"{gib(needed)} of the {per_gpu}; up to --max_batch_size {most} fits")
@@ -361,11 +454,53 @@ def verdict(shape: Shape, memory: dict[str, int], usable: int, most: int, batch:
         return (f"does not fit at --max_batch_size {batch}: it needs {gib(needed)} of the "
                 f"{per_gpu}; at most {most} sequences of --max_seq_len {shape.max_seq_len} fit")
     weights = memory["weights"]
-    if weights + CUDA_CONTEXT_BYTES > usable:
+    if weights + shape.overhead > usable:
         return (f"does not fit: the weights alone take {gib(weights)} GiB per GPU; with the "
                 f"CUDA context that is more than the {per_gpu}")
     return (f"does not fit: weights and working memory leave no room for one sequence of "
             f"--max_seq_len {shape.max_seq_len} in the {per_gpu}")
+
+
+UNKNOWN_CONTEXT = 4096  # --max_seq_len's default for a shape no release of Meta's has
+
+
+def check_seq_len(args: ModelArgs, max_seq_len: int) -> None:
+    """An explicit --max_seq_len may not pass the model's context (as vLLM refuses a longer
+    max_model_len): its positions past it were never trained."""
+    if args.context_length is not None and max_seq_len > args.context_length:
+        raise UserError(f"--max_seq_len {max_seq_len} is longer than the context {args.family} "
+                        f"was trained for ({args.context_length} tokens): use at most "
+                        f"{args.context_length}, or leave it out")
+
+
+def context_default(shape: Shape, usable: int, slots: int) -> tuple[int | None, str]:
+    """--max_seq_len's default and why, in words: the model's context (`shape.args`), or the
+    longest part of it at which `slots` full-length sequences fit in `usable` bytes; None where
+    not even a short one fits."""
+    args = shape.args
+    context = args.context_length
+    if context is None:
+        return UNKNOWN_CONTEXT, (f"{UNKNOWN_CONTEXT}, a guess: params.json is none of "
+                                 "Meta's releases, whose contexts are known; pass --max_seq_len")
+    fitting = default_seq_len(replace(shape, max_seq_len=context), usable, slots)
+    if fitting == context:
+        return context, f"{context}, {args.family}'s context"
+    room = f"{slots} sequence(s) of it" if slots > 1 else "one sequence of it"
+    if fitting is None:
+        return None, (f"{args.family}'s context of {context} tokens leaves no room for {room} "
+                      f"beside the weights in {gib(usable)} GiB")
+    return fitting, (f"{fitting}: {args.family}'s context of {context} tokens shortened to "
+                     f"what fits, {room}, beside the weights in {gib(usable)} GiB")
+
+
+def planned_seq_len(settings: PlanSettings, shape: Shape, usable: int, notes: list[str]) -> int:
+    """--max_seq_len as given (checked), or its default, with a note."""
+    if settings.max_seq_len is not None:
+        check_seq_len(shape.args, settings.max_seq_len)
+        return settings.max_seq_len
+    length, why = context_default(shape, usable, settings.max_batch_size or 1)
+    notes.append(f"--max_seq_len not given: {why}")
+    return length or shape.args.context_length
 
 
 def make_plan(settings: PlanSettings) -> Plan:
@@ -374,24 +509,36 @@ def make_plan(settings: PlanSettings) -> Plan:
     sizes = shard_sizes(settings.ckpt_dir)
     mp = resolved_mp_size(settings, args, len(sizes))
     dtype = settings.dtype or DEFAULT_DTYPE
-    shape = Shape(args, mp, DTYPE_BYTES[dtype], settings.max_seq_len)
     gpu_memory = gpu_memory_bytes(settings)
     usable = int(gpu_memory * settings.gpu_memory_utilization)
-    batch = settings.max_batch_size
-    most = largest_batch(shape, usable)
-    memory = memory_at(shape, batch)
     checkpoint, notes = checkpoint_notes(args, sizes)
+    shape = Shape(args, mp, DTYPE_BYTES[dtype], 1)
+    shape = replace(shape, max_seq_len=planned_seq_len(settings, shape, usable, notes))
+    auto = settings.max_batch_size is None and auto_sizing(shape, cache_room(shape, usable))
+    batch = auto.max_batch_size if auto else settings.max_batch_size or 1
+    most = largest_batch(shape, usable)
+    memory = memory_at(shape, batch, auto.kv_cache_tokens if auto else None)
     if settings.dtype is None:
         notes.append(f"--dtype not given: planned for {DEFAULT_DTYPE}, a run's default on GPUs "
                      "that have it")
     return Plan(ckpt_dir=str(settings.ckpt_dir), parameters=parameter_count(args), dtype=dtype,
                 nproc=settings.nproc, model_parallel_size=mp, gpu_memory=gpu_memory,
-                usable=usable, max_seq_len=settings.max_seq_len, max_batch_size=batch,
-                kv_bytes_per_token=kv_bytes_per_token(args, mp, shape.dtype_bytes),
-                memory=memory, largest_batch=most, fits=most >= batch,
-                verdict=verdict(shape, memory, usable, most, batch),
-                advice=advice(shape, usable, batch, settings.nproc), notes=notes,
+                usable=usable, max_seq_len=shape.max_seq_len, max_batch_size=batch,
+                auto_batch=settings.max_batch_size is None,
+                kv_cache_tokens=auto.kv_cache_tokens if auto else None,
+                kv_bytes_per_token=shape.kv_bytes_per_token,
+                memory=memory, largest_batch=most, fits=bool(auto) or most >= batch,
+                verdict=verdict(shape, memory, usable, most, batch, auto or None),
+                advice=[] if auto else advice(shape, usable, batch, settings.nproc), notes=notes,
                 checkpoint=checkpoint)
+
+
+def batch_words(plan: Plan) -> str:
+    if not plan.auto_batch:
+        return str(plan.max_batch_size)
+    if plan.kv_cache_tokens is None:
+        return "auto (no room for one sequence)"
+    return f"auto ({plan.max_batch_size}, {plan.kv_cache_tokens} KV tokens)"
 
 
 def plan_text(plan: Plan) -> str:
@@ -400,7 +547,7 @@ def plan_text(plan: Plan) -> str:
     lines = [f"{plan.ckpt_dir}: {plan.parameters / 1e9:.2f}B parameters, {plan.dtype}, "
              f"{plan.nproc} GPU(s) of {gib(plan.gpu_memory)} GiB, model parallel "
              f"{plan.model_parallel_size} ({copies} model cop{'y' if copies == 1 else 'ies'})",
-             f"--max_batch_size {plan.max_batch_size} x --max_seq_len {plan.max_seq_len}; KV "
+             f"--max_batch_size {batch_words(plan)} x --max_seq_len {plan.max_seq_len}; KV "
              f"cache {plan.kv_bytes_per_token / 2**10:.1f} KiB per token per GPU", "",
              f"  {'per GPU':<34}{'GiB':>8}"]
     lines += [f"  {name:<34}{gib(size):>8}" for name, size in plan.memory.items()]

@@ -17,8 +17,10 @@ from .errors import UserError
 from .values import BadValue, Rule
 
 # Fields every output line has, beside the record's own and the completion (--completion_key).
-OUTPUT_FIELDS = ("id", "sample", "finish_reason", "stop_reason", "prompt_tokens",
-                 "completion_tokens", "logprobs", "token_ids", "top_logprobs")
+# context_limit is written only where true: the end of the context (--max_seq_len) cut the
+# completion short of its max_gen_len.
+OUTPUT_FIELDS = ("id", "sample", "finish_reason", "context_limit", "stop_reason",
+                 "prompt_tokens", "completion_tokens", "logprobs", "token_ids", "top_logprobs")
 
 # How a setting relates to a finished output line.
 DEFINES_OUTPUT = "defines the output"  # a resume must keep it: it changes what a line holds
@@ -27,18 +29,34 @@ RUNTIME = "runtime"  # may change on resume (memory, speed, where logs go)
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, role: str = RUNTIME,
             per_record: bool = False, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> Any:
-    """A `Settings` field. `per_record`: a prompt record may override it."""
+            low_open: bool = False, auto: bool = False) -> Any:
+    """A `Settings` field. `per_record`: a prompt record may override it. `auto`: the word
+    auto is its value None (the run chooses)."""
     return field(default=default, metadata={
-        "help": help, "role": role, "per_record": per_record,
+        "help": help, "role": role, "per_record": per_record, "auto": auto,
         "bounds": {"low": low, "high": high, "low_open": low_open}})
+
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class AutoRule(Rule):
+    """An optional setting's rule that also takes the word auto, as None."""
+
+    def check(self, value: Any, from_words: bool = False) -> Any:
+        return None if value == AUTO else super().check(value, from_words)
+
+    def describe(self) -> str:
+        return f"{super().describe()} or {AUTO}"
 
 
 @functools.cache
 def rules(cls: type) -> dict[str, Rule]:
     """Each `setting` field's rule: its type and bounds."""
     kinds = typing.get_type_hints(cls)
-    return {f.name: Rule(kinds[f.name], **f.metadata["bounds"]) for f in dataclasses.fields(cls)}
+    return {f.name: (AutoRule if f.metadata.get("auto") else Rule)(
+        kinds[f.name], **f.metadata["bounds"]) for f in dataclasses.fields(cls)}
 
 
 def checked(name: str, rule: Rule, value: Any) -> Any:
@@ -74,11 +92,16 @@ class JobSettings:
                                         "(default <out_path>.log)")
     tokenizer_path: Path | None = setting(None, help="tokenizer.model (default: in ckpt_dir "
                                           "or its parent)")
-    max_seq_len: int = setting(1024, low=1, help="longest prompt + completion in tokens; sizes "
-                               "the KV cache; raise it on resume to answer prompts that were "
-                               "too long")
-    max_batch_size: int = setting(8, low=1, help="sequences decoded together; sizes the KV "
-                                  "cache")
+    max_seq_len: int | None = setting(
+        None, low=1, help="longest prompt + completion in tokens (default: the model's context, "
+        "2048 for Llama 1, 4096 for Llama 2, 8192 for Llama 3, 131072 for Llama 3.1, shortened "
+        "to what fits in memory); raise it on resume to answer prompts that were too long")
+    max_batch_size: int | None = setting(
+        None, low=1, auto=True, help="sequences decoded at once, or auto (the default): on a "
+        "GPU as many as the KV cache that fits beside the model allows (up to 256), on the CPU 8")
+    gpu_memory_utilization: float = setting(
+        0.9, low=0, low_open=True, high=1, help="share of each GPU's memory the run may use: "
+        "the KV cache takes what the weights and working memory leave of it")
     dtype: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] | None = setting(
         None, help="weights and activations (default bf16 on GPUs that have it, fp16 on other "
         "GPUs, fp32 on the CPU)")

@@ -640,3 +640,68 @@ def test_out_of_memory_is_one_line_of_advice_and_the_rerun_resumes(tiny_checkpoi
     result = run(args)
     assert result.returncode == 0, result.stderr
     assert len(read_output(out)) == 12
+
+
+def test_a_completion_cut_by_the_context_says_so_and_the_summary_counts_it(tiny_checkpoints,
+                                                                          tmp_path):
+    """--max_seq_len 16 cuts completions that asked for 40 tokens: their lines say
+    context_limit, the summary counts them; one that reached its own max_gen_len has no key."""
+    prompts = write_prompts(tmp_path / "p.jsonl", [
+        {"prompt": "Once upon a time"}, {"prompt": "Hello"},
+        {"prompt": "Hi", "max_gen_len": 3}])
+    out = tmp_path / "o.jsonl"
+    result = run([*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--ignore_eos",
+                  "--max_gen_len", "40", "--max_seq_len", "16", "--temperature", "0"])
+    assert result.returncode == 0, result.stderr
+    lines = read_output(out)
+    for key in ((1, 0), (2, 0)):
+        line = lines[key]
+        assert (line["finish_reason"], line["context_limit"]) == ("length", True)
+        assert line["prompt_tokens"] + line["completion_tokens"] == 16
+    assert lines[(3, 0)]["finish_reason"] == "length" and "context_limit" not in lines[(3, 0)]
+    assert "3 sample(s) written, 2 cut short by --max_seq_len (raise it)" in result.stderr
+
+
+def test_a_batch_answer_cut_by_the_context_keeps_openais_schema(tiny_checkpoints, tmp_path):
+    request = {"custom_id": "r1", "method": "POST", "url": "/v1/completions",
+               "body": {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 40,
+                        "temperature": 0, "ignore_eos": True}}
+    prompts = write_prompts(tmp_path / "p.jsonl", [request])
+    out = tmp_path / "o.jsonl"
+    result = run([*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--max_seq_len",
+                  "16"])
+    assert result.returncode == 0, result.stderr
+    [line] = [json.loads(x) for x in out.read_text().splitlines()]
+    [choice] = line["response"]["body"]["choices"]
+    assert choice["finish_reason"] == "length" and "context_limit" not in json.dumps(line)
+
+
+def test_max_seq_len_defaults_to_the_models_context_and_an_old_default_output_resumes(
+        tiny_checkpoints, tmp_path):
+    """An output begun with --max_seq_len 1024 (the old default) resumes without the flag: the
+    default is now the model's context (4096 for this Llama 2 shape), so the prompt too long
+    for 1024 is answered; and --max_batch_size auto picks 8 on the CPU."""
+    long_prompt = "word " * 1100  # 3302 tokens
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": long_prompt}])
+    out, errors = tmp_path / "o.jsonl", tmp_path / "o.jsonl.errors.jsonl"
+    args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--max_gen_len", "3",
+            "--temperature", "0"]
+    assert run(args + ["--max_seq_len", "1024"]).returncode == 0
+    assert set(read_output(out)) == {(1, 0)} and "--max_seq_len 1024" in errors.read_text()
+    result = run(args + ["--max_batch_size", "auto", "--gpu_memory_utilization", "0.5"])
+    assert result.returncode == 0, result.stderr
+    assert "llama-gen: --max_seq_len 4096, Llama 2's context" in result.stderr
+    assert "--max_batch_size auto: 8: sequences decoding at once; KV cache 32768 tokens" \
+        in result.stderr
+    assert set(read_output(out)) == {(1, 0), (2, 0)} and errors.read_text() == ""
+    assert read_output(out)[(2, 0)]["prompt_tokens"] == 3302
+
+
+def test_a_max_seq_len_past_the_models_context_is_one_error(tiny_checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    result = run([*job_args(tiny_checkpoints[("llama2", 1)], prompts, tmp_path / "o.jsonl"),
+                  "--max_seq_len", "4097"])
+    assert result.returncode == 2
+    assert_one_line_error(result, "--max_seq_len 4097 is longer than the context Llama 2 was "
+                          "trained for (4096 tokens): use at most 4096")
+    assert not (tmp_path / "o.jsonl").exists()

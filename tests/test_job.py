@@ -92,6 +92,28 @@ def test_output_line_with_echo_and_logprobs(tmp_path, tokenizer):
     assert (line["id"], line["sample"]) == (5, 0)
 
 
+def test_a_completion_cut_by_the_context_says_so_beside_its_finish_reason(tmp_path, tokenizer):
+    rec = record('{"prompt": "Hello", "key": "k"}')
+    prompt = tokenizer.encode("Hello", bos=True)
+    new = tokenizer.encode("world!", bos=False)
+    request = Request(prompt, SamplingParams(max_gen_len=100), tag=Tag(rec, 0))
+    cut = output_line(Completion(request, new, None, "length", len(prompt), context_limit=True),
+                      tokenizer, settings(tmp_path))
+    assert (cut["finish_reason"], cut["context_limit"]) == ("length", True)
+    assert list(cut).index("context_limit") == list(cut).index("finish_reason") + 1
+    whole = output_line(Completion(request, new, None, "length", len(prompt)), tokenizer,
+                        settings(tmp_path))
+    assert "context_limit" not in whole and whole == {k: v for k, v in cut.items()
+                                                      if k != "context_limit"}
+
+
+def test_a_record_field_named_context_limit_clashes_with_ours(tmp_path):
+    write_prompts(tmp_path, {"prompt": "a", "context_limit": 3})
+    with pytest.raises(UserError, match="field 'context_limit' is also an output field"):
+        count_pending(settings(tmp_path), set())
+    assert "context_limit" in OUTPUT_FIELDS
+
+
 def completed(tokenizer, prompt: str, new: list[int], stop_reason=None, top=None, **params):
     rec = record(json.dumps({"prompt": prompt, "key": "k"}))
     ids = tokenizer.encode(prompt, bos=True)

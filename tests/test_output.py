@@ -325,10 +325,28 @@ def test_writer_appends_lines_counts_them_and_logs_progress(tmp_path):
         {"line": 4, "reason": "too long", "text": "y", "max_seq_len": 16}]
     assert (writer.samples, writer.tokens, writer.bad_lines) == (2, 7, 2)
     assert writer.summary().startswith("2 sample(s) written, 2 bad line(s), 7 tokens generated")
+    assert "cut short" not in writer.summary()  # only where the context cut one
     log = (tmp_path / "progress.log").read_text()
     assert "start: 2 sample(s) to write to" in log and "done 2/2 samples, last line 3" in log
     assert "end: 2 sample(s) written" in log
     assert not (tmp_path / "out.jsonl.log").exists()  # --logging_path replaces the default
+
+
+def test_the_summary_counts_completions_cut_by_the_context(tmp_path):
+    s = Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "prompts.jsonl",
+                 out_path=tmp_path / "out.jsonl")
+    writer = Writer(s, total=3)
+    writer.output({"id": 1, "sample": 0, "finish_reason": "length", "context_limit": True,
+                   "completion_tokens": 5}, 1)
+    writer.output({"id": 2, "sample": 0, "finish_reason": "length", "completion_tokens": 2}, 2)
+    writer.output({"id": 3, "sample": 0, "finish_reason": "length", "context_limit": True,
+                   "completion_tokens": 5}, 3)
+    writer.finish()
+    writer.close()
+    assert writer.summary().startswith("3 sample(s) written, 2 cut short by --max_seq_len (raise "
+                                       "it), 0 bad line(s), 12 tokens generated")
+    assert "2 cut short by --max_seq_len" in s.log_path.read_text()
+    assert recover_output(s.out_path) == {(1, 0), (2, 0), (3, 0)}  # the key changes no resume
 
 
 # --- batch request lines (OpenAI's batch output format) ------------------------------------------

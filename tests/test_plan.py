@@ -12,7 +12,8 @@ import torch
 
 from llama_gen.args import ModelArgs
 from llama_gen.errors import UserError
-from llama_gen.plan import (GIB, PlanSettings, kv_bytes_per_token, make_plan, parse_memory,
+from llama_gen.plan import (AUTO_MAX_BATCH, AUTO_TOKENS_PER_SEQUENCE, GIB, KV_BLOCK_TOKENS,
+                            PlanSettings, kv_bytes_per_token, make_plan, parse_memory,
                             weight_bytes)
 
 LLAMA_GEN = str(Path(sys.executable).parent / "llama-gen")
@@ -94,9 +95,12 @@ def test_llama_2_7b_in_bf16_does_not_fit_a_12gb_card_and_two_would(tmp_path):
 
 def test_llama_2_13b_fits_on_two_24gb_cards(tmp_path):
     plan = planned(params_dir(tmp_path, LLAMA_2_13B), gpu_memory="24GB", nproc=2)
-    assert plan.model_parallel_size == 2 and plan.fits and plan.largest_batch >= 8
+    assert plan.model_parallel_size == 2 and plan.fits and plan.max_seq_len == 4096
+    assert plan.auto_batch and plan.max_batch_size >= 16  # --max_batch_size auto
     assert plan.parameters == pytest.approx(13.0e9, rel=5e-3)
     assert plan.advice == [] and plan.needed <= plan.usable
+    assert planned(tmp_path / "ckpt", gpu_memory="24GB", nproc=2, max_seq_len=1024,
+                   max_batch_size=8).largest_batch >= 8
     assert not planned(tmp_path / "ckpt", gpu_memory="24GB").fits  # one card is too small
 
 
@@ -179,3 +183,79 @@ def test_a_runs_command_line_is_planned_as_it_is(tmp_path):
     got = json.loads(result.stdout)
     assert got == planned(ckpt, max_seq_len=2048, nproc=2, gpu_memory="24GB").as_dict()
     assert_one_line_error(run_plan(*run_words, "--tempreature", "1"), "--tempreature")
+
+
+LLAMA_1_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-06,
+              "vocab_size": 32000}
+LLAMA_3_1_8B = {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32,
+                "n_kv_heads": 8, "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0,
+                "use_scaled_rope": True, "vocab_size": 128256}
+
+
+@pytest.mark.parametrize("params, family, context", [
+    (LLAMA_1_7B, "Llama 1", 2048), (LLAMA_2_7B, "Llama 2", 4096),
+    ({**LLAMA_3_1_8B, "use_scaled_rope": False}, "Llama 3", 8192),
+    (LLAMA_3_1_8B, "Llama 3.1", 131072)])
+def test_max_seq_len_defaults_to_the_models_context_where_it_fits(tmp_path, params, family,
+                                                                  context):
+    plan = planned(params_dir(tmp_path, params), gpu_memory="80GB", nproc=8 if context > 8192
+                   else 1, model_parallel_size=8 if context > 8192 else 1)
+    assert plan.max_seq_len == context and plan.fits
+    assert f"--max_seq_len not given: {context}, {family}'s context" in plan.notes
+
+
+def test_a_context_too_long_for_the_gpu_is_shortened_to_what_fits(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_3_1_8B)
+    plan = planned(ckpt, gpu_memory="24GB")
+    assert 256 <= plan.max_seq_len < 131072 and plan.max_seq_len % 256 == 0 and plan.fits
+    assert any("Llama 3.1's context of 131072 tokens shortened to what fits" in note
+               for note in plan.notes)
+    longer = planned(ckpt, gpu_memory="24GB", max_seq_len=plan.max_seq_len + 256,
+                     max_batch_size=1)
+    assert not longer.fits and planned(ckpt, gpu_memory="24GB", max_seq_len=plan.max_seq_len,
+                                       max_batch_size=1).fits
+
+
+def test_a_max_seq_len_past_the_models_context_is_refused(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_7B)
+    with pytest.raises(UserError, match="--max_seq_len 4097 is longer than the context Llama 2 "
+                                        "was trained for .4096 tokens.: use at most 4096"):
+        planned(ckpt, gpu_memory="80GB", max_seq_len=4097)
+    assert planned(ckpt, gpu_memory="80GB", max_seq_len=4096).max_seq_len == 4096
+
+
+def test_auto_batch_fills_the_memory_left_with_whole_kv_blocks(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_7B)
+    plans = [planned(ckpt, gpu_memory=size) for size in ("16GB", "24GB", "40GB", "80GB")]
+    for plan in plans:
+        assert plan.fits and plan.auto_batch and plan.needed <= plan.usable
+        assert plan.kv_cache_tokens % KV_BLOCK_TOKENS == 0
+        assert plan.kv_cache_tokens >= plan.max_seq_len
+        assert plan.memory["KV cache"] == plan.kv_cache_tokens * plan.kv_bytes_per_token
+        assert plan.kv_cache_tokens >= plan.max_batch_size * AUTO_TOKENS_PER_SEQUENCE
+        # nearly all of the memory is used: less than a block, and a slot's working memory, left
+        assert plan.usable - plan.needed < (KV_BLOCK_TOKENS + 1) * plan.kv_bytes_per_token
+    batches = [plan.max_batch_size for plan in plans]
+    assert batches == sorted(batches) and batches[0] < batches[-1] <= AUTO_MAX_BATCH
+    assert "auto picks" in plans[0].verdict and plans[0].advice == []
+
+
+def test_auto_batch_stops_at_256_and_at_full_length_slots(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_7B)
+    short = planned(ckpt, gpu_memory="80GB", max_seq_len=64)
+    assert short.max_batch_size == AUTO_MAX_BATCH
+    assert short.kv_cache_tokens == AUTO_MAX_BATCH * 128  # whole blocks of 64 tokens' slots
+
+
+def test_plan_takes_max_batch_size_auto_as_a_run_does(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_7B)
+    result = run_plan("--ckpt_dir", str(ckpt), "--gpu_memory", "24GB", "--max_batch_size",
+                      "auto", "--json")
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got == planned(ckpt, gpu_memory="24GB").as_dict()
+    assert got["auto_batch"] and got["kv_cache_tokens"] >= 4096
+    text = run_plan("--ckpt_dir", str(ckpt), "--gpu_memory", "24GB").stdout
+    assert (f"--max_batch_size auto ({got['max_batch_size']}, {got['kv_cache_tokens']} KV "
+            "tokens) x --max_seq_len 4096") in text
+    assert "fits: --max_batch_size auto picks" in text

@@ -451,7 +451,7 @@ def test_a_prompt_too_long_is_retried_after_a_resume_with_a_longer_context(tmp_p
 # --- the errors file read back: lines split at newlines alone, lines that are not entries kept ---
 
 def test_an_errors_file_entry_holding_a_line_separator_does_not_stop_the_next_start(tmp_path):
-    s = job(tmp_path)
+    s = job(tmp_path, max_seq_len=1024)  # a run's, resolved before its output is prepared
     errors = JsonlAppender(s.errors_path)
     errors.write(BadLine(2, "too long", json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False),
                          max_seq_len=8).as_json())

@@ -36,7 +36,7 @@ def test_job_settings_check_accepts_good_settings(tmp_path):
     ({"top_p": 1.01}, "--top_p must be a number in (0, 1], got 1.01"),
     ({"temperature": -0.1}, "--temperature must be a number in [0, 10000], got -0.1"),
     ({"max_seq_len": 0}, "--max_seq_len must be an integer >= 1, got 0"),
-    ({"max_batch_size": 0}, "--max_batch_size must be an integer >= 1, got 0"),
+    ({"max_batch_size": 0}, "--max_batch_size must be an integer >= 1 or auto, got 0"),
     ({"max_gen_len": 0}, "--max_gen_len must be an integer >= 1, got 0"),
     ({"num_samples": 0}, "--num_samples must be an integer in [1, 1024], got 0"),
 ])

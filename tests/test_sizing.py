@@ -1,0 +1,146 @@
+"""How a run sizes itself: the model family's context as --max_seq_len's default, shortened to
+what fits; --max_batch_size auto and --gpu_memory_utilization as words; the plan's sizing rules
+for a KV cache of tokens; the CPU's choices in a real process group."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from llama_gen import build
+from llama_gen.args import ModelArgs
+from llama_gen.errors import UserError
+from llama_gen.flags import parse
+from llama_gen.plan import (AUTO_MAX_BATCH, CPU_AUTO_BATCH, KV_BLOCK_TOKENS, Shape, Sizing,
+                            auto_sizing, context_default, slot_working_bytes, sized_slots,
+                            whole_blocks)
+from llama_gen.settings import ScoreSettings, Settings
+from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3
+from llama_gen.tokenizer import load_tokenizer
+
+LLAMA_2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+              "vocab_size": 32000}
+CODE_LLAMA_7B = {**LLAMA_2_7B, "ffn_dim_multiplier": 1.0, "rope_theta": 1000000,
+                 "vocab_size": 32016}
+
+
+@pytest.mark.parametrize("params, family, context", [
+    ({**LLAMA_2_7B, "norm_eps": 1e-06}, "Llama 1", 2048), (LLAMA_2_7B, "Llama 2", 4096),
+    (CODE_LLAMA_7B, "Code Llama", 16384), (TINY_LLAMA2, "Llama 2", 4096),
+    ({**TINY_LLAMA3, "use_scaled_rope": False}, "Llama 3", 8192),
+    (TINY_LLAMA3, "Llama 3.1", 131072), ({**LLAMA_2_7B, "rope_theta": 250000.0}, None, None),
+    ({**LLAMA_2_7B, "norm_eps": 1e-4}, None, None)])
+def test_the_family_and_its_context_come_from_params_json(params, family, context):
+    args = ModelArgs.from_params(params)
+    assert (args.family, args.context_length) == (family, context)
+
+
+def test_an_unknown_family_defaults_to_a_guess_it_says_is_one():
+    shape = Shape(ModelArgs.from_params({**LLAMA_2_7B, "rope_theta": 250000.0}), 1, 2, 1)
+    length, why = context_default(shape, 80 * 2**30, 1)
+    assert length == 4096 and "a guess" in why and "pass --max_seq_len" in why
+
+
+def job(tmp_path, cls=Settings, *words: str):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    return parse(cls, ["--ckpt_dir", str(tmp_path), "--prompt_path", str(tmp_path / "p.jsonl"),
+                       "--out_path", str(tmp_path / "o.jsonl"), *words], "llama-gen")
+
+
+def test_max_batch_size_auto_is_the_default_and_a_word(tmp_path):
+    assert job(tmp_path).max_batch_size is None and job(tmp_path).max_seq_len is None
+    assert job(tmp_path, Settings, "--max_batch_size", "auto").max_batch_size is None
+    assert job(tmp_path, ScoreSettings, "--max_batch_size", "auto").max_batch_size is None
+    assert job(tmp_path, Settings, "--max_batch_size", "12").max_batch_size == 12
+    for bad in ("0", "lots", "Auto", "2.5"):
+        with pytest.raises(UserError, match=re.escape("--max_batch_size must be an integer >= 1 "
+                                                      "or auto, got")):
+            job(tmp_path, Settings, "--max_batch_size", bad)
+
+
+@pytest.mark.parametrize("value, ok", [("0.9", True), ("1", True), ("0.05", True), ("0", False),
+                                       ("1.5", False), ("-0.5", False)])
+def test_gpu_memory_utilization_is_a_share_in_0_1(tmp_path, value, ok):
+    if ok:
+        assert job(tmp_path, Settings, "--gpu_memory_utilization", value
+                   ).gpu_memory_utilization == float(value)
+    else:
+        with pytest.raises(UserError, match=re.escape("--gpu_memory_utilization must be a "
+                                                      "number in (0, 1]")):
+            job(tmp_path, Settings, "--gpu_memory_utilization", value)
+
+
+def shape_7b(max_seq_len: int) -> Shape:
+    return Shape(ModelArgs.from_params(LLAMA_2_7B), 1, 2, max_seq_len)
+
+
+def test_a_given_batch_gets_what_the_room_holds_up_to_a_full_length_slot_each():
+    shape = shape_7b(1000)
+    per_token, slot = shape.kv_bytes_per_token, slot_working_bytes(shape)
+    room = 4 * slot + 3000 * per_token
+    assert sized_slots(shape, room, 4) == Sizing(4, 2944)  # whole blocks of 128
+    assert sized_slots(shape, 10**15, 4) == Sizing(4, 4 * whole_blocks(1000))
+    assert whole_blocks(1000) == 1024 and whole_blocks(1024) == 1024
+    assert sized_slots(shape, 4 * slot + 1023 * per_token, 4) is None  # not one sequence fits
+    assert sized_slots(shape, 4 * slot + 1024 * per_token, 4) == Sizing(4, 1024)
+
+
+def test_auto_needs_room_for_one_full_length_sequence_and_stops_at_256():
+    shape = shape_7b(4096)
+    per_token, slot = shape.kv_bytes_per_token, slot_working_bytes(shape)
+    assert auto_sizing(shape, 4096 * per_token + slot - 1) is None
+    assert auto_sizing(shape, 4096 * per_token + slot) == Sizing(1, 4096)
+    assert auto_sizing(shape, 10**15) == Sizing(AUTO_MAX_BATCH, AUTO_MAX_BATCH * 4096)
+    middle = auto_sizing(shape, 40 * 2**30)
+    assert 1 < middle.max_batch_size < AUTO_MAX_BATCH
+    assert middle.kv_cache_tokens % KV_BLOCK_TOKENS == 0
+    assert middle.max_batch_size * slot + middle.kv_cache_tokens * per_token <= 40 * 2**30
+
+
+def test_available_ram_is_memavailable_shared_by_the_local_processes(monkeypatch):
+    ram = build.available_ram()
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    assert ram == pytest.approx(kib * 1024, rel=0.2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert build.memory_budget(torch.device("cpu"), 0.9) == pytest.approx(ram / 4, rel=0.2)
+
+
+def test_cpu_resolution_takes_the_context_then_8_full_length_slots(
+        single_process, tiny_checkpoints, tmp_path, caplog):
+    ckpt = tiny_checkpoints[("llama2", 1)]
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    args = build.read_model_args(ckpt, tokenizer)
+    s = job(tmp_path)
+    with caplog.at_level("INFO", logger="llama_gen"):
+        length = build.resolve_max_seq_len(s, args, single_process, torch.float32)
+        assert length == 4096 and "--max_seq_len 4096, Llama 2's context" in caplog.text
+        s = dataclasses.replace(s, max_seq_len=length)
+        model = build.load_model(ckpt, tokenizer, single_process, torch.float32)
+        assert build.size_cache(s, model, single_process) == Sizing(CPU_AUTO_BATCH)
+    assert "--max_batch_size auto: 8: sequences decoding at once; KV cache 32768 tokens" \
+        in caplog.text
+    given = dataclasses.replace(s, max_batch_size=3)
+    assert build.size_cache(given, model, single_process) == Sizing(3)
+    assert build.resolve_max_seq_len(dataclasses.replace(s, max_seq_len=77), args,
+                                     single_process, torch.float32) == 77
+    with pytest.raises(UserError, match="--max_seq_len 4097 is longer than the context Llama 2"):
+        build.resolve_max_seq_len(dataclasses.replace(s, max_seq_len=4097), args,
+                                  single_process, torch.float32)
+
+
+def test_on_the_cpu_the_default_context_is_shortened_to_what_the_ram_holds(
+        single_process, tiny_checkpoints, tmp_path, monkeypatch):
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    args = build.read_model_args(ckpt, load_tokenizer(ckpt / "tokenizer.model"))
+    shape = Shape(args, 1, 4, 8192, overhead=0)
+    monkeypatch.setattr(build, "available_ram", lambda: 2**30)  # a machine with 1 GiB free
+    length = build.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
+    assert 256 <= length < 131072 and length % 256 == 0
+    fits = context_default(dataclasses.replace(shape, max_seq_len=length), 2**30, 8)[0]
+    assert fits == length
+    monkeypatch.setattr(build, "available_ram", lambda: 2**20)  # 1 MiB: not even the weights
+    with pytest.raises(UserError, match="leaves no room for 8 sequence.s. of it"):
+        build.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
