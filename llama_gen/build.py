@@ -141,14 +141,7 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
     shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len)
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     room = budget - sum(fixed_working_bytes(shape).values())
-    if settings.score_keys is not None:
-        most = settings.max_batch_size or full_slots(shape, room)
-        sizing = Sizing(most) if most and full_slots(shape, room) else None
-    elif settings.max_batch_size is None:
-        sizing = auto_sizing(shape, room)
-    else:
-        sizing = sized_slots(shape, room, settings.max_batch_size)
-    sizing = group_least(sizing, dist)
+    sizing = group_least(gpu_sizing(settings, shape, room), dist)
     if sizing is None:
         raise UserError(f"no room for one sequence of --max_seq_len {settings.max_seq_len} "
                         f"beside the model: {budget / GIB:.2f} GiB left of "
@@ -158,6 +151,18 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
                         "or use more GPUs")
     log_sizing(settings, model, dist, sizing, budget)
     return sizing
+
+
+def gpu_sizing(settings: JobSettings, shape: Shape, room: int) -> Sizing | None:
+    """The cache in `room` bytes for KV and slots: --max_batch_size auto or as given; scoring
+    keeps a full-length slot per text (as many as fit for auto). None where not one
+    full-length sequence fits."""
+    if settings.score_keys is not None:
+        most = full_slots(shape, room)
+        return Sizing(settings.max_batch_size or most) if most else None
+    if settings.max_batch_size is None:
+        return auto_sizing(shape, room)
+    return sized_slots(shape, room, settings.max_batch_size)
 
 
 def group_least(sizing: Sizing | None, dist: Dist) -> Sizing | None:
@@ -188,15 +193,17 @@ def log_sizing(settings: JobSettings, model: Transformer, dist: Dist, sizing: Si
 
 
 def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, dist: Dist,
-                stop_ids: frozenset[int]):
-    """The engine --scheduler names, over this rank's model, stopping at `stop_ids`."""
+                stop_ids: frozenset[int], sizing: Sizing):
+    """The engine --scheduler names, over this rank's model, stopping at `stop_ids`, with
+    `sizing`'s sequences at once and KV cache (see `size_cache`)."""
     if settings.scheduler == "static":
         from .baseline import StaticEngine
-        return StaticEngine(model, stop_ids, settings.max_batch_size, settings.max_seq_len,
-                            tokenizer)
+        return StaticEngine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
+                            tokenizer, kv_cache_tokens=sizing.kv_cache_tokens)
     if settings.compile and dist.rank == 0:
         log.info("--compile: the first decode steps compile the model (a minute or more for "
                  "large models)%s", "" if dist.device.type == "cuda" else
                  "; on the CPU the compiled step is not faster than the eager one")
-    return Engine(model, stop_ids, settings.max_batch_size, settings.max_seq_len,
-                  tokenizer=tokenizer, compile=settings.compile)
+    return Engine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
+                  tokenizer=tokenizer, compile=settings.compile,
+                  kv_cache_tokens=sizing.kv_cache_tokens)

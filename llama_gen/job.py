@@ -102,7 +102,7 @@ def run_model(settings: Settings, sizing: Sizing, model: Transformer, tokenizer:
     if settings.score_keys is not None:
         scorer = Scorer(model, sizing.max_batch_size, settings.max_seq_len)
         return scorer.score(feed.requests(), feed.should_stop)
-    engine = make_engine(settings, model, tokenizer, dist, feed.prompting.stop_ids)
+    engine = make_engine(settings, model, tokenizer, dist, feed.prompting.stop_ids, sizing)
     return engine.generate(feed.requests(), feed.should_stop)
 
 

@@ -14,8 +14,8 @@ from llama_gen.args import ModelArgs
 from llama_gen.errors import UserError
 from llama_gen.flags import parse
 from llama_gen.plan import (AUTO_MAX_BATCH, CPU_AUTO_BATCH, KV_BLOCK_TOKENS, Shape, Sizing,
-                            auto_sizing, context_default, slot_working_bytes, sized_slots,
-                            whole_blocks)
+                            auto_sizing, context_default, full_slots, slot_working_bytes,
+                            sized_slots, whole_blocks)
 from llama_gen.settings import ScoreSettings, Settings
 from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3
 from llama_gen.tokenizer import load_tokenizer
@@ -144,3 +144,37 @@ def test_on_the_cpu_the_default_context_is_shortened_to_what_the_ram_holds(
     monkeypatch.setattr(build, "available_ram", lambda: 2**20)  # 1 MiB: not even the weights
     with pytest.raises(UserError, match="leaves no room for 8 sequence.s. of it"):
         build.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
+
+
+def test_on_a_gpu_auto_a_given_batch_and_scoring_size_the_cache_from_the_room(tmp_path):
+    shape = shape_7b(4096)
+    per_token, slot = shape.kv_bytes_per_token, slot_working_bytes(shape)
+    room = 20 * 2**30
+    auto = build.gpu_sizing(job(tmp_path), shape, room)
+    assert auto == auto_sizing(shape, room) and auto.max_batch_size > 8
+    given = build.gpu_sizing(job(tmp_path, Settings, "--max_batch_size", "4"), shape, room)
+    assert given == Sizing(4, 4 * 4096)  # the room holds more: a full-length slot each
+    scoring = build.gpu_sizing(job(tmp_path, ScoreSettings), shape, room)
+    assert scoring == Sizing(full_slots(shape, room)) and 1 < scoring.max_batch_size < 16
+    assert full_slots(shape, room) == room // (4096 * per_token + slot)
+    assert build.gpu_sizing(job(tmp_path, ScoreSettings, "--max_batch_size", "3"), shape,
+                            room) == Sizing(3)
+    small = 4095 * per_token
+    for words in ((), ("--max_batch_size", "4")):
+        assert build.gpu_sizing(job(tmp_path, Settings, *words), shape, small) is None
+        assert build.gpu_sizing(job(tmp_path, ScoreSettings, *words), shape, small) is None
+
+
+@pytest.mark.parametrize("scheduler, rows", [("continuous", 3), ("static", 2)])
+def test_the_engine_gets_the_sizings_batch_and_kv_cache(single_process, tiny_checkpoints,
+                                                        tmp_path, scheduler, rows):
+    """A KV cache of two full-length sequences for three rows: the continuous engine pages it
+    (a row holds what it uses), the static one keeps full-length rows, so two of them."""
+    ckpt = tiny_checkpoints[("llama2", 1)]
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    model = build.load_model(ckpt, tokenizer, single_process, torch.float32)
+    s = dataclasses.replace(job(tmp_path, Settings, "--scheduler", scheduler), max_seq_len=64)
+    engine = build.make_engine(s, model, tokenizer, single_process, tokenizer.stop_ids,
+                               Sizing(3, 128))
+    assert engine.max_batch_size == rows and engine.max_seq_len == 64
+    assert engine.blocks.n_blocks * engine.blocks.block_size == 128  # two sequences' worth
