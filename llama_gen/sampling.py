@@ -174,7 +174,7 @@ def _thresholds(probs: torch.Tensor, bits: torch.Tensor, masses: torch.Tensor, f
     threshold = torch.ones(len(probs), dtype=torch.int32, device=probs.device)
     top_k_mass = masses.sum(dim=-1)
     if f.top_k is not None:
-        counts = torch.ones_like(masses)
+        counts = torch.ones(1, 1, dtype=masses.dtype, device=masses.device).expand_as(masses)
         kth = _largest_reaching(bits, counts, f.top_k.double())
         threshold = torch.where(_limits_top_k(f.top_k, probs.shape[-1]), kth, threshold)
         top_k_mass = (masses * (bits >= threshold.unsqueeze(-1))).sum(dim=-1)
@@ -198,9 +198,9 @@ CDF_BLOCK = 128  # tokens per block in `_invert_cdf`
 
 def _invert_cdf(masses: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """The token t (B,) with C(t - 1) <= floor(uniform x C(V - 1)) < C(t), where C is the
-    cumulative sum of `masses` (int32) in token-id order: a token of nonzero
-    mass. Two levels, so that only one block of CDF_BLOCK tokens per row is summed in order:
-    the block sums' cumulative sum picks the block, then the block's own."""
+    cumulative sum of `masses` (int32) in token-id order: a token of nonzero mass. Two levels,
+    so that only one block of CDF_BLOCK tokens per row is summed in order: the block sums'
+    cumulative sum picks the block, then the block's own."""
     rows, vocab = masses.shape
     if vocab % CDF_BLOCK:
         masses = torch.nn.functional.pad(masses, (0, -vocab % CDF_BLOCK))
