@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from .args import ModelArgs
 from .checkpoint import SHARD_NAME, check_model_parallel_size, find_shards, full_shapes, split_dim
-from .engine import LOGPROB_ROWS, PREFILL_TOKENS
+from .engine import LOGPROB_ROWS, PREFILL_MASK_ELEMENTS, PREFILL_TOKENS
 from .errors import UserError
 from .settings import Settings, check_fields, rules, setting
 from .values import FALSE_WORDS, TRUE_WORDS
@@ -200,17 +200,17 @@ def fixed_working_bytes(shape: Shape) -> dict[str, int]:
     """Working memory that does not grow with the batch (estimates, per rank)."""
     a, mp, b = shape.args, shape.mp_size, shape.dtype_bytes
     heads, kv_heads = a.n_heads // mp, a.kv_heads // mp
-    # A pass prefills up to PREFILL_TOKENS tokens, or one whole prompt (not chunked today).
-    tokens = max(PREFILL_TOKENS, shape.max_seq_len)
-    # One layer's transients in a prefill pass (the previous layer's are freed): the residual
-    # stream, its norm and a block's output; q, k, v and the attention output; the FFN's w1 and
-    # w3 outputs and their product; RoPE's float32 copies of q and k; and the additive mask of
-    # a segment that continues a cache, (tokens x max_seq_len) in the model's dtype.
+    # A pass prefills at most PREFILL_TOKENS tokens: a group of prompts, or a chunk of a long
+    # one. One layer's transients in it (the previous layer's are freed): the residual stream,
+    # its norm and a block's output; q, k, v and the attention output; the FFN's w1 and w3
+    # outputs and their product; RoPE's float32 copies of q and k.
     per_token = (b * (3 * a.dim + (2 * heads + 2 * kv_heads) * a.head_dim
                       + 3 * a.ffn_hidden_dim // mp)
-                 + 2 * 4 * (heads + kv_heads) * a.head_dim + b * shape.max_seq_len)
+                 + 2 * 4 * (heads + kv_heads) * a.head_dim)
     return {
-        "prefill activations": tokens * per_token,
+        "prefill activations": PREFILL_TOKENS * per_token,
+        # a chunk's float32 attention mask where reads need one (engine.PREFILL_MASK_ELEMENTS)
+        "prefill attention mask": PREFILL_MASK_ELEMENTS * 4,
         # prompt logprobs: LOGPROB_ROWS rows of float32 logits and their log-softmax
         "prompt logprob rows": 2 * LOGPROB_ROWS * a.vocab_size * LOGIT_BYTES,
         "rotary table": shape.max_seq_len * a.head_dim // 2 * 2 * 4,

@@ -232,7 +232,8 @@ def test_auto_batch_fills_the_memory_left_with_whole_kv_blocks(tmp_path):
         assert plan.kv_cache_tokens % KV_BLOCK_TOKENS == 0
         assert plan.kv_cache_tokens >= plan.max_seq_len
         assert plan.memory["KV cache"] == plan.kv_cache_tokens * plan.kv_bytes_per_token
-        assert plan.kv_cache_tokens >= plan.max_batch_size * AUTO_TOKENS_PER_SEQUENCE
+        assert plan.kv_cache_tokens >= plan.max_batch_size * min(plan.max_seq_len,
+                                                                 AUTO_TOKENS_PER_SEQUENCE)
         # nearly all of the memory is used: less than a block, and a slot's working memory, left
         assert plan.usable - plan.needed < (KV_BLOCK_TOKENS + 1) * plan.kv_bytes_per_token
     batches = [plan.max_batch_size for plan in plans]
