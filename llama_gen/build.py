@@ -16,8 +16,8 @@ from .model import Transformer
 from . import distributed
 from .distributed import Dist
 from .layers import ParallelLayers
-from .plan import (CPU_AUTO_BATCH, GIB, Shape, Sizing, auto_sizing, check_seq_len,
-                   context_default, fixed_working_bytes, full_slots, sized_slots)
+from .plan import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, Shape, Sizing, auto_sizing,
+                   check_seq_len, context_default, fixed_working_bytes, full_slots, sized_slots)
 from .settings import JobSettings, Settings
 from .tokenizer import Tokenizer
 
@@ -111,12 +111,13 @@ def resolve_max_seq_len(settings: JobSettings, args: ModelArgs, dist: Dist,
                         dtype: torch.dtype) -> int:
     """--max_seq_len as given (no longer than the model's context), or by default the model's
     context, shortened to what fits in global rank 0's memory (the plan's estimate before the
-    weights load) and shared with every rank: their prompt checks must agree."""
+    weights load: --max_batch_size full-length sequences, or for auto two on a GPU and eight
+    on the CPU) and shared with every rank: their prompt checks must agree."""
     if settings.max_seq_len is not None:
         check_seq_len(args, settings.max_seq_len)
         return settings.max_seq_len
     on_gpu = dist.device.type == "cuda"
-    slots = settings.max_batch_size or (1 if on_gpu else CPU_AUTO_BATCH)
+    slots = settings.max_batch_size or (GPU_AUTO_CONTEXT_SEQUENCES if on_gpu else CPU_AUTO_BATCH)
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     length, why = distributed.broadcast_from_rank0(
         context_default(run_shape(args, dist, dtype, 1), budget, slots))

@@ -41,6 +41,10 @@ MEMORY_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 AUTO_MAX_BATCH = 256
 AUTO_TOKENS_PER_SEQUENCE = 512
 CPU_AUTO_BATCH = 8  # on the CPU auto is 8 full-length slots, with no KV budget to size
+# With --max_batch_size auto on a GPU, the default context is the longest of which this many
+# sequences fit, so that one full-length sequence never needs the whole cache (it would leave
+# no room for other sequences, nor for their slots' working memory).
+GPU_AUTO_CONTEXT_SEQUENCES = 2
 KV_BLOCK_TOKENS = 128  # a GPU's KV block (engine.default_block_size): caches are whole blocks
 
 
@@ -485,7 +489,7 @@ def context_default(shape: Shape, usable: int, slots: int) -> tuple[int | None, 
     fitting = default_seq_len(replace(shape, max_seq_len=context), usable, slots)
     if fitting == context:
         return context, f"{context}, {args.family}'s context"
-    room = f"{slots} sequence(s) of it" if slots > 1 else "one sequence of it"
+    room = f"{slots} sequences of it" if slots > 1 else "one sequence of it"
     if fitting is None:
         return None, (f"{args.family}'s context of {context} tokens leaves no room for {room} "
                       f"beside the weights in {gib(usable)} GiB")
@@ -498,7 +502,8 @@ def planned_seq_len(settings: PlanSettings, shape: Shape, usable: int, notes: li
     if settings.max_seq_len is not None:
         check_seq_len(shape.args, settings.max_seq_len)
         return settings.max_seq_len
-    length, why = context_default(shape, usable, settings.max_batch_size or 1)
+    length, why = context_default(shape, usable,
+                                  settings.max_batch_size or GPU_AUTO_CONTEXT_SEQUENCES)
     notes.append(f"--max_seq_len not given: {why}")
     return length or shape.args.context_length
 

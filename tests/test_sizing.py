@@ -143,7 +143,7 @@ def test_on_the_cpu_the_default_context_is_shortened_to_what_the_ram_holds(
     assert largest_batch(dataclasses.replace(shape, max_seq_len=length), free) >= 8
     assert largest_batch(dataclasses.replace(shape, max_seq_len=length + 256), free) < 8
     monkeypatch.setattr(build, "available_ram", lambda: 2**20)  # 1 MiB: not even the weights
-    with pytest.raises(UserError, match="leaves no room for 8 sequence.s. of it"):
+    with pytest.raises(UserError, match="leaves no room for 8 sequences of it"):
         build.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
 
 
