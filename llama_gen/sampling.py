@@ -118,8 +118,12 @@ def _limits_top_k(top_k: torch.Tensor, vocab: int) -> torch.Tensor:
     return (top_k > 0) & (top_k < vocab)
 
 
-def _tempered(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.float() / temperature.clamp_min(1e-5).unsqueeze(-1), dim=-1)
+def _tempered(logits: torch.Tensor, temperature: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax at each row's temperature (float32), and a float32 buffer of its shape free
+    for the caller (the scaled logits): big temporaries cost page faults on the CPU."""
+    scaled = logits.float() / temperature.clamp_min(1e-5).unsqueeze(-1)
+    return torch.softmax(scaled, dim=-1), scaled
 
 
 # Masses are counted in whole units of 2**-MASS_BITS (int32; each probability rounded), so
@@ -129,8 +133,8 @@ def _tempered(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
 MASS_BITS = 30
 
 
-def _masses(probs: torch.Tensor) -> torch.Tensor:
-    return (probs * 2.0**MASS_BITS).add_(0.5).int()
+def _masses(probs: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    return torch.mul(probs, 2.0**MASS_BITS, out=scratch).add_(0.5).int()
 
 
 # Probabilities are >= 0, so their float32 bit patterns, read as int32, are ordered as their
@@ -140,17 +144,16 @@ RADIX_BITS = 10
 _DIGITS = (2 * RADIX_BITS, RADIX_BITS, 0)
 
 
-def _largest_reaching(bits: torch.Tensor, weights: torch.Tensor, target: torch.Tensor
-                      ) -> torch.Tensor:
+def _largest_reaching(bits: torch.Tensor, weights: torch.Tensor, target: torch.Tensor,
+                      bucket: torch.Tensor) -> torch.Tensor:
     """The largest bit pattern t (int32, (B,)) whose entries' weight, sum(weights[bits >= t])
     (int32), reaches `target` (float64, (B,)); 0 where no t does. A radix select: per digit,
     one histogram of the weights of the entries that share the digits chosen so far (the
     row's prefix), bucket 1 + digit, with bucket 0 for the entries below the prefix and the
-    last for those above it (NaN's clamped in). No sort, no host reads; one int32 buffer
-    holds each digit's buckets in turn."""
+    last for those above it (NaN's clamped in). No sort, no host reads; the int32 buffer
+    `bucket` holds each digit's buckets in turn."""
     rows, buckets = len(bits), 1 << RADIX_BITS
     prefix = torch.zeros(rows, 1, dtype=torch.int32, device=bits.device)
-    bucket = torch.empty_like(bits)
     for shift in _DIGITS:
         torch.bitwise_right_shift(bits, shift, out=bucket)
         bucket.sub_((prefix << RADIX_BITS) - 1).clamp_(0, buckets + 1)
@@ -165,20 +168,23 @@ def _largest_reaching(bits: torch.Tensor, weights: torch.Tensor, target: torch.T
     return prefix.squeeze(-1)
 
 
-def _thresholds(probs: torch.Tensor, bits: torch.Tensor, masses: torch.Tensor, f: Filters
+def _thresholds(probs: torch.Tensor, masses: torch.Tensor, f: Filters, scratch: torch.Tensor
                 ) -> torch.Tensor:
     """Each row's kept-set threshold as float32 bits (int32, (B,)): kept = {bits >= threshold},
     never a token of probability 0. Top-k's is the k-th largest probability; top-p's the
     largest t whose mass reaches top_p times the top-k set's mass; min-p's min_p times the
-    largest probability. The row's threshold is the largest of the three."""
+    largest probability. The row's threshold is the largest of the three. `scratch`: an int32
+    buffer of the probabilities' shape."""
+    bits = probs.view(torch.int32)
     threshold = torch.ones(len(probs), dtype=torch.int32, device=probs.device)
     top_k_mass = masses.sum(dim=-1)
     if f.top_k is not None:
         counts = torch.ones(1, 1, dtype=masses.dtype, device=masses.device).expand_as(masses)
-        kth = _largest_reaching(bits, counts, f.top_k.double())
+        kth = _largest_reaching(bits, counts, f.top_k.double(), scratch)
         threshold = torch.where(_limits_top_k(f.top_k, probs.shape[-1]), kth, threshold)
-        top_k_mass = (masses * (bits >= threshold.unsqueeze(-1))).sum(dim=-1)
-    nucleus = _largest_reaching(bits, masses, f.top_p.double() * top_k_mass)
+        kept = torch.ge(bits, threshold.unsqueeze(-1), out=scratch)
+        top_k_mass = kept.mul_(masses).sum(dim=-1)
+    nucleus = _largest_reaching(bits, masses, f.top_p.double() * top_k_mass, scratch)
     threshold = torch.where(f.top_p < 1, torch.maximum(nucleus, threshold), threshold)
     if f.min_p is not None:
         least = (f.min_p.float() * probs.amax(dim=-1)).view(torch.int32)
@@ -186,11 +192,13 @@ def _thresholds(probs: torch.Tensor, bits: torch.Tensor, masses: torch.Tensor, f
     return threshold.clamp_min(1)
 
 
-def _kept_masses(probs: torch.Tensor, f: Filters) -> torch.Tensor:
-    bits = probs.view(torch.int32)
-    masses = _masses(probs)
-    threshold = _thresholds(probs, bits, masses, f)
-    return masses.mul_(bits >= threshold.unsqueeze(-1))
+def _kept_masses(probs: torch.Tensor, f: Filters, scratch: torch.Tensor) -> torch.Tensor:
+    """Each token's mass in whole units where the filters keep it, else 0 (int32, (B, V)).
+    `scratch`: a float32 buffer of the probabilities' shape, overwritten."""
+    masses = _masses(probs, scratch)
+    bits, scratch = probs.view(torch.int32), scratch.view(torch.int32)
+    threshold = _thresholds(probs, masses, f, scratch)
+    return masses.mul_(torch.ge(bits, threshold.unsqueeze(-1), out=scratch))
 
 
 CDF_BLOCK = 128  # tokens per block in `_invert_cdf`
@@ -220,10 +228,11 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch
     """The distribution (B, V) a non-greedy row draws from (float64): softmax at the row's
     temperature, the `Filters` applied as `sample` applies them, renormalised (greedy rows'
     entries mean nothing). `sample` draws from it in whole units of mass."""
-    probs = _tempered(logits, temperature)
-    bits = probs.view(torch.int32)
-    threshold = _thresholds(probs, bits, _masses(probs), Filters(top_p, top_k, min_p))
-    kept = probs.double() * (bits >= threshold.unsqueeze(-1))
+    probs, scratch = _tempered(logits, temperature)
+    masses = _masses(probs, scratch)
+    threshold = _thresholds(probs, masses, Filters(top_p, top_k, min_p),
+                            scratch.view(torch.int32))
+    kept = probs.double() * (probs.view(torch.int32) >= threshold.unsqueeze(-1))
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
@@ -239,8 +248,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     inverted at `uniform` (`_invert_cdf`). Penalties (`apply_penalties`) come before, on the
     logits. A fixed number of O(B x V) passes: no sort, no host read, nothing that depends on
     other rows. top_k None (off for every row) skips its passes."""
-    probs = _tempered(logits, temperature)
-    sampled = _invert_cdf(_kept_masses(probs, Filters(top_p, top_k, min_p)), uniform)
+    probs, scratch = _tempered(logits, temperature)
+    sampled = _invert_cdf(_kept_masses(probs, Filters(top_p, top_k, min_p), scratch), uniform)
     return torch.where(temperature == 0, argmax(logits), sampled)
 
 
