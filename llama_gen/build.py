@@ -188,9 +188,9 @@ def log_sizing(settings: JobSettings, model: Transformer, dist: Dist, sizing: Si
     source = ("a full --max_seq_len each" if budget is None else
               f"of {budget / GIB:.2f} GiB left to this run on the GPU "
               f"(--gpu_memory_utilization {settings.gpu_memory_utilization})")
-    log.info("--max_batch_size %s%d: sequences decoding at once; KV cache %d tokens (%.2f GiB), "
-             "%s", "auto: " if settings.max_batch_size is None else "", sizing.max_batch_size,
-             tokens, tokens * shape.kv_bytes_per_token / GIB, source)
+    log.info("--max_batch_size %s: %d sequences decoding at once, a KV cache of %d tokens "
+             "(%.2f GiB), %s", settings.max_batch_size or "auto", sizing.max_batch_size, tokens,
+             tokens * shape.kv_bytes_per_token / GIB, source)
 
 
 def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, dist: Dist,

@@ -691,8 +691,8 @@ def test_max_seq_len_defaults_to_the_models_context_and_an_old_default_output_re
     result = run(args + ["--max_batch_size", "auto", "--gpu_memory_utilization", "0.5"])
     assert result.returncode == 0, result.stderr
     assert "llama-gen: --max_seq_len 4096, Llama 2's context" in result.stderr
-    assert "--max_batch_size auto: 8: sequences decoding at once; KV cache 32768 tokens" \
-        in result.stderr
+    assert ("--max_batch_size auto: 8 sequences decoding at once, a KV cache of 32768 tokens"
+            in result.stderr)
     assert set(read_output(out)) == {(1, 0), (2, 0)} and errors.read_text() == ""
     assert read_output(out)[(2, 0)]["prompt_tokens"] == 3302
 

@@ -120,8 +120,8 @@ def test_cpu_resolution_takes_the_context_then_8_full_length_slots(
         s = dataclasses.replace(s, max_seq_len=length)
         model = build.load_model(ckpt, tokenizer, single_process, torch.float32)
         assert build.size_cache(s, model, single_process) == Sizing(CPU_AUTO_BATCH)
-    assert "--max_batch_size auto: 8: sequences decoding at once; KV cache 32768 tokens" \
-        in caplog.text
+    assert ("--max_batch_size auto: 8 sequences decoding at once, a KV cache of 32768 tokens"
+            in caplog.text)
     given = dataclasses.replace(s, max_batch_size=3)
     assert build.size_cache(given, model, single_process) == Sizing(3)
     assert build.resolve_max_seq_len(dataclasses.replace(s, max_seq_len=77), args,
