@@ -297,30 +297,35 @@ def test_the_same_seed_gives_the_same_choices_alone_and_among_others(answered, t
 NEAR_TIE = 1e-4  # how close to a step of its CDF a draw may fall and still differ between runs
 
 
-def near_tie(model, request: Request, a: list[int], b: list[int], stops: frozenset[int]
-             ) -> str | None:
-    """Why two completions of `request` (token ids, stop tokens left out) may differ: at their
-    first differing token j, a batch-1 forward pass re-derives the draw (the request's uniform
-    for counter j, its filtered distribution's CDF in token-id order, as `sample` draws),
-    which must give one of the two tokens, and the uniform lies within NEAR_TIE of the step of
-    the CDF between them (where one completion ended at j, its token was one of `stops`).
-    None where it does not: a real difference."""
-    j = next(i for i in range(max(len(a), len(b))) if a[i:i + 1] != b[i:i + 1])
-    if len(b) <= j:
-        a, b = b, a
-    p = request.params
-    vocab = model.args.vocab_size
-    engine = Engine(model, (), max_batch_size=1, max_seq_len=len(request.prompt_tokens) + j + 1)
-    probe = Request(request.prompt_tokens + a[:j], SamplingParams(max_gen_len=1,
-                                                                  top_logprobs=vocab))
+def redraw(model, request: Request, prefix: list[int]) -> tuple[torch.Tensor, float]:
+    """The CDF (in token-id order, as `sample` draws) of the distribution `request` draws its
+    token len(prefix) from after `prefix`, from one batch-1 forward pass, and its uniform."""
+    p, vocab = request.params, model.args.vocab_size
+    engine = Engine(model, (), max_batch_size=1,
+                    max_seq_len=len(request.prompt_tokens) + len(prefix) + 1)
+    probe = Request(request.prompt_tokens + prefix,
+                    SamplingParams(max_gen_len=1, top_logprobs=vocab))
     [done] = engine.generate([probe])
     logprobs = torch.full((1, vocab), float("-inf"))
     for token, logprob in done.top_logprobs[0]:
         logprobs[0, token] = logprob
     probs = filtered_probs(logprobs, torch.tensor([p.temperature]), torch.tensor([p.top_p]),
                            torch.tensor([p.top_k]), torch.tensor([p.min_p]))[0]
-    cdf = probs.cumsum(dim=-1)
-    u = counter_uniform(torch.tensor([p.seed]), torch.tensor([j])).item()
+    return probs.cumsum(dim=-1), counter_uniform(torch.tensor([p.seed]),
+                                                 torch.tensor([len(prefix)])).item()
+
+
+def near_tie(model, request: Request, a: list[int], b: list[int], stops: frozenset[int]
+             ) -> str | None:
+    """Why two completions of `request` (token ids, stop tokens left out) may differ: at their
+    first differing token j, the draw re-derived (`redraw`) must give one of the two tokens,
+    and the uniform lie within NEAR_TIE of the step of the CDF between them (where one
+    completion ended at j, its token was one of `stops`). None where it does not: a real
+    difference."""
+    j = next(i for i in range(max(len(a), len(b))) if a[i:i + 1] != b[i:i + 1])
+    if len(b) <= j:
+        a, b = b, a
+    cdf, u = redraw(model, request, a[:j])
     drawn = (cdf <= u).sum().item()
     for other in a[j:j + 1] or sorted(stops):
         lo, hi = sorted((other, b[j]))
@@ -349,7 +354,8 @@ def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints,
         batch_line(f"r{i}", CHAT_URL, messages=[{"role": "user", "content": f"Story {i}:"}], n=3,
                    max_tokens=30, seed=i, temperature=0 if i % 5 == 0 else 1, logprobs=True)
         for i in range(30)))
-    args = [*job_args(ckpt, prompts, tmp_path / "o.jsonl"), "--max_batch_size", "4"]
+    args = [*job_args(ckpt, prompts, tmp_path / "o.jsonl"), "--max_batch_size", "4",
+            "--keep_special_tokens"]  # every token in the logprobs, so ids come from bytes
     want = run([*args[:5], str(tmp_path / "whole.jsonl"), *args[6:], "--model_parallel_size",
                 "1"], nproc=2)
     assert want.returncode == 0, want.stderr
@@ -368,11 +374,17 @@ def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints,
     assert set(got) == set(whole) == {f"r{i}" for i in range(30)}
     tokenizer = load_tokenizer(ckpt / "tokenizer.model")
     ids = {tokenizer.token_bytes(i): i for i in range(tokenizer.n_words)}
+    assert len(ids) == tokenizer.n_words
     model = load_model(ckpt, tokenizer, single_process, torch.float32)
     s = Settings(ckpt_dir=ckpt, prompt_path=prompts, out_path=tmp_path / "x.jsonl")
     prompting = Prompting.for_run(s, tokenizer, model.args.norm_eps)
     requests = {(r.tag.record.id, r.tag.sample): r
                 for w in pending_work(s, set(), prompting, 0, 1) for r in requests_for(w, s)}
+    key, tokens = next(((k, c["index"]), [ids[bytes(t["bytes"])] for t in content])
+                       for k in ("r1", "r2", "r3") for c in choices(got[k])
+                       if len(content := c["logprobs"]["content"]) >= 3)
+    cdf, u = redraw(model, requests[key], tokens[:2])  # a draw re-derived as it ran
+    assert (cdf <= u).sum().item() == tokens[2]
     ties = []
     for custom_id, line in got.items():
         for c, w in zip(choices(line), choices(whole[custom_id]), strict=True):
