@@ -405,7 +405,7 @@ def test_sample_inverts_the_token_order_cdf_of_filtered_probs_on_all_kinds_of_ro
 
 
 @pytest.mark.parametrize("vocab", [32000, 128256])
-def test_the_kept_set_is_a_sorted_rows_on_wide_and_narrow_rows(vocab):
+def test_the_kept_set_is_what_a_sort_keeps_on_wide_and_narrow_rows(vocab):
     """Flat rows whose nucleus holds most of the vocabulary and peaked ones holding a few
     tokens, each filter alone and together, against a stable sort summed in float64; rows
     within 1e-6 of their top-p boundary, where the two sums may round apart, are left out."""
@@ -449,7 +449,7 @@ def test_tied_bf16_logits_at_the_top_p_threshold_match_the_reference(scale):
     probs = torch.softmax(logits / 0.8, dim=-1)
     kept = filtered_probs(logits, temperature, top_p, None, None) > 0
     least_kept = probs.masked_fill(~kept, 2.0).amin(dim=-1, keepdim=True)
-    assert ((probs == least_kept).sum(dim=-1) > 1).all()  # the boundary splits no tie group
+    assert ((probs == least_kept).sum(dim=-1) > 1).all()  # each boundary is on a tie group
     assert torch.equal(kept, probs >= least_kept)
     for counter in range(5):
         uniform = counter_uniform(torch.arange(32), torch.full((32,), counter))
