@@ -141,7 +141,8 @@ def test_help_marks_the_required_flags_and_shows_defaults():
         assert "(required)" in " ".join(blocks[name].split()), name
     for name in set(blocks) - {"ckpt_dir", "prompt_path", "out_path"}:
         assert "required" not in blocks[name], name
-    assert "(default 1024)" in " ".join(blocks["max_seq_len"].split())
+    assert "(default 0.9)" in " ".join(blocks["gpu_memory_utilization"].split())
+    assert "default: the model's context" in " ".join(blocks["max_seq_len"].split())
     assert "a record may set it" in " ".join(blocks["top_p"].split())
     assert "a record may set it" not in " ".join(blocks["max_seq_len"].split())
 
