@@ -237,6 +237,12 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
+# On the CPU, `sample` takes the rows in chunks of about this many logits, so that its
+# temporaries stay in cache (and below the allocator's page-faulting sizes): twice as fast at
+# 32 x 32000 and 32 x 128256 than the whole batch at once.
+CPU_SAMPLE_CHUNK = 1 << 18
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
            uniform: torch.Tensor, top_k: torch.Tensor | None = None,
            min_p: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,6 +255,18 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     inverted at `uniform` (`_invert_cdf`). Penalties (`apply_penalties`) come before, on the
     logits. A fixed number of O(B x V) passes: no sort, no host read, nothing that depends on
     other rows. top_k None (off for every row) skips its passes."""
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or rows * vocab <= CPU_SAMPLE_CHUNK:
+        return _sample_rows(logits, temperature, top_p, uniform, top_k, min_p)
+    step = max(1, CPU_SAMPLE_CHUNK // vocab)
+    return torch.cat([_sample_rows(*(None if x is None else x[i:i + step] for x in
+                                     (logits, temperature, top_p, uniform, top_k, min_p)))
+                      for i in range(0, rows, step)])
+
+
+def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                 uniform: torch.Tensor, top_k: torch.Tensor | None,
+                 min_p: torch.Tensor | None) -> torch.Tensor:
     probs, scratch = _tempered(logits, temperature)
     sampled = _invert_cdf(_kept_masses(probs, Filters(top_p, top_k, min_p), scratch), uniform)
     return torch.where(temperature == 0, argmax(logits), sampled)

@@ -8,8 +8,9 @@ import torch
 from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from llama_gen.sampling import (ARGMAX_BLOCK, apply_penalties, argmax, counter_uniform,
-                                derive_seed, filtered_probs, sample, token_logprobs, top_logprobs)
+from llama_gen.sampling import (ARGMAX_BLOCK, CPU_SAMPLE_CHUNK, apply_penalties, argmax,
+                                counter_uniform, derive_seed, filtered_probs, sample,
+                                token_logprobs, top_logprobs)
 from test_engine import HostReads
 
 NEG_INF = float("-inf")
@@ -432,6 +433,10 @@ def test_a_rows_token_does_not_depend_on_its_batch_neighbours():
         shuffled = sample(logits[perm], temperature[perm], top_p[perm], uniform[perm],
                           top_k[perm], min_p[perm])
         assert torch.equal(shuffled, batch[perm])
+        repeated = [x.repeat(6, *[1] * (x.dim() - 1))
+                    for x in (logits, temperature, top_p, uniform, top_k, min_p)]
+        assert repeated[0].numel() > CPU_SAMPLE_CHUNK  # taken in chunks of rows
+        assert torch.equal(sample(*repeated), batch.repeat(6))
         for i in range(20):
             row = slice(i, i + 1)
             alone = sample(logits[row], temperature[row], top_p[row], uniform[row], top_k[row],
@@ -576,6 +581,7 @@ def test_sample_reads_nothing_to_the_host():
     with HostReads() as mode:
         sample(logits, temperature, top_p, uniform, top_k, min_p)
         sample(logits, temperature, top_p, uniform)
+        sample(logits.repeat(6, 1), *(x.repeat(6) for x in (temperature, top_p, uniform)))
         filtered_probs(logits, temperature, top_p, top_k, min_p)
     assert mode.reads == []
     with HostReads() as mode:  # the counter sees a host read
