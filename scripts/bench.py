@@ -622,7 +622,7 @@ def report_roofline(r: dict, step: StepBytes, bandwidth: float) -> None:
     print(f"{r['name']:<11} {batch:5d} {sum(r['prompt_lens']) // batch:6d} {gen_len:5d} "
           f"{r['first']:9.2f} {batch * gen_len / r['whole']:8.1f} {decode_tok_s:12.1f} "
           f"{decode_seconds / (gen_len - 1) * 1000:8.2f} {roofline:14.1f} "
-          f"{decode_tok_s / roofline:11.0%} {r['peak_mib']:>8}")
+          f"{decode_tok_s / roofline:11.0%} {r['peak_mib']:>8}", flush=True)
     if r["compile_seconds"]:
         print(f"{r['name']} at batch {batch}: compiling took {r['compile_seconds']:.1f} s")
 
@@ -667,28 +667,26 @@ def budget_main(model: Transformer, requests: list[Request], max_seq_len: int, k
           f"temperature {requests[0].params.temperature}; max_seq_len {max_seq_len}; KV budget "
           f"{kv_budget} tokens ({kv_mib:.0f} MiB, {kv_budget / max_seq_len:g} full-length "
           "sequences)")
-    results = [run_budget(model, requests, name, block, slots, max_seq_len, kv_budget)
-               for name, block, slots in budget_configs(max_seq_len, kv_budget, block_sizes,
-                                                         batch)]
-    report_budget(results)
-
-
-def report_budget(results: list[dict]) -> None:
-    """One row per configuration; the first one's tokens are the reference."""
     print(f"{'kv cache':<11} {'block':>5} {'max batch':>9} {'peak running':>12} "
           f"{'preempted':>9} {'peak KV tokens':>14} {'decode steps':>12} {'tok/s':>7} "
           f"{'wall s':>7} {'peak MiB':>8} {'same tokens':>11}")
-    reference = results[0]["tokens"]
-    for r in results:
-        tok_s = sum(map(len, r["tokens"])) / r["wall"]
-        kv_share = r["peak_kv_tokens"] / r["cache_tokens"]
-        same = sum(a == b for a, b in zip(r["tokens"], reference)) / len(reference)
-        print(f"{r['name']:<11} {r['block']:5d} {r['slots']:9d} {r['peak_running']:12d} "
-              f"{r['preempted']:9d} {r['peak_kv_tokens']:8d} ({kv_share:3.0%}) "
-              f"{r['decode_steps']:12d} {tok_s:7.0f} {r['wall']:7.2f} {r['peak_mib']:>8} "
-              f"{same:11.0%}")
+    results = []
+    for name, block, slots in budget_configs(max_seq_len, kv_budget, block_sizes, batch):
+        results.append(run_budget(model, requests, name, block, slots, max_seq_len, kv_budget))
+        report_budget(results[-1], results[0]["tokens"])
     for r in results[1:]:
         print(f"{r['name']} / {results[0]['name']}: {results[0]['wall'] / r['wall']:.2f}x")
+
+
+def report_budget(r: dict, reference: list[list[int]]) -> None:
+    """One configuration's row, its tokens against the first configuration's."""
+    tok_s = sum(map(len, r["tokens"])) / r["wall"]
+    kv_share = r["peak_kv_tokens"] / r["cache_tokens"]
+    same = sum(a == b for a, b in zip(r["tokens"], reference)) / len(reference)
+    print(f"{r['name']:<11} {r['block']:5d} {r['slots']:9d} {r['peak_running']:12d} "
+          f"{r['preempted']:9d} {r['peak_kv_tokens']:8d} ({kv_share:3.0%}) "
+          f"{r['decode_steps']:12d} {tok_s:7.0f} {r['wall']:7.2f} {r['peak_mib']:>8} "
+          f"{same:11.0%}", flush=True)
 
 
 def listed(value: object, kind: type = str) -> list:
