@@ -134,8 +134,7 @@ MASS_BITS = 30
 
 
 def _masses(probs: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    half = torch.tensor(0.5, device=probs.device)
-    return torch.add(half, probs, alpha=2.0**MASS_BITS, out=scratch).int()  # rounded
+    return torch.mul(probs, 2.0**MASS_BITS, out=scratch).add_(0.5).int()  # rounded
 
 
 # Probabilities are >= 0, so their float32 bit patterns, read as int32, are ordered as their
