@@ -16,7 +16,7 @@ import torch
 from . import distributed
 from .errors import UserError
 from .flags import HELP_WORDS, help_text, parse
-from .job import Interrupted, run_job
+from .job import Incomplete, Interrupted, run_job
 from .replicas import StoreLost
 from .settings import ScoreSettings, Settings
 
@@ -109,10 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as e:
         say(f"{e}; what was finished is written: resume with the same command")
         sys.exit(128 + e.signum)
-    except StoreLost as e:
-        say(f"error: {e}; what reached the writer is written: run the same command again to "
-            "resume")
+    except StoreLost as e:  # on whichever replica noticed it
+        print(f"llama-gen: error: {e}; what this replica finished is in its part files: run "
+              "the same command again to resume", file=sys.stderr)
         sys.exit(1)
+    except Incomplete as e:
+        say(f"error: {e}")
+        sys.exit(3)
     except KeyboardInterrupt:  # before the job's own handler is installed
         say("interrupted")
         sys.exit(130)

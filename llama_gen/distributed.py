@@ -199,6 +199,15 @@ def broadcast_from_rank0(obj: object) -> object:
     return holder[0]
 
 
+def gather_flags(flag: bool) -> list[int]:
+    """The global ranks whose `flag` is true, on every rank."""
+    if dist.get_world_size() == 1:
+        return [0] if flag else []
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(flag))
+    return [rank for rank, f in enumerate(flags) if f]
+
+
 def leader_flag(flag: bool, device: torch.device) -> bool:
     """The model-parallel group's first rank's `flag`, on every rank of the group."""
     if fs_init.get_model_parallel_world_size() == 1:

@@ -1,13 +1,16 @@
 """The batch job: prompts.jsonl in, one output line per (record, sample) out, exactly once.
 
-`run_job` reads top to bottom: prepare (rank 0 takes the lock, recovers the output, checks the
-run's fingerprint, and tells every rank what is done), feed (each replica's share of the
-pending records, as engine requests), generate, collect (rank 0 writes; other replicas' leaders
-mail their results to it).
+`run_job` reads top to bottom: prepare (rank 0 takes the lock, merges the part files a killed
+run left, recovers the output, checks the run's fingerprint, and tells every rank what is
+done), feed (the chunks of pending records each replica claims, as engine requests), generate,
+write (each replica's leader its own lines), and at the end rank 0 waits for the other replicas
+(or declares them lost) and merges their part files into the output.
 
-Processes: each model-parallel group's first rank (its leader) reads the prompt file, takes its
-replica's share and hands the requests to its group; the other ranks of the group receive the
-same requests from it and run the same schedule.
+Processes: each model-parallel group's first rank (its leader) reads the prompt file, claims
+chunks of it for its replica (`replicas.Replicas`) and hands their requests to its group; the
+other ranks of the group receive the same requests from it and run the same schedule. With one
+replica, its leader (global rank 0) writes --out_path itself; with several, every replica's
+leader writes part files (`parts.py`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +36,10 @@ from .errors import UserError
 from .model import Transformer
 from .openai_batch import Choice, request_id, response_line
 from .plan import Sizing
-from .output import OutputLock, Writer
+from .output import OutputLock, Writer, recover_output
+from .parts import error_part_path, merge_parts, output_parts, part_path, parts_dir
 from .records import BadLine, Form, Record, read_records
-from .replicas import Finished, Mailbox, Message
+from .replicas import Counts, Finished, Message, Replicas
 from .resume import prepare_output, run_fingerprint
 from .sampling import derive_seed
 from .scoring import Scored, Scorer, ScoreRequest, score_problem
@@ -72,20 +76,21 @@ def run_job(settings: Settings) -> None:
         settings = dataclasses.replace(
             settings, max_seq_len=resolve_max_seq_len(settings, args, dist, dtype))
         plan = prepare(settings, tokenizer, str(dtype), dist, lock)
-        results = Results(settings, dist, plan.total, tokenizer)
+        check_shared_folder(settings, dist, plan.run)
+        results = Results(settings, dist, plan.total, tokenizer, plan.run)
         model = sizing = None
         if plan.total:
             model = load_model(settings.ckpt_dir, tokenizer, dist, dtype)
             sizing = size_cache(settings, model, dist)
             settings = dataclasses.replace(settings, max_batch_size=sizing.max_batch_size)
-        feed = Feed(settings, plan.done, prompting, dist, results, stop)
+        feed = Feed(settings, plan.done, prompting, dist, results, stop, results.replicas)
         if sizing is None:  # no sample to write: the feed only records bad lines
             for _ in feed.requests():
                 pass
         else:
             for result in run_model(settings, sizing, model, tokenizer, dist, feed):
                 results.finished(result)
-        results.finish(stop)
+        results.finish(stop, feed.chunks)
         end_of_run(settings, stop, results, plan)
     finally:
         if results is not None:
@@ -114,6 +119,7 @@ class Plan:
 
     done: frozenset[tuple[Any, int]]  # (id, sample)s the output already holds
     total: int  # samples left to write
+    run: str = ""  # this run's name in part files' names (several replicas)
 
 
 def prepare(settings: Settings, tokenizer: Tokenizer, dtype: str, dist: Dist,
@@ -124,8 +130,11 @@ def prepare(settings: Settings, tokenizer: Tokenizer, dtype: str, dist: Dist,
     if dist.is_writer:
         try:
             lock.acquire()
+            if output_parts(settings.out_path) or parts_dir(settings.out_path).is_dir():
+                merge_parts(settings.out_path, settings.errors_path, prompt_order(settings))
             done = prepare_output(settings, run_fingerprint(settings, tokenizer.path, dtype))
-            outcome = Plan(frozenset(done), count_pending(settings, done))
+            run = start_parts(settings) if dist.data_parallel_size > 1 else ""
+            outcome = Plan(frozenset(done), count_pending(settings, done), run)
         except (UserError, OSError) as e:
             outcome = str(e)
     outcome = distributed.broadcast_from_rank0(outcome)
@@ -135,6 +144,38 @@ def prepare(settings: Settings, tokenizer: Tokenizer, dtype: str, dist: Dist,
         log.info("nothing to generate: no prompt in %s is left unanswered in %s (bad lines go "
                  "to %s)", settings.prompt_path, settings.out_path, settings.errors_path)
     return outcome
+
+
+def prompt_order(settings: JobSettings) -> Callable[[tuple[Any, int]], tuple]:
+    """Where an (id, sample) comes in the prompt file: merged part lines are sorted by it."""
+    position = {item.id: i for i, item in enumerate(records_of(settings))
+                if isinstance(item, Record)}
+    end = len(position)
+    return lambda key: (position.get(key[0], end), key[1])
+
+
+def start_parts(settings: JobSettings) -> str:
+    """This run's name for its part files, and a probe file in their folder that every
+    replica's leader must see (`check_shared_folder`)."""
+    run = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    folder = parts_dir(settings.out_path)
+    folder.mkdir(exist_ok=True)
+    (folder / f".{run}.probe").write_text(run)
+    return run
+
+
+def check_shared_folder(settings: JobSettings, dist: Dist, run: str) -> None:
+    """With several replicas, every leader must see the parts folder rank 0 wrote in: all
+    nodes write part files beside --out_path, which rank 0 merges."""
+    if not run:
+        return
+    probe = parts_dir(settings.out_path) / f".{run}.probe"
+    blind = distributed.gather_flags(dist.is_model_parallel_leader and not probe.exists())
+    if blind:
+        raise UserError(f"{parts_dir(settings.out_path)}: replica(s) "
+                        f"{', '.join(str(r // dist.model_parallel_size) for r in blind)} cannot "
+                        "see this folder rank 0 just wrote in; --out_path's folder must be on a "
+                        "filesystem every node shares")
 
 
 def count_pending(settings: Settings, done: set[tuple[Any, int]]) -> int:
@@ -267,25 +308,32 @@ class Prompting:
 
 
 def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prompting,
-                 replica: int, replicas: int) -> Iterator[Work | BadLine]:
-    """This replica's share of the records with samples still to write, tokenized, and the bad
-    lines it should report: invalid lines are reported by replica 0 (every replica reads them),
-    prompts too long for the context by the replica that owns them. A run resolves
-    --max_seq_len first; settings that leave it None (no model to take it from) check no
-    prompt's length."""
-    owned = 0
+                 claim: Callable[[], int] | None = None, chunk_records: int = 1,
+                 reports_invalid: bool = True) -> Iterator[Work | BadLine]:
+    """The records with samples still to write, tokenized, and the bad lines to report. With
+    `claim` (several replicas), the pending records are cut into chunks of `chunk_records` and
+    only the chunks `claim()` hands out are this replica's: it asks for another when it reaches
+    past its last (so only when its consumer wants more). Invalid lines are reported by the
+    replica that `reports_invalid` (every replica reads them), prompts too long for the context
+    by the replica whose chunk holds them. A run resolves --max_seq_len first; settings that
+    leave it None (no model to take it from) check no prompt's length."""
+    pending, claimed = -1, -1
     for item in records_of(settings):
         if isinstance(item, BadLine):
-            if replica == 0:
+            if reports_invalid:
                 yield item
             continue
         n = settings.with_overrides(item.overrides).num_samples
         samples = [i for i in range(n) if (item.id, i) not in done]
         if not samples:
             continue
-        owned += 1
-        if (owned - 1) % replicas != replica:
-            continue
+        pending += 1
+        if claim is not None:
+            chunk = pending // chunk_records
+            if chunk > claimed:  # past the last chunk claimed: take the next free one
+                claimed = claim()
+            if chunk != claimed:
+                continue
         shown = json.dumps(item.fields, ensure_ascii=False)[:1000]
         custom_id = item.batch and item.batch.custom_id
         own = settings.with_overrides(item.overrides)
@@ -332,10 +380,11 @@ class Feed:
     `results`."""
 
     def __init__(self, settings: Settings, done: frozenset, prompting: Prompting, dist: Dist,
-                 results: Results, stop: StopRequested):
+                 results: Results, stop: StopRequested, replicas: Replicas | None = None):
         self.settings, self.done, self.prompting, self.dist = settings, done, prompting, dist
-        self.results, self.stop = results, stop
+        self.results, self.stop, self.replicas = results, stop, replicas
         self.ending: Ending | None = None
+        self.chunks = 0  # chunks this replica claimed
         self._decode_steps = 0
 
     def requests(self) -> Iterator[Request | ScoreRequest]:
@@ -350,9 +399,18 @@ class Feed:
                 return
             yield from taken if own is not None else shared
 
+    def _claim(self) -> int:
+        self.chunks += 1
+        return self.replicas.claim()
+
     def _leader_requests(self) -> Iterator[Request]:
-        for item in pending_work(self.settings, self.done, self.prompting,
-                                 self.dist.data_parallel_rank, self.dist.data_parallel_size):
+        # A chunk is about an admission window of samples: a replica holds at most one chunk
+        # it has not started, so replicas finish within about one chunk's time of each other.
+        window = ADMISSION_WINDOW_BATCHES * (self.settings.max_batch_size or 1)
+        chunk_records = max(1, window // self.settings.num_samples)
+        claim = None if self.replicas is None else self._claim
+        for item in pending_work(self.settings, self.done, self.prompting, claim, chunk_records,
+                                 reports_invalid=self.dist.data_parallel_rank == 0):
             if isinstance(item, BadLine):
                 self.results.deliver(item)
                 if self.settings.strict:  # no further line is read; the job stops as on Ctrl-C
@@ -370,6 +428,8 @@ class Feed:
         """Asked by the engine before each forward pass: whether the leader stops (unfinished
         sequences are dropped), shared with its group every STOP_CHECK_STEPS passes."""
         self._decode_steps += 1
+        if self.replicas is not None:
+            self.replicas.beat()
         return (self._decode_steps % STOP_CHECK_STEPS == 0
                 and distributed.leader_flag(self._stopping(), self.dist.device))
 
@@ -477,18 +537,34 @@ class Answers:
 
 
 class Results:
-    """Where this rank's results go: global rank 0 writes them (its own and, from the mailbox,
-    the other replicas'); other replicas' leaders mail them to it; other ranks have none."""
+    """Where this rank's results go: a replica's leader writes its own (--out_path with one
+    replica, its part files with several); other ranks have none. Global rank 0 shows every
+    replica's progress and, at the end, waits for the others and merges their parts."""
 
-    def __init__(self, settings: Settings, dist: Dist, total: int, tokenizer: Tokenizer):
-        self.settings, self.dist, self.tokenizer = settings, dist, tokenizer
-        self.writer = Writer(settings, total) if dist.is_writer else None
-        self.mailbox = Mailbox(dist) if dist.data_parallel_size > 1 else None
+    def __init__(self, settings: Settings, dist: Dist, total: int, tokenizer: Tokenizer,
+                 run: str = ""):
+        self.settings, self.dist, self.tokenizer, self.run = settings, dist, tokenizer, run
+        leader, several = dist.is_model_parallel_leader, dist.data_parallel_size > 1
+        self.replicas = Replicas(dist) if leader and several else None
+        self.writer = None
+        if leader:
+            replica = dist.data_parallel_rank
+            files = ((part_path(settings.out_path, run, replica),
+                      error_part_path(settings.out_path, run, replica)) if several
+                     else (None, None))
+            self.writer = Writer(settings, total, *files, shows_progress=dist.is_writer,
+                                 replicas=self.replicas)
         self.answers = Answers(settings, tokenizer)
-        self.first_bad_line: BadLine | None = None
+        self.missing = 0  # samples not written: the replicas that were lost held them
+        self.counts = Counts()  # every replica's, on rank 0 at the end
+
+    @property
+    def first_bad_line(self) -> BadLine | None:
+        bad = self.counts.first_bad_line
+        return None if bad is None else BadLine(**bad)
 
     def finished(self, result: Completion | Scored) -> None:
-        """A result every rank of the group has; its leader makes the line and sends it (a
+        """A result every rank of the group has; its leader makes the line and writes it (a
         batch request's once all of its samples are in: they are all on this replica)."""
         if self.dist.is_model_parallel_leader:
             record = result.request.tag.record
@@ -500,33 +576,46 @@ class Results:
                 line = output_line(result, self.tokenizer, self.settings)
             if line is not None:
                 self.deliver(Finished(line, record.line))
-        self._collect_mail()
 
     def deliver(self, message: Message) -> None:
-        if self.writer is None:
-            self.mailbox.send(message)
-        elif isinstance(message, Finished):
+        if isinstance(message, Finished):
             self.writer.output(message.output, message.source_line)
         else:
             self.writer.bad_line(message)
-            self.first_bad_line = self.first_bad_line or message
 
-    def _collect_mail(self) -> None:
-        if self.writer is not None and self.mailbox is not None:
-            for message in self.mailbox.receive():
-                self.deliver(message)
-
-    def finish(self, stop: StopRequested) -> None:
-        """A replica's leader says it is done; rank 0 waits for every replica's results, or
-        until it is asked to stop (what has not arrived is made again by the next run)."""
-        if self.mailbox is not None:
-            if self.writer is None and self.dist.is_model_parallel_leader:
-                self.mailbox.close()
-            while self.writer is not None and not self.mailbox.all_closed() and not stop:
-                self._collect_mail()
-                time.sleep(0.05)
-        if self.writer is not None:
-            self.writer.finish()
+    def finish(self, stop: StopRequested, chunks: int = 0) -> None:
+        """This replica is done. Every leader's files are synced; other replicas' leaders say so
+        to rank 0; rank 0 waits for them (until stopped, or each is lost: silent for
+        --replica_timeout), merges their parts and says how the run went."""
+        if self.writer is None:
+            return
+        writer = self.writer
+        writer.out.sync()
+        writer.errors.sync()
+        self.counts = dataclasses.replace(writer.counts)
+        if self.replicas is not None:
+            log.log(logging.INFO if self.dist.is_writer else logging.WARNING,
+                    "replica %d done: %d chunk(s), %d sample(s) in %.1f s",
+                    self.dist.data_parallel_rank, chunks, writer.samples,
+                    time.monotonic() - writer.start)
+        if self.replicas is not None and not self.dist.is_writer:
+            self.replicas.done(writer.counts)
+            return
+        if self.replicas is not None:
+            self.replicas.report()
+            others, lost = self.replicas.wait_for_others(
+                self.settings.replica_timeout, lambda: bool(stop), writer.show)
+            self.counts.add(others)
+            writer.out.close()
+            writer.errors.close()
+            merge_parts(self.settings.out_path, self.settings.errors_path,
+                        prompt_order(self.settings))
+            if lost:  # what the lost replicas held: counted again after the merge
+                self.missing = count_pending(self.settings,
+                                             recover_output(self.settings.out_path))
+                log.warning("replica(s) %s lost: their unwritten samples are left for the next "
+                            "run", ", ".join(map(str, lost)))
+        writer.finish(self.counts, self.missing)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -554,15 +643,25 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+class Incomplete(Exception):
+    """Replicas were lost: the samples they held are not written (the next run makes them)."""
+
+
 def end_of_run(settings: Settings, stop: StopRequested, results: Results, plan: Plan) -> None:
     """How the run ends for the user: a clean exit, or why it stopped early. Rank 0 hears of
     every replica's bad lines, so it is the one that reports --strict's."""
-    writer = results.writer
-    if settings.strict and (bad := results.first_bad_line):
+    writer_rank = results.dist.is_writer
+    if writer_rank and settings.strict and (bad := results.first_bad_line):
         raise UserError(f"{settings.prompt_path}: line {bad.line}: {bad.reason} (--strict; see "
                         f"{settings.errors_path})")
     if stop.signal is not None:
         raise Interrupted(stop.signal)
-    if writer is not None and writer.bad_lines and not (writer.samples or plan.done):
+    if not writer_rank:
+        return
+    if results.missing:
+        raise Incomplete(f"{results.missing} sample(s) missing: a replica was lost (see the "
+                         "log); run the same command again to make them")
+    counts = results.counts
+    if counts.bad_lines and not (counts.samples or plan.done):
         raise UserError(f"every line of {settings.prompt_path} is bad: the reasons are in "
                         f"{settings.errors_path}")

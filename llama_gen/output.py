@@ -8,6 +8,7 @@ its samples: (custom_id, i) for each of its choices i.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import json
@@ -23,6 +24,7 @@ import jsonlines
 from .errors import UserError
 from .openai_batch import done_key
 from .records import BadLine
+from .replicas import Counts, Replicas
 from .settings import JobSettings
 
 log = logging.getLogger(__name__)
@@ -185,28 +187,52 @@ class ProgressLog:
 
 
 class Writer:
-    """Rank 0's side of the job: the output and errors files, progress for people (a bar on a
-    terminal, the log for `tail -f`) and the final summary."""
+    """A replica leader's side of the job: its output and errors files (--out_path's, or its part
+    files when there are several replicas), and on global rank 0 progress for people (a bar on a
+    terminal, the log for `tail -f`) and the final summary. With `replicas`, the progress shown
+    is every replica's, from their shared counters."""
 
-    def __init__(self, settings: JobSettings, total: int):
-        self.out = JsonlAppender(settings.out_path)
-        self.errors = JsonlAppender(settings.errors_path)
-        self.known_errors = recorded_error_lines(settings.errors_path)
-        self.progress = ProgressLog(settings.log_path)
+    def __init__(self, settings: JobSettings, total: int, out_path: Path | None = None,
+                 errors_path: Path | None = None, shows_progress: bool = True,
+                 replicas: Replicas | None = None):
+        self.out = JsonlAppender(out_path or settings.out_path)
+        self.errors = JsonlAppender(errors_path or settings.errors_path)
+        # The errors file's lines, not written again (a part's are left to the merge).
+        self.known_errors = recorded_error_lines(settings.errors_path) if errors_path is None \
+            else set()
+        self.replicas = replicas
+        self.progress = ProgressLog(settings.log_path) if shows_progress else None
         self.total = total
-        self.samples = self.tokens = self.bad_lines = 0
-        self.context_limited = 0  # completions the end of the context cut short
+        self.counts = Counts()
         scoring = settings.score_keys is not None
         self._counted, self._verb = (("n_tokens", "scored") if scoring
                                      else ("completion_tokens", "generated"))
         self.start = self._last_report = self._last_console = time.monotonic()
         self._bar = None
-        if sys.stderr.isatty():
+        self._last_line = 0
+        if shows_progress and sys.stderr.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=total, unit="sample", dynamic_ncols=True)
-        self.progress.write(f"start: {total} sample(s) to write to {settings.out_path}")
+        if self.progress is not None:
+            self.progress.write(f"start: {total} sample(s) to write to {settings.out_path}")
 
-    def counts(self, line: dict[str, Any]) -> tuple[int, int]:
+    @property
+    def samples(self) -> int:
+        return self.counts.samples
+
+    @property
+    def tokens(self) -> int:
+        return self.counts.tokens
+
+    @property
+    def bad_lines(self) -> int:
+        return self.counts.bad_lines
+
+    @property
+    def context_limited(self) -> int:
+        return self.counts.context_limited
+
+    def counts_of(self, line: dict[str, Any]) -> tuple[int, int]:
         """The samples and tokens a line holds (a batch line: its request's choices)."""
         if is_batch_line(line):
             body = line["response"]["body"]
@@ -215,25 +241,39 @@ class Writer:
 
     def output(self, line: dict[str, Any], source_line: int) -> None:
         self.out.write(line)
-        samples, tokens = self.counts(line)
-        self.samples += samples
-        self.tokens += tokens
-        self.context_limited += line.get("context_limit") is True
-        if self._bar is not None:
-            self._bar.update(samples)
-            self._bar.set_postfix_str(f"{self.tokens / self._elapsed():.0f} tok/s", refresh=False)
+        samples, tokens = self.counts_of(line)
+        self.counts.samples += samples
+        self.counts.tokens += tokens
+        self.counts.context_limited += line.get("context_limit") is True
+        self._last_line = source_line
+        if self.replicas is not None:
+            self.replicas.finished(samples, tokens)
+        self.show()
+
+    def show(self) -> None:
+        """Progress for people, at most once a second (and at the last sample): every
+        replica's samples and tokens so far."""
         now = time.monotonic()
-        if now - self._last_report >= 1.0 or self.samples == self.total:
-            self._last_report = now
-            message = (f"done {self.samples}/{self.total} samples, last line {source_line}, "
-                       f"{self.tokens / self._elapsed():.1f} tok/s")
-            self.progress.write(message)
-            if self._bar is None and now - self._last_console >= 30:
-                self._last_console = now
-                log.info(message)
+        if self.progress is None or (now - self._last_report < 1.0
+                                     and self.samples != self.total):
+            return
+        self._last_report = now
+        samples, tokens = (self.replicas.progress() if self.replicas is not None
+                           else (self.samples, self.tokens))
+        rate = tokens / self._elapsed()
+        if self._bar is not None:
+            self._bar.update(samples - self._bar.n)
+            self._bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+        message = (f"done {samples}/{self.total} samples, last line {self._last_line}, "
+                   f"{rate:.1f} tok/s")
+        self.progress.write(message)
+        if self._bar is None and now - self._last_console >= 30:
+            self._last_console = now
+            log.info(message)
 
     def bad_line(self, bad: BadLine) -> None:
-        self.bad_lines += 1
+        self.counts.bad_lines += 1
+        self.counts.first_bad_line = self.counts.first_bad_line or dataclasses.asdict(bad)
         if bad.line not in self.known_errors:
             self.known_errors.add(bad.line)
             self.errors.write(bad.as_json())
@@ -241,25 +281,30 @@ class Writer:
     def _elapsed(self) -> float:
         return max(time.monotonic() - self.start, 1e-9)
 
-    def summary(self) -> str:
+    def summary(self, counts: Counts | None = None, missing: int = 0) -> str:
+        """How the run went: these counts (by default this writer's own)."""
+        counts = counts or self.counts
         elapsed = self._elapsed()
-        cut = (f", {self.context_limited} cut short by --max_seq_len (raise it)"
-               if self.context_limited else "")
-        return (f"{self.samples} sample(s) written{cut}, {self.bad_lines} bad line(s), "
-                f"{self.tokens} tokens {self._verb} in {elapsed:.1f}s "
-                f"({self.tokens / elapsed:.1f} tok/s)")
+        cut = (f", {counts.context_limited} cut short by --max_seq_len (raise it)"
+               if counts.context_limited else "")
+        lost = f", {missing} missing (run the same command again)" if missing else ""
+        return (f"{counts.samples} sample(s) written{cut}{lost}, {counts.bad_lines} bad "
+                f"line(s), {counts.tokens} tokens {self._verb} in {elapsed:.1f}s "
+                f"({counts.tokens / elapsed:.1f} tok/s)")
 
-    def finish(self) -> None:
+    def finish(self, counts: Counts | None = None, missing: int = 0) -> None:
         """Close the bar, then say how it went (in the log and on the console)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        self.progress.write("end: " + self.summary())
-        log.info("%s", self.summary())
+        if self.progress is not None:
+            self.progress.write("end: " + self.summary(counts, missing))
+            log.info("%s", self.summary(counts, missing))
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         self.out.close()
         self.errors.close()
-        self.progress.close()
+        if self.progress is not None:
+            self.progress.close()

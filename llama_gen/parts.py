@@ -81,7 +81,7 @@ def merge_parts(out_path: Path, errors_path: Path,
     index.sort()
     appended = _append_lines(out_path, parts, [(n, offset) for _, n, offset in index])
     _merge_errors(errors_path, error_parts(out_path))
-    for part in parts + error_parts(out_path):
+    for part in parts + error_parts(out_path) + sorted(parts_dir(out_path).glob(".*.probe")):
         part.unlink()
     try:
         parts_dir(out_path).rmdir()

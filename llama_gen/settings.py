@@ -124,6 +124,10 @@ class JobSettings:
                                               "number of processes, else all of them)")
     device: str | None = setting(None, help="cpu, cuda or cuda:N (default: this process's GPU "
                                  "if any, else cpu)")
+    replica_timeout: float = setting(300.0, low=0, low_open=True, help="seconds a replica may "
+                                     "give no sign of life before the others count it lost "
+                                     "(several replicas): the run then ends without its "
+                                     "unwritten samples, for the next run to make")
 
     def __post_init__(self) -> None:
         check_fields(self)

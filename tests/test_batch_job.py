@@ -19,7 +19,6 @@ from llama_gen.job import (Prompting, Results, Tag, Work, batch_choice,
                            count_pending, pending_work, requests_for)
 from llama_gen.output import recover_output
 from llama_gen.records import BadLine, Record
-from llama_gen.replicas import decode, encode
 from llama_gen.sampling import counter_uniform, derive_seed, filtered_probs
 from llama_gen.settings import Settings
 from llama_gen.tiny_tokenizers import build_tiktoken_model
@@ -86,7 +85,7 @@ def settings(tmp_path: Path, *lines: dict | str, **kwargs) -> Settings:
 
 
 def works(s: Settings, tokenizer, done=frozenset()) -> list[Work | BadLine]:
-    return list(pending_work(s, set(done), Prompting(tokenizer, None), 0, 1))
+    return list(pending_work(s, set(done), Prompting(tokenizer, None)))
 
 
 def completion_of(request: Request, tokenizer, text: str, stop_reason=None) -> Completion:
@@ -181,9 +180,11 @@ def test_a_batch_request_ignores_the_runs_echo_and_chat_flags(tmp_path, tokenize
     assert [r.params.seed for r in requests] == [derive_seed(4, "r-1", i) for i in range(2)]
 
 
-def test_a_batch_bad_line_keeps_its_custom_id_between_replicas():
+def test_a_batch_bad_line_keeps_its_custom_id_through_a_part_file():
+    """Another replica's bad line reaches the errors file through its errors part, as JSON."""
     bad = BadLine(3, "the prompt has 90 tokens", "{}", max_seq_len=64, custom_id="r-1")
-    assert decode(encode(bad)) == bad
+    entry = json.loads(json.dumps(bad.as_json()))
+    assert entry["custom_id"] == "r-1" and entry["line"] == 3 and entry["max_seq_len"] == 64
 
 
 # --- end to end through the command ------------------------------------------------------------
@@ -379,7 +380,7 @@ def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints,
     s = Settings(ckpt_dir=ckpt, prompt_path=prompts, out_path=tmp_path / "x.jsonl")
     prompting = Prompting.for_run(s, tokenizer, model.args.norm_eps)
     requests = {(r.tag.record.id, r.tag.sample): r
-                for w in pending_work(s, set(), prompting, 0, 1) for r in requests_for(w, s)}
+                for w in pending_work(s, set(), prompting) for r in requests_for(w, s)}
     key, tokens = next(((k, c["index"]), [ids[bytes(t["bytes"])] for t in content])
                        for k in ("r1", "r2", "r3") for c in choices(got[k])
                        if len(content := c["logprobs"]["content"]) >= 3)

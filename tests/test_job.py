@@ -2,7 +2,9 @@
 writer (one process), the replicas' messages, and how a run ends."""
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import signal
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from llama_gen.job import (Interrupted, Plan, Prompting, Results, StopRequested,
                            pending_work, prepare, requests_for)
 from llama_gen.output import OutputLock
 from llama_gen.records import BadLine, Record, parse_line
-from llama_gen.replicas import Finished, decode, encode
+from llama_gen import replicas as replicas_module
+from llama_gen.replicas import Counts, Finished, Replicas
 from llama_gen.sampling import derive_seed
 from llama_gen.settings import OUTPUT_FIELDS, Settings
 from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
@@ -231,9 +234,24 @@ def test_count_pending_counts_samples_not_done(tmp_path):
     assert count_pending(s, {(1, 1), (2, 0), (2, 3), (3, 0)}) == 1 + 2
 
 
-def shares(s: Settings, tokenizer, replicas: int, done=frozenset()) -> list[list]:
-    return [list(pending_work(s, set(done), Prompting(tokenizer, None), r, replicas))
-            for r in range(replicas)]
+def shares(s: Settings, tokenizer, replicas: int, done=frozenset(), chunk_records: int = 1,
+           seed: int | None = None) -> list[list]:
+    """Each replica's items of `pending_work`, the replicas claiming chunks from one counter (as
+    from torchrun's store) and taking items in turn, or in a random order given a seed."""
+    counter = itertools.count()
+    claim = (lambda: next(counter)) if replicas > 1 else None
+    feeds = [pending_work(s, set(done), Prompting(tokenizer, None), claim, chunk_records,
+                          reports_invalid=r == 0) for r in range(replicas)]
+    out: list[list] = [[] for _ in feeds]
+    live, turn, rng = list(range(replicas)), 0, random.Random(seed)
+    while live:
+        r = live[turn % len(live)] if seed is None else rng.choice(live)
+        turn += 1
+        try:
+            out[r].append(next(feeds[r]))
+        except StopIteration:
+            live.remove(r)
+    return out
 
 
 def test_two_replicas_share_the_pending_samples_disjointly_and_completely(tmp_path, tokenizer):
@@ -243,16 +261,16 @@ def test_two_replicas_share_the_pending_samples_disjointly_and_completely(tmp_pa
     done = {(0, 0), (1, 0), (1, 1), (4, 2), (8, 0)}
     everything = {(i, k) for i in range(9) for k in range(1 + i % 3)} - done
     assert count_pending(s, done) == len(everything)
-    for replicas in (1, 2, 3):
+    for replicas, chunk, seed in itertools.product((1, 2, 3), (1, 2, 5), (None, 1, 2)):
         pairs = [[(w.record.id, k) for w in share for k in w.samples]
-                 for share in shares(s, tokenizer, replicas, done)]
+                 for share in shares(s, tokenizer, replicas, done, chunk, seed)]
         flat = [p for share in pairs for p in share]
         assert len(flat) == len(set(flat))  # no sample twice
         assert set(flat) == everything  # none left out
         records = [{pair[0] for pair in share} for share in pairs]
         assert all(a.isdisjoint(b) for i, a in enumerate(records) for b in records[i + 1:])
-        if replicas == 2:  # records 0 and 1 are done: 7 with work left, taken in turn
-            assert [sorted(r) for r in records] == [[2, 4, 6, 8], [3, 5, 7]]
+        if (replicas, chunk, seed) == (2, 2, None):  # 7 records left, claimed 2 at a time
+            assert [sorted(r) for r in records] == [[2, 3, 6, 7], [4, 5, 8]]
 
 
 def test_bad_lines_are_reported_by_replica_0_only(tmp_path, tokenizer):
@@ -261,8 +279,7 @@ def test_bad_lines_are_reported_by_replica_0_only(tmp_path, tokenizer):
     first, second = shares(settings(tmp_path), tokenizer, 2)
     assert [x.line for x in first if isinstance(x, BadLine)] == [2, 4, 5]
     assert not [x for x in second if isinstance(x, BadLine)]
-    assert [x.record.id for x in first if isinstance(x, Work)] == ["a", "d"]
-    assert [x.record.id for x in second if isinstance(x, Work)] == ["b"]
+    assert sorted(x.record.id for x in first + second if isinstance(x, Work)) == ["a", "b", "d"]
     assert all(x.max_seq_len is None for x in first if isinstance(x, BadLine))
 
 
@@ -271,7 +288,7 @@ def test_a_prompt_too_long_is_reported_by_its_owner_with_the_context_it_was_trie
     write_prompts(tmp_path, {"prompt": "short", "id": "a"}, {"prompt": LONG_PROMPT, "id": "b"})
     n = len(tokenizer.encode(LONG_PROMPT, bos=True))
     first, second = shares(settings(tmp_path, max_seq_len=32), tokenizer, 2)
-    assert [type(x).__name__ for x in first] == ["Work"]
+    assert [type(x).__name__ for x in first] == ["Work"]  # chunk 0, "a"; chunk 1 is the other's
     [bad] = second
     assert isinstance(bad, BadLine) and bad.line == 2 and bad.max_seq_len == 32
     assert bad.reason.startswith(f"the prompt has {n} tokens; --max_seq_len 32")
@@ -327,7 +344,7 @@ def test_prepare_locks_checks_and_counts(tmp_path, tokenizer, single_process):
 def test_results_on_one_process_go_to_the_writer(tmp_path, stop):
     s = settings(tmp_path)
     results = Results(s, ONE_PROCESS, total=2, tokenizer=None)  # deliver formats nothing
-    assert results.mailbox is None and results.writer is not None
+    assert results.replicas is None and results.writer is not None
     try:
         results.deliver(Finished({"id": 1, "sample": 0, "completion": "é",
                                   "completion_tokens": 2}, 1))
@@ -349,20 +366,36 @@ def test_results_on_one_process_go_to_the_writer(tmp_path, stop):
     assert "end: 2 sample(s) written, 2 bad line(s)" in s.log_path.read_text()
 
 
-# --- the replicas' messages ----------------------------------------------------------------------
+# --- the replicas' counters ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("message", [
-    Finished({"prompt": "é🦙\n", "id": 3, "sample": 1, "completion": "a\u2028b",
-              "meta": {"x": [1, None]}, "logprobs": [None, -0.25]}, 7),
-    Finished({"id": "k", "sample": 0}, 1),
-    BadLine(2, "invalid JSON: Expecting value at column 1", "not json é"),
-    BadLine(5, "the prompt has 40 tokens", '{"prompt": "…"}', max_seq_len=32),
-])
-def test_a_replica_message_survives_encoding(message):
-    text = encode(message)
-    assert isinstance(text, str)
-    back = decode(text)
-    assert type(back) is type(message) and back == message
+def replica(store, rank: int, size: int) -> Replicas:
+    return Replicas(Dist(rank=rank, world_size=size, device=torch.device("cpu"),
+                         backend="gloo", model_parallel_size=1), store)
+
+
+def test_replicas_claim_distinct_chunks_and_share_progress():
+    store = torch.distributed.HashStore()  # c10d's in-memory store, as torchrun's TCPStore
+    a, b = replica(store, 0, 2), replica(store, 1, 2)
+    assert [a.claim(), b.claim(), b.claim(), a.claim()] == [0, 1, 2, 3]
+    a.finished(2, 30)
+    b.finished(1, 5)
+    a.report(), b.report()
+    assert a.progress() == b.progress() == (3, 35)
+
+
+def test_rank_0_waits_for_the_done_and_gives_up_on_the_silent(monkeypatch):
+    """Replica 1 finishes with its counts; replica 2 beat once and went silent: after the
+    timeout it is lost, and the wait returns without it."""
+    monkeypatch.setattr(replicas_module, "BEAT_SECONDS", 0.0)
+    store = torch.distributed.HashStore()
+    rank0, done, silent = (replica(store, r, 3) for r in range(3))
+    silent.beat()
+    done.done(Counts(samples=4, tokens=40, bad_lines=1))
+    ticks = []
+    counts, lost = rank0.wait_for_others(timeout=1.0, should_stop=lambda: False,
+                                         tick=lambda: ticks.append(1))
+    assert (counts.samples, counts.tokens, counts.bad_lines) == (4, 40, 1)
+    assert lost == [2] and ticks
 
 
 # --- the end of a run ----------------------------------------------------------------------------
@@ -456,8 +489,7 @@ def test_a_clash_found_on_resume_names_the_ways_out_that_work(tmp_path):
 # --- work sharing and requests: a replica's share of the pending records ----------------------
 
 def collect(s: Settings, tokenizer, replicas: int, done=frozenset()):
-    return [list(pending_work(s, set(done), Prompting(tokenizer, None), r, replicas))
-            for r in range(replicas)]
+    return shares(s, tokenizer, replicas, done)
 
 
 def test_pending_work_shards_records_disjointly_and_completely(tmp_path, tokenizer):
@@ -469,7 +501,7 @@ def test_pending_work_shards_records_disjointly_and_completely(tmp_path, tokeniz
     ids = [{w.record.id for w in share} for share in shares]
     assert ids[0].isdisjoint(ids[1])
     assert ids[0] | ids[1] == {f"r{i}" for i in range(7)}
-    assert len(ids[0]) == 4 and len(ids[1]) == 3  # balanced
+    assert len(ids[0]) == 4 and len(ids[1]) == 3  # taking turns: balanced
     for share in shares:
         for w in share:
             assert isinstance(w, Work) and w.samples == [0]
@@ -486,7 +518,7 @@ def test_pending_work_skips_done_pairs_and_rebalances_what_is_left(tmp_path, tok
     pending = {w.record.id: w.samples for share in shares for w in share}
     assert pending == {1: [1], 2: [0], 3: [0, 1], 5: [0, 1], "m": [0, 2]}
     ids = [[w.record.id for w in share] for share in shares]
-    assert ids == [[1, 3, "m"], [2, 5]]  # fully done records take no turn in the rotation
+    assert ids == [[1, 3, "m"], [2, 5]]  # fully done records are in no chunk
     for share in shares:
         for w in share:
             assert all((w.record.id, i) not in done for i in w.samples)
@@ -501,26 +533,28 @@ def test_pending_work_with_everything_done_is_empty(tmp_path, tokenizer):
 def test_bad_lines_come_from_replica_0_and_too_long_prompts_from_their_owner(tmp_path, tokenizer):
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 10
     write_prompts(tmp_path,
-                  {"prompt": "short a", "id": "a"},      # owned by replica 0
+                  {"prompt": "short a", "id": "a"},      # chunk 0
                   "not json",                            # line 2: invalid, replica 0 reports
-                  {"prompt": long_prompt, "id": "b"},    # owned by replica 1: too long
+                  {"prompt": long_prompt, "id": "b"},    # chunk 1: too long
                   {"prompt": "short c", "id": "a"},      # line 4: duplicate id, replica 0
-                  {"prompt": "short c", "id": "c"},      # owned by replica 0
-                  {"prompt": long_prompt, "id": "d"})    # owned by replica 1: too long
+                  {"prompt": "short c", "id": "c"},      # chunk 2
+                  {"prompt": long_prompt, "id": "d"})    # chunk 3: too long
     s = settings(tmp_path, max_seq_len=32)
     assert len(tokenizer.encode(long_prompt, bos=True)) > 31
     shares = collect(s, tokenizer, 2)
     kinds = [[(type(x).__name__, x.line if isinstance(x, BadLine) else x.record.id)
               for x in share] for share in shares]
-    assert kinds == [[("Work", "a"), ("BadLine", 2), ("BadLine", 4), ("Work", "c")],
-                     [("BadLine", 3), ("BadLine", 6)]]
-    too_long = shares[1][0]
+    # Replica 0 claims chunk 0, replica 1 chunk 1; then each claims as it reaches past its own.
+    assert kinds == [[("Work", "a"), ("BadLine", 2), ("BadLine", 4), ("BadLine", 6)],
+                     [("BadLine", 3), ("Work", "c")]]
+    too_long = shares[1][0]  # line 3's
     n = len(tokenizer.encode(long_prompt, bos=True))
     assert too_long.reason.startswith(f"the prompt has {n} tokens; --max_seq_len 32 allows at "
                                       "most 31")
     assert json.loads(too_long.text) == {"prompt": long_prompt, "id": "b"}
     assert too_long.max_seq_len == 32  # retried on a resume with a longer context
-    assert all(x.max_seq_len is None for x in shares[0] if isinstance(x, BadLine))
+    assert all(x.max_seq_len is None for x in shares[0] if isinstance(x, BadLine)
+               and x.line in (2, 4))  # invalid lines: no context tried
     # One replica reports everything.
     alone = collect(s, tokenizer, 1)[0]
     assert sorted(x.line for x in alone if isinstance(x, BadLine)) == [2, 3, 4, 6]

@@ -417,7 +417,7 @@ def test_a_prompt_too_long_is_retried_after_a_resume_with_a_longer_context(tmp_p
         s = Settings(ckpt_dir=ckpt, prompt_path=tmp_path / "prompts.jsonl",
                      out_path=tmp_path / "out.jsonl", max_seq_len=max_seq_len)
         done = prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32"))
-        work = list(pending_work(s, done, Prompting(tokenizer, None), 0, 1))
+        work = list(pending_work(s, done, Prompting(tokenizer, None)))
         writer = Writer(s, total=0)
         for item in work:
             if isinstance(item, BadLine):
