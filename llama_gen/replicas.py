@@ -74,6 +74,7 @@ class Replicas:
         self.size = dist.data_parallel_size
         self._unreported = [0, 0]  # samples, tokens
         self._last_report = self._last_beat = 0.0
+        self.progress_seconds = 0.0  # rank 0's time reading the others' progress
 
     def claim(self) -> int:
         """The next chunk no replica has taken: one round trip."""
@@ -99,8 +100,11 @@ class Replicas:
 
     def progress(self) -> tuple[int, int]:
         """Every replica's reported samples and tokens so far (rank 0's progress)."""
+        start = time.perf_counter()
         with _store_errors():
-            return (self._store.add(f"{KEY}/samples", 0), self._store.add(f"{KEY}/tokens", 0))
+            counts = (self._store.add(f"{KEY}/samples", 0), self._store.add(f"{KEY}/tokens", 0))
+        self.progress_seconds += time.perf_counter() - start
+        return counts
 
     def beat(self) -> None:
         """Say this replica is alive (rate-limited: call it as often as convenient)."""
