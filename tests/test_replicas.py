@@ -4,7 +4,6 @@ time, and a rerun writes every sample exactly once, as one uninterrupted process
 Four replicas on prompts of very uneven lengths: exactly once, and claims balance the work."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -14,13 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_gen.settings import Settings
 from nodes import LLAMA_GEN, Node, start_nodes, start_standalone, stop_all
-
-CLAIMS_LANDED = "replica_timeout" in {f.name for f in dataclasses.fields(Settings)}
-needs_claims = pytest.mark.xfail(
-    not CLAIMS_LANDED, strict=False,
-    reason="issue 15: needs claims, part files, --replica_timeout and a lost-replica exit")
 
 REPLICA_TIMEOUT_S = 5
 SURVIVOR_BOUND_S = 60  # --replica_timeout, a heartbeat period, the merge, torchrun's shutdown
@@ -144,7 +137,6 @@ def last_start_count(out: Path) -> int:
     return int(re.findall(r"start: (\d+) sample\(s\)", Path(f"{out}.log").read_text())[-1])
 
 
-@needs_claims
 def test_a_killed_node_ends_the_run_in_bounded_time_and_reruns_write_each_sample_once(
         two_node_job, tmp_path):
     """Run 1 loses rank 0's node, which hosts torchrun's store; run 2 loses node 1, and rank 0
@@ -154,7 +146,7 @@ def test_a_killed_node_ends_the_run_in_bounded_time_and_reruns_write_each_sample
     assert set(want) == {(i + 1, s) for i in range(len(TWO_NODE_RECORDS)) for s in (0, 1)}
     out = tmp_path / "o.jsonl"
     job = ["--prompt_path", str(prompts), "--out_path", str(out), *args]
-    fast_loss = ["--replica_timeout", str(REPLICA_TIMEOUT_S)] if CLAIMS_LANDED else []
+    fast_loss = ["--replica_timeout", str(REPLICA_TIMEOUT_S)]
 
     survivor = kill_one_node(job + fast_loss, out, rank=0)
     assert survivor.proc.returncode != 0, survivor.stderr
@@ -206,7 +198,6 @@ def test_four_replicas_on_uneven_prompts_write_each_sample_once(four_replicas):
     assert_same_lines(out, want)
 
 
-@needs_claims
 def test_four_replicas_claiming_chunks_finish_within_a_chunk_of_each_other(four_replicas):
     """Each replica's leader logs `replica R done: C chunk(s), S sample(s) in T s` at its end;
     the lines arrive on stderr as they are written. The spread of their arrival is at most
