@@ -1,6 +1,7 @@
 """Replica benchmark: rank 0's time on the other replicas' results, old design against new.
 
-    python scripts/bench_replicas.py [--replicas 1,2,4] [--prompts 256] [--old_commit 06a8c9a]
+    python scripts/bench_replicas.py [--replicas 1,2,4] [--prompts 256] [--repeats 1]
+                                     [--old_commit 06a8c9a]
 
 Runs the tiny model under `torchrun --standalone --nproc_per_node N` on the CPU for each N, once
 with this checkout (claims and part files: rank 0 logs its time on the others) and once with the
@@ -90,7 +91,8 @@ class Run:
     tokens: int
     job_s: float
     tok_s: float
-    on_others: str  # rank 0's time on the other replicas' results, in words
+    others_s: float  # rank 0's time on the other replicas' results
+    on_others: str  # the same, in parts
 
 
 def write_inputs(folder: Path, prompts: int) -> tuple[Path, Path]:
@@ -109,7 +111,7 @@ def command(n: int, ckpt: Path, prompts: Path, out: Path) -> list[str]:
             "--max_seq_len", "128", "--ignore_eos", "--seed", "1", "--device", "cpu"]
 
 
-def old_design_time(stderr: str, n: int, tree: Path) -> str:
+def old_design_time(stderr: str, n: int, tree: Path) -> tuple[float, str]:
     """Rank 0's receive and delivery totals from the hook; checks that it ran the old tree and
     that the wrappers were called."""
     [found] = [json.loads(line.split(HOOK_TAG, 1)[1]) for line in stderr.splitlines()
@@ -117,27 +119,28 @@ def old_design_time(stderr: str, n: int, tree: Path) -> str:
     assert found["package"].startswith(str(tree)), found["package"]
     if n == 1:
         assert found["receive_calls"] == 0, found
-        return "0 (one replica: no mailbox)"
+        return 0.0, "one replica: no mailbox"
     assert found["receive_calls"] > 0 and found["delivered"] == found["received"], found
-    total = found["receive_s"] + found["deliver_s"]
-    return (f"**{total:.3f} s**: {found['receive_s']:.3f} s in {found['receive_calls']} "
-            f"mailbox polls ({found['receive_s'] - found['receive_s_final_wait']:.3f} s of it "
-            f"while its own replica decoded), {found['deliver_s']:.3f} s writing "
-            f"{found['delivered']} line(s) of the others")
+    polls, seconds = found["receive_calls"], found["receive_s"]
+    return seconds + found["deliver_s"], (
+        f"{seconds:.3f} s in {polls} mailbox polls ({1000 * seconds / polls:.1f} ms each; "
+        f"{seconds - found['receive_s_final_wait']:.3f} s of it while its own replica decoded), "
+        f"{found['deliver_s']:.3f} s writing {found['delivered']} line(s) of the others")
 
 
-def new_design_time(stderr: str, n: int, tree: None) -> str:
+def new_design_time(stderr: str, n: int, tree: None) -> tuple[float, str]:
     found = NEW_LINE.search(stderr)
     if n == 1:
         assert found is None
-        return "0 (one replica writes --out_path itself)"
+        return 0.0, "one replica writes --out_path itself"
     progress, merge, lines = float(found[1]), float(found[2]), int(found[3])
-    return (f"**{progress + merge:.3f} s**: {progress:.3f} s reading progress counters, "
-            f"{merge:.3f} s merging {lines} line(s) at the end")
+    return progress + merge, (f"{progress:.3f} s reading progress counters, {merge:.3f} s "
+                              f"merging {lines} line(s) at the end")
 
 
 def run_one(design: str, n: int, ckpt: Path, prompts: Path, folder: Path, env: dict,
             tree: Path | None) -> Run:
+    folder.mkdir(exist_ok=True)
     args = command(n, ckpt, prompts, folder / f"{design}-{n}.jsonl")
     start = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
@@ -145,11 +148,12 @@ def run_one(design: str, n: int, ckpt: Path, prompts: Path, folder: Path, env: d
     if done.returncode != 0:
         raise SystemExit(f"{design} design, {n} replica(s) failed:\n{done.stderr[-3000:]}")
     summary = SUMMARY.search(done.stderr)
-    on_others = (old_design_time if design == "old" else new_design_time)(done.stderr, n, tree)
+    measure = old_design_time if design == "old" else new_design_time
+    others_s, on_others = measure(done.stderr, n, tree)
     shown_env = " ".join(f"{k}={env[k]}" for k in ("OMP_NUM_THREADS", "PYTHONPATH",
                                                       "BENCH_REPLICAS_HOOK") if k in env)
     return Run(design, n, f"{shown_env} {' '.join(args)}", wall, int(summary[1]),
-               int(summary[2]), float(summary[3]), float(summary[4]), on_others)
+               int(summary[2]), float(summary[3]), float(summary[4]), others_s, on_others)
 
 
 def old_tree(commit: str) -> Path:
@@ -161,16 +165,27 @@ def old_tree(commit: str) -> Path:
     return tree
 
 
-def table(runs: list[Run]) -> str:
-    rows = ["| design | replicas | wall s (whole command) | job s | samples | tok/s "
-            "| rank 0's time on the other replicas' results |", "|---|---|---|---|---|---|---|"]
-    rows += [f"| {r.design} | {r.replicas} | {r.wall_s:.1f} | {r.job_s:.1f} | {r.samples} "
-             f"| {r.tok_s:.0f} | {r.on_others} |" for r in runs]
+def median_run(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.others_s)[len(runs) // 2]
+
+
+def table(groups: dict[tuple[str, int], list[Run]]) -> str:
+    """One row per design and replica count: the repeat with the median time on the others
+    (its wall, job and tok/s columns are that repeat's), and every repeat's total."""
+    rows = ["| design | replicas | wall s (whole command) | job s | samples | tok/s | rank 0 on "
+            "the others' results, s (each repeat) | of which (median repeat) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for (design, n), runs in groups.items():
+        r = median_run(runs)
+        each = ", ".join(f"{run.others_s:.3f}" for run in runs)
+        rows.append(f"| {design} | {n} | {r.wall_s:.1f} | {r.job_s:.1f} | {r.samples} "
+                    f"| {r.tok_s:.0f} | **{r.others_s:.3f}** ({each}) | {r.on_others} |")
     return "\n".join(rows)
 
 
-def main(replicas: str | tuple = "1,2,4", prompts: int = 256, old_commit: str = "06a8c9a") -> None:
-    counts = [int(n) for n in (replicas.split(",") if isinstance(replicas, str) else replicas)]
+def main(replicas: int | str | tuple = "1,2,4", prompts: int = 256, repeats: int = 1,
+         old_commit: str = "06a8c9a") -> None:
+    counts = [int(n) for n in str(replicas).strip("()[]").split(",") if n.strip()]
     folder = Path(tempfile.mkdtemp(prefix="bench_replicas_"))
     ckpt, prompt_path = write_inputs(folder, prompts)
     hook_dir = folder / "hook"
@@ -179,15 +194,19 @@ def main(replicas: str | tuple = "1,2,4", prompts: int = 256, old_commit: str = 
     base = {**os.environ, "OMP_NUM_THREADS": "1"}
     tree = old_tree(old_commit)
     old_env = {**base, "PYTHONPATH": f"{tree}:{hook_dir}", "BENCH_REPLICAS_HOOK": "1"}
-    runs = []
-    for n in counts:
+    load_before = os.getloadavg()[0]
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for i, n in ((i, n) for i in range(repeats) for n in counts):
         for design, env, code in (("old", old_env, tree), ("new", base, None)):
-            runs.append(run_one(design, n, ckpt, prompt_path, folder, env, code))
-            print(f"done: {design} design, {n} replica(s), {runs[-1].wall_s:.1f} s", flush=True)
-    print(f"\nold design: {old_commit}; new design: {current_commit()}; {os.cpu_count()} CPU "
-          f"core(s), so more replicas than that oversubscribe them\n\ncommands:")
-    print("\n".join(f"    {r.command}" for r in runs))
-    print("\n" + table(runs))
+            run = run_one(design, n, ckpt, prompt_path, folder / f"{i}", env, code)
+            groups.setdefault((design, n), []).append(run)
+            print(f"done: {design} design, {n} replica(s), {run.wall_s:.1f} s", flush=True)
+    print(f"\nold design: {old_commit}; new design: {current_commit()}; {prompts} prompts x 2 "
+          f"samples x 32 tokens; {os.cpu_count()} CPU core(s), so more replicas than that "
+          f"oversubscribe them; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} "
+          f"after\n\ncommands (first repeat):")
+    print("\n".join(f"    {runs[0].command}" for runs in groups.values()))
+    print("\n" + table(groups))
 
 
 def current_commit() -> str:
