@@ -194,17 +194,17 @@ def main(replicas: int | str | tuple = "1,2,4", prompts: int = 256, repeats: int
     base = {**os.environ, "OMP_NUM_THREADS": "1"}
     tree = old_tree(old_commit)
     old_env = {**base, "PYTHONPATH": f"{tree}:{hook_dir}", "BENCH_REPLICAS_HOOK": "1"}
-    load_before = os.getloadavg()[0]
+    load_before, new_commit = os.getloadavg()[0], current_commit()  # main may move meanwhile
     groups: dict[tuple[str, int], list[Run]] = {}
     for i, n in ((i, n) for i in range(repeats) for n in counts):
         for design, env, code in (("old", old_env, tree), ("new", base, None)):
             run = run_one(design, n, ckpt, prompt_path, folder / f"{i}", env, code)
             groups.setdefault((design, n), []).append(run)
             print(f"done: {design} design, {n} replica(s), {run.wall_s:.1f} s", flush=True)
-    print(f"\nold design: {old_commit}; new design: {current_commit()}; {prompts} prompts x 2 "
-          f"samples x 32 tokens; {os.cpu_count()} CPU core(s), so more replicas than that "
-          f"oversubscribe them; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} "
-          f"after\n\ncommands (first repeat):")
+    print(f"\nold design: {old_commit}; new design: {new_commit} (at the start); {prompts} "
+          f"prompts x 2 samples x 32 tokens; {os.cpu_count()} CPU core(s), so more replicas "
+          f"than that oversubscribe them; load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after\n\ncommands (first repeat):")
     print("\n".join(f"    {runs[0].command}" for runs in groups.values()))
     print("\n" + table(groups))
 
