@@ -15,9 +15,11 @@ from llama_gen.distributed import Dist
 from llama_gen.engine import Completion, Request, SamplingParams
 from llama_gen.errors import UserError
 from llama_gen.job import (Interrupted, Plan, Prompting, Results, StopRequested,
-                           Tag, Work, check_no_clash, count_pending, end_of_run, output_line,
-                           pending_work, prepare, requests_for)
+                           Tag, Work, check_no_clash, check_shared_folder, count_pending,
+                           end_of_run, output_line, pending_work, prepare, requests_for,
+                           start_parts)
 from llama_gen.output import OutputLock
+from llama_gen.parts import parts_dir
 from llama_gen.records import BadLine, Record, parse_line
 from llama_gen import replicas as replicas_module
 from llama_gen.replicas import Counts, Finished, Replicas
@@ -690,3 +692,16 @@ def test_a_system_message_for_a_plain_prompt_without_chat_is_a_bad_line(tmp_path
     [items] = shares(s, tokenizer, 1)
     assert isinstance(items[0], BadLine) and "--chat" in items[0].reason
     assert isinstance(items[1], Work)
+
+
+# --- several replicas: the parts folder must be shared -------------------------------------------
+
+def test_a_replica_that_cannot_see_the_parts_folder_stops_the_run_naming_it(tmp_path):
+    s = settings(tmp_path)
+    run = start_parts(s)
+    check_shared_folder(s, ONE_PROCESS, run)  # rank 0's own probe: seen
+    (parts_dir(s.out_path) / f".{run}.probe").unlink()  # as a node without the shared folder
+    with pytest.raises(UserError, match=r"\.parts: replica\(s\) 0 cannot see this folder .* "
+                                        r"filesystem every node shares"):
+        check_shared_folder(s, ONE_PROCESS, run)
+    check_shared_folder(s, ONE_PROCESS, "")  # one replica: nothing to check
