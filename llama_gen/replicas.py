@@ -159,5 +159,5 @@ def _store_errors():
     try:
         yield
     except distributed.StoreError as e:
-        raise StoreLost(f"torchrun's key-value store is gone ({e}): its node may have died"
+        raise StoreLost(f"torchrun's key-value store is gone ({e}): torchrun or its node died"
                         ) from None
