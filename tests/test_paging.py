@@ -211,3 +211,21 @@ def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_completion(
     assert max(width for width, _, _ in chunks) <= 12
     if mask_elements == 200:
         assert max(width * kv_len for width, kv_len, _ in chunks) <= 200
+
+
+def test_compiled_decode_over_a_paged_cache_gives_the_eager_completions(single_process,
+                                                                       tiny_checkpoints):
+    """--compile with a paged cache: the compiled step takes the block table as inputs (its
+    padding rows write to the sink) and gives the unpaged eager completions."""
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    model = load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), single_process,
+                       torch.float32)
+    reqs = requests(model, GREEDY, n=6)
+    want = unpaged(model, reqs)
+    torch._dynamo.reset()
+    engine = Engine(model, (), max_batch_size=3, max_seq_len=MAX_SEQ_LEN, compile=True,
+                    kv_block_size=8, kv_cache_tokens=2 * MAX_SEQ_LEN)
+    got = run(engine, reqs)
+    for r in reqs:
+        assert_same(got[r.tag], want[r.tag])
+    assert engine.stats.wasted_slot_steps > 0  # padding rows ran, writing to the sink
