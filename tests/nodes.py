@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+from test_cli import descendants
+
 LLAMA_GEN = str(Path(sys.executable).parent / "llama-gen")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -22,14 +24,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return []
-    return [d for c in map(int, children) for d in [c, *descendants(c)]]
 
 
 def environ(pid: int) -> dict[str, str]:

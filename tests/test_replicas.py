@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nodes import LLAMA_GEN, Node, start_nodes, start_standalone, stop_all
+from test_cli import read_output, write_prompts
 
 REPLICA_TIMEOUT_S = 5
 SURVIVOR_BOUND_S = 60  # --replica_timeout, a heartbeat period, the merge, torchrun's shutdown
@@ -21,18 +22,6 @@ TWO_NODE_RECORDS = [{"prompt": f"Prompt {i}: " + "la " * (i % 5)} for i in range
 TWO_NODE_ARGS = ["--temperature", "0", "--max_gen_len", "32", "--ignore_eos", "--num_samples",
                  "2", "--max_batch_size", "2", "--max_seq_len", "80"]
 DONE_LINE = re.compile(r"replica (\d+) done: (\d+) chunk\(s\), (\d+) sample\(s\) in ([\d.]+) s")
-
-
-def write_prompts(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def read_output(path: Path) -> dict[tuple, dict]:
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    by_key = {(r["id"], r["sample"]): r for r in lines}
-    assert len(by_key) == len(lines), "a (record, sample) was written twice"
-    return by_key
 
 
 def part_lines(out: Path, skip: frozenset[str] = frozenset()) -> dict[int, list[bytes]]:
