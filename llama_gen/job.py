@@ -596,7 +596,7 @@ class Results:
         if self.replicas is not None:
             log.log(logging.INFO if self.dist.is_writer else logging.WARNING,
                     "replica %d done: %d chunk(s), %d sample(s) in %.1f s",
-                    self.dist.data_parallel_rank, chunks, writer.samples,
+                    self.dist.data_parallel_rank, chunks, writer.counts.samples,
                     time.monotonic() - writer.start)
         if self.replicas is not None and not self.dist.is_writer:
             self.replicas.done(writer.counts)

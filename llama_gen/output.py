@@ -216,22 +216,6 @@ class Writer:
         if self.progress is not None:
             self.progress.write(f"start: {total} sample(s) to write to {settings.out_path}")
 
-    @property
-    def samples(self) -> int:
-        return self.counts.samples
-
-    @property
-    def tokens(self) -> int:
-        return self.counts.tokens
-
-    @property
-    def bad_lines(self) -> int:
-        return self.counts.bad_lines
-
-    @property
-    def context_limited(self) -> int:
-        return self.counts.context_limited
-
     def counts_of(self, line: dict[str, Any]) -> tuple[int, int]:
         """The samples and tokens a line holds (a batch line: its request's choices)."""
         if is_batch_line(line):
@@ -255,11 +239,11 @@ class Writer:
         replica's samples and tokens so far."""
         now = time.monotonic()
         if self.progress is None or (now - self._last_report < 1.0
-                                     and self.samples != self.total):
+                                     and self.counts.samples != self.total):
             return
         self._last_report = now
         samples, tokens = (self.replicas.progress() if self.replicas is not None
-                           else (self.samples, self.tokens))
+                           else (self.counts.samples, self.counts.tokens))
         rate = tokens / self._elapsed()
         if self._bar is not None:
             self._bar.update(samples - self._bar.n)

@@ -114,7 +114,7 @@ def test_a_requests_line_waits_for_all_its_samples_then_holds_them_in_order(tmp_
     assert problems(line, SCHEMA[COMPLETIONS_URL]) == []
     assert [(c["index"], c["text"]) for c in choices(line)] == [(0, " one"), (1, " two")]
     assert line["response"]["body"]["model"] == "m"
-    assert (results.writer.samples, count_pending(s, recover_output(s.out_path))) == (2, 0)
+    assert (results.writer.counts.samples, count_pending(s, recover_output(s.out_path))) == (2, 0)
 
 
 def test_a_stop_drops_a_partial_answer_and_the_next_run_makes_the_whole_request(

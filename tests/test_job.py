@@ -358,7 +358,7 @@ def test_results_on_one_process_go_to_the_writer(tmp_path, stop):
     finally:
         results.close()
     assert results.first_bad_line == BadLine(2, "invalid JSON", "x")
-    assert (results.writer.samples, results.writer.tokens, results.writer.bad_lines) == (2, 5, 2)
+    assert (results.counts.samples, results.counts.tokens, results.counts.bad_lines) == (2, 5, 2)
     assert [json.loads(x) for x in s.out_path.read_bytes().splitlines()] == [
         {"id": 1, "sample": 0, "completion": "é", "completion_tokens": 2},
         {"id": 4, "sample": 0, "completion": "z", "completion_tokens": 3}]

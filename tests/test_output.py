@@ -323,7 +323,7 @@ def test_writer_appends_lines_counts_them_and_logs_progress(tmp_path):
     assert [json.loads(x) for x in s.errors_path.read_bytes().splitlines()] == [
         {"line": 2, "reason": "r", "text": "t"},
         {"line": 4, "reason": "too long", "text": "y", "max_seq_len": 16}]
-    assert (writer.samples, writer.tokens, writer.bad_lines) == (2, 7, 2)
+    assert (writer.counts.samples, writer.counts.tokens, writer.counts.bad_lines) == (2, 7, 2)
     assert writer.summary().startswith("2 sample(s) written, 2 bad line(s), 7 tokens generated")
     assert "cut short" not in writer.summary()  # only where the context cut one
     log = (tmp_path / "progress.log").read_text()
@@ -396,7 +396,7 @@ def test_writer_counts_a_batch_lines_choices_and_writes_batch_errors_in_the_api_
     writer.bad_line(BadLine(4, "invalid JSON", "x"))
     writer.finish()
     writer.close()
-    assert (writer.samples, writer.tokens, writer.bad_lines) == (4, 19, 2)
+    assert (writer.counts.samples, writer.counts.tokens, writer.counts.bad_lines) == (4, 19, 2)
     first, second = [json.loads(x) for x in s.errors_path.read_bytes().splitlines()]
     assert (first["custom_id"], first["line"], first["error"]["code"]) == (
         "r-3", 3, "invalid_request")
