@@ -107,14 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         say(f"error: {e}")
         sys.exit(2)
     except Interrupted as e:
-        say(f"{e}; what was finished is written: resume with the same command")
+        say(f"{e}; what was finished is written: run the same command to resume")
         sys.exit(128 + e.signum)
     except StoreLost as e:  # on whichever replica noticed it
         print(f"llama-gen: error: {e}; what this replica finished is in its part files: run "
               "the same command again to resume", file=sys.stderr)
         sys.exit(1)
-    except Incomplete as e:
-        say(f"error: {e}")
+    except Incomplete as e:  # empty on the ranks whose log said why
+        if str(e):
+            say(f"error: {e}")
         sys.exit(3)
     except KeyboardInterrupt:  # before the job's own handler is installed
         say("interrupted")

@@ -151,9 +151,14 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def key_value_store() -> dist.Store:
-    """The process group's key-value store (torchrun's, or the in-memory one of one process)."""
-    return dist.distributed_c10d._get_default_store()
+def key_value_store(timeout: timedelta) -> dist.Store:
+    """A client of torchrun's key-value store whose calls give up after `timeout`, its keys
+    apart for each of torchrun's attempts; the process group's own store without torchrun."""
+    if "MASTER_ADDR" not in os.environ:
+        return dist.distributed_c10d._get_default_store()
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", client)
 
 
 StoreError = dist.DistError  # what the store raises when its server (torchrun) is gone

@@ -14,6 +14,7 @@ leader writes part files (`parts.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -39,7 +40,7 @@ from .plan import Sizing
 from .output import OutputLock, Writer, recover_output
 from .parts import error_part_path, merge_parts, output_parts, part_path, parts_dir
 from .records import BadLine, Form, Record, read_records
-from .replicas import Counts, Finished, Message, Replicas
+from .replicas import Counts, End, Finished, Message, Replicas, StoreLost, Verdict
 from .resume import prepare_output, run_fingerprint
 from .sampling import derive_seed
 from .scoring import Scored, Scorer, ScoreRequest, score_problem
@@ -69,29 +70,33 @@ def run_job(settings: Settings) -> None:
     prompting = Prompting.for_run(settings, tokenizer, args.norm_eps)
     dist = distributed.init_distributed(model_parallel_size(settings), settings.device)
     stop = StopRequested()
-    lock = OutputLock(settings.lock_path, settings.out_path)
-    results = None
+    lock = OutputLock(settings.lock_path, settings.out_path, settings.lock)
+    results = feed = None
     try:
         dtype = resolve_dtype(settings.dtype, dist.device)
         settings = dataclasses.replace(
             settings, max_seq_len=resolve_max_seq_len(settings, args, dist, dtype))
         plan = prepare(settings, tokenizer, str(dtype), dist, lock)
         check_shared_folder(settings, dist, plan.run)
-        results = Results(settings, dist, plan.total, tokenizer, plan.run)
+        results = Results(settings, dist, plan.total, tokenizer, plan.run, bool(plan.done))
         model = sizing = None
         if plan.total:
             model = load_model(settings.ckpt_dir, tokenizer, dist, dtype)
             sizing = size_cache(settings, model, dist)
             settings = dataclasses.replace(settings, max_batch_size=sizing.max_batch_size)
-        feed = Feed(settings, plan.done, prompting, dist, results, stop, results.replicas)
+        feed = Feed(settings, plan.done, prompting, dist, results, stop,
+                    results.replicas if dist.is_model_parallel_leader else None)
         if sizing is None:  # no sample to write: the feed only records bad lines
             for _ in feed.requests():
                 pass
         else:
             for result in run_model(settings, sizing, model, tokenizer, dist, feed):
                 results.finished(result)
-        results.finish(stop, feed.chunks)
-        end_of_run(settings, stop, results, plan)
+        results.end(stop, feed.stopped(), feed.claimed, feed.chunks)
+    except BaseException as e:
+        if results is not None:
+            results.abandon(e, *((feed.claimed, feed.chunks) if feed else ()))
+        raise
     finally:
         if results is not None:
             results.close()
@@ -134,7 +139,11 @@ def prepare(settings: Settings, tokenizer: Tokenizer, dtype: str, dist: Dist,
                 merge_parts(settings.out_path, settings.errors_path, prompt_order(settings))
             done = prepare_output(settings, run_fingerprint(settings, tokenizer.path, dtype))
             run = start_parts(settings) if dist.data_parallel_size > 1 else ""
-            outcome = Plan(frozenset(done), count_pending(settings, done), run)
+            pending, written = count_samples(settings, done)
+            if written:  # what a stopped (or failed) run left, before anything else happens
+                log.info("resuming: %d of %d sample(s) already in %s, %d to make", written,
+                         written + pending, settings.out_path, pending)
+            outcome = Plan(frozenset(done), pending, run)
         except (UserError, OSError) as e:
             outcome = str(e)
     outcome = distributed.broadcast_from_rank0(outcome)
@@ -179,16 +188,22 @@ def check_shared_folder(settings: JobSettings, dist: Dist, run: str) -> None:
 
 
 def count_pending(settings: Settings, done: set[tuple[Any, int]]) -> int:
-    """Samples still to write (for progress), in a pass that tokenizes nothing; a record whose
-    fields clash with the output's is an error here, before any work."""
-    pending = 0
+    """Samples still to write, in a pass that tokenizes nothing; a record whose fields clash
+    with the output's is an error here, before any work."""
+    return count_samples(settings, done)[0]
+
+
+def count_samples(settings: Settings, done: set[tuple[Any, int]]) -> tuple[int, int]:
+    """The prompt file's samples still to write, and those `done` already holds."""
+    pending = written = 0
     for item in records_of(settings):
         if isinstance(item, Record):
             if item.batch is None:  # a batch line's output holds none of its fields
                 check_no_clash(item, settings, resuming=bool(done))
             n = settings.with_overrides(item.overrides).num_samples
-            pending += sum((item.id, i) not in done for i in range(n))
-    return pending
+            left = sum((item.id, i) not in done for i in range(n))
+            pending, written = pending + left, written + n - left
+    return pending, written
 
 
 def records_of(settings: JobSettings) -> Iterator[Record | BadLine]:
@@ -223,8 +238,9 @@ class Ending(enum.Enum):
     """Why a feed stopped before its work was done: it reads no further line, and its group
     drops the sequences it has not finished."""
 
-    SIGNAL = enum.auto()  # Ctrl-C or SIGTERM (end_of_run reports it as Interrupted)
+    SIGNAL = enum.auto()  # Ctrl-C or SIGTERM to this process
     STRICT = enum.auto()  # --strict and a bad line (rank 0 reports the line)
+    RUN_STOPPED = enum.auto()  # another replica stopped the whole run
 
 
 @dataclass(frozen=True)
@@ -309,49 +325,85 @@ class Prompting:
 
 def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prompting,
                  claim: Callable[[], int] | None = None, chunk_records: int = 1,
-                 reports_invalid: bool = True) -> Iterator[Work | BadLine]:
+                 reports_invalid: bool = True,
+                 on_claimed: Callable[[int], None] = lambda samples: None
+                 ) -> Iterator[Work | BadLine]:
     """The records with samples still to write, tokenized, and the bad lines to report. With
     `claim` (several replicas), the pending records are cut into chunks of `chunk_records` and
     only the chunks `claim()` hands out are this replica's: it asks for another when it reaches
-    past its last (so only when its consumer wants more). Invalid lines are reported by the
-    replica that `reports_invalid` (every replica reads them), prompts too long for the context
-    by the replica whose chunk holds them. A run resolves --max_seq_len first; settings that
-    leave it None (no model to take it from) check no prompt's length."""
+    past its last (so only when its consumer wants more). `on_claimed` hears the samples of
+    each record taken (of each chunk, once read whole). Invalid lines are reported by the
+    replica that `reports_invalid` (every replica reads them), records bad once tokenized (a
+    prompt too long for the context, a dialog the format cannot take) by the replica whose
+    chunk holds them. A run resolves --max_seq_len first; settings that leave it None (no model
+    to take it from) check no prompt's length."""
+    for item in _owned_records(settings, done, claim, chunk_records, reports_invalid,
+                               on_claimed):
+        if isinstance(item, BadLine):
+            yield item
+            continue
+        record, samples = item
+        shown = json.dumps(record.fields, ensure_ascii=False)[:1000]
+        custom_id = record.batch and record.batch.custom_id
+        own = settings.with_overrides(record.overrides)
+        try:
+            if settings.score_keys is None:
+                tokens, first = prompting.tokens(record, own), None
+                problem = prompt_problem(len(tokens), settings.max_seq_len or len(tokens) + 1)
+            else:
+                tokens, first = prompting.score_tokens(record, own)
+                problem = score_problem(len(tokens), settings.max_seq_len or len(tokens), first)
+        except DialogError as e:
+            yield BadLine(record.line, str(e), shown, custom_id=custom_id, samples=len(samples))
+            continue
+        if problem:
+            yield BadLine(record.line, problem, shown, max_seq_len=settings.max_seq_len,
+                          custom_id=custom_id, samples=len(samples))
+            continue
+        yield Work(record, tokens, samples, first)
+
+
+def _owned_records(settings: Settings, done: set[tuple[Any, int]],
+                   claim: Callable[[], int] | None, chunk_records: int, reports_invalid: bool,
+                   on_claimed: Callable[[int], None]
+                   ) -> Iterator[tuple[Record, list[int]] | BadLine]:
+    """This replica's pending records with their pending samples, and the invalid lines it
+    reports, in file order. A claimed chunk is read whole before any of it is handed on, so
+    that `on_claimed` knows its samples from the start."""
     pending, claimed = -1, -1
+    held: list[tuple[Record, list[int]] | BadLine] = []  # the claimed chunk, as read so far
+    held_records = held_samples = 0
     for item in records_of(settings):
         if isinstance(item, BadLine):
             if reports_invalid:
-                yield item
+                if held:
+                    held.append(item)
+                else:
+                    yield item
             continue
         n = settings.with_overrides(item.overrides).num_samples
         samples = [i for i in range(n) if (item.id, i) not in done]
         if not samples:
             continue
         pending += 1
-        if claim is not None:
-            chunk = pending // chunk_records
-            if chunk > claimed:  # past the last chunk claimed: take the next free one
-                claimed = claim()
-            if chunk != claimed:
-                continue
-        shown = json.dumps(item.fields, ensure_ascii=False)[:1000]
-        custom_id = item.batch and item.batch.custom_id
-        own = settings.with_overrides(item.overrides)
-        try:
-            if settings.score_keys is None:
-                tokens, first = prompting.tokens(item, own), None
-                problem = prompt_problem(len(tokens), settings.max_seq_len or len(tokens) + 1)
-            else:
-                tokens, first = prompting.score_tokens(item, own)
-                problem = score_problem(len(tokens), settings.max_seq_len or len(tokens), first)
-        except DialogError as e:
-            yield BadLine(item.line, str(e), shown, custom_id=custom_id)
+        if claim is None:
+            on_claimed(len(samples))
+            yield item, samples
             continue
-        if problem:
-            yield BadLine(item.line, problem, shown, max_seq_len=settings.max_seq_len,
-                          custom_id=custom_id)
+        chunk = pending // chunk_records
+        if chunk > claimed:  # past the last chunk claimed: take the next free one
+            claimed = claim()
+        if chunk != claimed:
             continue
-        yield Work(item, tokens, samples, first)
+        held.append((item, samples))
+        held_records, held_samples = held_records + 1, held_samples + len(samples)
+        if held_records == chunk_records:
+            on_claimed(held_samples)
+            yield from held
+            held, held_records, held_samples = [], 0, 0
+    if held:
+        on_claimed(held_samples)
+        yield from held
 
 
 def requests_for(work: Work, settings: JobSettings) -> Iterator[Request | ScoreRequest]:
@@ -385,6 +437,7 @@ class Feed:
         self.results, self.stop, self.replicas = results, stop, replicas
         self.ending: Ending | None = None
         self.chunks = 0  # chunks this replica claimed
+        self.claimed = 0  # the samples of the records it took
         self._decode_steps = 0
 
     def requests(self) -> Iterator[Request | ScoreRequest]:
@@ -410,7 +463,8 @@ class Feed:
         chunk_records = max(1, window // self.settings.num_samples)
         claim = None if self.replicas is None else self._claim
         for item in pending_work(self.settings, self.done, self.prompting, claim, chunk_records,
-                                 reports_invalid=self.dist.data_parallel_rank == 0):
+                                 reports_invalid=self.dist.data_parallel_rank == 0,
+                                 on_claimed=self._count_claimed):
             if isinstance(item, BadLine):
                 self.results.deliver(item)
                 if self.settings.strict:  # no further line is read; the job stops as on Ctrl-C
@@ -419,10 +473,25 @@ class Feed:
             else:
                 yield from requests_for(item, self.settings)
 
+    def _count_claimed(self, samples: int) -> None:
+        self.claimed += samples
+
     def _stopping(self) -> bool:
-        if self.stop and self.ending is None:
-            self.ending = Ending.SIGNAL
+        if self.ending is None:
+            if self.stop:
+                self.ending = Ending.SIGNAL
+            elif self.replicas is not None and self.replicas.run_stop is not None:
+                self.ending = Ending.RUN_STOPPED
         return self.ending is not None
+
+    def stopped(self) -> str | None:
+        """Why this replica stopped before its work was done (its leader's word, on every rank
+        of its group); None if it did not."""
+        why = None
+        if self.dist.is_model_parallel_leader:
+            why = {None: None, Ending.SIGNAL: self.stop.name, Ending.STRICT: "--strict",
+                   Ending.RUN_STOPPED: self.replicas and self.replicas.run_stop}[self.ending]
+        return distributed.broadcast_from_model_parallel_leader(why)
 
     def should_stop(self) -> bool:
         """Asked by the engine before each forward pass: whether the leader stops (unfinished
@@ -538,16 +607,19 @@ class Answers:
 
 class Results:
     """Where this rank's results go: a replica's leader writes its own (--out_path with one
-    replica, its part files with several); other ranks have none. Global rank 0 shows every
-    replica's progress and, at the end, waits for the others and merges their parts."""
+    replica, its part files with several); other ranks have none. At the end (`end`), every
+    rank learns how the run went and raises what its exit status says; global rank 0 shows
+    every replica's progress, waits for the others, merges their parts and checks that the
+    output holds every sample the start announced."""
 
     def __init__(self, settings: Settings, dist: Dist, total: int, tokenizer: Tokenizer,
-                 run: str = ""):
+                 run: str = "", resumed: bool = False):
         self.settings, self.dist, self.tokenizer, self.run = settings, dist, tokenizer, run
-        leader, several = dist.is_model_parallel_leader, dist.data_parallel_size > 1
-        self.replicas = Replicas(dist) if leader and several else None
+        self.total, self.resumed = total, resumed  # samples the start announced; done before?
+        several = dist.data_parallel_size > 1
+        self.replicas = Replicas(dist) if several else None  # every rank hears the verdict
         self.writer = None
-        if leader:
+        if dist.is_model_parallel_leader:
             replica = dist.data_parallel_rank
             files = ((part_path(settings.out_path, run, replica),
                       error_part_path(settings.out_path, run, replica)) if several
@@ -555,8 +627,9 @@ class Results:
             self.writer = Writer(settings, total, *files, shows_progress=dist.is_writer,
                                  replicas=self.replicas)
         self.answers = Answers(settings, tokenizer)
-        self.missing = 0  # samples not written: the replicas that were lost held them
-        self.counts = Counts()  # every replica's, on rank 0 at the end
+        self.missing = 0  # samples the run should have written and did not
+        self.counts = Counts()  # this replica's; every replica's on rank 0 at the end
+        self._ended = False
 
     @property
     def first_bad_line(self) -> BadLine | None:
@@ -583,47 +656,192 @@ class Results:
         else:
             self.writer.bad_line(message)
 
-    def finish(self, stop: StopRequested, chunks: int = 0) -> None:
-        """This replica is done. Every leader's files are synced; other replicas' leaders say so
-        to rank 0; rank 0 waits for them (until stopped, or each is lost: silent for
-        --replica_timeout), merges their parts and says how the run went."""
-        if self.writer is None:
+    # The end ---------------------------------------------------------------------------------
+
+    def end(self, stop: StopRequested, stopped: str | None = None, claimed: int | None = None,
+            chunks: int = 0) -> None:
+        """End this rank's part of the run: return if the run is complete, else raise what its
+        exit status says (Interrupted, Incomplete, UserError). `stopped`: why this replica
+        stopped before its work was done (its leader's word, the same on every rank of its
+        group), None if it did not; `claimed`: the samples it took (default: all announced)."""
+        self._ended = True
+        own = None
+        if self.writer is not None:
+            own = self._close_own(End(Counts(), self.total if claimed is None else claimed,
+                                      chunks, stopped=stopped))
+        if self.replicas is None:
+            self._end_alone(stop, own, stopped)
+        elif self.dist.is_writer:
+            self._end_rank0(stop, own)
+        else:
+            self._end_replica(stop, stopped)
+
+    def abandon(self, error: BaseException, claimed: int | None = None, chunks: int = 0
+                ) -> None:
+        """After an error on this rank, before `end`: its replica is stopped, not done (its
+        leader marks it, where the store still answers), and an error on rank 0 stops the
+        run. Best effort: the error itself is what this process reports."""
+        if self._ended or self.replicas is None:
             return
+        self._ended = True
+        reason = ("the store is gone" if isinstance(error, StoreLost)
+                  else f"error: {type(error).__name__}")
+        with contextlib.suppress(StoreLost):
+            if self.writer is not None:
+                self._close_own(End(Counts(), self.total if claimed is None else claimed,
+                                    chunks, stopped=reason))
+            if self.dist.is_writer and not isinstance(error, StoreLost):
+                self.replicas.stop_run(why_the_run_stops(0, reason))
+                self.replicas.give_verdict(Verdict(-1, why_the_run_stops(0, reason)))
+
+    def _close_own(self, end: End) -> End:
+        """A leader's files synced, its end with its counts said (and, but on rank 0, marked
+        for rank 0)."""
         writer = self.writer
         writer.out.sync()
         writer.errors.sync()
         self.counts = dataclasses.replace(writer.counts)
+        end = dataclasses.replace(end, counts=dataclasses.replace(writer.counts),
+                                  seconds=time.monotonic() - writer.start)
         if self.replicas is not None:
-            log.log(logging.INFO if self.dist.is_writer else logging.WARNING,
-                    "replica %d done: %d chunk(s), %d sample(s) in %.1f s",
-                    self.dist.data_parallel_rank, chunks, writer.counts.samples,
-                    time.monotonic() - writer.start)
-        if self.replicas is not None and not self.dist.is_writer:
-            self.replicas.done(writer.counts)
+            replica = self.dist.data_parallel_rank
+            log.log(logging.INFO if replica == 0 else logging.WARNING, "%s",
+                    end.describe(replica))
+            if replica != 0:
+                self.replicas.end(end)
+        return end
+
+    def _end_alone(self, stop: StopRequested, own: End | None, stopped: str | None) -> None:
+        """One replica: its leader (rank 0) counts in memory after a stop, from the output
+        otherwise; the other ranks of its group hear its verdict."""
+        if own is None:
+            verdict = distributed.broadcast_from_rank0(None)
+            if stop.signal is not None:
+                raise Interrupted(stop.signal)
+            if verdict.missing:
+                raise Incomplete("")
             return
-        if self.replicas is not None:
-            self.replicas.report()
-            others, lost = self.replicas.wait_for_others(
-                self.settings.replica_timeout, lambda: bool(stop), writer.show)
-            self.counts.add(others)
-            writer.out.close()
-            writer.errors.close()
-            merge_start = time.perf_counter()
+        stopped = stopped or stop.name
+        if stopped is None:
+            self.missing = self._missing_after_the_end()
+            left = self.missing
+        else:
+            left = max(0, self.total - self.counts.samples - self.counts.bad_samples)
+        distributed.broadcast_from_rank0(Verdict(left))
+        self._report(stop, stopped, left, [])
+
+    def _end_rank0(self, stop: StopRequested, own: End) -> None:
+        """Several replicas, rank 0: wait for every other replica to end or be lost; then merge
+        their parts and count from the output, or, if the run was stopped, count what remains
+        from the store's counters (seconds) and leave the parts for the next start to merge
+        (other replicas may still be appending to them)."""
+        replicas, writer = self.replicas, self.writer
+        replicas.report()
+        ends, lost = {}, []
+        if own.stopped is None:
+            ends, lost = replicas.wait_for_others(
+                self.settings.replica_timeout,
+                lambda: bool(stop) or replicas.run_stop is not None, writer.show)
+        stopped = own.stopped or stop.name or replicas.run_stop
+        if stopped is not None:
+            replicas.stop_run(why_the_run_stops(0, stopped))  # unless another did first
+            deadline = time.monotonic() + STOP_WAIT_SECONDS
+            ends, lost = replicas.wait_for_others(
+                self.settings.replica_timeout, lambda: time.monotonic() > deadline, writer.show)
+            for end in ends.values():
+                self.counts.add(end.counts)
+            samples, _, bad_samples = replicas.counters()
+            left = max(0, self.total - samples - bad_samples)
+            replicas.give_verdict(Verdict(left, f"the run was stopped ({stopped})"))
+            self._report(stop, stopped, left, [])
+            return
+        for end in ends.values():
+            self.counts.add(end.counts)
+        writer.out.close()
+        writer.errors.close()
+        merge_start = time.perf_counter()
+        with replicas.beating():  # the others wait for the verdict meanwhile
             merged = merge_parts(self.settings.out_path, self.settings.errors_path,
                                  prompt_order(self.settings))
-            log.info("rank 0's time on the other replicas: %.3f s reading their progress (about "
-                     "once a second), %.3f s merging %d line(s) of part files at the end",
-                     self.replicas.progress_seconds, time.perf_counter() - merge_start, merged)
-            if lost:  # what the lost replicas held: counted again after the merge
-                self.missing = count_pending(self.settings,
-                                             recover_output(self.settings.out_path))
-                log.warning("replica(s) %s lost: their unwritten samples are left for the next "
-                            "run", ", ".join(map(str, lost)))
-        writer.finish(self.counts, self.missing)
+            merge_seconds = time.perf_counter() - merge_start
+            self.missing = self._missing_after_the_end()
+        log.info("rank 0's time on the other replicas: %.3f s reading their progress (about "
+                 "once a second), %.3f s merging %d line(s) of part files at the end",
+                 replicas.progress_seconds, merge_seconds, merged)
+        causes = [f"replica {r} was lost" for r in lost] + [
+            f"replica {r} stopped ({end.stopped})" for r, end in ends.items() if end.stopped]
+        replicas.give_verdict(Verdict(self.missing, self._missing_message(causes)))
+        self._report(stop, None, self.missing, causes)
+
+    def _end_replica(self, stop: StopRequested, stopped: str | None) -> None:
+        """Several replicas, any rank but 0: a stop ends it at once; otherwise it waits for
+        rank 0's verdict, so that it exits 0 only from a run that is complete (torchrun waits
+        at its exit barrier only for nodes whose workers all exit 0)."""
+        replica = self.dist.data_parallel_rank
+        if stopped == "--strict" and self.writer is not None:
+            self.replicas.stop_run(why_the_run_stops(replica, stopped))
+        if stop.signal is not None:
+            raise Interrupted(stop.signal)
+        if stopped is not None:
+            raise Incomplete("")  # its leader's last line said why
+        verdict = self.replicas.wait_for_verdict(self.settings.replica_timeout)
+        if verdict is not None and not verdict.missing:
+            return
+        if self.writer is not None:
+            log.warning("replica %d: %s; run the same command again", replica,
+                        "rank 0 was lost before it could say whether the run is complete"
+                        if verdict is None else f"the run is incomplete: {verdict.message}")
+        raise Incomplete("")
+
+    def _missing_after_the_end(self) -> int:
+        """Samples the start announced that are neither in the output nor in a bad line, counted
+        from the output as it is now."""
+        left = count_pending(self.settings, recover_output(self.settings.out_path))
+        return max(0, left - self.counts.bad_samples)
+
+    def _missing_message(self, causes: list[str]) -> str:
+        why = "; ".join(causes) if causes else (
+            "the output holds fewer lines than were written (were files beside it changed "
+            "during the run?)")
+        return (f"{self.missing} sample(s) missing: {why}; run the same command again to make "
+                "them")
+
+    def _report(self, stop: StopRequested, stopped: str | None, left: int,
+                causes: list[str]) -> None:
+        """Rank 0: the summary, then what the exit status says: --strict's bad line, a stop, a
+        run that misses samples, or a run in which every line was bad."""
+        self.writer.finish(self.counts, left, stopped is not None)
+        if self.settings.strict and (bad := self.first_bad_line):
+            raise UserError(f"{self.settings.prompt_path}: line {bad.line}: {bad.reason} "
+                            f"(--strict; see {self.settings.errors_path})")
+        if stopped is not None and stop.signal is not None:
+            raise Interrupted(stop.signal, left)
+        if stopped is not None:
+            raise Incomplete(f"the run was stopped ({stopped}): {left} sample(s) remain; run "
+                             "the same command again to make them")
+        if left:
+            raise Incomplete(self._missing_message(causes))
+        if self.counts.bad_lines and not (self.counts.samples or self.resumed):
+            raise UserError(f"every line of {self.settings.prompt_path} is bad: the reasons "
+                            f"are in {self.settings.errors_path}")
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def why_the_run_stops(replica: int, stopped: str) -> str:
+    """A replica's stop, as the reason the others give for theirs."""
+    who = "rank 0" if replica == 0 else f"replica {replica}"
+    if stopped.startswith("SIG"):
+        return f"{who} got {stopped}"
+    if stopped == "--strict":
+        return f"{who} met a bad line (--strict)"
+    return f"{who} stopped ({stopped})"
+
+
+# Rank 0, stopped, waits this long for the other replicas' ends before it counts what remains.
+STOP_WAIT_SECONDS = 5.0
 
 
 class StopRequested:
@@ -640,32 +858,20 @@ class StopRequested:
     def __bool__(self) -> bool:
         return self.signal is not None
 
+    @property
+    def name(self) -> str | None:
+        return None if self.signal is None else signal.Signals(self.signal).name
+
 
 class Interrupted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+    """Stopped by a signal: what was finished is written; `left` samples remain."""
+
+    def __init__(self, signum: int, left: int | None = None):
+        remain = "" if left is None else f": {left} sample(s) remain"
+        super().__init__(f"stopped by {signal.Signals(signum).name}{remain}")
         self.signum = signum
 
 
 class Incomplete(Exception):
-    """Replicas were lost: the samples they held are not written (the next run makes them)."""
-
-
-def end_of_run(settings: Settings, stop: StopRequested, results: Results, plan: Plan) -> None:
-    """How the run ends for the user: a clean exit, or why it stopped early. Rank 0 hears of
-    every replica's bad lines, so it is the one that reports --strict's."""
-    writer_rank = results.dist.is_writer
-    if writer_rank and settings.strict and (bad := results.first_bad_line):
-        raise UserError(f"{settings.prompt_path}: line {bad.line}: {bad.reason} (--strict; see "
-                        f"{settings.errors_path})")
-    if stop.signal is not None:
-        raise Interrupted(stop.signal)
-    if not writer_rank:
-        return
-    if results.missing:
-        raise Incomplete(f"{results.missing} sample(s) missing: a replica was lost (see the "
-                         "log); run the same command again to make them")
-    counts = results.counts
-    if counts.bad_lines and not (counts.samples or plan.done):
-        raise UserError(f"every line of {settings.prompt_path} is bad: the reasons are in "
-                        f"{settings.errors_path}")
+    """The run ended without some of its samples (a replica was lost or stopped): the next run
+    makes them. Its message is rank 0's; other ranks raise it empty (their log said why)."""

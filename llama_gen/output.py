@@ -142,13 +142,18 @@ class JsonlAppender:
 
 
 class OutputLock:
-    """An exclusive lock on `<out_path>.lock`, released when the process ends however it ends."""
+    """An exclusive lock on `<out_path>.lock`, released when the process ends however it ends
+    (none if not `wanted`: --lock false)."""
 
-    def __init__(self, path: Path, out_path: Path):
-        self.path, self.out_path = path, out_path
+    def __init__(self, path: Path, out_path: Path, wanted: bool = True):
+        self.path, self.out_path, self.wanted = path, out_path, wanted
         self._file = None
 
     def acquire(self) -> None:
+        if not self.wanted:
+            log.warning("%s: not locked (--lock false): no other job may write it meanwhile",
+                        self.out_path)
+            return
         f = self.path.open("a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -159,6 +164,12 @@ class OutputLock:
             raise UserError(f"{self.out_path}: another llama-gen job ({holder}) is "
                             "writing this file; wait for it to finish or choose another "
                             "--out_path") from None
+        except OSError as e:  # ENOSYS, EOPNOTSUPP, ENOLCK: no flock on this filesystem
+            f.close()
+            raise UserError(f"{self.path}: cannot lock it ({e.strerror}): its filesystem has no "
+                            "flock (Lustre mounted without -o flock?). Mount it with flock, or "
+                            "put --out_path on a filesystem that has it; or, making sure no "
+                            "other job writes this --out_path, pass --lock false") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {os.uname().nodename}")
@@ -257,6 +268,9 @@ class Writer:
 
     def bad_line(self, bad: BadLine) -> None:
         self.counts.bad_lines += 1
+        self.counts.bad_samples += bad.samples
+        if self.replicas is not None and bad.samples:
+            self.replicas.finished(0, 0, bad.samples)
         self.counts.first_bad_line = self.counts.first_bad_line or dataclasses.asdict(bad)
         if bad.line not in self.known_errors:
             self.known_errors.add(bad.line)
@@ -265,25 +279,30 @@ class Writer:
     def _elapsed(self) -> float:
         return max(time.monotonic() - self.start, 1e-9)
 
-    def summary(self, counts: Counts | None = None, missing: int = 0) -> str:
-        """How the run went: these counts (by default this writer's own)."""
+    def summary(self, counts: Counts | None = None, left: int = 0, stopped: bool = False
+                ) -> str:
+        """How the run went: these counts (by default this writer's own), and the samples it
+        `left` unwritten: they remain (a stopped run) or are missing."""
         counts = counts or self.counts
         elapsed = self._elapsed()
         cut = (f", {counts.context_limited} cut short by --max_seq_len (raise it)"
                if counts.context_limited else "")
-        lost = f", {missing} missing (run the same command again)" if missing else ""
+        lost = (f", {left} {'remain' if stopped else 'missing'} (run the same command again)"
+                if left else "")
         return (f"{counts.samples} sample(s) written{cut}{lost}, {counts.bad_lines} bad "
                 f"line(s), {counts.tokens} tokens {self._verb} in {elapsed:.1f}s "
                 f"({counts.tokens / elapsed:.1f} tok/s)")
 
-    def finish(self, counts: Counts | None = None, missing: int = 0) -> None:
+    def finish(self, counts: Counts | None = None, left: int = 0, stopped: bool = False
+               ) -> None:
         """Close the bar, then say how it went (in the log and on the console)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self.progress is not None:
-            self.progress.write("end: " + self.summary(counts, missing))
-            log.info("%s", self.summary(counts, missing))
+            summary = self.summary(counts, left, stopped)
+            self.progress.write("end: " + summary)
+            log.info("%s", summary)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -62,6 +62,20 @@ def whole_lines(path: Path) -> Iterator[tuple[int, bytes]]:
             offset += len(raw)
 
 
+def parsed_lines(path: Path) -> Iterator[tuple[int, bytes, Any]]:
+    """(offset, line, its JSON value) of each whole line of a part. A line that does not parse is torn
+    too, where it is not the last: a client that crashed on NFS can leave a region of zero bytes
+    (or of old data) where its last writes were to go. It is skipped and logged, and the
+    sample it held, if any, is made again by the next run."""
+    for offset, raw in whole_lines(path):
+        try:
+            yield offset, raw, json.loads(raw)
+        except ValueError:
+            log.warning("%s: skipped a line at byte %d that is not JSON (%d bytes, %r...): torn "
+                        "by a crash; the next run makes what it held", path, offset, len(raw),
+                        raw[:20])
+
+
 def merge_parts(out_path: Path, errors_path: Path,
                 order: Callable[[Any], tuple] = lambda key: ()) -> int:
     """Append every part's lines that --out_path lacks, sorted by `order` of their first
@@ -73,8 +87,13 @@ def merge_parts(out_path: Path, errors_path: Path,
     done = recover_output(out_path)  # also cuts a torn last line of an interrupted merge
     index = []  # (order, part number, offset): lines are read again when appended
     for number, part in enumerate(parts):
-        for offset, raw in whole_lines(part):
-            pairs = done_pairs(json.loads(raw))
+        for offset, _, line in parsed_lines(part):
+            try:
+                pairs = done_pairs(line)
+            except (KeyError, TypeError, ValueError):
+                log.warning("%s: skipped a line at byte %d that is not an output line", part,
+                            offset)
+                continue
             if not done.issuperset(pairs):
                 done.update(pairs)
                 index.append((order(pairs[0]), number, offset))
@@ -116,9 +135,9 @@ def _merge_errors(errors_path: Path, parts: list[Path]) -> None:
     known = recorded_error_lines(errors_path)
     new: dict[int, bytes] = {}
     for part in parts:
-        for _, raw in whole_lines(part):
-            line = json.loads(raw)["line"]
-            if line not in known:
+        for _, raw, entry in parsed_lines(part):
+            line = entry.get("line") if isinstance(entry, dict) else None
+            if isinstance(line, int) and line not in known:
                 new.setdefault(line, raw)
     if new:
         with errors_path.open("ab") as out:

@@ -45,12 +45,14 @@ class BadLine:
     text: str  # the line as read (invalid UTF-8 replaced), cut to a readable length
     max_seq_len: int | None = None  # a prompt too long for this context: retried with a longer
     custom_id: str | None = None  # a batch request's: its entry is in the batch error format
+    samples: int = 0  # a record found bad once read: its pending samples (not in the file)
 
     def as_json(self) -> dict[str, Any]:
         """The errors file's entry. A batch request's is the API's error line, plus the line
         number (and max_seq_len) that resuming reads; any other is this BadLine's fields."""
         if self.custom_id is None:
-            return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+            return {k: v for k, v in dataclasses.asdict(self).items()
+                    if v is not None and k != "samples"}
         code = INVALID_REQUEST if self.max_seq_len is None else CONTEXT_LENGTH_EXCEEDED
         entry = error_line(self.custom_id, self.reason, code,
                            request_id=request_id(self.custom_id))

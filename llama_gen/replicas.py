@@ -1,22 +1,30 @@
-"""What data-parallel replicas tell each other, through torchrun's key-value store: counters only,
-never results (each replica writes its own part files, `parts.py`).
+"""What data-parallel replicas tell each other, through torchrun's key-value store: counters and
+marks only, never results (each replica writes its own part files, `parts.py`).
 
 - Claims: a replica's leader takes the next chunk of the pending records with one atomic add, as
   its engine needs more work, so fast replicas take more and a straggler holds back only its
   last chunk.
-- Progress: finished samples and tokens, added about once a second, which global rank 0 shows.
-- Liveness: a heartbeat counter per replica, and a mark with its final counts when it is done.
-  Rank 0 waits for every replica's mark, and declares lost a replica whose heartbeat stands
-  still for the replica timeout, so a dead node never hangs the run.
+- Progress: finished samples, tokens and the samples of bad records, added about once a second;
+  global rank 0 shows them, and after a stop counts what remains from them.
+- Liveness: a heartbeat counter per replica, and a mark at its end: done (every sample it
+  claimed is written or bad) or stopped, and why (its chunk is then unfinished). Rank 0 waits for
+  every replica's mark, and declares lost a replica whose heartbeat stands still for the
+  replica timeout, so a dead node never hangs the run.
+- The run's stop and verdict: any leader may stop the whole run (rank 0 when it is stopped,
+  --strict at a bad line); rank 0 says at the end whether the run is complete, and the other
+  processes wait for that word, so that none exits 0 from a run that is not.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from . import distributed
@@ -26,8 +34,12 @@ from .records import BadLine
 log = logging.getLogger(__name__)
 
 KEY = "llama-gen"
-BEAT_SECONDS = 2.0  # a leader bumps its heartbeat at most this often
+BEAT_SECONDS = 2.0  # a leader bumps its heartbeat, and reads the run's stop, at most this often
 REPORT_SECONDS = 1.0  # and adds its finished samples to the shared counters as often
+POLL_SECONDS = 0.5  # how often a waiting process reads the store
+# A store call gives up after this long: a vanished machine would otherwise hold it for the
+# process group's timeout (30 minutes).
+STORE_TIMEOUT = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -48,12 +60,14 @@ class StoreLost(Exception):
 
 @dataclass
 class Counts:
-    """What a replica wrote: samples, tokens, bad lines, completions cut by the context, and its
-    first bad line (for --strict)."""
+    """What a replica wrote: samples, tokens, bad lines and the samples of bad records (a record
+    found bad once read: too long, or a dialog its format cannot take), completions cut by the
+    context, and its first bad line (for --strict)."""
 
     samples: int = 0
     tokens: int = 0
     bad_lines: int = 0
+    bad_samples: int = 0
     context_limited: int = 0
     first_bad_line: dict[str, Any] | None = field(default=None)
 
@@ -61,69 +75,144 @@ class Counts:
         self.samples += other.samples
         self.tokens += other.tokens
         self.bad_lines += other.bad_lines
+        self.bad_samples += other.bad_samples
         self.context_limited += other.context_limited
         self.first_bad_line = self.first_bad_line or other.first_bad_line
 
 
+@dataclass(frozen=True)
+class End:
+    """How a replica ended. `stopped` says why it stopped early (a signal's name, --strict, the
+    run's stop, an error), None if it is done: every sample of the chunks it claimed is written
+    or in a bad line."""
+
+    counts: Counts
+    claimed: int  # samples of the chunks it claimed
+    chunks: int = 0
+    seconds: float = 0.0
+    stopped: str | None = None
+
+    def describe(self, replica: int) -> str:
+        """Its last line: done, or stopped with what it left unfinished."""
+        if self.stopped is None:
+            return (f"replica {replica} done: {self.chunks} chunk(s), {self.counts.samples} "
+                    f"sample(s) in {self.seconds:.1f} s")
+        made = self.counts.samples + self.counts.bad_samples
+        return (f"replica {replica} stopped ({self.stopped}) after {made} of its {self.claimed} "
+                f"claimed sample(s)")
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "counts": asdict(self.counts)})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> End:
+        fields = json.loads(text)
+        return cls(**{**fields, "counts": Counts(**fields["counts"])})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Rank 0's word at the end: how many samples the run left unwritten, and why."""
+
+    missing: int
+    message: str = ""
+
+
 class Replicas:
-    """One replica leader's side of the counters (`dist.data_parallel_size` > 1)."""
+    """One process's side of the counters (`dist.data_parallel_size` > 1): a replica leader
+    claims, reports, beats and marks its end; rank 0 also waits for the others and gives the
+    verdict; every process reads the run's stop and verdict."""
 
     def __init__(self, dist: Dist, store: Any = None):
-        self._store = store if store is not None else distributed.key_value_store()
+        self._store = store if store is not None else distributed.key_value_store(STORE_TIMEOUT)
         self.replica = dist.data_parallel_rank
         self.size = dist.data_parallel_size
-        self._unreported = [0, 0]  # samples, tokens
+        self._unreported = [0, 0, 0]  # samples, tokens, bad samples
         self._last_report = self._last_beat = 0.0
         self.progress_seconds = 0.0  # rank 0's time reading the others' progress
+        self.run_stop: str | None = None  # why the run was stopped, once a beat has read it
 
     def claim(self) -> int:
         """The next chunk no replica has taken: one round trip."""
         with _store_errors():
             return self._store.add(f"{KEY}/claims", 1) - 1
 
-    def finished(self, samples: int, tokens: int) -> None:
-        self._unreported[0] += samples
-        self._unreported[1] += tokens
+    def finished(self, samples: int, tokens: int, bad_samples: int = 0) -> None:
+        for i, n in enumerate((samples, tokens, bad_samples)):
+            self._unreported[i] += n
         if time.monotonic() - self._last_report >= REPORT_SECONDS:
             self.report()
 
     def report(self) -> None:
-        """Add the samples and tokens finished since the last report to the shared counters."""
-        samples, tokens = self._unreported
+        """Add what was finished since the last report to the shared counters."""
         with _store_errors():
-            if samples:
-                self._store.add(f"{KEY}/samples", samples)
-            if tokens:
-                self._store.add(f"{KEY}/tokens", tokens)
-        self._unreported = [0, 0]
+            for name, n in zip(("samples", "tokens", "bad_samples"), self._unreported):
+                if n:
+                    self._store.add(f"{KEY}/{name}", n)
+        self._unreported = [0, 0, 0]
         self._last_report = time.monotonic()
 
-    def progress(self) -> tuple[int, int]:
-        """Every replica's reported samples and tokens so far (rank 0's progress)."""
+    def counters(self) -> tuple[int, int, int]:
+        """Every replica's reported samples, tokens and bad samples so far."""
         start = time.perf_counter()
         with _store_errors():
-            counts = (self._store.add(f"{KEY}/samples", 0), self._store.add(f"{KEY}/tokens", 0))
+            counts = tuple(self._store.add(f"{KEY}/{name}", 0)
+                           for name in ("samples", "tokens", "bad_samples"))
         self.progress_seconds += time.perf_counter() - start
         return counts
 
+    def progress(self) -> tuple[int, int]:
+        """Every replica's reported samples and tokens so far (rank 0's progress)."""
+        return self.counters()[:2]
+
     def beat(self) -> None:
-        """Say this replica is alive (rate-limited: call it as often as convenient)."""
+        """Say this replica is alive, and read whether the run was stopped (rate-limited: call
+        it as often as convenient)."""
         if time.monotonic() - self._last_beat >= BEAT_SECONDS:
             with _store_errors():
                 self._store.add(f"{KEY}/beat/{self.replica}", 1)
+                if self.run_stop is None and self._store.check([f"{KEY}/stop"]):
+                    self.run_stop = self._store.get(f"{KEY}/stop").decode()
             self._last_beat = time.monotonic()
 
-    def done(self, counts: Counts) -> None:
-        """This replica has written all it will write; its counts go with the mark."""
+    @contextlib.contextmanager
+    def beating(self) -> Iterator[None]:
+        """Beat from a thread while the caller works for long without a chance to (rank 0's
+        merge and count at the end)."""
+        finished = threading.Event()
+
+        def beat() -> None:
+            with contextlib.suppress(StoreLost):
+                while not finished.wait(BEAT_SECONDS):
+                    self._last_beat = 0.0
+                    self.beat()
+
+        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            finished.set()
+            thread.join()
+
+    def stop_run(self, reason: str) -> None:
+        """Ask every replica to stop (they read it at their next beat)."""
+        with _store_errors():
+            if not self._store.check([f"{KEY}/stop"]):
+                self._store.set(f"{KEY}/stop", reason)
+        self.run_stop = self.run_stop or reason
+
+    def end(self, end: End) -> None:
+        """Mark this replica's end: its counts, and whether it is done or stopped."""
         self.report()
         with _store_errors():
-            self._store.set(f"{KEY}/done/{self.replica}", json.dumps(asdict(counts)))
+            self._store.set(f"{KEY}/end/{self.replica}", end.to_json())
 
     def wait_for_others(self, timeout: float, should_stop: Callable[[], bool],
-                        tick: Callable[[], None] = lambda: None) -> tuple[Counts, list[int]]:
-        """Rank 0: wait until every other replica is done or lost (its heartbeat unchanged for
-        `timeout` seconds), or until asked to stop; calls `tick` about twice a second. Returns
-        the done replicas' counts together and the replicas not done."""
+                        tick: Callable[[], None] = lambda: None) -> tuple[dict[int, End], list[int]]:
+        """Rank 0: wait until every other replica has marked its end or is lost (its heartbeat
+        unchanged for `timeout` seconds), or until `should_stop`; calls `tick` about twice a
+        second. Returns the ends marked, by replica, and the replicas with none."""
         others = range(1, self.size)
         seen = {r: (-1, time.monotonic()) for r in others}  # heartbeat count, when it changed
         waiting = set(others)
@@ -133,7 +222,7 @@ class Replicas:
             now = time.monotonic()
             with _store_errors():
                 for r in sorted(waiting):
-                    if self._store.check([f"{KEY}/done/{r}"]):
+                    if self._store.check([f"{KEY}/end/{r}"]):
                         waiting.discard(r)
                         continue
                     beats = self._store.add(f"{KEY}/beat/{r}", 0)
@@ -143,15 +232,33 @@ class Replicas:
                         log.warning("replica %d lost: no sign of life for %.0f s", r, timeout)
                         waiting.discard(r)
             if waiting:
-                time.sleep(0.5)
-        total, missing = Counts(), []
+                time.sleep(POLL_SECONDS)
+        ends = {}
         with _store_errors():
             for r in others:
-                if self._store.check([f"{KEY}/done/{r}"]):
-                    total.add(Counts(**json.loads(self._store.get(f"{KEY}/done/{r}"))))
-                else:
-                    missing.append(r)
-        return total, missing
+                if self._store.check([f"{KEY}/end/{r}"]):
+                    ends[r] = End.from_json(self._store.get(f"{KEY}/end/{r}"))
+        return ends, [r for r in others if r not in ends]
+
+    def give_verdict(self, verdict: Verdict) -> None:
+        with _store_errors():
+            self._store.set(f"{KEY}/verdict", json.dumps(asdict(verdict)))
+
+    def wait_for_verdict(self, timeout: float) -> Verdict | None:
+        """Rank 0's verdict, once it gives it; None if rank 0's heartbeat stands still for
+        `timeout` seconds first (rank 0 is lost: nobody can say the run is complete)."""
+        seen = (-1, time.monotonic())
+        while True:
+            with _store_errors():
+                if self._store.check([f"{KEY}/verdict"]):
+                    return Verdict(**json.loads(self._store.get(f"{KEY}/verdict")))
+                beats = self._store.add(f"{KEY}/beat/0", 0)
+            now = time.monotonic()
+            if beats != seen[0]:
+                seen = (beats, now)
+            elif now - seen[1] > timeout:
+                return None
+            time.sleep(POLL_SECONDS)
 
 
 @contextlib.contextmanager

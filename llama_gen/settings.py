@@ -119,12 +119,15 @@ class JobSettings:
                            "it and going on")
     overwrite: bool = setting(False, help="start over: the old output and its files are moved "
                               "aside under a dated name")
+    lock: bool = setting(True, help="lock --out_path against a second job (false: where the "
+                         "filesystem has no flock, as Lustre mounted without it; then make sure "
+                         "no other job writes the same --out_path)")
     model_parallel_size: int | None = setting(None, low=1, help="processes per model copy "
                                               "(default: the shard count when it divides the "
                                               "number of processes, else all of them)")
     device: str | None = setting(None, help="cpu, cuda or cuda:N (default: this process's GPU "
                                  "if any, else cpu)")
-    replica_timeout: float = setting(300.0, low=0, low_open=True, help="seconds a replica may "
+    replica_timeout: float = setting(120.0, low=0, low_open=True, help="seconds a replica may "
                                      "give no sign of life before the others count it lost "
                                      "(several replicas): the run then ends without its "
                                      "unwritten samples, for the next run to make")

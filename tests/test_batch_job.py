@@ -15,7 +15,7 @@ import torch
 from llama_gen.build import load_model
 from llama_gen.distributed import Dist
 from llama_gen.engine import Completion, Engine, Request, SamplingParams
-from llama_gen.job import (Prompting, Results, Tag, Work, batch_choice,
+from llama_gen.job import (Interrupted, Prompting, Results, Tag, Work, batch_choice,
                            count_pending, pending_work, requests_for)
 from llama_gen.output import recover_output
 from llama_gen.records import BadLine, Record
@@ -107,7 +107,7 @@ def test_a_requests_line_waits_for_all_its_samples_then_holds_them_in_order(tmp_
         results.finished(completion_of(second, tokenizer, " two"))
         assert s.out_path.read_bytes() == b""  # sample 0 is not in yet
         results.finished(completion_of(first, tokenizer, " one"))
-        results.finish(stop)
+        results.end(stop)
     finally:
         results.close()
     [line] = output_lines(s.out_path)
@@ -125,7 +125,9 @@ def test_a_stop_drops_a_partial_answer_and_the_next_run_makes_the_whole_request(
     try:
         for request in [*requests_for(work_1, s)][:2] + [*requests_for(work_2, s)]:
             results.finished(completion_of(request, tokenizer, " x"))
-        results.finish(stop)
+        signal.raise_signal(signal.SIGTERM)  # caught: only noted
+        with pytest.raises(Interrupted, match="stopped by SIGTERM: 3 sample"):
+            results.end(stop, stopped="SIGTERM")
     finally:
         results.close()
     assert [line["custom_id"] for line in output_lines(s.out_path)] == ["r-2"]

@@ -14,15 +14,14 @@ import torch
 from llama_gen.distributed import Dist
 from llama_gen.engine import Completion, Request, SamplingParams
 from llama_gen.errors import UserError
-from llama_gen.job import (Interrupted, Plan, Prompting, Results, StopRequested,
+from llama_gen.job import (Incomplete, Interrupted, Plan, Prompting, Results, StopRequested,
                            Tag, Work, check_no_clash, check_shared_folder, count_pending,
-                           end_of_run, output_line, pending_work, prepare, requests_for,
-                           start_parts)
-from llama_gen.output import OutputLock
+                           output_line, pending_work, prepare, requests_for, start_parts)
+from llama_gen.output import OutputLock, recover_output
 from llama_gen.parts import parts_dir
 from llama_gen.records import BadLine, Record, parse_line
 from llama_gen import replicas as replicas_module
-from llama_gen.replicas import Counts, Finished, Replicas
+from llama_gen.replicas import Counts, End, Finished, Replicas
 from llama_gen.sampling import derive_seed
 from llama_gen.settings import OUTPUT_FIELDS, Settings
 from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
@@ -344,21 +343,23 @@ def test_prepare_locks_checks_and_counts(tmp_path, tokenizer, single_process):
 # --- results on one process ----------------------------------------------------------------------
 
 def test_results_on_one_process_go_to_the_writer(tmp_path, stop):
+    write_prompts(tmp_path, {"prompt": "a"}, "x", {"prompt": "y"}, {"prompt": "z"})
     s = settings(tmp_path)
-    results = Results(s, ONE_PROCESS, total=2, tokenizer=None)  # deliver formats nothing
+    results = Results(s, ONE_PROCESS, total=3, tokenizer=None)  # deliver formats nothing
     assert results.replicas is None and results.writer is not None
     try:
         results.deliver(Finished({"id": 1, "sample": 0, "completion": "é",
                                   "completion_tokens": 2}, 1))
         results.deliver(BadLine(2, "invalid JSON", "x"))
-        results.deliver(BadLine(3, "too long", "y", max_seq_len=8))
+        results.deliver(BadLine(3, "too long", "y", max_seq_len=8, samples=1))
         results.deliver(Finished({"id": 4, "sample": 0, "completion": "z",
                                   "completion_tokens": 3}, 4))
-        results.finish(stop)
+        results.end(stop)  # 2 written + 1 in a bad line: what the start announced
     finally:
         results.close()
     assert results.first_bad_line == BadLine(2, "invalid JSON", "x")
-    assert (results.counts.samples, results.counts.tokens, results.counts.bad_lines) == (2, 5, 2)
+    assert (results.counts.samples, results.counts.tokens, results.counts.bad_lines,
+            results.counts.bad_samples) == (2, 5, 2, 1)
     assert [json.loads(x) for x in s.out_path.read_bytes().splitlines()] == [
         {"id": 1, "sample": 0, "completion": "é", "completion_tokens": 2},
         {"id": 4, "sample": 0, "completion": "z", "completion_tokens": 3}]
@@ -392,26 +393,27 @@ def test_rank_0_waits_for_the_done_and_gives_up_on_the_silent(monkeypatch):
     store = torch.distributed.HashStore()
     rank0, done, silent = (replica(store, r, 3) for r in range(3))
     silent.beat()
-    done.done(Counts(samples=4, tokens=40, bad_lines=1))
+    done.end(End(Counts(samples=4, tokens=40, bad_lines=1), claimed=4))
     ticks = []
-    counts, lost = rank0.wait_for_others(timeout=1.0, should_stop=lambda: False,
-                                         tick=lambda: ticks.append(1))
-    assert (counts.samples, counts.tokens, counts.bad_lines) == (4, 40, 1)
+    ends, lost = rank0.wait_for_others(timeout=1.0, should_stop=lambda: False,
+                                       tick=lambda: ticks.append(1))
+    assert ends == {1: End(Counts(samples=4, tokens=40, bad_lines=1), claimed=4)}
     assert lost == [2] and ticks
 
 
 # --- the end of a run ----------------------------------------------------------------------------
 
 def test_a_finished_completion_is_written_as_its_output_line(tmp_path, tokenizer, stop):
-    s = settings(tmp_path)
+    write_prompts(tmp_path, {"prompt": "Hello", "key": "k"})
+    s = settings(tmp_path, id_key="key")
     rec = record('{"prompt": "Hello", "key": "k"}')
     prompt = tokenizer.encode("Hello", bos=True)
-    completion = Completion(Request(prompt, SamplingParams(), tag=Tag(rec, 1)),
+    completion = Completion(Request(prompt, SamplingParams(), tag=Tag(rec, 0)),
                             tokenizer.encode("world", bos=False), None, "length", len(prompt))
     results = Results(s, ONE_PROCESS, total=1, tokenizer=tokenizer)
     try:
         results.finished(completion)
-        results.finish(stop)
+        results.end(stop)
     finally:
         results.close()
     assert [json.loads(x) for x in s.out_path.read_bytes().splitlines()] == [
@@ -420,16 +422,17 @@ def test_a_finished_completion_is_written_as_its_output_line(tmp_path, tokenizer
 
 
 def ended(s: Settings, stop: StopRequested, *items, done=frozenset()) -> None:
-    """Deliver `items` (BadLines, or output lines) on one process, then end the run."""
-    results = Results(s, ONE_PROCESS, total=0, tokenizer=None)
+    """Deliver `items` (BadLines, or output lines) on one process, then end the run; the start
+    announced the prompt file's samples not in the output yet."""
+    results = Results(s, ONE_PROCESS, total=count_pending(s, recover_output(s.out_path)),
+                      tokenizer=None, resumed=bool(done))
     try:
         for item in items:
             if isinstance(item, BadLine):
                 results.deliver(item)
             else:
                 results.deliver(Finished(item, 1))
-        results.finish(stop)
-        end_of_run(s, stop, results, Plan(frozenset(done), 0))
+        results.end(stop)
     finally:
         results.close()
 
@@ -438,9 +441,24 @@ LINE = {"id": 1, "sample": 0, "completion": "x", "completion_tokens": 1}
 
 
 def test_a_clean_run_ends_quietly(tmp_path, stop):
-    ended(settings(tmp_path), stop)  # nothing to do
-    ended(settings(tmp_path), stop, LINE)
-    ended(settings(tmp_path), stop, BadLine(2, "bad", "x"), LINE)  # some lines bad
+    write_prompts(tmp_path, {"prompt": "hi"}, "not json", {"prompt": "x" * 99})
+    s = settings(tmp_path)
+    ended(s, stop, LINE, BadLine(3, "too long", "x", max_seq_len=8, samples=1))
+    ended(s, stop, BadLine(2, "bad", "x"), BadLine(3, "too long", "x", max_seq_len=8,
+                                                   samples=1), done={(1, 0)})  # a resume
+
+
+def test_a_run_whose_output_lacks_a_sample_says_how_many_are_missing(tmp_path, stop):
+    """The start announced 3 samples; 1 is written, 1 is in a bad line, 1 is nowhere."""
+    write_prompts(tmp_path, {"prompt": "hi"}, {"prompt": "there"}, {"prompt": "x" * 99})
+    s = settings(tmp_path)
+    with pytest.raises(Incomplete) as e:
+        ended(s, stop, LINE, BadLine(3, "too long", "x", max_seq_len=8, samples=1))
+    assert str(e.value).startswith("1 sample(s) missing: the output holds fewer lines than "
+                                   "were written")
+    assert str(e.value).endswith("run the same command again to make them")
+    assert "end: 1 sample(s) written, 1 missing (run the same command again), 1 bad line(s)" \
+        in s.log_path.read_text()
 
 
 def test_strict_ends_with_a_user_error_naming_the_first_bad_line(tmp_path, stop):
@@ -453,6 +471,7 @@ def test_strict_ends_with_a_user_error_naming_the_first_bad_line(tmp_path, stop)
 
 
 def test_a_run_in_which_every_line_was_bad_is_a_user_error(tmp_path, stop):
+    write_prompts(tmp_path, "not json", "[1]")
     s = settings(tmp_path)
     with pytest.raises(UserError) as e:
         ended(s, stop, BadLine(1, "bad", "x"), BadLine(2, "bad", "y"))
@@ -462,12 +481,14 @@ def test_a_run_in_which_every_line_was_bad_is_a_user_error(tmp_path, stop):
     ended(s, stop, BadLine(1, "bad", "x"), done={(3, 0)})
 
 
-def test_a_signal_ends_the_run_as_interrupted(tmp_path, stop):
+def test_a_signal_ends_the_run_as_interrupted_with_what_remains(tmp_path, stop):
+    write_prompts(tmp_path, {"prompt": "hi"}, {"prompt": "there"}, {"prompt": "you"})
     signal.raise_signal(signal.SIGTERM)  # caught: only noted
     assert stop and stop.signal == signal.SIGTERM
     with pytest.raises(Interrupted) as e:
         ended(settings(tmp_path), stop, LINE)
-    assert e.value.signum == signal.SIGTERM and str(e.value) == "stopped by SIGTERM"
+    assert e.value.signum == signal.SIGTERM
+    assert str(e.value) == "stopped by SIGTERM: 2 sample(s) remain"
     assert settings(tmp_path).out_path.read_bytes().count(b"\n") == 1  # what was done is kept
 
 

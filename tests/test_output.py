@@ -242,6 +242,27 @@ def test_a_killed_holder_leaves_the_lock_free(tmp_path, holder):
     lock.release()
 
 
+def test_a_filesystem_without_flock_is_named_with_the_ways_to_run(tmp_path, monkeypatch):
+    """Lustre mounted without -o flock answers flock with ENOSYS: say that it is the lock, and
+    how to run safely without it."""
+    import errno
+    import fcntl
+
+    def no_flock(f, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # what such a filesystem answers
+    with pytest.raises(UserError) as e:
+        lock_on(tmp_path / "out.jsonl").acquire()
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'out.jsonl.lock'}: cannot lock it (Function not "
+                              "implemented): its filesystem has no flock")
+    assert "--lock false" in message and "\n" not in message
+    unlocked = OutputLock(tmp_path / "out.jsonl.lock", tmp_path / "out.jsonl", wanted=False)
+    unlocked.acquire()  # asks nothing of the filesystem
+    unlocked.release()
+
+
 def test_another_process_is_refused_while_we_hold_the_lock(tmp_path):
     lock = lock_on(tmp_path / "out.jsonl")
     lock.acquire()

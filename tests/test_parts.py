@@ -83,3 +83,20 @@ def test_a_torn_last_line_of_a_part_is_left_for_the_next_run(job):
     [first, _] = output_parts(out)
     assert [json.loads(raw)["id"] for _, raw in whole_lines(first)] == ["r4", "r2", "r5"]
     assert os.path.getsize(first) > sum(len(raw) for _, raw in whole_lines(first))
+
+
+def test_a_zero_filled_region_in_a_part_is_skipped_like_a_torn_line(job, caplog):
+    """A client that crashed on NFS can leave zero bytes where its last lines were to go: the
+    merge skips that line, logs it, and merges the rest; the sample it held is left for the
+    next run, which makes it."""
+    out, errors = job
+    [first, second] = output_parts(out)
+    data = second.read_bytes()
+    start = data.index(b"\n") + 1
+    end = data.index(b"\n", start)
+    second.write_bytes(data[:start] + b"\0" * (end - start) + data[end:])  # r5.0 is zeros
+    with caplog.at_level("WARNING"):
+        assert merge_parts(out, errors, order) == 4
+    assert read(out) == [("r0", 0), ("r1", 0), ("r2", 0), ("r3", 0), ("r4", 0), ("r5", 1)]
+    assert "not JSON" in caplog.text and second.name in caplog.text
+    assert not parts_dir(out).exists()
