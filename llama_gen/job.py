@@ -497,8 +497,6 @@ class Feed:
         """Asked by the engine before each forward pass: whether the leader stops (unfinished
         sequences are dropped), shared with its group every STOP_CHECK_STEPS passes."""
         self._decode_steps += 1
-        if self.replicas is not None:
-            self.replicas.beat()
         return (self._decode_steps % STOP_CHECK_STEPS == 0
                 and distributed.leader_flag(self._stopping(), self.dist.device))
 
@@ -626,6 +624,8 @@ class Results:
                      else (None, None))
             self.writer = Writer(settings, total, *files, shows_progress=dist.is_writer,
                                  replicas=self.replicas)
+        if self.replicas is not None and dist.is_model_parallel_leader:
+            self.replicas.start_heartbeat()
         self.answers = Answers(settings, tokenizer)
         self.missing = 0  # samples the run should have written and did not
         self.counts = Counts()  # this replica's; every replica's on rank 0 at the end
@@ -760,11 +760,10 @@ class Results:
         writer.out.close()
         writer.errors.close()
         merge_start = time.perf_counter()
-        with replicas.beating():  # the others wait for the verdict meanwhile
-            merged = merge_parts(self.settings.out_path, self.settings.errors_path,
-                                 prompt_order(self.settings))
-            merge_seconds = time.perf_counter() - merge_start
-            self.missing = self._missing_after_the_end()
+        merged = merge_parts(self.settings.out_path, self.settings.errors_path,
+                             prompt_order(self.settings))
+        merge_seconds = time.perf_counter() - merge_start
+        self.missing = self._missing_after_the_end()
         log.info("rank 0's time on the other replicas: %.3f s reading their progress (about "
                  "once a second), %.3f s merging %d line(s) of part files at the end",
                  replicas.progress_seconds, merge_seconds, merged)
@@ -780,11 +779,14 @@ class Results:
         replica = self.dist.data_parallel_rank
         if stopped == "--strict" and self.writer is not None:
             self.replicas.stop_run(why_the_run_stops(replica, stopped))
-        if stop.signal is not None:
-            raise Interrupted(stop.signal)
-        if stopped is not None:
+        if stopped is not None and stop.signal is None:
             raise Incomplete("")  # its leader's last line said why
-        verdict = self.replicas.wait_for_verdict(self.settings.replica_timeout)
+        verdict = None
+        if stop.signal is None:
+            verdict = self.replicas.wait_for_verdict(self.settings.replica_timeout,
+                                                     lambda: bool(stop))
+        if stop.signal is not None:  # before or while it waited: its own work is written
+            raise Interrupted(stop.signal)
         if verdict is not None and not verdict.missing:
             return
         if self.writer is not None:
@@ -826,6 +828,8 @@ class Results:
                             f"are in {self.settings.errors_path}")
 
     def close(self) -> None:
+        if self.replicas is not None:
+            self.replicas.stop_heartbeat()
         if self.writer is not None:
             self.writer.close()
 

@@ -6,7 +6,8 @@ marks only, never results (each replica writes its own part files, `parts.py`).
   last chunk.
 - Progress: finished samples, tokens and the samples of bad records, added about once a second;
   global rank 0 shows them, and after a stop counts what remains from them.
-- Liveness: a heartbeat counter per replica, and a mark at its end: done (every sample it
+- Liveness: a heartbeat counter per replica, bumped by a thread of its leader's (so a long
+  compile or load is not taken for a death), and a mark at its end: done (every sample it
   claimed is written or bad) or stopped, and why (its chunk is then unfinished). Rank 0 waits for
   every replica's mark, and declares lost a replica whose heartbeat stands still for the
   replica timeout, so a dead node never hangs the run.
@@ -19,10 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -34,7 +34,7 @@ from .records import BadLine
 log = logging.getLogger(__name__)
 
 KEY = "llama-gen"
-BEAT_SECONDS = 2.0  # a leader bumps its heartbeat, and reads the run's stop, at most this often
+BEAT_SECONDS = 2.0  # a leader's heartbeat thread beats, and reads the run's stop, this often
 REPORT_SECONDS = 1.0  # and adds its finished samples to the shared counters as often
 POLL_SECONDS = 0.5  # how often a waiting process reads the store
 # A store call gives up after this long: a vanished machine would otherwise hold it for the
@@ -128,9 +128,11 @@ class Replicas:
         self.replica = dist.data_parallel_rank
         self.size = dist.data_parallel_size
         self._unreported = [0, 0, 0]  # samples, tokens, bad samples
-        self._last_report = self._last_beat = 0.0
+        self._last_report = 0.0
         self.progress_seconds = 0.0  # rank 0's time reading the others' progress
         self.run_stop: str | None = None  # why the run was stopped, once a beat has read it
+        self._heart: threading.Thread | None = None
+        self._heart_stops = threading.Event()
 
     def claim(self) -> int:
         """The next chunk no replica has taken: one round trip."""
@@ -166,34 +168,31 @@ class Replicas:
         return self.counters()[:2]
 
     def beat(self) -> None:
-        """Say this replica is alive, and read whether the run was stopped (rate-limited: call
-        it as often as convenient)."""
-        if time.monotonic() - self._last_beat >= BEAT_SECONDS:
-            with _store_errors():
-                self._store.add(f"{KEY}/beat/{self.replica}", 1)
-                if self.run_stop is None and self._store.check([f"{KEY}/stop"]):
-                    self.run_stop = self._store.get(f"{KEY}/stop").decode()
-            self._last_beat = time.monotonic()
+        """Say this replica is alive, and read whether the run was stopped (`run_stop`)."""
+        with _store_errors():
+            self._store.add(f"{KEY}/beat/{self.replica}", 1)
+            if self.run_stop is None and self._store.check([f"{KEY}/stop"]):
+                self.run_stop = self._store.get(f"{KEY}/stop").decode()
 
-    @contextlib.contextmanager
-    def beating(self) -> Iterator[None]:
-        """Beat from a thread while the caller works for long without a chance to (rank 0's
-        merge and count at the end)."""
-        finished = threading.Event()
-
+    def start_heartbeat(self) -> None:
+        """Beat every BEAT_SECONDS from a thread until `stop_heartbeat`: the replica is alive
+        while its process and the store are, whatever its main thread does (a compile, a long
+        load, rank 0's merge). The decode loop never calls the store for it."""
         def beat() -> None:
-            with contextlib.suppress(StoreLost):
-                while not finished.wait(BEAT_SECONDS):
-                    self._last_beat = 0.0
+            with contextlib.suppress(StoreLost):  # the main thread's next call says so
+                while True:
                     self.beat()
+                    if self._heart_stops.wait(BEAT_SECONDS):
+                        return
 
-        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            finished.set()
-            thread.join()
+        self._heart = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._heart.start()
+
+    def stop_heartbeat(self) -> None:
+        if self._heart is not None:
+            self._heart_stops.set()
+            self._heart.join()
+            self._heart = None
 
     def stop_run(self, reason: str) -> None:
         """Ask every replica to stop (they read it at their next beat)."""
@@ -218,7 +217,6 @@ class Replicas:
         waiting = set(others)
         while waiting and not should_stop():
             tick()
-            self.beat()
             now = time.monotonic()
             with _store_errors():
                 for r in sorted(waiting):
@@ -244,11 +242,13 @@ class Replicas:
         with _store_errors():
             self._store.set(f"{KEY}/verdict", json.dumps(asdict(verdict)))
 
-    def wait_for_verdict(self, timeout: float) -> Verdict | None:
+    def wait_for_verdict(self, timeout: float, should_stop: Callable[[], bool]
+                         ) -> Verdict | None:
         """Rank 0's verdict, once it gives it; None if rank 0's heartbeat stands still for
-        `timeout` seconds first (rank 0 is lost: nobody can say the run is complete)."""
+        `timeout` seconds first (rank 0 is lost: nobody can say the run is complete), or if
+        `should_stop`."""
         seen = (-1, time.monotonic())
-        while True:
+        while not should_stop():
             with _store_errors():
                 if self._store.check([f"{KEY}/verdict"]):
                     return Verdict(**json.loads(self._store.get(f"{KEY}/verdict")))
@@ -259,6 +259,7 @@ class Replicas:
             elif now - seen[1] > timeout:
                 return None
             time.sleep(POLL_SECONDS)
+        return None
 
 
 @contextlib.contextmanager
