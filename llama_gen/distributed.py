@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -158,10 +159,48 @@ def key_value_store(timeout: timedelta) -> dist.Store:
         return dist.distributed_c10d._get_default_store()
     client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                            is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", client)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return TimedStore(dist.PrefixStore(f"attempt-{attempt}", client), timeout)
+
+
+class StoreTimeout(dist.DistError):
+    """The store did not answer in time."""
 
 
 StoreError = dist.DistError  # what the store raises when its server (torchrun) is gone
+
+
+class TimedStore:
+    """A store whose every call gives up after `timeout`. TCPStore's own timeout covers
+    connecting and waiting for a key, not a server that stopped answering: a call to a machine
+    that vanished (or a stopped process) would block until TCP gives up, many minutes later.
+    Each call runs in a daemon thread, so one that never returns holds nothing at exit."""
+
+    def __init__(self, store: dist.Store, timeout: timedelta):
+        self._store, self._seconds = store, timeout.total_seconds()
+
+    def __getattr__(self, name: str):
+        method = getattr(self._store, name)
+
+        def call(*args):
+            outcome: list = []
+            answered = threading.Event()
+
+            def run() -> None:
+                try:
+                    outcome.append((True, method(*args)))
+                except BaseException as e:  # handed to the caller
+                    outcome.append((False, e))
+                answered.set()
+
+            threading.Thread(target=run, name=f"store-{name}", daemon=True).start()
+            if not answered.wait(self._seconds):
+                raise StoreTimeout(f"no answer to {name} in {self._seconds:g} s")
+            ok, value = outcome[0]
+            if not ok:
+                raise value
+            return value
+        return call
 
 
 def model_parallel_group() -> dist.ProcessGroup:

@@ -1,5 +1,8 @@
 """Devices and torchrun's environment: where each process runs. (The collectives run under
 torchrun in test_cli.py.)"""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -43,3 +46,32 @@ def test_launch_env_reads_torchrun_variables(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "one")
     with pytest.raises(UserError, match="must be integers"):
         launch_env()
+
+
+STOPPED_STORE = """
+import os, signal, subprocess, sys
+from datetime import timedelta
+from llama_gen import distributed
+server = subprocess.Popen([sys.executable, "-c", "import sys, time, torch.distributed as d; "
+                           "s = d.TCPStore('localhost', 0, is_master=True, wait_for_workers=False); "
+                           "print(s.port, flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=server.stdout.readline().decode().strip())
+store = distributed.key_value_store(timedelta(seconds=1))
+print("answered", store.add("k", 1), flush=True)
+os.kill(server.pid, signal.SIGSTOP)  # a machine that vanished: connected, never answering
+try:
+    store.add("k", 1)
+except distributed.StoreError as e:
+    print(type(e).__name__, e, flush=True)
+server.kill()
+os._exit(0)  # the call that never returned stays blocked in its thread
+"""
+
+
+def test_a_store_that_stops_answering_is_an_error_not_a_hang():
+    """TCPStore's own timeout does not cover a server that stopped answering: our client gives
+    up after its timeout (1 s here; a minute in a run) with a StoreError."""
+    done = subprocess.run([sys.executable, "-c", STOPPED_STORE], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.splitlines() == ["answered 1", "StoreTimeout no answer to add in 1 s"], \
+        done.stdout + done.stderr
