@@ -727,7 +727,8 @@ class Results:
             left = self.missing
         else:
             left = max(0, self.total - self.counts.samples - self.counts.bad_samples)
-        distributed.broadcast_from_rank0(Verdict(left))
+        if self.dist.world_size > 1:
+            distributed.broadcast_from_rank0(Verdict(left))
         self._report(stop, stopped, left, [])
 
     def _end_rank0(self, stop: StopRequested, own: End) -> None:
