@@ -174,15 +174,19 @@ class TimedStore:
     """A store whose every call gives up after `timeout`. TCPStore's own timeout covers
     connecting and waiting for a key, not a server that stopped answering: a call to a machine
     that vanished (or a stopped process) would block until TCP gives up, many minutes later.
-    Each call runs in a daemon thread, so one that never returns holds nothing at exit."""
+    Each call runs in a daemon thread, so one that never returns holds nothing at exit. After
+    one call went unanswered every call fails at once: the client is still busy with it."""
 
     def __init__(self, store: dist.Store, timeout: timedelta):
         self._store, self._seconds = store, timeout.total_seconds()
+        self._unanswered: str | None = None
 
     def __getattr__(self, name: str):
         method = getattr(self._store, name)
 
         def call(*args):
+            if self._unanswered is not None:
+                raise StoreTimeout(self._unanswered)
             outcome: list = []
             answered = threading.Event()
 
@@ -195,7 +199,8 @@ class TimedStore:
 
             threading.Thread(target=run, name=f"store-{name}", daemon=True).start()
             if not answered.wait(self._seconds):
-                raise StoreTimeout(f"no answer to {name} in {self._seconds:g} s")
+                self._unanswered = f"no answer to {name} in {self._seconds:g} s"
+                raise StoreTimeout(self._unanswered)
             ok, value = outcome[0]
             if not ok:
                 raise value

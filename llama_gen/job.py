@@ -629,7 +629,8 @@ class Results:
         self.answers = Answers(settings, tokenizer)
         self.missing = 0  # samples the run should have written and did not
         self.counts = Counts()  # this replica's; every replica's on rank 0 at the end
-        self._ended = False
+        self._marked = False  # this replica's end is said (and marked for rank 0)
+        self._verdict_given = False  # rank 0: the others have heard how the run went
 
     @property
     def first_bad_line(self) -> BadLine | None:
@@ -664,11 +665,10 @@ class Results:
         exit status says (Interrupted, Incomplete, UserError). `stopped`: why this replica
         stopped before its work was done (its leader's word, the same on every rank of its
         group), None if it did not; `claimed`: the samples it took (default: all announced)."""
-        self._ended = True
         own = None
         if self.writer is not None:
-            own = self._close_own(End(Counts(), self.total if claimed is None else claimed,
-                                      chunks, stopped=stopped))
+            own = self._close_own(End(Counts(), self._claimed(claimed), chunks,
+                                      stopped=stopped))
         if self.replicas is None:
             self._end_alone(stop, own, stopped)
         elif self.dist.is_writer:
@@ -678,28 +678,39 @@ class Results:
 
     def abandon(self, error: BaseException, claimed: int | None = None, chunks: int = 0
                 ) -> None:
-        """After an error on this rank, before `end`: its replica is stopped, not done (its
-        leader marks it, where the store still answers), and an error on rank 0 stops the
-        run. Best effort: the error itself is what this process reports."""
-        if self._ended or self.replicas is None:
+        """After an error on this rank (before or during `end`), with several replicas: its
+        replica is stopped, not done (its leader marks it, unless it did already), and an error
+        on rank 0 stops the run and gives the others its verdict. Best effort: the error itself
+        is what this process reports."""
+        if self.replicas is None:
             return
-        self._ended = True
         reason = ("the store is gone" if isinstance(error, StoreLost)
                   else f"error: {type(error).__name__}")
+        with contextlib.suppress(StoreLost):  # files unsynced: a stopped replica's are not read
+            if self.writer is not None and not self._marked:
+                self._close_own(End(Counts(), self._claimed(claimed), chunks, stopped=reason),
+                                sync=False)
         with contextlib.suppress(StoreLost):
-            if self.writer is not None:
-                self._close_own(End(Counts(), self.total if claimed is None else claimed,
-                                    chunks, stopped=reason))
-            if self.dist.is_writer and not isinstance(error, StoreLost):
+            if self.dist.is_writer and not self._verdict_given:
                 self.replicas.stop_run(why_the_run_stops(0, reason))
-                self.replicas.give_verdict(Verdict(-1, why_the_run_stops(0, reason)))
+                self._give_verdict(Verdict(-1, why_the_run_stops(0, reason)))
 
-    def _close_own(self, end: End) -> End:
-        """A leader's files synced, its end with its counts said (and, but on rank 0, marked
-        for rank 0)."""
+    def _claimed(self, claimed: int | None) -> int:
+        """The samples this replica took: all announced with one replica, none known without a
+        feed with several."""
+        return claimed if claimed is not None else 0 if self.replicas else self.total
+
+    def _give_verdict(self, verdict: Verdict) -> None:
+        self._verdict_given = True
+        self.replicas.give_verdict(verdict)
+
+    def _close_own(self, end: End, sync: bool = True) -> End:
+        """A leader's files synced (before rank 0 may read them), its end with its counts said
+        (and, but on rank 0, marked for rank 0)."""
         writer = self.writer
-        writer.out.sync()
-        writer.errors.sync()
+        if sync:
+            writer.out.sync()
+            writer.errors.sync()
         self.counts = dataclasses.replace(writer.counts)
         end = dataclasses.replace(end, counts=dataclasses.replace(writer.counts),
                                   seconds=time.monotonic() - writer.start)
@@ -709,6 +720,7 @@ class Results:
                     end.describe(replica))
             if replica != 0:
                 self.replicas.end(end)
+        self._marked = True
         return end
 
     def _end_alone(self, stop: StopRequested, own: End | None, stopped: str | None) -> None:
@@ -721,14 +733,15 @@ class Results:
             if verdict.missing:
                 raise Incomplete("")
             return
-        stopped = stopped or stop.name
-        if stopped is None:
-            self.missing = self._missing_after_the_end()
-            left = self.missing
-        else:
-            left = max(0, self.total - self.counts.samples - self.counts.bad_samples)
-        if self.dist.world_size > 1:
-            distributed.broadcast_from_rank0(Verdict(left))
+        stopped, left = stopped or stop.name, -1
+        try:
+            if stopped is None:
+                self.missing = left = self._missing_after_the_end()
+            else:
+                left = max(0, self.total - self.counts.samples - self.counts.bad_samples)
+        finally:  # the other ranks wait for it whatever happened here
+            if self.dist.world_size > 1:
+                distributed.broadcast_from_rank0(Verdict(left))
         self._report(stop, stopped, left, [])
 
     def _end_rank0(self, stop: StopRequested, own: End) -> None:
@@ -751,9 +764,10 @@ class Results:
                 self.settings.replica_timeout, lambda: time.monotonic() > deadline, writer.show)
             for end in ends.values():
                 self.counts.add(end.counts)
-            samples, _, bad_samples = replicas.counters()
+            samples, tokens, bad_samples = replicas.counters()
             left = max(0, self.total - samples - bad_samples)
-            replicas.give_verdict(Verdict(left, f"the run was stopped ({stopped})"))
+            self.counts.samples, self.counts.tokens = samples, tokens
+            self._give_verdict(Verdict(left, f"the run was stopped ({stopped})"))
             self._report(stop, stopped, left, [])
             return
         for end in ends.values():
@@ -765,12 +779,13 @@ class Results:
                              prompt_order(self.settings))
         merge_seconds = time.perf_counter() - merge_start
         self.missing = self._missing_after_the_end()
+        self.counts.samples = self.total - self.missing - self.counts.bad_samples  # on disk
         log.info("rank 0's time on the other replicas: %.3f s reading their progress (about "
                  "once a second), %.3f s merging %d line(s) of part files at the end",
                  replicas.progress_seconds, merge_seconds, merged)
         causes = [f"replica {r} was lost" for r in lost] + [
             f"replica {r} stopped ({end.stopped})" for r, end in ends.items() if end.stopped]
-        replicas.give_verdict(Verdict(self.missing, self._missing_message(causes)))
+        self._give_verdict(Verdict(self.missing, self._missing_message(causes)))
         self._report(stop, None, self.missing, causes)
 
     def _end_replica(self, stop: StopRequested, stopped: str | None) -> None:
@@ -791,9 +806,10 @@ class Results:
         if verdict is not None and not verdict.missing:
             return
         if self.writer is not None:
-            log.warning("replica %d: %s; run the same command again", replica,
-                        "rank 0 was lost before it could say whether the run is complete"
-                        if verdict is None else f"the run is incomplete: {verdict.message}")
+            log.warning("replica %d: %s", replica,
+                        "rank 0 was lost before it could say whether the run is complete; run "
+                        "the same command again" if verdict is None
+                        else f"the run is incomplete: {verdict.message}")
         raise Incomplete("")
 
     def _missing_after_the_end(self) -> int:

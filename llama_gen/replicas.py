@@ -179,11 +179,11 @@ class Replicas:
         while its process and the store are, whatever its main thread does (a compile, a long
         load, rank 0's merge). The decode loop never calls the store for it."""
         def beat() -> None:
-            with contextlib.suppress(StoreLost):  # the main thread's next call says so
-                while True:
+            while True:
+                with contextlib.suppress(StoreLost):  # the main thread's next call says so
                     self.beat()
-                    if self._heart_stops.wait(BEAT_SECONDS):
-                        return
+                if self._heart_stops.wait(BEAT_SECONDS):
+                    return
 
         self._heart = threading.Thread(target=beat, name="heartbeat", daemon=True)
         self._heart.start()
@@ -191,7 +191,7 @@ class Replicas:
     def stop_heartbeat(self) -> None:
         if self._heart is not None:
             self._heart_stops.set()
-            self._heart.join()
+            self._heart.join(timeout=1.0)  # a daemon: one stuck in a store call is left behind
             self._heart = None
 
     def stop_run(self, reason: str) -> None:
@@ -199,7 +199,7 @@ class Replicas:
         with _store_errors():
             if not self._store.check([f"{KEY}/stop"]):
                 self._store.set(f"{KEY}/stop", reason)
-        self.run_stop = self.run_stop or reason
+            self.run_stop = self._store.get(f"{KEY}/stop").decode()  # the first one given
 
     def end(self, end: End) -> None:
         """Mark this replica's end: its counts, and whether it is done or stopped."""

@@ -49,7 +49,8 @@ if (( GPUS % MODEL_PARALLEL_SIZE != 0 )); then  # a model copy split across node
     exit 2
 fi
 
-# --max_restarts 0: a restart would meet the old store keys; run the commands again instead.
+# --max_restarts 0: an incomplete run exits non-zero for you to see; run the commands again
+# (restarts in place are not tested, and cannot rejoin a node that died).
 exec torchrun --nnodes 2 --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
     --master_addr "$HEAD" --master_port "$PORT" --max_restarts 0 \
     --no-python llama-gen --ckpt_dir "$CKPT_DIR" --prompt_path "$PROMPTS" --out_path "$OUT" \

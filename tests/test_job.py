@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from llama_gen.output import OutputLock, recover_output
 from llama_gen.parts import parts_dir
 from llama_gen.records import BadLine, Record, parse_line
 from llama_gen import replicas as replicas_module
-from llama_gen.replicas import Counts, End, Finished, Replicas
+from llama_gen.replicas import Counts, End, Finished, Replicas, Verdict
 from llama_gen.sampling import derive_seed
 from llama_gen.settings import OUTPUT_FIELDS, Settings
 from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
@@ -399,6 +400,75 @@ def test_rank_0_waits_for_the_done_and_gives_up_on_the_silent(monkeypatch):
                                        tick=lambda: ticks.append(1))
     assert ends == {1: End(Counts(samples=4, tokens=40, bad_lines=1), claimed=4)}
     assert lost == [2] and ticks
+
+
+def test_a_stopped_replica_is_told_apart_from_a_done_one():
+    store = torch.distributed.HashStore()
+    rank0, done, stopped = (replica(store, r, 3) for r in range(3))
+    done.end(End(Counts(samples=6, bad_samples=2), claimed=8, chunks=2, seconds=1.5))
+    stopped.end(End(Counts(samples=9), claimed=32, chunks=1, stopped="SIGTERM"))
+    ends, lost = rank0.wait_for_others(timeout=5.0, should_stop=lambda: False)
+    assert lost == [] and [ends[r].stopped for r in (1, 2)] == [None, "SIGTERM"]
+    assert ends[1].describe(1) == "replica 1 done: 2 chunk(s), 6 sample(s) in 1.5 s"
+    assert ends[2].describe(2) == "replica 2 stopped (SIGTERM) after 9 of its 32 claimed sample(s)"
+
+
+def test_a_stop_reaches_every_replica_through_its_heartbeat(monkeypatch):
+    """Rank 0 stops the run; another replica's heartbeat thread reads it (its decode loop only
+    reads the attribute). The first reason stays."""
+    monkeypatch.setattr(replicas_module, "BEAT_SECONDS", 0.01)
+    store = torch.distributed.HashStore()
+    rank0, other = replica(store, 0, 2), replica(store, 1, 2)
+    other.start_heartbeat()
+    try:
+        rank0.stop_run("rank 0 got SIGINT")
+        assert wait_until(lambda: other.run_stop) == "rank 0 got SIGINT"
+        other.stop_run("replica 1 met a bad line (--strict)")  # too late: the first one stays
+        assert other.run_stop == rank0.run_stop == "rank 0 got SIGINT"
+    finally:
+        other.stop_heartbeat()
+
+
+def wait_until(condition, seconds: float = 30.0):
+    """The condition's first true value, polled; the test fails if it never comes."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.005)
+    return value
+
+
+def test_a_replica_waits_for_rank_0s_verdict_while_rank_0_beats(monkeypatch):
+    """The verdict once given; None when rank 0's heartbeat stands still for the timeout (rank 0
+    is lost: no one can say the run is complete), or when the waiter is stopped."""
+    monkeypatch.setattr(replicas_module, "POLL_SECONDS", 0.01)
+    store = torch.distributed.HashStore()
+    rank0, other = replica(store, 0, 2), replica(store, 1, 2)
+    assert other.wait_for_verdict(0.2, should_stop=lambda: False) is None  # rank 0 silent
+    assert other.wait_for_verdict(60, should_stop=lambda: True) is None
+    rank0.give_verdict(Verdict(23, "23 sample(s) missing: replica 1 stopped (SIGTERM); ..."))
+    assert other.wait_for_verdict(60, should_stop=lambda: False) == Verdict(
+        23, "23 sample(s) missing: replica 1 stopped (SIGTERM); ...")
+
+
+def test_each_replica_hears_the_samples_of_the_chunks_it_claims(tmp_path, tokenizer):
+    """`on_claimed` tells a replica the samples of each chunk it takes, once read whole: written
+    plus bad, they are what its last line counts against."""
+    write_prompts(tmp_path, *({"prompt": LONG_PROMPT if i == 4 else f"prompt {i}", "id": i,
+                               "num_samples": 1 + i % 3} for i in range(9)))
+    s = settings(tmp_path, max_seq_len=32)
+    counter = itertools.count()
+    claimed = [[], []]
+    shares = [list(pending_work(s, set(), Prompting(tokenizer, None), lambda: next(counter), 2,
+                                reports_invalid=r == 0, on_claimed=claimed[r].append))
+              for r in range(2)]  # replica 0 reads all it can first: it takes every chunk
+    assert claimed[1] == [] and sum(claimed[0]) == count_pending(s, set()) == 18
+    assert claimed[0] == [1 + 2, 3 + 1, 2 + 3, 1 + 2, 3]  # chunks of 2 records
+    made = [sum(len(w.samples) if isinstance(w, Work) else w.samples for w in share)
+            for share in shares]
+    assert made == [18, 0]
+    [bad] = [w for w in shares[0] if isinstance(w, BadLine)]
+    assert (bad.line, bad.samples) == (5, 2)  # too long: its 2 samples are bad, not missing
 
 
 # --- the end of a run ----------------------------------------------------------------------------
