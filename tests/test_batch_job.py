@@ -19,10 +19,11 @@ from llama_gen.job import (Interrupted, Prompting, Results, Tag, Work, batch_cho
                            count_pending, pending_work, requests_for)
 from llama_gen.output import recover_output
 from llama_gen.records import BadLine, Record
-from llama_gen.sampling import counter_uniform, derive_seed, filtered_probs
+from llama_gen.sampling import derive_seed
 from llama_gen.settings import Settings
 from llama_gen.tiny_tokenizers import build_tiktoken_model
 from llama_gen.tokenizer import load_tokenizer
+from near_ties import near_tie, redraw
 from test_cli import job_args, kill_when, launch, run
 from test_openai_batch import (CHAT_COMPLETION, COMPLETION, ERROR, VLLM_EXAMPLE, Nullable,
                                batch_output, problems)
@@ -295,47 +296,6 @@ def test_the_same_seed_gives_the_same_choices_alone_and_among_others(answered, t
     assert [c["text"] for c in choices(got)] == [c["text"] for c in choices(want)]
     assert [c["logprobs"]["tokens"] for c in choices(got)] == [
         c["logprobs"]["tokens"] for c in choices(want)]
-
-
-NEAR_TIE = 1e-4  # how close to a step of its CDF a draw may fall and still differ between runs
-
-
-def redraw(model, request: Request, prefix: list[int]) -> tuple[torch.Tensor, float]:
-    """The CDF (in token-id order, as `sample` draws) of the distribution `request` draws its
-    token len(prefix) from after `prefix`, from one batch-1 forward pass, and its uniform."""
-    p, vocab = request.params, model.args.vocab_size
-    engine = Engine(model, (), max_batch_size=1,
-                    max_seq_len=len(request.prompt_tokens) + len(prefix) + 1)
-    probe = Request(request.prompt_tokens + prefix,
-                    SamplingParams(max_gen_len=1, top_logprobs=vocab))
-    [done] = engine.generate([probe])
-    logprobs = torch.full((1, vocab), float("-inf"))
-    for token, logprob in done.top_logprobs[0]:
-        logprobs[0, token] = logprob
-    probs = filtered_probs(logprobs, torch.tensor([p.temperature]), torch.tensor([p.top_p]),
-                           torch.tensor([p.top_k]), torch.tensor([p.min_p]))[0]
-    return probs.cumsum(dim=-1), counter_uniform(torch.tensor([p.seed]),
-                                                 torch.tensor([len(prefix)])).item()
-
-
-def near_tie(model, request: Request, a: list[int], b: list[int], stops: frozenset[int]
-             ) -> str | None:
-    """Why two completions of `request` (token ids, stop tokens left out) may differ: at their
-    first differing token j, the draw re-derived (`redraw`) must give one of the two tokens,
-    and the uniform lie within NEAR_TIE of the step of the CDF between them (where one
-    completion ended at j, its token was one of `stops`). None where it does not: a real
-    difference."""
-    j = next(i for i in range(max(len(a), len(b))) if a[i:i + 1] != b[i:i + 1])
-    if len(b) <= j:
-        a, b = b, a
-    cdf, u = redraw(model, request, a[:j])
-    drawn = (cdf <= u).sum().item()
-    for other in a[j:j + 1] or sorted(stops):
-        lo, hi = sorted((other, b[j]))
-        if (drawn in (lo, hi) and abs(cdf[lo].item() - u) < NEAR_TIE
-                and cdf[hi - 1].item() - cdf[lo].item() < NEAR_TIE):
-            return f"token {j}: {other} or {b[j]}, u={u:.9f}, CDF step at {cdf[lo].item():.9f}"
-    return None
 
 
 def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints, tmp_path,
