@@ -23,7 +23,7 @@ from llama_gen.sampling import derive_seed
 from llama_gen.settings import Settings
 from llama_gen.tiny_tokenizers import build_tiktoken_model
 from llama_gen.tokenizer import load_tokenizer
-from near_ties import near_tie, redraw
+from near_ties import assert_same_but_near_ties, near_tie, redraw
 from test_cli import job_args, kill_when, launch, run
 from test_openai_batch import (CHAT_COMPLETION, COMPLETION, ERROR, VLLM_EXAMPLE, Nullable,
                                batch_output, problems)
@@ -287,15 +287,36 @@ def test_a_longer_context_answers_the_prompt_too_long_on_resume(answered, tmp_pa
     assert {e.get("custom_id") for e in errors} == {"c-embed", "c-zero", None}
 
 
-def test_the_same_seed_gives_the_same_choices_alone_and_among_others(answered, tmp_path):
+def test_the_same_seed_gives_the_same_choices_alone_and_among_others(answered, tmp_path,
+                                                                     tiny_checkpoints,
+                                                                     single_process):
+    """A request answered alone and among the others draws from its own seed: its choices are
+    the same, but for a proven near-tie (alone, it is batched with other neighbours, so its
+    logits differ in their last bits); their log-probabilities agree up to rounding."""
     args, out = answered
-    alone = write_lines(tmp_path / "alone.jsonl", COMPLETIONS[0])
+    alone = write_lines(tmp_path / "alone.jsonl", COMPLETIONS[2])  # a chat: tokens as bytes
     result = run([*args[:3], str(alone), "--out_path", str(tmp_path / "o.jsonl"), *BASE])
     assert result.returncode == 0, result.stderr
-    got, want = answers(tmp_path / "o.jsonl")["c-sampled"], answers(out)["c-sampled"]
-    assert [c["text"] for c in choices(got)] == [c["text"] for c in choices(want)]
-    assert [c["logprobs"]["tokens"] for c in choices(got)] == [
-        c["logprobs"]["tokens"] for c in choices(want)]
+    got, want = answers(tmp_path / "o.jsonl")["chat-logprobs"], answers(out)["chat-logprobs"]
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    model = load_model(ckpt, tokenizer, single_process, torch.float32)
+    s = Settings(ckpt_dir=ckpt, prompt_path=alone, out_path=tmp_path / "x.jsonl")
+    prompting = Prompting.for_run(s, tokenizer, model.args.norm_eps)
+    requests = {r.tag.sample: r for w in pending_work(s, set(), prompting)
+                for r in requests_for(w, s)}
+    ids = {tokenizer.token_bytes(i): i for i in range(tokenizer.n_words)}
+    pairs = []
+    for a, b in zip(choices(got), choices(want), strict=True):
+        shown = [[t for t in c["logprobs"]["content"] if t["bytes"]] for c in (a, b)]  # no eot
+        pairs.append((requests[a["index"]], *([ids[bytes(t["bytes"])] for t in x]
+                                              for x in shown)))
+        same = next((i for i, (x, y) in enumerate(zip(*shown)) if x["bytes"] != y["bytes"]),
+                    min(map(len, shown)))
+        assert [x["logprob"] for x in shown[0][:same]] == pytest.approx(
+            [y["logprob"] for y in shown[1][:same]], abs=1e-4)
+    assert len(pairs) == 2 and all(a for _, a, _ in pairs)
+    assert_same_but_near_ties(model, pairs, prompting.stop_ids, most=1)
 
 
 def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints, tmp_path,
