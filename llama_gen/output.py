@@ -218,12 +218,17 @@ class Writer:
         scoring = settings.score_keys is not None
         self._counted, self._verb = (("n_tokens", "scored") if scoring
                                      else ("completion_tokens", "generated"))
+        self._noun, self._done = ("record(s)", "scored") if scoring else ("sample(s)", "written")
+        self.errors_path = settings.errors_path  # where the bad lines end up, parts merged
         self.start = self._last_report = self._last_console = time.monotonic()
-        self._bar = None
+        self._bar = self._logging_above_bar = None
         self._last_line = 0
         if shows_progress and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
             self._bar = tqdm(total=total, unit="sample", dynamic_ncols=True)
+            self._logging_above_bar = logging_redirect_tqdm()  # log lines never cut the bar
+            self._logging_above_bar.__enter__()
         if self.progress is not None:
             self.progress.write(f"start: {total} sample(s) to write to {settings.out_path}")
 
@@ -247,20 +252,23 @@ class Writer:
 
     def show(self) -> None:
         """Progress for people, at most once a second (and at the last sample): every
-        replica's samples and tokens so far."""
+        replica's samples and tokens so far. A sample of a bad record counts as settled: the
+        bar reaches its end when every sample is written or bad."""
         now = time.monotonic()
-        if self.progress is None or (now - self._last_report < 1.0
-                                     and self.counts.samples != self.total):
+        settled = self.counts.samples + self.counts.bad_samples
+        if self.progress is None or (now - self._last_report < 1.0 and settled != self.total):
             return
         self._last_report = now
-        samples, tokens = (self.replicas.progress() if self.replicas is not None
-                           else (self.counts.samples, self.counts.tokens))
+        samples, tokens, bad = (self.replicas.counters() if self.replicas is not None
+                                else (self.counts.samples, self.counts.tokens,
+                                      self.counts.bad_samples))
         rate = tokens / self._elapsed()
         if self._bar is not None:
-            self._bar.update(samples - self._bar.n)
+            self._bar.update(samples + bad - self._bar.n)
             self._bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
-        message = (f"done {samples}/{self.total} samples, last line {self._last_line}, "
-                   f"{rate:.1f} tok/s")
+        in_bad = f" and {bad} in bad lines" if bad else ""
+        message = (f"done {samples}/{self.total} samples{in_bad}, last line "
+                   f"{self._last_line}, {rate:.1f} tok/s")
         self.progress.write(message)
         if self._bar is None and now - self._last_console >= 30:
             self._last_console = now
@@ -271,6 +279,8 @@ class Writer:
         self.counts.bad_samples += bad.samples
         if self.replicas is not None and bad.samples:
             self.replicas.finished(0, 0, bad.samples)
+        if bad.samples:
+            self.show()
         self.counts.first_bad_line = self.counts.first_bad_line or dataclasses.asdict(bad)
         if bad.line not in self.known_errors:
             self.known_errors.add(bad.line)
@@ -289,24 +299,28 @@ class Writer:
                if counts.context_limited else "")
         lost = (f", {left} {'remain' if stopped else 'missing'} (run the same command again)"
                 if left else "")
-        return (f"{counts.samples} sample(s) written{cut}{lost}, {counts.bad_lines} bad "
-                f"line(s), {counts.tokens} tokens {self._verb} in {elapsed:.1f}s "
-                f"({counts.tokens / elapsed:.1f} tok/s)")
+        where = f"; the bad lines are in {self.errors_path}" if counts.bad_lines else ""
+        return (f"{counts.samples} {self._noun} {self._done}{cut}{lost}, {counts.bad_lines} "
+                f"bad line(s), {counts.tokens} tokens {self._verb} in {elapsed:.1f}s "
+                f"({counts.tokens / elapsed:.1f} tok/s){where}")
 
     def finish(self, counts: Counts | None = None, left: int = 0, stopped: bool = False
                ) -> None:
         """Close the bar, then say how it went (in the log and on the console)."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._close_bar()
         if self.progress is not None:
             summary = self.summary(counts, left, stopped)
             self.progress.write("end: " + summary)
             log.info("%s", summary)
 
-    def close(self) -> None:
+    def _close_bar(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._logging_above_bar.__exit__(None, None, None)
+            self._bar = self._logging_above_bar = None
+
+    def close(self) -> None:
+        self._close_bar()
         self.out.close()
         self.errors.close()
         if self.progress is not None:

@@ -3,6 +3,7 @@ the progress log and the writer. (What the job puts in them, and the resume rule
 test_job.py and test_resume.py.)"""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -424,3 +425,36 @@ def test_writer_counts_a_batch_lines_choices_and_writes_batch_errors_in_the_api_
     assert second == {"line": 4, "reason": "invalid JSON", "text": "x"}
     assert recorded_error_lines(s.errors_path) == {3, 4}
     assert recover_output(s.out_path) == {("r-1", 0), ("r-1", 1), ("r-1", 2), (2, 0)}
+
+
+class Terminal(io.StringIO):
+    """What a terminal receives (the bar is drawn only on one)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_bar_ends_full_when_lines_are_bad_and_log_lines_never_cut_it(tmp_path, monkeypatch):
+    """A bad record's samples settle the bar too, so it reaches 3/3; a log line printed while
+    it is drawn starts on a line of its own; the summary names the errors file."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    handler = logging.StreamHandler(terminal)
+    logging.getLogger().addHandler(handler)  # as the CLI's basicConfig does, on stderr
+    try:
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text('{"prompt": "a"}\n')
+        s = Settings(ckpt_dir=tmp_path, prompt_path=prompts, out_path=tmp_path / "out.jsonl")
+        writer = Writer(s, total=3)
+        writer.output({"id": 1, "sample": 0, "completion": "x", "completion_tokens": 1}, 1)
+        logging.getLogger("llama_gen").warning("a message")
+        writer.bad_line(BadLine(2, "too long", "x", samples=1))
+        writer.output({"id": 3, "sample": 0, "completion": "x", "completion_tokens": 1}, 3)
+        writer.finish()
+        writer.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    shown = terminal.getvalue()
+    assert "| 3/3 [" in shown and "100%" in shown
+    assert "\ra message\n" in shown, repr(shown)  # the bar cleared first, drawn again after
+    assert s.log_path.read_text().rstrip().endswith(f"; the bad lines are in {s.errors_path}")
