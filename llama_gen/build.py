@@ -11,13 +11,14 @@ import torch
 from .args import ModelArgs
 from .checkpoint import Checkpoint, check_model_parallel_size, find_shards
 from .errors import UserError
-from .engine import Engine
+from .engine import Engine, default_block_size
 from .model import Transformer
 from . import distributed
 from .distributed import Dist
 from .layers import ParallelLayers
-from .plan import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, Shape, Sizing, auto_sizing,
-                   check_seq_len, context_default, fixed_working_bytes, full_slots, sized_slots)
+from .plan import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS, Shape,
+                   Sizing, auto_sizing, check_seq_len, context_default, fixed_working_bytes,
+                   full_slots, given_cache, sized_slots, whole_blocks)
 from .settings import JobSettings, Settings
 from .tokenizer import Tokenizer
 
@@ -102,9 +103,33 @@ def memory_budget(device: torch.device, utilization: float) -> int:
     return available_ram() // distributed.launch_env().local_world_size
 
 
-def run_shape(args: ModelArgs, dist: Dist, dtype: torch.dtype, max_seq_len: int) -> Shape:
+def run_shape(args: ModelArgs, dist: Dist, dtype: torch.dtype, max_seq_len: int,
+              block_size: int = KV_BLOCK_TOKENS) -> Shape:
     """The plan's shape of this rank's memory; no device overhead: it is measured."""
-    return Shape(args, dist.model_parallel_size, dtype.itemsize, max_seq_len, overhead=0)
+    return Shape(args, dist.model_parallel_size, dtype.itemsize, max_seq_len, overhead=0,
+                 block_size=block_size)
+
+
+# On GPUs a paged cache is read by flex attention, whose kernels tile a KV block by at least
+# 16 positions: vLLM's flex attention backend refuses other block sizes, which fail in Triton's
+# code generation.
+GPU_BLOCK_MULTIPLE = 16
+
+
+def kv_block_size(settings: JobSettings, device: torch.device) -> int:
+    """Positions per KV block: --kv_block_size, or the engine's default for the device
+    (`engine.default_block_size`); checked, with --kv_cache_tokens, against --max_seq_len.
+    Scoring's cache is unpaged: a block of --max_seq_len per text."""
+    if settings.score_keys is not None:
+        return settings.max_seq_len
+    given = settings.kv_block_size
+    if given is not None and device.type == "cuda" and given % GPU_BLOCK_MULTIPLE:
+        raise UserError(f"--kv_block_size {given}: on GPUs flex attention reads the paged KV "
+                        f"cache, and its kernels take a multiple of {GPU_BLOCK_MULTIPLE} "
+                        "(16, 32, 64, 128...)")
+    block = given or min(default_block_size(device, settings.max_seq_len), settings.max_seq_len)
+    settings.check_kv_cache(block)
+    return block
 
 
 def resolve_max_seq_len(settings: JobSettings, args: ModelArgs, dist: Dist,
@@ -134,15 +159,30 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
     GPU the cache takes what the measured memory budget leaves beside the working memory
     (`--max_batch_size auto`: `plan.auto_sizing`; a given one: `plan.sized_slots`; scoring keeps
     full-length slots), the least of its model-parallel group's ranks; on the CPU a full
-    --max_seq_len per sequence, 8 of them for auto."""
+    --max_seq_len per sequence (in whole blocks of --kv_block_size), 8 of them for auto.
+    --kv_cache_tokens, where given, is the cache's size."""
+    block = kv_block_size(settings, dist.device)
     if dist.device.type != "cuda":
-        sizing = Sizing(settings.max_batch_size or CPU_AUTO_BATCH)
-        log_sizing(settings, model, dist, sizing, None)
+        batch = settings.max_batch_size or CPU_AUTO_BATCH
+        tokens = settings.kv_cache_tokens
+        if tokens is None and settings.kv_block_size is not None:
+            tokens = batch * whole_blocks(settings.max_seq_len, block)
+        sizing = Sizing(batch, tokens)
+        log_sizing(settings, model, dist, sizing, None, block)
         return sizing
-    shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len)
+    shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len, block)
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     room = budget - sum(fixed_working_bytes(shape).values())
     sizing = group_least(gpu_sizing(settings, shape, room), dist)
+    if sizing is None and settings.kv_cache_tokens is not None:
+        raise UserError(f"--kv_cache_tokens {settings.kv_cache_tokens} "
+                        f"({settings.kv_cache_tokens * shape.kv_bytes_per_token / GIB:.2f} GiB) "
+                        f"and the working memory of --max_batch_size "
+                        f"{settings.max_batch_size or 'auto (one sequence)'} do not fit in the "
+                        f"{budget / GIB:.2f} GiB left of --gpu_memory_utilization "
+                        f"{settings.gpu_memory_utilization} of this GPU beside the model: lower "
+                        "--kv_cache_tokens or --max_batch_size, or leave --kv_cache_tokens out "
+                        "(auto: what fits)")
     if sizing is None:
         raise UserError(f"no room for one sequence of --max_seq_len {settings.max_seq_len} "
                         f"beside the model: {budget / GIB:.2f} GiB left of "
@@ -150,7 +190,7 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
                         f"of this GPU (`llama-gen plan` shows the memory per GPU): lower "
                         "--max_seq_len or --max_batch_size, raise --gpu_memory_utilization, "
                         "or use more GPUs")
-    log_sizing(settings, model, dist, sizing, budget)
+    log_sizing(settings, model, dist, sizing, budget, block)
     return sizing
 
 
@@ -161,6 +201,8 @@ def gpu_sizing(settings: JobSettings, shape: Shape, room: int) -> Sizing | None:
     if settings.score_keys is not None:
         most = full_slots(shape, room)
         return Sizing(settings.max_batch_size or most) if most else None
+    if settings.kv_cache_tokens is not None:
+        return given_cache(shape, room, settings.max_batch_size, settings.kv_cache_tokens)
     if settings.max_batch_size is None:
         return auto_sizing(shape, room)
     return sized_slots(shape, room, settings.max_batch_size)
@@ -179,18 +221,21 @@ def group_least(sizing: Sizing | None, dist: Dist) -> Sizing | None:
 
 
 def log_sizing(settings: JobSettings, model: Transformer, dist: Dist, sizing: Sizing,
-               budget: int | None) -> None:
-    """One line: the batch, the KV cache's tokens and bytes, and where they come from."""
+               budget: int | None, block: int) -> None:
+    """One line: the batch, the KV cache's tokens, blocks and bytes, and where they come
+    from."""
     if dist.rank != 0:
         return
     shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len)
     tokens = sizing.kv_cache_tokens or sizing.max_batch_size * settings.max_seq_len
-    source = ("a full --max_seq_len each" if budget is None else
+    source = ("--kv_cache_tokens" if settings.kv_cache_tokens is not None else
+              "a full --max_seq_len each" if budget is None else
               f"of {budget / GIB:.2f} GiB left to this run on the GPU "
               f"(--gpu_memory_utilization {settings.gpu_memory_utilization})")
     log.info("--max_batch_size %s: %d sequences decoding at once, a KV cache of %d tokens "
-             "(%.2f GiB), %s", settings.max_batch_size or "auto", sizing.max_batch_size, tokens,
-             tokens * shape.kv_bytes_per_token / GIB, source)
+             "in blocks of %d (%.2f GiB), %s", settings.max_batch_size or "auto",
+             sizing.max_batch_size, tokens, block, tokens * shape.kv_bytes_per_token / GIB,
+             source)
 
 
 def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, dist: Dist,
@@ -207,4 +252,4 @@ def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, di
                  "; on the CPU the compiled step is not faster than the eager one")
     return Engine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
                   tokenizer=tokenizer, compile=settings.compile,
-                  kv_cache_tokens=sizing.kv_cache_tokens)
+                  kv_cache_tokens=sizing.kv_cache_tokens, kv_block_size=settings.kv_block_size)

@@ -84,6 +84,8 @@ def from_flags(cls: type, unexpected: tuple, values: dict[str, Any]) -> Any:
         raise UserError(f"unexpected argument {unexpected[0]!r}: give settings as --name "
                         f"value{example}")
     for name in values.keys() - fields.keys():
+        if (why := getattr(cls, "refused", {}).get(name)) is not None:
+            raise UserError(f"--{name} {why}")
         near = difflib.get_close_matches(name, list(fields), n=1)
         hint = f": did you mean --{near[0]}?" if near else "; see --help"
         raise UserError(f"unknown flag --{name}{hint}")

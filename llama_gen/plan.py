@@ -185,6 +185,7 @@ class Shape:
     dtype_bytes: int
     max_seq_len: int
     overhead: int = CUDA_CONTEXT_BYTES  # the device's own (the CUDA context); 0 on the CPU
+    block_size: int = KV_BLOCK_TOKENS  # positions per KV block: the cache is whole blocks
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -259,7 +260,7 @@ def auto_sizing(shape: Shape, room: int) -> Sizing | None:
     sequence of max_seq_len fits. The cache holds at least one full-length sequence, and no
     more tokens than full-length slots need."""
     per_token, slot, longest = shape.kv_bytes_per_token, slot_working_bytes(shape), \
-        whole_blocks(shape.max_seq_len)
+        whole_blocks(shape.max_seq_len, shape.block_size)
     if room < longest * per_token + slot:
         return None
     average = min(shape.max_seq_len, AUTO_TOKENS_PER_SEQUENCE)
@@ -273,16 +274,29 @@ def sized_slots(shape: Shape, room: int, batch: int) -> Sizing | None:
     room holds beside their working memory, up to a full-length sequence each; None where not
     one full-length sequence fits."""
     room_left = room - batch * slot_working_bytes(shape)
-    tokens = max(0, room_left) // shape.kv_bytes_per_token // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
-    longest = whole_blocks(shape.max_seq_len)
+    block = shape.block_size
+    tokens = max(0, room_left) // shape.kv_bytes_per_token // block * block
+    longest = whole_blocks(shape.max_seq_len, block)
     if tokens < longest:
         return None
     return Sizing(batch, min(tokens, batch * longest))
 
 
-def whole_blocks(tokens: int) -> int:
+def whole_blocks(tokens: int, block_size: int = KV_BLOCK_TOKENS) -> int:
     """`tokens` rounded up to whole KV blocks."""
-    return -(-tokens // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+    return -(-tokens // block_size) * block_size
+
+
+def given_cache(shape: Shape, room: int, batch: int | None, tokens: int) -> Sizing | None:
+    """A KV cache of `tokens` positions (--kv_cache_tokens) in `room` bytes, with `batch`
+    slots, or for auto as many as it holds sequences of AUTO_TOKENS_PER_SEQUENCE tokens (at
+    most AUTO_MAX_BATCH, at least one) whose working memory fits beside it; None where the
+    cache and the slots' working memory do not fit."""
+    left, slot = room - tokens * shape.kv_bytes_per_token, slot_working_bytes(shape)
+    if batch is None:
+        average = min(shape.max_seq_len, AUTO_TOKENS_PER_SEQUENCE)
+        batch = max(1, min(AUTO_MAX_BATCH, tokens // average, left // slot))
+    return Sizing(batch, tokens) if left >= batch * slot else None
 
 
 def full_slots(shape: Shape, room: int) -> int:

@@ -262,6 +262,18 @@ class Settings(JobSettings):
         "once) or static (Meta's reference batching, for comparison)")
     compile: bool = setting(False, help="compile the decode step with torch.compile (CUDA "
                             "graphs on GPUs; the first steps wait for the compiler)")
+    kv_cache_tokens: int | None = setting(
+        None, low=1, auto=True, help="advanced: positions the KV cache holds across all "
+        "sequences, or auto (the default): on a GPU what fits beside the model (see "
+        "--gpu_memory_utilization), on the CPU a full --max_seq_len per sequence; at least one "
+        "sequence of --max_seq_len in whole blocks. Fewer than the sequences need makes them "
+        "wait for blocks or be preempted and generated again")
+    kv_block_size: int | None = setting(
+        None, low=1, auto=True, help="advanced: positions per KV cache block, at most "
+        "--max_seq_len (as vLLM's --block-size), or auto (the default): 128 on GPUs (a multiple "
+        "of 16 there), on the CPU one block of --max_seq_len per sequence (an unpaged cache); a "
+        "sequence holds the blocks its tokens fill")
+
     @property
     def wants_chat(self) -> bool:
         return self.chat or self.chat_format is not None
@@ -278,6 +290,30 @@ class Settings(JobSettings):
         if self.compile and self.scheduler == "static":
             raise UserError("--compile compiles the continuous scheduler's decode step; the "
                             "static one is the uncompiled baseline: drop one of the two")
+        if self.kv_block_size is not None and self.scheduler == "static":
+            raise UserError("--kv_block_size pages the continuous scheduler's KV cache; the "
+                            "static one keeps a full --max_seq_len per sequence: drop one of "
+                            "the two")
+        if self.max_seq_len is not None:  # known once a run resolves it, or given
+            self.check_kv_cache(self.kv_block_size or self.max_seq_len)
+
+    def check_kv_cache(self, block_size: int) -> None:
+        """--kv_block_size and --kv_cache_tokens against --max_seq_len, in blocks of
+        `block_size` (the one given, or the device's default): a block no longer than a
+        sequence, and a cache of whole blocks that holds one sequence of --max_seq_len (a
+        sequence longer than the cache could never finish)."""
+        if self.kv_block_size is not None and self.kv_block_size > self.max_seq_len:
+            raise UserError(f"--kv_block_size {self.kv_block_size} is longer than --max_seq_len "
+                            f"{self.max_seq_len}: a block holds positions of one sequence; use "
+                            f"at most {self.max_seq_len}")
+        tokens = self.kv_cache_tokens
+        need = -(-self.max_seq_len // block_size) * block_size
+        if tokens is not None and tokens // block_size * block_size < self.max_seq_len:
+            blocks = (f" in whole blocks of {block_size} positions" if need > self.max_seq_len
+                      else "")
+            raise UserError(f"--kv_cache_tokens {tokens} cannot hold one sequence of "
+                            f"--max_seq_len {self.max_seq_len}{blocks}: give at least {need}, "
+                            "or a shorter --max_seq_len")
 
 
 # Fields every line of `llama-gen score` has, beside the record's own.
@@ -292,6 +328,13 @@ class ScoreSettings(JobSettings):
     command: ClassVar[str] = "score"
     written_fields: ClassVar[tuple[str, ...]] = SCORE_FIELDS
     num_samples: ClassVar[int] = 1  # a text has one score
+    kv_cache_tokens: ClassVar[None] = None  # a full-length, unpaged slot per text
+    kv_block_size: ClassVar[None] = None
+    # Generation's flags that mean nothing here, and why: the flag parser says so in one line.
+    refused: ClassVar[dict[str, str]] = {
+        name: "is generation's: scoring keeps an unpaged KV cache of a full --max_seq_len per "
+        "text (--max_batch_size of them); drop it"
+        for name in ("kv_cache_tokens", "kv_block_size")}
 
     text_key: str = setting("text", role=DEFINES_OUTPUT, help="the field holding a text scored "
                             "whole (every token after bos)")

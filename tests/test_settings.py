@@ -218,3 +218,127 @@ def test_score_refuses_fields_that_coincide(tmp_path, keys):
     with pytest.raises(UserError, match="the three fields must differ"):
         ScoreSettings(ckpt_dir=tmp_path, prompt_path=tmp_path / "p", out_path=tmp_path / "o",
                       **keys)
+
+
+# --- the KV cache's size and block size (advanced) ---------------------------------------------
+
+@pytest.mark.parametrize("words, message", [
+    (["--kv_cache_tokens", "0"], "--kv_cache_tokens must be an integer >= 1 or auto, got 0"),
+    (["--kv_block_size", "0"], "--kv_block_size must be an integer >= 1 or auto, got 0"),
+    (["--kv_block_size", "8.5"], "--kv_block_size must be an integer >= 1 or auto, got 8.5"),
+    (["--kv_block_size", "65", "--max_seq_len", "64"],
+     "--kv_block_size 65 is longer than --max_seq_len 64: a block holds positions of one "
+     "sequence; use at most 64"),
+    (["--kv_cache_tokens", "63", "--max_seq_len", "64"],
+     "--kv_cache_tokens 63 cannot hold one sequence of --max_seq_len 64: give at least 64, or "
+     "a shorter --max_seq_len"),
+    (["--kv_cache_tokens", "90", "--kv_block_size", "48", "--max_seq_len", "64"],
+     "--kv_cache_tokens 90 cannot hold one sequence of --max_seq_len 64 in whole blocks of 48 "
+     "positions: give at least 96, or a shorter --max_seq_len"),
+    (["--kv_block_size", "8", "--scheduler", "static"],
+     "--kv_block_size pages the continuous scheduler's KV cache; the static one keeps a full "
+     "--max_seq_len per sequence: drop one of the two"),
+])
+def test_the_kv_cache_flags_are_checked_in_one_line_naming_the_flag(words, message):
+    paths = ["--ckpt_dir", "a", "--prompt_path", "b", "--out_path", "c"]
+    with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
+        parse(Settings, [*paths, *words], "llama-gen")
+
+
+def test_the_kv_cache_flags_default_to_auto_and_may_change_on_resume(tmp_path):
+    paths = ["--ckpt_dir", "a", "--prompt_path", "b", "--out_path", "c"]
+    s = parse(Settings, [*paths, "--kv_cache_tokens", "auto", "--kv_block_size", "auto"],
+              "llama-gen")
+    assert (s.kv_cache_tokens, s.kv_block_size) == (None, None)
+    s = parse(Settings, [*paths, "--kv_cache_tokens", "96", "--kv_block_size", "48",
+                         "--max_seq_len", "64", "--scheduler", "continuous"], "llama-gen")
+    assert (s.kv_cache_tokens, s.kv_block_size) == (96, 48)
+    assert settings(tmp_path, kv_cache_tokens=64, max_seq_len=64).kv_cache_tokens == 64
+    assert RULES["kv_cache_tokens"].base is int and RULES["kv_block_size"].base is int
+    for name in ("kv_cache_tokens", "kv_block_size"):
+        field = {f.name: f for f in dataclasses.fields(Settings)}[name]
+        assert field.metadata["role"] == RUNTIME and field.default is None
+        assert name not in OUTPUT_DEFINING and name not in PER_RECORD
+    # A --max_seq_len resolved later (the model's context, or what fits) is checked as it is
+    # set: the run replaces it in its settings.
+    s = settings(tmp_path, kv_cache_tokens=100)
+    with pytest.raises(UserError, match="^--kv_cache_tokens 100 cannot hold one sequence of "
+                                        "--max_seq_len 4096"):
+        dataclasses.replace(s, max_seq_len=4096)
+
+
+def test_scoring_refuses_the_kv_cache_flags_saying_why():
+    """Scoring's cache is unpaged, a full-length slot per text: the flags would do nothing."""
+    paths = ["--ckpt_dir", "a", "--prompt_path", "b", "--out_path", "c"]
+    for name in ("kv_cache_tokens", "kv_block_size"):
+        with pytest.raises(UserError, match=f"^--{name} is generation's: scoring keeps an "
+                                            "unpaged KV cache of a full --max_seq_len per text"):
+            parse(ScoreSettings, [*paths, f"--{name}", "64"], "llama-gen score")
+    with pytest.raises(UserError, match="^unknown flag --kv_cache_token: did you mean"):
+        parse(Settings, [*paths, "--kv_cache_token", "64"], "llama-gen")
+
+
+def test_the_block_size_for_the_device_and_the_cache_in_whole_blocks(tmp_path):
+    """Default blocks: the CPU's one of --max_seq_len per row (unpaged), a GPU's 128 (at most
+    --max_seq_len); a GPU's given block must suit flex attention's kernels."""
+    import torch
+    from llama_gen import build
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert build.kv_block_size(settings(tmp_path, max_seq_len=300), cpu) == 300
+    assert build.kv_block_size(settings(tmp_path, max_seq_len=300), gpu) == 128
+    assert build.kv_block_size(settings(tmp_path, max_seq_len=100), gpu) == 100
+    assert build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_block_size=8), cpu) == 8
+    assert build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_block_size=32), gpu) == 32
+    with pytest.raises(UserError, match=r"^--kv_block_size 8: on GPUs flex attention reads the "
+                                        r"paged KV cache, and its kernels take a multiple of 16"):
+        build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_block_size=8), gpu)
+    # A GPU's default block of 128: 300 positions take 3 blocks.
+    with pytest.raises(UserError, match="^--kv_cache_tokens 380 cannot hold one sequence of "
+                                        "--max_seq_len 300 in whole blocks of 128 positions: "
+                                        "give at least 384"):
+        build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_cache_tokens=380), gpu)
+    assert build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_cache_tokens=380),
+                               cpu) == 300
+    scoring = ScoreSettings(ckpt_dir=tmp_path, prompt_path=tmp_path / "p",
+                            out_path=tmp_path / "o", max_seq_len=300)
+    assert build.kv_block_size(scoring, gpu) == 300  # unpaged: a slot per text
+
+
+def test_the_run_sizes_its_cache_from_the_flags(tmp_path, single_process, tiny_checkpoints,
+                                                monkeypatch):
+    """On the CPU: --kv_cache_tokens as given, or a full --max_seq_len per sequence in whole
+    blocks; on a GPU: the given cache with as many sequences as their working memory leaves
+    room for, or one line naming the flag where it does not fit."""
+    import torch
+    from llama_gen import build
+    from llama_gen.plan import AUTO_TOKENS_PER_SEQUENCE, Sizing, slot_working_bytes
+    from llama_gen.tokenizer import load_tokenizer
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    model = build.load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), single_process,
+                             torch.float32)
+    def size(**kwargs):
+        return build.size_cache(settings(tmp_path, max_seq_len=100, **kwargs), model, dist)
+    dist = single_process
+    assert size() == Sizing(8)  # auto: 8 full-length slots
+    assert size(kv_block_size=48) == Sizing(8, 8 * 144)  # 100 positions take 3 blocks of 48
+    assert size(kv_cache_tokens=150, kv_block_size=48, max_batch_size=3) == Sizing(3, 150)
+    engine = build.make_engine(settings(tmp_path, max_seq_len=100, kv_block_size=48,
+                                        kv_cache_tokens=150), model, None, dist, (),
+                               Sizing(3, 150))
+    assert (engine.blocks.n_blocks, engine.blocks.block_size) == (3, 48)
+    # On a GPU (only the arithmetic runs here: the budget is what the test says).
+    dist = dataclasses.replace(single_process, device=torch.device("cuda"))
+    shape = build.run_shape(model.args, dist, torch.float32, 100, 32)
+    per_token, slot = shape.kv_bytes_per_token, slot_working_bytes(shape)
+    fixed = sum(build.fixed_working_bytes(shape).values())
+    monkeypatch.setattr(build, "memory_budget", lambda *_: fixed + 2048 * per_token + 3 * slot)
+    assert size(kv_cache_tokens=2048, kv_block_size=32, max_batch_size=3) == Sizing(3, 2048)
+    assert size(kv_cache_tokens=2048, kv_block_size=32) == Sizing(3, 2048)  # auto: what fits
+    # auto, with room to spare: as many sequences as the cache holds at 100 tokens each (the
+    # auto average, AUTO_TOKENS_PER_SEQUENCE, capped by --max_seq_len)
+    assert AUTO_TOKENS_PER_SEQUENCE > 100 and 3 + 1024 * per_token // slot > 1024 // 100
+    assert size(kv_cache_tokens=1024, kv_block_size=32) == Sizing(1024 // 100, 1024)
+    with pytest.raises(UserError, match=r"^--kv_cache_tokens 2048 \(\d+\.\d\d GiB\) and the "
+                                        r"working memory of --max_batch_size 4 do not fit in "
+                                        r"the .* GiB left of --gpu_memory_utilization 0.9"):
+        size(kv_cache_tokens=2048, kv_block_size=32, max_batch_size=4)
