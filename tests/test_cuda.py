@@ -1,6 +1,11 @@
 """The engine on a CUDA GPU, eager and compiled (CUDA graphs). Skipped where there is none: CI and
 the development machines have no GPU, so these run on a lent GPU machine (`python -m pytest -q
-tests/test_cuda.py`)."""
+tests/test_cuda.py`).
+
+Runs on different devices, dtypes or batch shapes round differently, so their completions are
+compared as `near_ties` says (the same tokens, or different only from a proven near-tie on),
+never for exact equality. Half precision rounds far more than float32: there a flip is allowed
+only where float32 puts the choice within the dtype's own error of flipping (`why_differ`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +15,17 @@ import torch
 
 from llama_gen.baseline import StaticEngine
 from llama_gen.build import load_model
-from llama_gen.engine import DECODE_KV_BUCKET, Engine, Request, SamplingParams
+from llama_gen.engine import DECODE_KV_BUCKET, Completion, Engine, Request, SamplingParams
+from llama_gen.paging import BlockAllocator
+from llama_gen.sampling import apply_penalties, counter_uniform, filtered_probs
 from llama_gen.tokenizer import load_tokenizer
+from near_ties import NEAR_TIE, assert_same_but_near_ties
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 MAX_SEQ_LEN = DECODE_KV_BUCKET + 40
 SLOTS = 5
+LOGPROB_ATOL = 1e-4  # float32 on two devices: rounding (~1e-6), a hundred times over
 
 
 @pytest.fixture(scope="module")
@@ -41,28 +50,155 @@ def requests(vocab_size: int) -> list[Request]:
             for i, (n, m) in enumerate(shapes)]
 
 
+def long_requests(vocab_size: int) -> list[Request]:
+    """Prompts of 3-250 tokens growing by 3-120, so sequences cross blocks of 16 and of 128
+    while others hold theirs: with a cache of one full-length sequence and one block more,
+    sequences are preempted at either block size (the schedule depends on lengths alone:
+    these requests have no stop, and it was checked on the CPU's paged cache)."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(100, 60), (3, 20), (120, 40), (250, 30), (90, 70), (17, 3), (30, 120), (60, 80)]
+    return [Request(torch.randint(vocab_size, (n,), generator=gen).tolist(),
+                    SamplingParams(temperature=1.0 if i % 2 else 0.0, top_p=0.9, max_gen_len=m,
+                                   seed=100 + i, logprobs=True), tag=f"long {i}")
+            for i, (n, m) in enumerate(shapes)]
+
+
 def run(engine: Engine, reqs: list[Request]) -> dict:
-    return {c.request.tag: c for c in engine.generate(reqs)}
+    done = list(engine.generate(reqs))
+    by_tag = {c.request.tag: c for c in done}
+    assert len(done) == len(by_tag) == len(reqs)  # each exactly once
+    return by_tag
 
 
-def assert_same(got: dict, want: dict, atol: float) -> None:
+def generated(c: Completion) -> list[int]:
+    """The completion's generated tokens (without the prompt an echo puts first)."""
+    return c.tokens[c.prompt_tokens:] if c.request.params.echo else c.tokens
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def assert_close_up_to_a_flip(got: Completion, want: Completion, atol: float) -> None:
+    """The logprobs agree (within atol) up to the first generated token that differs; the same
+    tokens end the same way."""
+    a, b = generated(got), generated(want)
+    j = first_difference(a, b)
+    n = len(got.tokens) - len(a)  # the prompt's logprobs, where echoed
+    for x in (got, want):  # no NaN where compared
+        assert all(v == v for v in x.logprobs[n:n + j]), x.request.tag
+    torch.testing.assert_close(torch.tensor(got.logprobs[n:n + j]),
+                               torch.tensor(want.logprobs[n:n + j]), atol=atol, rtol=0)
+    if a == b:
+        assert got.finish_reason == want.finish_reason, got.request.tag
+
+
+def assert_same_but_near_ties_on(model, got: dict, want: dict, reqs: list[Request],
+                                 stops=(), atol: float = LOGPROB_ATOL, most: int = 2) -> None:
+    """Completions of float32 runs that batch, split or place rows differently: logprobs
+    within atol up to any difference, and a difference only at a proven near-tie under
+    `model` (near_ties.py; requests without penalties)."""
+    assert got.keys() == want.keys() == {r.tag for r in reqs}
+    for tag in want:
+        assert_close_up_to_a_flip(got[tag], want[tag], atol)
+    assert_same_but_near_ties(model, ((r, generated(got[r.tag]), generated(want[r.tag]))
+                                      for r in reqs), stops, most)
+
+
+# --- choices re-derived in float32, penalties included, with a given bound ----------------
+
+def next_logits(model, request: Request, prefix: list[int], stops) -> torch.Tensor:
+    """The float32 logits (on the CPU) `request` draws its token len(prefix) from after
+    `prefix`: the model's raw logits from one batch-1 pass, then, as the engine applies them,
+    the request's penalties (over its prompt and `prefix`) and its stop tokens held back until
+    min_tokens."""
+    engine = Engine(model, (), max_batch_size=1,
+                    max_seq_len=len(request.prompt_tokens) + len(prefix) + 1)
+    seen, draw = [], engine._draw
+    def spy(seqs, logits):  # the step's logits, before the draw applies anything
+        seen.append(logits[0].float().cpu())
+        return draw(seqs, logits)
+    engine._draw = spy
+    probe = Request(request.prompt_tokens + prefix, SamplingParams(max_gen_len=1))
+    list(engine.generate([probe]))
+    logits, p = seen[0], request.params
+    if p.penalised:
+        vocab = logits.shape[-1]
+        in_prompt = torch.zeros(1, vocab, dtype=torch.bool)
+        in_prompt[0, torch.tensor(request.prompt_tokens)] = True
+        counts = torch.bincount(torch.tensor(prefix, dtype=torch.long), minlength=vocab)[None]
+        logits = apply_penalties(logits[None], in_prompt, counts.int(),
+                                 torch.tensor([p.repetition_penalty]),
+                                 torch.tensor([p.presence_penalty]),
+                                 torch.tensor([p.frequency_penalty]))[0]
+    if len(prefix) < p.min_tokens and not p.ignore_eos and stops:
+        logits[torch.tensor(sorted(stops))] = float("-inf")
+    return logits
+
+
+def why_differ(model, request: Request, a: list[int], b: list[int], stops, bound: float
+               ) -> str | None:
+    """Why completions a and b of `request` may differ: at their first differing token j (where
+    one ended, by one of `stops`), the choice under `model` is within `bound` of flipping.
+    Greedy: the two tokens are the two most likely, less than `bound` apart in log-probability.
+    Sampled: the request's uniform lies within `bound` of a step of the CDF between the two
+    tokens, and the tokens between them hold less than `bound`. None: a real difference. As
+    `near_ties.near_tie` with the bound given and penalties and min_tokens re-derived."""
+    j = first_difference(a, b)
+    if len(b) <= j:
+        a, b = b, a
+    candidates = a[j:j + 1] or sorted(stops)
+    logits = next_logits(model, request, a[:j], stops)
+    p = request.params
+    if p.temperature == 0:
+        top2 = set(logits.topk(2).indices.tolist())
+        for other in candidates:
+            gap = abs(logits[other].item() - logits[b[j]].item())
+            if {other, b[j]} == top2 and gap < bound:
+                return f"token {j}: greedy {other} or {b[j]}, {gap:.2e} apart"
+        return None
+    cdf = filtered_probs(logits[None], torch.tensor([p.temperature]), torch.tensor([p.top_p]),
+                         torch.tensor([p.top_k]), torch.tensor([p.min_p]))[0].cumsum(dim=-1)
+    u = counter_uniform(torch.tensor([p.seed]), torch.tensor([j])).item()
+    drawn = (cdf <= u).sum().item()
+    for other in candidates:
+        lo, hi = sorted((other, b[j]))
+        if (drawn in (lo, hi) and abs(cdf[lo].item() - u) < bound
+                and cdf[hi - 1].item() - cdf[lo].item() < bound):
+            return f"token {j}: {other} or {b[j]}, u={u:.6f}, CDF step at {cdf[lo].item():.6f}"
+    return None
+
+
+def assert_same_but_flips_within(model, got: dict, want: dict, stops, atol: float,
+                                 bound: float, most: int) -> list[str]:
+    """Logprobs within atol up to any difference; a difference only where `why_differ` proves
+    the choice within `bound` of flipping; at most `most` of them."""
     assert got.keys() == want.keys()
+    flips = []
     for tag, w in want.items():
-        assert (got[tag].tokens, got[tag].finish_reason) == (w.tokens, w.finish_reason), tag
-        torch.testing.assert_close(torch.tensor(got[tag].logprobs), torch.tensor(w.logprobs),
-                                   atol=atol, rtol=0)
+        assert_close_up_to_a_flip(got[tag], w, atol)
+        a, b = generated(got[tag]), generated(w)
+        if a != b:
+            why = why_differ(model, w.request, a, b, stops, bound)
+            assert why, f"{tag}: a real difference, not a near-tie: {a} vs {b}"
+            flips.append(why)
+    assert len(flips) <= most, flips
+    return flips
 
+
+# --- the GPU against the CPU ---------------------------------------------------------------
 
 @pytest.mark.parametrize("engine_type", [Engine, StaticEngine])
 def test_gpu_engine_matches_the_cpu(models, engine_type):
     reqs = requests(models["cpu"].args.vocab_size)
     want = run(engine_type(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs)
     got = run(engine_type(models["cuda"], (), SLOTS, MAX_SEQ_LEN), reqs)
-    assert_same(got, want, atol=1e-4)
+    assert_same_but_near_ties_on(models["cpu"], got, want, reqs)
 
 
 def test_cuda_graphs_decode_matches_eager(models, monkeypatch):
-    """--compile on CUDA: mode reduce-overhead records CUDA graphs, and no step falls back."""
+    """--compile on CUDA: mode reduce-overhead records CUDA graphs, and no step falls back. The
+    compiled step computes every row (padding included) in fused kernels: other rounding."""
     model = models["cuda"]
     reqs = requests(model.args.vocab_size)
     eager = run(Engine(model, (), SLOTS, MAX_SEQ_LEN), reqs)
@@ -75,7 +211,7 @@ def test_cuda_graphs_decode_matches_eager(models, monkeypatch):
     counters = torch._dynamo.utils.counters
     counters.clear()
     compiled = run(Engine(model, (), SLOTS, MAX_SEQ_LEN, compile=True), reqs)
-    assert_same(compiled, eager, atol=1e-4)
+    assert_same_but_near_ties_on(models["cpu"], compiled, eager, reqs)
     assert counters["stats"]["unique_graphs"] >= 1
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert captures  # CUDA graphs were recorded
@@ -83,7 +219,8 @@ def test_cuda_graphs_decode_matches_eager(models, monkeypatch):
 
 def test_sampling_controls_on_the_gpu_match_the_cpu(models):
     """Penalties (their per-slot token counts on the device), top-k, min-p, min_tokens and top
-    logprobs give the CPU's tokens."""
+    logprobs give the CPU's tokens, or differ from a near-tie on (re-derived with the
+    penalties: `why_differ`)."""
     controls = [dict(top_k=5), dict(min_p=0.1), dict(repetition_penalty=1.3, frequency_penalty=0.5),
                 dict(presence_penalty=-1.0, top_k=40, min_tokens=3)]
     reqs = [dataclasses.replace(r, params=dataclasses.replace(r.params, top_logprobs=3,
@@ -92,10 +229,18 @@ def test_sampling_controls_on_the_gpu_match_the_cpu(models):
     stop = {int(models["cpu"].args.vocab_size // 3)}
     want = run(Engine(models["cpu"], stop, SLOTS, MAX_SEQ_LEN), reqs)
     got = run(Engine(models["cuda"], stop, SLOTS, MAX_SEQ_LEN), reqs)
-    assert_same(got, want, atol=1e-4)
+    assert_same_but_flips_within(models["cpu"], got, want, stop, LOGPROB_ATOL, NEAR_TIE, most=2)
     for tag, w in want.items():
-        assert [[t for t, _ in top] for top in got[tag].top_logprobs] == \
-            [[t for t, _ in top] for top in w.top_logprobs]
+        j = first_difference(got[tag].tokens, w.tokens)
+        for g_top, w_top in zip(got[tag].top_logprobs[:j], w.top_logprobs[:j]):
+            torch.testing.assert_close(torch.tensor([lp for _, lp in g_top]),
+                                       torch.tensor([lp for _, lp in w_top]),
+                                       atol=LOGPROB_ATOL, rtol=0)
+            w_lps = [lp for _, lp in w_top]
+            for i, ((g_id, _), (w_id, w_lp)) in enumerate(zip(g_top, w_top)):
+                # the same alternative, unless two are within rounding of each other
+                near = [abs(w_lp - x) < LOGPROB_ATOL for k, x in enumerate(w_lps) if k != i]
+                assert g_id == w_id or any(near) or i == len(w_top) - 1, (tag, g_top, w_top)
 
 
 def test_scoring_on_the_gpu_matches_the_cpu(models):
@@ -116,36 +261,61 @@ def test_scoring_on_the_gpu_matches_the_cpu(models):
 
 @pytest.mark.parametrize("block_size", [16, 128])
 def test_paged_cache_with_preemption_matches_the_cpu(models, block_size):
-    """Flex attention over the paged pool, compiled; a budget just over one full sequence, so
-    sequences are preempted and generated again: the CPU's unpaged completions all the same."""
-    reqs = requests(models["cpu"].args.vocab_size)
+    """Flex attention over the paged pool, compiled; a budget of one full sequence and one block
+    more, so sequences are preempted and generated again: the CPU's unpaged completions, near
+    ties excepted."""
+    vocab = models["cpu"].args.vocab_size
+    reqs = requests(vocab) + long_requests(vocab)
     want = run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs)
+    budget = -(-MAX_SEQ_LEN // block_size) * block_size + block_size
     engine = Engine(models["cuda"], (), 8, MAX_SEQ_LEN, kv_block_size=block_size,
-                    kv_cache_tokens=MAX_SEQ_LEN + 2 * block_size)
+                    kv_cache_tokens=budget)
     assert engine.model.paged_reads == "flex"
+    assert engine.blocks.block_size == block_size
     got = run(engine, reqs)
-    assert_same(got, want, atol=1e-4)
-    if block_size == 16:
-        assert engine.stats.preempted > 0
+    assert engine.stats.preempted > 0  # at every block size
+    assert engine.blocks.free_blocks == engine.blocks.n_blocks
+    assert_same_but_near_ties_on(models["cpu"], got, want, reqs)
 
 
-@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 0.25), (torch.float16, 0.05)])
-def test_half_precision_logprobs_stay_near_float32(single_process, tiny_checkpoints, models,
-                                                   dtype, atol):
+# Half precision against float32, on the same weights. A logprob's error is about its logits'
+# rounding: bf16 keeps 8 significant bits (unit roundoff u = 2**-9, 2e-3), fp16 11 (u = 2**-12,
+# 2.4e-4), and the tiny random model's logits are O(10) (logprobs -10 to -2), so one rounding
+# of a logit alone moves it by ~10u. Measured on the CPU with these requests (the same weights
+# cast, teacher-forced prompt logprobs and generated ones before any flip): at most 0.035 in
+# bf16 (18u) and 0.0034 in fp16 (14u). The bound is 50u: 0.098 and 0.012, about three times
+# what was measured, for the GPU's other kernels (flash and flex attention, cuBLAS).
+HALF_ATOL = {torch.bfloat16: 50 * 2.0**-9, torch.float16: 50 * 2.0**-12}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_decodes_as_float32_within_its_rounding(single_process, tiny_checkpoints,
+                                                               models, dtype):
     """bf16 and fp16 on the GPU (flash attention with grouped heads for the prefill, flex for
-    decode): teacher-forced prompt logprobs within rounding of the CPU's float32 ones."""
+    decode) against float32 on the GPU, the same requests in the same batches: prompt (echo)
+    and generated logprobs within HALF_ATOL, and the same tokens but where float32 puts the
+    choice within the dtype's error of flipping. A greedy flip needs the two most likely
+    tokens' float32 log-probabilities less than 2 x HALF_ATOL apart (each may err by
+    HALF_ATOL); a sampled one, the uniform that close to a CDF step between them (a step moves
+    by less than the log-probabilities do)."""
     ckpt = tiny_checkpoints[("llama3", 1)]
     on_gpu = dataclasses.replace(single_process, device=torch.device("cuda"))
     model = load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), on_gpu, dtype)
     reqs = [dataclasses.replace(r, params=dataclasses.replace(r.params, echo=True))
             for r in requests(model.args.vocab_size)]
-    want = run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs)
+    want = run(Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN), reqs)
     got = run(Engine(model, (), SLOTS, MAX_SEQ_LEN), reqs)
+    atol = HALF_ATOL[dtype]
     for tag, w in want.items():
         n = w.prompt_tokens
-        diff = (torch.tensor(got[tag].logprobs[1:n]) - torch.tensor(w.logprobs[1:n])).abs()
-        assert diff.max() < atol, (tag, diff.max())
+        assert got[tag].tokens[:n] == w.tokens[:n] and got[tag].logprobs[0] is None
+        torch.testing.assert_close(torch.tensor(got[tag].logprobs[1:n]),
+                                   torch.tensor(w.logprobs[1:n]), atol=atol, rtol=0)
         assert all(x == x for x in got[tag].logprobs[1:])  # no NaN in what was generated
+    greedy = [r.tag for r in reqs if r.params.temperature == 0]
+    assert len(greedy) == 8
+    flips = assert_same_but_flips_within(models["cpu"], got, want, (), atol, 2 * atol, most=4)
+    assert sum(generated(got[t]) == generated(want[t]) for t in greedy) >= 6, flips
 
 
 def test_no_math_attention_on_the_gpu(models):
@@ -167,21 +337,35 @@ def test_no_math_attention_on_the_gpu(models):
                                        rtol=0)
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 24: the block table's flush (torch.tensor(pending).to(device)) and the prefill "
+    "step's tokens and last positions (torch.tensor(list, device=cuda)) are copies from "
+    "pageable host memory, which synchronise"))
 def test_decode_steps_make_no_unexpected_syncs(models):
-    """With torch.cuda.set_sync_debug_mode("error") around each step's passes and draws (the
-    step's one copy of its tokens to the host comes after), nothing waits for the device:
-    not the block table, not the block mask, not the sampler."""
+    """With torch.cuda.set_sync_debug_mode("error") around everything a step does on the
+    device before its one copy of tokens to the host (`_detail`, after the draw): the block
+    table's flush (also in a row's move and in `rows`), the prefill step (a prompt's chunks
+    too), the forward pass and the draw, nothing waits for the device: not the block table,
+    not the block mask, not the prefill's inputs, not the sampler."""
     engine = Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN)
+    assert isinstance(engine.blocks, BlockAllocator)  # blocks of 128: a block table to flush
     reqs = requests(models["cuda"].args.vocab_size)
     run(engine, reqs)  # compiles flex attention first: compiling may wait for the device
+    strict_calls = []
     def strict(method):
-        def wrapped(*args, **kwargs):
+        def wrapped(*args, **kwargs):  # nested calls (a flush in a forward) stay strict
+            strict_calls.append(method.__name__)
+            outer = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("error")
             try:
                 return method(*args, **kwargs)
             finally:
-                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.set_sync_debug_mode(outer)
         return wrapped
-    engine._forward, engine._draw = strict(engine._forward), strict(engine._draw)
-    assert_same(run(engine, reqs), run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs),
-                atol=1e-4)
+    engine.blocks.flush = strict(engine.blocks.flush)
+    for name in ("_prefill_step", "_chunked_prefill", "_forward", "_draw"):
+        setattr(engine, name, strict(getattr(engine, name)))
+    got = run(engine, reqs)
+    assert {"flush", "_prefill_step", "_forward", "_draw"} <= set(strict_calls)
+    want = run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs)
+    assert_same_but_near_ties_on(models["cpu"], got, want, reqs)
