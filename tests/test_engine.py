@@ -18,14 +18,13 @@ from llama_gen.engine import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, Completion,
                               SamplingParams, attention_chunks, decode_kv_bucket,
                               prompt_logprobs, shortest_first_in_windows, take_prefill_groups)
 from llama_gen.model import Transformer
-from llama_gen.sampling import apply_penalties, counter_uniform, filtered_probs, token_logprobs
+from llama_gen.sampling import token_logprobs
 from llama_gen.tokenizer import load_tokenizer
-from near_ties import NEAR_TIE, near_tie, next_logprobs, redraw
+from near_ties import (assert_alike, choice_logits, near_tie, redraw,
+                        teacher_forced_logits)
 
 GREEDY = SamplingParams(temperature=0.0, logprobs=True)
 LOGPROB_ATOL = 1e-5
-# Logprobs of runs batched differently: their rounding (~1e-6 here), with room for other CPUs.
-ALIKE_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=["llama2", "llama3"])
@@ -68,118 +67,6 @@ def assert_same(got: Completion, want: Completion) -> None:
         torch.testing.assert_close(torch.tensor([x for x in got.logprobs if x is not None]),
                                    torch.tensor([x for x in want.logprobs if x is not None]),
                                    atol=LOGPROB_ATOL, rtol=0)
-
-
-def first_difference(a: list, b: list) -> int:
-    """The first index where a and b differ, or the shorter one's length."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def penalised_logits(model: Transformer, request: Request, prefix: list[int]) -> torch.Tensor:
-    """The logits (vocab,) `request` chooses its token len(prefix) from after `prefix`: one
-    uncached pass, then its penalties over its prompt and `prefix`."""
-    logits = teacher_forced_logits(model, request.prompt_tokens + prefix)[-1]
-    seen = torch.zeros(logits.numel(), dtype=torch.bool)
-    seen[request.prompt_tokens] = True
-    counts = torch.bincount(torch.tensor(prefix, dtype=torch.long), minlength=logits.numel())
-    p = request.params
-    return apply_penalties(logits[None], seen[None], counts[None],
-                           torch.tensor([p.repetition_penalty]),
-                           torch.tensor([p.presence_penalty]),
-                           torch.tensor([p.frequency_penalty]))[0]
-
-
-def penalised_cdf(model: Transformer, request: Request, prefix: list[int]
-                  ) -> tuple[torch.Tensor, float]:
-    """As near_ties.redraw, the penalties applied: the CDF of the distribution `request` draws
-    its token len(prefix) from, and its uniform."""
-    p = request.params
-    probs = filtered_probs(penalised_logits(model, request, prefix)[None],
-                           torch.tensor([p.temperature]), torch.tensor([p.top_p]),
-                           torch.tensor([p.top_k]), torch.tensor([p.min_p]))[0]
-    return probs.cumsum(dim=-1), counter_uniform(torch.tensor([p.seed]),
-                                                 torch.tensor([len(prefix)])).item()
-
-
-def penalised_near_tie(model: Transformer, request: Request, a: list[int], b: list[int],
-                       stops=()) -> str | None:
-    """`near_tie` for a request with penalties, which near_tie leaves out: the same proof at
-    the first differing token j, on the penalised logits (`penalised_logits`, a[:j] before
-    it). Greedy: the two tokens are the top 2 within NEAR_TIE (a logit gap is a log-probability
-    gap); sampled: the request's uniform lies within NEAR_TIE of the CDF step between them.
-    None where the difference is real. (Stop tokens held back by min_tokens are not re-derived:
-    neither does near_tie.)"""
-    j = first_difference(a, b)
-    if len(b) <= j:
-        a, b = b, a
-    candidates = a[j:j + 1] or sorted(stops)
-    if request.params.temperature == 0:
-        logits = penalised_logits(model, request, a[:j])
-        top2 = set(logits.topk(2).indices.tolist())
-        for other in candidates:
-            gap = abs(logits[other].item() - logits[b[j]].item())
-            if {other, b[j]} == top2 and gap < NEAR_TIE:
-                return f"token {j}: penalised greedy {other} or {b[j]}, {gap:.2e} apart"
-        return None
-    cdf, u = penalised_cdf(model, request, a[:j])
-    drawn = (cdf <= u).sum().item()
-    for other in candidates:
-        lo, hi = sorted((other, b[j]))
-        if (drawn in (lo, hi) and abs(cdf[lo].item() - u) < NEAR_TIE
-                and cdf[hi - 1].item() - cdf[lo].item() < NEAR_TIE):
-            return f"token {j}: penalised {other} or {b[j]}, u={u:.9f}, step {cdf[lo].item():.9f}"
-    return None
-
-
-def assert_alike(model: Transformer, pairs, stops=(), most: int = 2) -> list[str]:
-    """Each (request, got, want) completion from runs batched (or paged, chunked, compiled)
-    differently: the same tokens, or tokens that differ only from a proven near-tie on (see
-    near_ties; `penalised_near_tie` for requests with penalties); an echoed prompt the same;
-    logprobs and top alternatives within ALIKE_ATOL up to the first differing token; the same
-    ending where the tokens agree. At most `most` near-ties (rounding moves few choices across
-    a boundary). Exact equality holds by design only for runs of the same batch shape."""
-    ties = []
-    for request, got, want in pairs:
-        n = len(request.prompt_tokens) if request.params.echo else 0
-        assert got.tokens[:n] == want.tokens[:n] == request.prompt_tokens[:n], request.tag
-        a, b = got.tokens[n:], want.tokens[n:]
-        j = first_difference(a, b)
-        if a != b:
-            why = (penalised_near_tie if request.params.penalised else near_tie)(
-                model, request, a, b, stops)
-            assert why, f"{request.tag}: a real difference, not a near-tie: {a} vs {b}"
-            ties.append(why)
-        else:
-            ending = got.finish_reason, got.stop_reason
-            assert ending == (want.finish_reason, want.stop_reason), request.tag
-        assert (got.logprobs is None) == (want.logprobs is None), request.tag
-        if want.logprobs is not None:
-            g, w = got.logprobs[:n + j], want.logprobs[:n + j]
-            assert [x is None for x in g] == [x is None for x in w], request.tag
-            torch.testing.assert_close(torch.tensor([x for x in g if x is not None]),
-                                       torch.tensor([x for x in w if x is not None]),
-                                       atol=ALIKE_ATOL, rtol=0,
-                                       msg=lambda m: f"{request.tag}: {m}")
-        assert (got.top_logprobs is None) == (want.top_logprobs is None), request.tag
-        for g, w in zip((got.top_logprobs or [])[:j], (want.top_logprobs or [])[:j]):
-            assert_tops_alike(g, w)
-    assert len(ties) <= most, ties
-    return ties
-
-
-def assert_tops_alike(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
-    """One token's top alternatives from runs batched differently: the same logprobs rank by
-    rank; the same tokens, but for alternatives within NEAR_TIE of each other (their order) or
-    of the last one shown (which of them is in)."""
-    assert len(got) == len(want)
-    torch.testing.assert_close(torch.tensor([v for _, v in got]),
-                               torch.tensor([v for _, v in want]), atol=ALIKE_ATOL, rtol=0)
-    g, w = dict(got), dict(want)
-    for t in g.keys() & w.keys():
-        assert abs(g[t] - w[t]) < ALIKE_ATOL, (got, want)
-    for t, v, other in [(t, v, w) for t, v in got if t not in w] + \
-            [(t, v, g) for t, v in want if t not in g]:
-        assert abs(v - min(other.values())) < NEAR_TIE, (got, want)
 
 
 def spy_moves(engine: Engine) -> list[tuple[int, int, int]]:
@@ -576,15 +463,6 @@ def test_each_control_draws_the_same_tokens_alone_and_in_a_crowded_batch(model, 
                          for done in (batched, static)], most=3)
 
 
-def teacher_forced_logits(model: Transformer, tokens: list[int]) -> torch.Tensor:
-    """Logits (len(tokens), vocab) from one uncached pass."""
-    model.setup_cache(1, len(tokens))
-    step = model.make_step(torch.arange(len(tokens))[None], slice(0, 1), kv_len=len(tokens),
-                           every_token=True)
-    with torch.inference_mode():
-        return model(torch.tensor([tokens]), step)
-
-
 def test_greedy_with_penalties_follows_hugging_faces_repetition_penalty(model):
     """Penalties apply under greedy decoding too: each token is the argmax of Hugging Face's
     repetition-penalised logits over prompt and completion, then OpenAI's presence and frequency
@@ -612,7 +490,7 @@ def test_greedy_with_penalties_follows_hugging_faces_repetition_penalty(model):
 def test_penalised_near_tie_re_derives_each_choice_and_rejects_others(model, temperature):
     """What `assert_alike` lets through for requests with penalties: each choice of a
     penalised completion is re-derived (or at a proven near-tie); a far token never passes; and
-    without the penalties (`near_ties`) the choices are not re-derived."""
+    without the penalties the choices are not re-derived."""
     request = Request(prompt(model, 6, seed=30), params(
         temperature=temperature, top_p=0.9, max_gen_len=12, seed=3, repetition_penalty=0.5,
         presence_penalty=-1.5, frequency_penalty=0.4))
@@ -620,18 +498,20 @@ def test_penalised_near_tie_re_derives_each_choice_and_rejects_others(model, tem
     assert len(a) == 12
     for j in range(len(a)):
         if temperature == 0:
-            chosen = int(penalised_logits(model, request, a[:j]).argmax())
+            chosen = int(choice_logits(model, request, a[:j]).argmax())
         else:
-            cdf, u = penalised_cdf(model, request, a[:j])
+            cdf, u = redraw(model, request, a[:j])
             chosen = (cdf <= u).sum().item()
-        assert chosen == a[j] or penalised_near_tie(model, request, a, a[:j] + [chosen]), j
-        assert not penalised_near_tie(model, request, a, a[:j] + [(a[j] + 50) % vocab])
+        assert chosen == a[j] or near_tie(model, request, a, a[:j] + [chosen]), j
+        assert not near_tie(model, request, a, a[:j] + [(a[j] + 50) % vocab])
+    plain = dataclasses.replace(request, params=dataclasses.replace(
+        request.params, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0))
     unpenalised = []
     for j in range(len(a)):
         if temperature == 0:
-            unpenalised.append(int(next_logprobs(model, request, a[:j]).argmax()))
+            unpenalised.append(int(choice_logits(model, plain, a[:j]).argmax()))
         else:
-            cdf, u = redraw(model, request, a[:j])
+            cdf, u = redraw(model, plain, a[:j])
             unpenalised.append((cdf <= u).sum().item())
     assert unpenalised != a
 

@@ -26,7 +26,8 @@ from llama_gen.engine import Engine, Request, SamplingParams
 from llama_gen.model import Transformer
 from llama_gen.paging import BlockAllocator, OneBlockPerRow
 from llama_gen.tokenizer import load_tokenizer
-from test_engine import alone, assert_alike, run
+from near_ties import assert_alike
+from test_engine import alone, run
 
 MAX_SEQ_LEN = 64
 ROWS = 4
@@ -101,7 +102,7 @@ def test_preempted_penalised_sequences_rebuild_their_token_counts(llama2):
     the generated tokens. A preempted sequence starts again in some row, whose counts must be
     its own prompt's and nothing generated: then it draws what it draws unpreempted. Strong
     penalties (below 1 and 0: the model repeats what it has seen) make every count matter.
-    Near-ties are proven with the penalties re-derived (`penalised_near_tie`), greedy (the
+    Near-ties are proven with the penalties re-derived (`near_tie`), greedy (the
     top 2 within 1e-4) and sampled alike."""
     model, _ = llama2
     bases = [dataclasses.replace(GREEDY, repetition_penalty=0.5, presence_penalty=-1.5,

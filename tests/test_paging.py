@@ -17,7 +17,7 @@ from llama_gen.engine import Engine, Request, SamplingParams
 from llama_gen.model import Transformer
 from llama_gen.paging import BlockAllocator, OneBlockPerRow
 from llama_gen.tokenizer import load_tokenizer
-from test_engine import assert_alike
+from near_ties import assert_alike
 
 MAX_SEQ_LEN = 64
 GREEDY = SamplingParams(logprobs=True)
