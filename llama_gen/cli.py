@@ -8,12 +8,13 @@
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 
 import torch
 
-from . import distributed
+from . import __version__, distributed
 from .errors import UserError
 from .flags import HELP_WORDS, help_text, parse
 from .job import Incomplete, Interrupted, run_job
@@ -45,12 +46,21 @@ mean_logprob (and with --logprobs, token_logprobs and token_ids). Resume, lock, 
 progress work as for generation."""
 
 
+COMMANDS = ("score", "plan", "demo")
+
+
 def command(argv: list[str]) -> None:
-    """Run what `argv` asks for; help goes to stdout and runs nothing."""
+    """Run what `argv` asks for; help and the version go to stdout and run nothing."""
     from .demo import DEMO_SUMMARY, DemoSettings, demo
     from .plan import PLAN_SUMMARY, PLAN_USAGE, PlanSettings, plan, without_run_only_flags
     asks_help = any(word in HELP_WORDS for word in argv)
-    if argv[:1] == ["demo"]:
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        near = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.6)
+        if near:
+            raise UserError(f"unknown command {argv[0]!r}: did you mean `llama-gen {near[0]}`?")
+    if argv == ["--version"]:
+        print(f"llama-gen {__version__} (torch {torch.__version__})")
+    elif argv[:1] == ["demo"]:
         if asks_help:
             print(help_text(DemoSettings, "llama-gen demo [flags]", DEMO_SUMMARY), end="")
         else:
