@@ -111,9 +111,17 @@ def run_model(settings: Settings, sizing: Sizing, model: Transformer, tokenizer:
     from .build import make_engine
     if settings.score_keys is not None:
         scorer = Scorer(model, sizing.max_batch_size, settings.max_seq_len)
-        return scorer.score(feed.requests(), feed.should_stop)
+        yield from scorer.score(feed.requests(), feed.should_stop)
+        return
     engine = make_engine(settings, model, tokenizer, dist, feed.prompting.stop_ids, sizing)
-    return engine.generate(feed.requests(), feed.should_stop)
+    yield from engine.generate(feed.requests(), feed.should_stop)
+    stats = engine.stats
+    if stats.preempted and dist.is_model_parallel_leader:
+        log.log(logging.INFO if dist.is_writer else logging.WARNING,
+                "the KV cache ran out of blocks: %d sequence(s) preempted and generated again "
+                "(at most %d decoded at once, %d KV positions held); a larger cache (more "
+                "memory, or a shorter --max_seq_len) avoids the repeated work", stats.preempted,
+                stats.peak_running, stats.peak_kv_tokens)
 
 
 # 1. Prepare ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ The paged runs batch sequences differently from the unpaged one (sequences wait 
 are preempted and generated again), so a completion may differ only at a proven near-tie
 (`near_ties`). Every sample runs to --max_gen_len (--ignore_eos), so the schedule, preemptions
 included, depends on the prompts' lengths alone: the same in every paged run, whatever tokens
-it draws. The job reports no preemption count, so the test counts them on the engine `build`
+it draws. The job logs the preemption count; the test also counts them on the engine `build`
 makes from the same flags, in this process, and checks that this engine is the paged
 one-process run's: the same batch shapes give the same bytes."""
 from __future__ import annotations
@@ -111,6 +111,9 @@ def test_the_flags_reach_the_engine_and_the_paged_run_preempts(runs, in_process)
         key: (line["token_ids"], line["logprobs"]) for key, line in paged.items()}
     for kind in ("paged", "paged-mp2"):
         assert "a KV cache of 72 tokens in blocks of 8" in lines[kind + " log"], kind
+        assert (f"the KV cache ran out of blocks: {engine.stats.preempted} sequence(s) "
+                "preempted and generated again") in lines[kind + " log"], kind
+    assert "preempted" not in lines["unpaged log"]
     assert "a KV cache of 256 tokens in blocks of 64" in lines["unpaged log"]  # 4 rows of 64
 
 
