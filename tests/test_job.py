@@ -511,11 +511,28 @@ LINE = {"id": 1, "sample": 0, "completion": "x", "completion_tokens": 1}
 
 
 def test_a_clean_run_ends_quietly(tmp_path, stop):
+    """Every announced sample written or in a bad line: the run ends without an exception, its
+    summary counts them, and the files hold them; a resume adds only what is new."""
     write_prompts(tmp_path, {"prompt": "hi"}, "not json", {"prompt": "x" * 99})
     s = settings(tmp_path)
+
+    def ends() -> list[str]:
+        return [line.split(" end: ")[1] for line in s.log_path.read_text().splitlines()
+                if " end: " in line]
+
+    def errors() -> list[int]:
+        return [json.loads(line)["line"] for line in s.errors_path.read_text().splitlines()]
+
     ended(s, stop, LINE, BadLine(3, "too long", "x", max_seq_len=8, samples=1))
+    assert [json.loads(line) for line in s.out_path.read_text().splitlines()] == [LINE]
+    assert errors() == [3]
+    assert [e.split(" tokens ")[0] for e in ends()] == ["1 sample(s) written, 1 bad line(s), 1"]
     ended(s, stop, BadLine(2, "bad", "x"), BadLine(3, "too long", "x", max_seq_len=8,
                                                    samples=1), done={(1, 0)})  # a resume
+    assert [json.loads(line) for line in s.out_path.read_text().splitlines()] == [LINE]
+    assert errors() == [3, 2]  # line 3's error is not written twice
+    assert [e.split(" tokens ")[0] for e in ends()] == ["1 sample(s) written, 1 bad line(s), 1",
+                                                        "0 sample(s) written, 2 bad line(s), 0"]
 
 
 def test_a_run_whose_output_lacks_a_sample_says_how_many_are_missing(tmp_path, stop):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from llama_gen import lifeline
-from test_cli import descendants, launch, read_output, run, write_prompts
+from test_cli import (descendants, launch, pending, read_output, run, signal_held, state,
+                      when_held, write_prompts)
 
 LIMIT = 30  # seconds a worker may take to go away after torchrun died
 
@@ -55,27 +56,64 @@ def job_args(ckpt: Path, tmp: Path, replicas: int = 1, n: int = 80,
             "--model_parallel_size", str(2 // replicas)], out
 
 
-@pytest.mark.parametrize("when", [0.5, 2.0, "workers started"])
-def test_no_worker_outlives_torchrun_killed_while_starting(tiny_checkpoints, tmp_path, when):
-    """Killed before, while or just after it starts its workers (in sessions of their own, so
-    the kill reaches none of them): each worker dies with it or soon after."""
-    args, out = job_args(tiny_checkpoints[("llama3", 2)], tmp_path, n=4, max_gen_len=4)
+def test_no_worker_outlives_torchrun_killed_as_it_starts_them(tiny_checkpoints, tmp_path):
+    """Killed as soon as it has started its workers (in sessions of their own, so the kill
+    reaches none of them; they may not have armed their lifeline yet): each dies with it or
+    soon after."""
+    args, out = job_args(tiny_checkpoints[("llama3", 2)], tmp_path)
     proc = launch(args, nproc=2)
-    deadline = time.monotonic() + (60 if when == "workers started" else when)
-    while time.monotonic() < deadline and not (when == "workers started" and descendants(proc.pid)):
+    deadline = time.monotonic() + 120  # against a hang only
+    while not (workers := descendants(proc.pid)) and proc.poll() is None:
+        assert time.monotonic() < deadline, "torchrun started no worker"
         time.sleep(0.002)
-    workers = descendants(proc.pid)
     proc.kill()
+    assert workers, f"torchrun ended before it started a worker: {proc.communicate()[1]}"
     took = seconds_until_gone(str(out), proc.pid)
     _, err = proc.communicate(timeout=LIMIT)
-    print(f"killed at {when} with {len(workers)} worker(s) started: gone {took:.2f} s later")
+    print(f"killed with {len(workers)} worker(s) started: gone {took:.2f} s later")
     assert "Traceback" not in err, err
 
 
-def written_lines(out) -> int:
-    """Whole lines in --out_path and in the part files of several replicas."""
-    files = [out, *out.parent.glob(out.name + ".parts/*.jsonl")]
-    return sum(f.read_bytes().count(b"\n") for f in files if f.exists())
+# Rank 1 stops itself (SIGSTOP) just before its job installs its SIGINT/SIGTERM handlers; rank 0
+# goes on into the first collective, where it waits for rank 1.
+RANK_1_STOPS_BEFORE_ITS_HANDLERS = """
+from llama_gen import __main__ as entry, lifeline
+lifeline.arm(entry.PARENT)
+import os, signal
+from llama_gen import job
+install = job.StopRequested.__init__
+def stop_first(self):
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    install(self)
+job.StopRequested.__init__ = stop_first
+entry.main()
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="a worker that gets torchrun's death signal before its "
+                   "job installs its handlers dies at once; a peer already in a collective then "
+                   "reports the lost connection as a crash (a traceback), not as the stop")
+def test_torchrun_killed_while_one_worker_has_its_handlers_and_the_other_not(tiny_checkpoints,
+                                                                             tmp_path):
+    """Killed just after the workers form their process group (rank 0 says so): they install
+    their handlers a moment later, one before the other. Killed there at random, about two runs
+    in five end with rank 0's traceback on this machine; here the moment is pinned: rank 0 has
+    its handlers and waits in a collective, rank 1 has not."""
+    args, out = job_args(tiny_checkpoints[("llama3", 2)], tmp_path)
+    proc = launch(args, nproc=2, code=RANK_1_STOPS_BEFORE_ITS_HANDLERS)
+    deadline = time.monotonic() + 120  # against a hang only
+    while not (held := [pid for pid in descendants(proc.pid) if state(pid) == "T"]):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.01)
+    proc.kill()
+    while not pending(held[0]) & 1 << signal.SIGTERM - 1:  # the parent-death signal
+        assert time.monotonic() < deadline, "rank 1 never got the parent-death signal"
+        time.sleep(0.01)
+    os.kill(held[0], signal.SIGCONT)
+    seconds_until_gone(str(out), proc.pid)
+    _, err = proc.communicate(timeout=LIMIT)
+    assert "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
@@ -85,15 +123,11 @@ def test_workers_stop_cleanly_when_torchrun_is_killed(tiny_checkpoints, tmp_path
     (merged by the next run) and may lose torchrun's store first: a one-line error instead."""
     args, out = job_args(tiny_checkpoints[("llama3", 2)], tmp_path, replicas, n=40,
                          max_gen_len=24)
-    proc = launch(args, nproc=2)
-    deadline = time.monotonic() + 120
-    while written_lines(out) < 3 and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1]
-        time.sleep(0.01)
-    workers = descendants(proc.pid)
-    assert workers, "no workers to orphan"
+    proc = launch(args, nproc=2, hold_at=3)  # rank 0 holds at 3 lines: the run cannot end
+    held, workers = when_held(proc, out, 3), descendants(proc.pid)
+    assert held and len(workers) == 2 and set(held) < set(workers)
     assert set(workers) <= set(processes_with(str(out), proc.pid))  # what the watch below sees
-    proc.kill()
+    signal_held(proc, held, signal.SIGKILL, launcher_only=True)  # rank 0 goes on once it has
     took = seconds_until_gone(str(out), proc.pid)
     _, err = proc.communicate(timeout=LIMIT)  # the workers held torchrun's pipes until they exited
     print(f"killed mid-run, {replicas} replica(s): workers gone {took:.2f} s later")
@@ -153,18 +187,25 @@ def wait_for(pid: int, seconds: float) -> bool:
 
 
 def test_a_worker_that_does_not_stop_exits_hard_after_the_grace_period(tmp_path):
-    launcher, worker, log = start_worker(tmp_path)
+    """The worker notes SIGTERM and sleeps on: once the lifeline has slept its grace period
+    (1 s), it ends the worker, saying so (the worker's own sleep would end it without a
+    word)."""
+    launcher, worker, log = start_worker(tmp_path, before=(  # the lifeline's sleeps, told
+        "import types\n"
+        "def sleep(seconds, sleep=time.sleep):\n"
+        "    sleep(seconds)\n"
+        "    if seconds != lifeline.POLL_SECONDS:\n"
+        "        print(f'slept {seconds:g}', flush=True)\n"
+        "lifeline.time = types.SimpleNamespace(sleep=sleep)"))
     assert launcher.stdout.readline() == "armed\n"
-    start = time.monotonic()
     launcher.kill()
     launcher.wait()
-    assert wait_for(worker, 10), "the worker outlived its grace period"
-    took = time.monotonic() - start
+    told = launcher.stdout.read()  # to the end: the worker, its last writer, is gone
+    assert sorted(told.splitlines()) == ["SIGTERM", "slept 1"], told
     log.seek(0)
-    message = log.read()
-    assert 1 <= took < 5, took
-    assert f"torchrun (pid {launcher.pid}) died and this worker did not stop within 1 s" in message
-    assert message.count("\n") == 1 and "Traceback" not in message
+    assert log.read() == (f"llama-gen: rank ?: torchrun (pid {launcher.pid}) died and this worker "
+                          "did not stop within 1 s; exiting without cleaning up (run the same "
+                          "command again to resume)\n")
 
 
 def test_a_launcher_gone_before_the_signal_was_set_is_noticed(tmp_path):
@@ -185,7 +226,7 @@ def test_a_worker_left_to_init_before_it_started_is_noticed(tmp_path):
     assert launcher.stdout.readline() == "ready\n"
     launcher.kill()
     launcher.wait()
-    if not wait_for(worker, 5):
+    if launcher.stdout.readline() == "armed\n":  # else the end of its output: it exited
         adopter = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1]
         os.kill(worker, signal.SIGKILL)
         if adopter != "1":
@@ -206,12 +247,34 @@ def test_without_torchrun_a_worker_outlives_its_parent(tmp_path):
 
 
 def test_arming_twice_or_without_torchrun_does_nothing(monkeypatch):
+    """No parent-death signal, no watch thread, no exit; the control, a first arming under
+    torchrun with the same recorders, shows each (its launcher, -1, is not its parent)."""
+    done = []
+
+    class Thread:
+        def __init__(self, **kwargs):
+            done.append(kwargs["name"])
+
+        def start(self):
+            done.append("started")
+
+    monkeypatch.setattr(lifeline, "_set_parent_death_signal",
+                        lambda sig: done.append(f"signal {sig}") or True)
+    monkeypatch.setattr(lifeline, "_exit_hard", done.append)
+    monkeypatch.setattr(lifeline, "threading", type(sys)("threading"))
+    monkeypatch.setattr(lifeline.threading, "Thread", Thread, raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setattr(lifeline, "_armed", False)
-    lifeline.arm(launcher=-1)  # would exit under torchrun
+    lifeline.arm(launcher=-1)  # without torchrun
+    assert done == [] and not lifeline._armed
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     monkeypatch.setattr(lifeline, "_armed", True)
-    lifeline.arm(launcher=-1)
+    lifeline.arm(launcher=-1)  # a second time
+    assert done == []
+    monkeypatch.setattr(lifeline, "_armed", False)
+    lifeline.arm(launcher=-1)  # the control
+    assert done == [f"signal {signal.SIGTERM}", "torchrun (pid -1) died before this worker could "
+                    "watch it", "lifeline", "started"] and lifeline._armed
 
 
 def test_the_launcher_is_recognised_by_its_command_ending_with_ours(monkeypatch):

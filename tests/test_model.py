@@ -12,6 +12,8 @@ import dataclasses
 
 import pytest
 import torch
+import transformers  # a declared test dependency (pyproject's test extra): never skipped
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llama_gen.args import LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs
 from llama_gen.build import load_model, read_model_args
@@ -63,7 +65,6 @@ def config(name: str) -> tuple[ModelArgs, bool]:
 
 def hf_config(args: ModelArgs, rope_changes: dict | None = None, max_positions: int = 131072):
     """`rope_changes` alters HF's RoPE only, for the controls that show the comparison is sharp."""
-    transformers = pytest.importorskip("transformers")
     rope: dict = {"rope_type": "default"}
     if args.use_scaled_rope:
         rope = {"rope_type": "llama3", "factor": args.rope_scaling_factor, "low_freq_factor": 1.0,
@@ -115,7 +116,6 @@ def meta_to_hf(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 
 def hf_model(args: ModelArgs, seed: int = 0, rope_changes: dict | None = None):
     """HF's Llama holding `random_weights(args, seed)`."""
-    transformers = pytest.importorskip("transformers")
     model = transformers.LlamaForCausalLM(hf_config(args, rope_changes))
     model.load_state_dict(meta_to_hf(random_weights(args, seed), args), strict=True)
     return model.eval()
@@ -169,9 +169,6 @@ def test_tiny_rope_spans_all_three_llama31_bands():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_rope_frequencies_match_hf(name):
-    transformers = pytest.importorskip("transformers")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     args, _ = config(name)
     cfg = hf_config(args)
     if args.use_scaled_rope:

@@ -99,13 +99,32 @@ def test_auto_needs_room_for_one_full_length_sequence_and_stops_at_256():
     assert middle.max_batch_size * slot + middle.kv_cache_tokens * per_token <= 40 * 2**30
 
 
-def test_available_ram_is_memavailable_shared_by_the_local_processes(monkeypatch):
-    ram = build.available_ram()
-    with open("/proc/meminfo") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    assert ram == pytest.approx(kib * 1024, rel=0.2)
+MEMINFO = """MemTotal:       65536000 kB
+MemFree:         1024000 kB
+MemAvailable:   40960000 kB
+Buffers:          204800 kB
+Cached:         30720000 kB
+"""
+
+
+def test_available_ram_is_memavailable_shared_by_the_local_processes(monkeypatch, tmp_path):
+    """/proc/meminfo's MemAvailable (not MemFree, which leaves out the page cache the kernel
+    gives back), read from a meminfo whose fields all differ; without /proc, the free pages."""
+    meminfo, opened = tmp_path / "meminfo", []
+    meminfo.write_text(MEMINFO)
+
+    def open_instead(path, *args, **kwargs):
+        opened.append(path)
+        return open(meminfo if path == "/proc/meminfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(build, "open", open_instead, raising=False)
+    assert build.available_ram() == 40960000 * 1024 and opened == ["/proc/meminfo"]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert build.memory_budget(torch.device("cpu"), 0.9) == pytest.approx(ram / 4, rel=0.2)
+    assert build.memory_budget(torch.device("cpu"), 0.9) == 40960000 * 1024 // 4
+    meminfo.unlink()  # no /proc
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(build.os, "sysconf", pages.__getitem__)
+    assert build.available_ram() == 1000 * 4096
 
 
 def test_cpu_resolution_takes_the_context_then_8_full_length_slots(
