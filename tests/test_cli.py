@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import llama_gen
+
 import near_ties
 from llama_gen.build import load_model
 from llama_gen.engine import Engine, Request, SamplingParams
@@ -935,3 +937,15 @@ def test_a_max_seq_len_past_the_models_context_is_one_error(tiny_checkpoints, tm
     assert_one_line_error(result, "--max_seq_len 4097 is longer than the context Llama 2 was "
                           "trained for (4096 tokens): use at most 4096")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_mistyped_command_is_named_and_the_version_is_printed():
+    typo = subprocess.run([LLAMA_GEN, "scor", "--ckpt_dir", "x"], capture_output=True, text=True,
+                          timeout=120)
+    assert typo.returncode == 2
+    assert typo.stderr.strip().splitlines()[-1] == (
+        "llama-gen: error: unknown command 'scor': did you mean `llama-gen score`?")
+    version = subprocess.run([LLAMA_GEN, "--version"], capture_output=True, text=True,
+                             timeout=120)
+    assert version.returncode == 0
+    assert version.stdout.startswith(f"llama-gen {llama_gen.__version__} (torch ")
