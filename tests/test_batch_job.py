@@ -344,7 +344,7 @@ def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints,
                 "1"], nproc=2)
     assert want.returncode == 0, want.stderr
     out = tmp_path / "o.jsonl"
-    proc = launch(args)
+    proc = launch(args, hold_at=3)
     kill_when(proc, out, min_lines=3, sig=signal.SIGINT)
     assert proc.returncode == 128 + signal.SIGINT, "the job finished before it was interrupted"
     before = out.read_bytes()
