@@ -163,10 +163,6 @@ class Replicas:
         self.progress_seconds += time.perf_counter() - start
         return counts
 
-    def progress(self) -> tuple[int, int]:
-        """Every replica's reported samples and tokens so far (rank 0's progress)."""
-        return self.counters()[:2]
-
     def beat(self) -> None:
         """Say this replica is alive, and read whether the run was stopped (`run_stop`)."""
         with _store_errors():
