@@ -1,7 +1,8 @@
 """Prompt records: read a JSONL file line by line, validate each line, give each record an id.
 
 A line is a prompt record (its prompt or dialog, its id, its own settings) or an OpenAI batch
-request (custom_id, body: see `openai_batch`); each line decides for itself.
+request (custom_id, body: see `openai_batch`); each line decides for itself. A record may name
+its settings as llama-gen does or as OpenAI's and vLLM's requests do (`ALIASES`).
 
 Plain Python on plain data. A bad line never stops the reading: it comes out as a `BadLine`
 with its line number and reason, for the errors file.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class Record:
     messages: list[dict[str, str]] | None = None
     target: str | None = None  # scoring: the text scored (a whole text, or a completion)
     batch: BatchRequest | None = None  # a batch request line: answered in the API's format
+    aliases: tuple[str, ...] = ()  # the fields that set its settings by ALIASES' names
 
 
 @dataclass(frozen=True)
@@ -62,16 +64,47 @@ class BadLine:
         return entry
 
 
+# OpenAI's and vLLM's names for llama-gen's per-record settings, where they mean the same: a
+# record may set a setting by either name (not both), checked by the setting's rule. Its other
+# settings (temperature, top_p, top_k, min_p, seed, stop, presence_penalty, frequency_penalty,
+# repetition_penalty, min_tokens, ignore_eos) have the same names there.
+ALIASES = {"max_tokens": "max_gen_len", "max_completion_tokens": "max_gen_len",
+           "n": "num_samples"}
+
+
+def aliases_of(obj: dict[str, Any], names: tuple[str, ...] = PER_RECORD) -> tuple[str, ...]:
+    """The fields of `obj` that set one of `names` by its ALIASES name."""
+    return tuple(alias for alias, name in ALIASES.items() if alias in obj and name in names)
+
+
+def aliases_taken(aliases: Iterable[str]) -> str:
+    """The log's note of the ALIASES names a run's records used, each with its setting."""
+    taken = set(aliases)
+    return ("per-record fields taken by their OpenAI/vLLM names: "
+            + ", ".join(f"{a} as {name}" for a, name in ALIASES.items() if a in taken))
+
+
 def check_overrides(obj: dict[str, Any], names: tuple[str, ...] = PER_RECORD
                     ) -> tuple[dict[str, Any], str | None]:
-    """The record's own settings (those of `names` it sets), or the first bad one's problem."""
+    """The record's own settings (those of `names` it sets, by their names or ALIASES'), or the
+    first bad one's problem, worded in the field the record wrote."""
     values = {}
     for name in names:
-        if name in obj:
+        given = [k for k in (name, *(a for a, n in ALIASES.items() if n == name)) if k in obj]
+        if len(given) > 1 and given[0] == name:
+            return {}, f"has both {name!r} and {given[1]!r} (its OpenAI/vLLM name): give one"
+        checked = []
+        for key in given:
             try:
-                values[name] = RULES[name].check(obj[name])
+                checked.append(RULES[name].check(obj[key]))
             except BadValue as e:
-                return {}, f"{name} {e}"
+                return {}, f"{key} {e}" + ("" if key == name else f" (it is llama-gen's {name})")
+        if len(set(checked)) > 1:  # two of its other names, at different values
+            a, b = given[:2]
+            return {}, (f"has both {a!r} ({json.dumps(obj[a])}) and {b!r} ({json.dumps(obj[b])}), "
+                        f"two names for llama-gen's {name}: give one")
+        if given:
+            values[name] = checked[0]
     return values, None
 
 
@@ -114,7 +147,8 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str, id_key_requi
     if problem:
         return BadLine(line, problem, shown)
     prompt, messages, target = form.parts(obj)
-    return Record(line, record_id, prompt, obj, overrides, messages, target)
+    return Record(line, record_id, prompt, obj, overrides, messages, target,
+                  aliases=aliases_of(obj, form.per_record))
 
 
 # What a batch request's answer always is, whatever the run's flags: the API echoes no prompt

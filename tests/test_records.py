@@ -1,4 +1,5 @@
-"""Prompt records: validation, ids, per-record settings, and fields that clash with the output."""
+"""Prompt records: validation, ids, per-record settings (by llama-gen's names or OpenAI's and
+vLLM's), and fields that clash with the output."""
 from __future__ import annotations
 
 import codecs
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from llama_gen.openai_batch import output_id, request_id
-from llama_gen.records import BadLine, Form, Record, parse_line, read_records
+from llama_gen.records import BadLine, Form, Record, aliases_taken, parse_line, read_records
+from llama_gen.settings import ScoreSettings
 
 
 def write_lines(path: Path, *lines: str | bytes) -> Path:
@@ -315,3 +317,75 @@ def test_score_refuses_batch_lines_by_name(tmp_path):
                      form=Form(score_keys=("text", "completion")))
     assert isinstance(items[0], BadLine) and "`llama-gen score` scores texts" in items[0].reason
     assert isinstance(items[1], Record)
+
+
+# --- OpenAI's and vLLM's names for per-record settings -----------------------------------------
+
+ALIASED = [("max_tokens", "max_gen_len"), ("max_completion_tokens", "max_gen_len"),
+           ("n", "num_samples")]
+
+
+@pytest.mark.parametrize("alias, name", ALIASED)
+def test_a_setting_may_be_set_by_its_openai_and_vllm_name(alias, name):
+    by_alias = parse(json.dumps({"prompt": "x", alias: 3}))
+    by_name = parse(json.dumps({"prompt": "x", name: 3}))
+    assert isinstance(by_alias, Record) and by_alias.overrides == {name: 3} == by_name.overrides
+    assert by_alias.fields == {"prompt": "x", alias: 3}  # echoed as written, as max_gen_len is
+    assert (by_alias.aliases, by_name.aliases) == ((alias,), ())
+
+
+def test_openai_style_record_sets_both_length_and_samples():
+    item = parse('{"prompt": "x", "max_tokens": 3, "n": 2, "temperature": 0}')
+    assert isinstance(item, Record)
+    assert item.overrides == {"max_gen_len": 3, "temperature": 0.0, "num_samples": 2}
+    assert item.aliases == ("max_tokens", "n")
+
+
+@pytest.mark.parametrize("alias, name", ALIASED)
+@pytest.mark.parametrize("value", [0, -1, "5", True, 2.0, None, 1025])
+def test_an_alias_is_checked_by_its_settings_rule_and_named_as_written(alias, name, value):
+    own = parse(json.dumps({"prompt": "x", name: value}))
+    if isinstance(own, Record):  # 1025 is a fine max_gen_len
+        assert parse(json.dumps({"prompt": "x", alias: value})).overrides == own.overrides
+        return
+    assert own.reason.startswith(f"{name} must be ")
+    assert bad_reason(json.dumps({"prompt": "x", alias: value})) == \
+        f"{alias}{own.reason.removeprefix(name)} (it is llama-gen's {name})"
+
+
+def test_alias_reasons_read_as_the_user_wrote_them():
+    assert bad_reason('{"prompt": "x", "max_tokens": 0}') == \
+        "max_tokens must be an integer >= 1, got 0 (it is llama-gen's max_gen_len)"
+    assert bad_reason('{"prompt": "x", "n": 2000}') == \
+        "n must be an integer in [1, 1024], got 2000 (it is llama-gen's num_samples)"
+
+
+@pytest.mark.parametrize("alias, name", ALIASED)
+def test_a_setting_and_its_alias_together_are_a_bad_line_naming_both(alias, name):
+    for a, b in ((3, 3), (3, 4)):  # even at one value: which one was meant is unsaid
+        assert bad_reason(json.dumps({"prompt": "x", name: a, alias: b})) == \
+            f"has both {name!r} and {alias!r} (its OpenAI/vLLM name): give one"
+
+
+def test_two_aliases_must_agree():
+    assert bad_reason('{"prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}') == (
+        "has both 'max_tokens' (3) and 'max_completion_tokens' (4), two names for llama-gen's "
+        "max_gen_len: give one")
+    item = parse('{"prompt": "x", "max_tokens": 3, "max_completion_tokens": 3}')
+    assert isinstance(item, Record) and item.overrides == {"max_gen_len": 3}
+    assert bad_reason('{"prompt": "x", "max_tokens": 3, "max_completion_tokens": 0}') == (
+        "max_completion_tokens must be an integer >= 1, got 0 (it is llama-gen's max_gen_len)")
+
+
+def test_aliases_of_settings_a_form_does_not_take_are_plain_fields(tmp_path):
+    items = read_all(tmp_path, '{"text": "scored", "n": 0, "max_tokens": "x"}',
+                     form=Form(per_record=ScoreSettings.per_record(),
+                               score_keys=("text", "completion")))
+    assert isinstance(items[0], Record)
+    assert (items[0].overrides, items[0].aliases) == ({}, ())
+
+
+def test_the_log_names_each_alias_taken_with_its_setting():
+    assert aliases_taken(["n", "max_tokens", "n"]) == (
+        "per-record fields taken by their OpenAI/vLLM names: max_tokens as max_gen_len, "
+        "n as num_samples")
