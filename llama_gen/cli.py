@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import sys
+from typing import NoReturn
 
 import torch
 
@@ -107,37 +108,37 @@ def main(argv: list[str] | None = None) -> None:
     rank = distributed.launch_env().rank
     _setup_logging(rank)
 
-    def say(message: str) -> None:
-        if rank == 0:
-            print(f"llama-gen: {message}", file=sys.stderr)
+    def fail(message: str, code: int, every_rank: bool = False) -> NoReturn:
+        """Exit with `code` after one line: on stderr from rank 0 (from each rank that meets
+        it, for an error of its own), and as this rank's entry in torchrun's failure report."""
+        line = f"llama-gen: {message}"
+        if every_rank or rank == 0:
+            print(line, file=sys.stderr)
+        distributed.write_error_file(line)
+        sys.exit(code)
 
     try:
         command(argv)
     except UserError as e:
-        say(f"error: {e}")
-        sys.exit(2)
+        fail(f"error: {e}", 2)
     except Interrupted as e:
-        say(f"{e}; what was finished is written: run the same command to resume")
-        sys.exit(128 + e.signum)
+        fail(f"{e}; what was finished is written: run the same command to resume",
+             128 + e.signum)
     except StoreLost as e:  # on whichever replica noticed it
-        print(f"llama-gen: error: {e}; what this replica finished is in its part files: run "
-              "the same command again to resume", file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: {e}; what this replica finished is in its part files: run the same "
+             "command again to resume", 1, every_rank=True)
     except Incomplete as e:  # empty on the ranks whose log said why
-        if str(e):
-            say(f"error: {e}")
-        sys.exit(3)
+        if not str(e):
+            sys.exit(3)
+        fail(f"error: {e}", 3)
     except KeyboardInterrupt:  # before the job's own handler is installed
-        say("interrupted")
-        sys.exit(130)
+        fail("interrupted", 130)
     except torch.OutOfMemoryError as e:  # on whichever rank it happened
-        print(f"llama-gen: error: {out_of_memory_advice(e)}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: {out_of_memory_advice(e)}", 1, every_rank=True)
     except OSError as e:
         if e.filename is None:  # not about a file: a bug's traceback is worth more
             raise
-        print(f"llama-gen: error: {e}", file=sys.stderr)  # a full disk, a read-only folder
-        sys.exit(1)
+        fail(f"error: {e}", 1, every_rank=True)  # a full disk, a read-only folder
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -267,6 +269,23 @@ def leader_flag(flag: bool, device: torch.device) -> bool:
 
 
 def record_errors(fn):
-    """Under torchrun, write a crashing rank's traceback where torchrun reports it."""
+    """Under torchrun, say why a rank failed where torchrun's failure report shows it: a crash
+    (a bug) as its traceback, which torch's `record` writes; a user's error as its one line,
+    which `main` writes with `write_error_file` before it exits (`record` writes nothing for a
+    SystemExit, and torchrun would show a link to its docs instead)."""
     from torch.distributed.elastic.multiprocessing.errors import record
     return record(fn)
+
+
+def write_error_file(line: str) -> None:
+    """Under torchrun, `line` as this rank's entry in torchrun's failure report (its "Root
+    Cause" when this rank failed first): the file torchrun names in TORCHELASTIC_ERROR_FILE, in
+    the shape torch's ErrorHandler writes, without a "py_callstack" (torchrun then shows the
+    message). A report already there is kept: it is a crash's traceback."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    report = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):  # best effort: torchrun then shows its link, as before
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(json.dumps(report))
