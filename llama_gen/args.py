@@ -18,9 +18,17 @@ LLAMA_3_ROPE_LOW_FREQ_FACTOR = 1.0
 LLAMA_3_ROPE_HIGH_FREQ_FACTOR = 4.0
 LLAMA_3_ROPE_ORIGINAL_CONTEXT = 8192
 
+# RoPE's long-context scaling factor where params.json names none: Llama 3.1's 8 (Meta's
+# reference hard-codes it), but 32 for Llama 3.2's 1B and 3B. Their params.json only says
+# use_scaled_rope; their Hugging Face config.json says 32, as a maintainer confirmed
+# (llama-models #166, #241). They are told apart by shape: (dim, n_layers, n_heads, n_kv_heads).
+LLAMA_31_ROPE_FACTOR = 8.0
+LLAMA_32_ROPE_FACTOR = 32.0
+LLAMA_32_SHAPES = {(2048, 16, 32, 8): "Llama 3.2 1B", (3072, 28, 24, 8): "Llama 3.2 3B"}
+
 # The context each of Meta's releases was trained for, in tokens.
 CONTEXT_LENGTHS = {"Llama 1": 2048, "Llama 2": 4096, "Code Llama": 16384, "Llama 3": 8192,
-                   "Llama 3.1": 131072}
+                   "Llama 3.1": 131072, "Llama 3.2": 131072}
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False
-    rope_scaling_factor: float = 8.0  # Llama 3.1; Llama 3.2's small models use 32
+    rope_scaling_factor: float | None = None  # None: the release's (see `rope_scaling`)
 
     @property
     def kv_heads(self) -> int:
@@ -53,12 +61,19 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     @property
+    def llama_32_model(self) -> str | None:
+        """"Llama 3.2 1B" or "3B" where params.json has their shape and scaled RoPE, else None."""
+        if not self.use_scaled_rope:
+            return None
+        return LLAMA_32_SHAPES.get((self.dim, self.n_layers, self.n_heads, self.kv_heads))
+
+    @property
     def family(self) -> str | None:
         """Which of Meta's releases this shape is, from params.json alone, or None: Llama 3.1
-        and later scale RoPE; Llama 3 has rope_theta 500000, Code Llama 1e6; Llama 1 and 2 keep
-        10000 and differ in norm_eps (1e-6 and 1e-5)."""
+        and later scale RoPE (3.2's 1B and 3B have their own shapes); Llama 3 has rope_theta
+        500000, Code Llama 1e6; Llama 1 and 2 keep 10000 and differ in norm_eps (1e-6, 1e-5)."""
         if self.use_scaled_rope:
-            return "Llama 3.1"
+            return "Llama 3.2" if self.llama_32_model else "Llama 3.1"
         if self.rope_theta == 500000:
             return "Llama 3"
         if self.rope_theta == 1e6:
@@ -72,6 +87,29 @@ class ModelArgs:
         """The context the model was trained for (None for a shape no release of Meta's has):
         positions beyond it are untrained."""
         return CONTEXT_LENGTHS.get(self.family)
+
+    def rope_scaling(self) -> tuple[float | None, str]:
+        """RoPE's scaling factor (None where RoPE is not scaled) and why it is the one:
+        params.json's (or --rope_scaling_factor's, see `with_rope_scaling`) where given, else
+        the release's."""
+        if not self.use_scaled_rope:
+            return None, "params.json does not scale RoPE"
+        if self.rope_scaling_factor is not None:
+            return self.rope_scaling_factor, "given"
+        if model := self.llama_32_model:
+            return LLAMA_32_ROPE_FACTOR, (f"{model}'s (its shape; params.json names no factor, "
+                                          "its Hugging Face config.json says 32)")
+        return LLAMA_31_ROPE_FACTOR, "Llama 3.1's (params.json names no factor)"
+
+    def with_rope_scaling(self, factor: float | None, source: str) -> ModelArgs:
+        """These args with RoPE scaled by `factor` where given (--rope_scaling_factor), which
+        only a model that scales RoPE takes."""
+        if factor is None:
+            return self
+        if not self.use_scaled_rope:
+            raise UserError(f"--rope_scaling_factor {factor:g}: {source} does not scale RoPE "
+                            "(no use_scaled_rope): leave the flag out")
+        return dataclasses.replace(self, rope_scaling_factor=factor)
 
     @classmethod
     def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
@@ -133,6 +171,8 @@ class ModelArgs:
             problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads > 0 and self.dim // self.n_heads % 2:
             problems.append("head dimension must be even for rotary embeddings")
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor < 1:
+            problems.append("rope_scaling_factor must be at least 1")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         if problems:

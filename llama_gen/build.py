@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .args import ModelArgs
-from .checkpoint import Checkpoint, check_model_parallel_size, find_shards
+from .checkpoint import (Checkpoint, check_model_parallel_size, find_shards,
+                         vocabulary_rows)
 from .errors import UserError
 from .engine import Engine, default_block_size
 from .model import Transformer
@@ -54,14 +55,41 @@ def model_parallel_size(settings: Settings) -> int:
     return default_model_parallel_size(world_size, len(find_shards(settings.ckpt_dir)))
 
 
-def read_model_args(ckpt_dir: Path, tokenizer: Tokenizer) -> ModelArgs:
+def read_model_args(ckpt_dir: Path, tokenizer: Tokenizer,
+                    rope_scaling_factor: float | None = None) -> ModelArgs:
+    """params.json's shape, checked against the tokenizer (its vocabulary is the checkpoint's),
+    with RoPE scaled by --rope_scaling_factor where given. Logs the RoPE scaling in use."""
     params_path = ckpt_dir / "params.json"
-    return ModelArgs.from_file(params_path).with_vocab_size(tokenizer.n_words, str(params_path))
+    args = ModelArgs.from_file(params_path)
+    if args.vocab_size == -1:  # Llama 1/2: the vocabulary is the tokenizer's, if it fits
+        check_tokenizer_fits(ckpt_dir, tokenizer)
+    args = args.with_vocab_size(tokenizer.n_words, str(params_path))
+    release_factor, why = args.rope_scaling()
+    args = args.with_rope_scaling(rope_scaling_factor, str(params_path))
+    if rope_scaling_factor is not None:
+        log.info("RoPE scaled by %g (--rope_scaling_factor; without it: %g, %s)",
+                 rope_scaling_factor, release_factor, why)
+    elif release_factor is not None:
+        log.info("%s: RoPE scaled by %g, %s", args.family, release_factor, why)
+    return args
 
 
-def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dtype) -> Transformer:
+def check_tokenizer_fits(ckpt_dir: Path, tokenizer: Tokenizer) -> None:
+    """The tokenizer's vocabulary is the checkpoint's output rows: else it is the wrong one."""
+    rows = vocabulary_rows(ckpt_dir)
+    if rows is not None and rows != tokenizer.n_words:
+        raise UserError(f"{tokenizer.path}: this tokenizer has {tokenizer.n_words} tokens, but "
+                        f"the checkpoint in {ckpt_dir} was trained with {rows} (its output "
+                        "layer's rows): pass the tokenizer that belongs to this checkpoint with "
+                        "--tokenizer_path")
+
+
+def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dtype,
+               args: ModelArgs | None = None) -> Transformer:
+    """This rank's slice of the checkpoint's weights in a model on its device; `args` as
+    `read_model_args` gives them (read again where not given)."""
     start = time.perf_counter()
-    args = read_model_args(ckpt_dir, tokenizer)
+    args = args or read_model_args(ckpt_dir, tokenizer)
     n_shards = len(find_shards(ckpt_dir))
     check_model_parallel_size(args, dist.model_parallel_size, n_shards)
     checkpoint = Checkpoint.open(ckpt_dir, args,

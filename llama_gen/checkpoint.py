@@ -83,6 +83,15 @@ def find_shards(ckpt_dir: Path) -> list[Path]:
     return [found[i] for i in sorted(found)]
 
 
+def vocabulary_rows(ckpt_dir: Path) -> int | None:
+    """The vocabulary the checkpoint was trained with: the rows of its output layer (split by
+    rows across shards), read from shard 0's index without its weights; None where shard 0
+    has no 2-D output.weight (its checks say more)."""
+    paths = find_shards(ckpt_dir)
+    weight = _load_shard(paths[0]).get("output.weight")
+    return None if weight is None or weight.dim() != 2 else weight.shape[0] * len(paths)
+
+
 def _shard_names(indices: list[int]) -> str:
     return ", ".join(f"consolidated.{i:02d}.pth" for i in indices)
 

@@ -115,7 +115,7 @@ def prompt_problem(n_tokens: int, max_seq_len: int) -> str | None:
         return "the prompt has no tokens"
     if n_tokens > max_seq_len - 1:
         return (f"the prompt has {n_tokens} tokens; --max_seq_len {max_seq_len} allows at most "
-                f"{max_seq_len - 1}: shorten the prompt or raise --max_seq_len")
+                f"{max_seq_len - 1}")
     return None
 
 

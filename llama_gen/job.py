@@ -34,12 +34,13 @@ from .chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, pr
 from .engine import (ADMISSION_WINDOW_BATCHES, Completion, Request, SamplingParams,
                      prompt_problem)
 from .errors import UserError
+from .args import ModelArgs
 from .model import Transformer
 from .openai_batch import Choice, request_id, response_line
 from .plan import Sizing
-from .output import OutputLock, Writer, recover_output
+from .output import JsonlAppender, OutputLock, Writer, recorded_error_lines, recover_output
 from .parts import error_part_path, merge_parts, output_parts, part_path, parts_dir
-from .records import BadLine, Form, Record, read_records
+from .records import BadLine, Form, Record, aliases_taken, read_records
 from .replicas import Counts, End, Finished, Message, Replicas, StoreLost, Verdict
 from .resume import prepare_output, run_fingerprint
 from .sampling import derive_seed
@@ -66,8 +67,8 @@ def run_job(settings: Settings) -> None:
     settings.check_paths()
     tokenizer = load_tokenizer(find_tokenizer(settings.ckpt_dir, settings.tokenizer_path))
     # A bad params.json, or chat flags the checkpoint cannot take, before any process group.
-    args = read_model_args(settings.ckpt_dir, tokenizer)
-    prompting = Prompting.for_run(settings, tokenizer, args.norm_eps)
+    args = read_model_args(settings.ckpt_dir, tokenizer, settings.rope_scaling_factor)
+    prompting = Prompting.for_run(settings, tokenizer, args)
     dist = distributed.init_distributed(model_parallel_size(settings), settings.device)
     stop = StopRequested()
     lock = OutputLock(settings.lock_path, settings.out_path, settings.lock)
@@ -76,12 +77,13 @@ def run_job(settings: Settings) -> None:
         dtype = resolve_dtype(settings.dtype, dist.device)
         settings = dataclasses.replace(
             settings, max_seq_len=resolve_max_seq_len(settings, args, dist, dtype))
-        plan = prepare(settings, tokenizer, str(dtype), dist, lock)
+        plan = prepare(settings, prompting, str(dtype), dist, lock, args.rope_scaling()[0])
         check_shared_folder(settings, dist, plan.run)
-        results = Results(settings, dist, plan.total, tokenizer, plan.run, bool(plan.done))
+        results = Results(settings, dist, plan.total, tokenizer, plan.run, bool(plan.done),
+                          args.context_length)
         model = sizing = None
-        if plan.total:
-            model = load_model(settings.ckpt_dir, tokenizer, dist, dtype)
+        if plan.runs_model:
+            model = load_model(settings.ckpt_dir, tokenizer, dist, dtype, args)
             sizing = size_cache(settings, model, dist)
             settings = dataclasses.replace(settings, max_batch_size=sizing.max_batch_size)
         feed = Feed(settings, plan.done, prompting, dist, results, stop,
@@ -133,25 +135,33 @@ class Plan:
     done: frozenset[tuple[Any, int]]  # (id, sample)s the output already holds
     total: int  # samples left to write
     run: str = ""  # this run's name in part files' names (several replicas)
+    runs_model: bool = True  # some pending sample can run (else only bad lines are left)
 
 
-def prepare(settings: Settings, tokenizer: Tokenizer, dtype: str, dist: Dist,
-            lock: OutputLock) -> Plan:
-    """Rank 0 locks and checks the output and counts the work; every rank gets the plan, or
-    stops with rank 0's error."""
+def prepare(settings: Settings, prompting: Prompting, dtype: str, dist: Dist,
+            lock: OutputLock, rope_scaling_factor: float | None = None) -> Plan:
+    """Rank 0 locks and checks the output, counts the work and checks the pending lines before
+    any model loads; every rank gets the plan, or stops with rank 0's error."""
     outcome: Plan | str | None = None
     if dist.is_writer:
         try:
             lock.acquire()
             if output_parts(settings.out_path) or parts_dir(settings.out_path).is_dir():
                 merge_parts(settings.out_path, settings.errors_path, prompt_order(settings))
-            done = prepare_output(settings, run_fingerprint(settings, tokenizer.path, dtype))
+            done = prepare_output(settings, run_fingerprint(
+                settings, prompting.tokenizer.path, dtype, rope_scaling_factor))
             run = start_parts(settings) if dist.data_parallel_size > 1 else ""
-            pending, written = count_samples(settings, done)
+            pending, written, aliases = count_samples(settings, done)
+            if aliases:
+                log.info("%s", aliases_taken(aliases))
             if written:  # what a stopped (or failed) run left, before anything else happens
                 log.info("resuming: %d of %d sample(s) already in %s, %d to make", written,
                          written + pending, settings.out_path, pending)
-            outcome = Plan(frozenset(done), pending, run)
+            runs_model = pending > 0 and some_prompt_runs(settings, done, prompting)
+            if pending and not runs_model:
+                log.info("no pending prompt can run (each is in a bad line): the model is not "
+                         "loaded")
+            outcome = Plan(frozenset(done), pending, run, runs_model)
         except (UserError, OSError) as e:
             outcome = str(e)
     outcome = distributed.broadcast_from_rank0(outcome)
@@ -201,17 +211,42 @@ def count_pending(settings: Settings, done: set[tuple[Any, int]]) -> int:
     return count_samples(settings, done)[0]
 
 
-def count_samples(settings: Settings, done: set[tuple[Any, int]]) -> tuple[int, int]:
-    """The prompt file's samples still to write, and those `done` already holds."""
+def count_samples(settings: Settings, done: set[tuple[Any, int]]
+                  ) -> tuple[int, int, set[str]]:
+    """The prompt file's samples still to write, those `done` already holds, and the fields
+    its records set by OpenAI's and vLLM's names (`records.ALIASES`)."""
     pending = written = 0
+    aliases: set[str] = set()
     for item in records_of(settings):
         if isinstance(item, Record):
+            aliases.update(item.aliases)
             if item.batch is None:  # a batch line's output holds none of its fields
                 check_no_clash(item, settings, resuming=bool(done))
             n = settings.with_overrides(item.overrides).num_samples
             left = sum((item.id, i) not in done for i in range(n))
             pending, written = pending + left, written + n - left
-    return pending, written
+    return pending, written, aliases
+
+
+def some_prompt_runs(settings: Settings, done: set[tuple[Any, int]],
+                     prompting: Prompting) -> bool:
+    """Whether a pending record makes a prompt that runs, read up to the first one that does;
+    with --strict, every pending line is checked (tokenized too) and the first bad one ends
+    the run here, before the model loads, as it would have ended it later."""
+    runs = False
+    for item in pending_work(settings, done, prompting):
+        if isinstance(item, BadLine) and settings.strict:
+            if item.line not in recorded_error_lines(settings.errors_path):
+                errors = JsonlAppender(settings.errors_path)
+                errors.write(item.as_json())
+                errors.close()
+            raise UserError(f"{settings.prompt_path}: line {item.line}: {item.reason} (--strict, "
+                            f"checked before the model loads; see {settings.errors_path})")
+        if isinstance(item, Work):
+            runs = True
+            if not settings.strict:
+                break
+    return runs
 
 
 def records_of(settings: JobSettings) -> Iterator[Record | BadLine]:
@@ -277,9 +312,10 @@ class Prompting:
     tokenizer: Tokenizer
     chat_format: ChatFormat | None
     no_chat_format: str | None = None  # why there is none (a Llama 1 checkpoint)
+    context_length: int | None = None  # the model's, where known: how far --max_seq_len goes
 
     @classmethod
-    def for_run(cls, settings: JobSettings, tokenizer: Tokenizer, norm_eps: float
+    def for_run(cls, settings: JobSettings, tokenizer: Tokenizer, args: ModelArgs
                 ) -> Prompting:
         """The run's chat format; a checkpoint without one is an error at once where the
         flags ask for chat, else for each record that brings a dialog."""
@@ -287,11 +323,12 @@ class Prompting:
             log.info("--system goes into dialogs (records with messages)%s", "" if
                      settings.score_keys else "; with --chat, into every prompt")
         try:
-            return cls(tokenizer, chat_format_for(tokenizer, norm_eps, settings.chat_format))
+            return cls(tokenizer, chat_format_for(tokenizer, args.norm_eps, settings.chat_format),
+                       context_length=args.context_length)
         except UserError as e:
             if settings.wants_chat:
                 raise
-            return cls(tokenizer, None, str(e))
+            return cls(tokenizer, None, str(e), args.context_length)
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -365,10 +402,21 @@ def pending_work(settings: Settings, done: set[tuple[Any, int]], prompting: Prom
             yield BadLine(record.line, str(e), shown, custom_id=custom_id, samples=len(samples))
             continue
         if problem:
+            problem += ": " + lengthening_advice(settings.max_seq_len, prompting.context_length,
+                                                 "text" if settings.score_keys else "prompt")
             yield BadLine(record.line, problem, shown, max_seq_len=settings.max_seq_len,
                           custom_id=custom_id, samples=len(samples))
             continue
         yield Work(record, tokens, samples, first)
+
+
+def lengthening_advice(max_seq_len: int | None, context: int | None, what: str) -> str:
+    """What makes a `what` too long for --max_seq_len fit: a longer --max_seq_len only as far
+    as the model's context (a run refuses more)."""
+    if context is not None and max_seq_len is not None and max_seq_len >= context:
+        return f"shorten the {what}: the model's context is {context} tokens"
+    up_to = f" (up to the model's context, {context})" if context is not None else ""
+    return f"shorten the {what} or raise --max_seq_len{up_to}"
 
 
 def _owned_records(settings: Settings, done: set[tuple[Any, int]],
@@ -619,7 +667,7 @@ class Results:
     output holds every sample the start announced."""
 
     def __init__(self, settings: Settings, dist: Dist, total: int, tokenizer: Tokenizer,
-                 run: str = "", resumed: bool = False):
+                 run: str = "", resumed: bool = False, context_length: int | None = None):
         self.settings, self.dist, self.tokenizer, self.run = settings, dist, tokenizer, run
         self.total, self.resumed = total, resumed  # samples the start announced; done before?
         several = dist.data_parallel_size > 1
@@ -631,7 +679,7 @@ class Results:
                       error_part_path(settings.out_path, run, replica)) if several
                      else (None, None))
             self.writer = Writer(settings, total, *files, shows_progress=dist.is_writer,
-                                 replicas=self.replicas)
+                                 replicas=self.replicas, context_length=context_length)
         if self.replicas is not None and dist.is_model_parallel_leader:
             self.replicas.start_heartbeat()
         self.answers = Answers(settings, tokenizer)

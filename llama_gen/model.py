@@ -38,9 +38,9 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,), with Llama 3.1's long-context scaling if enabled."""
     hd = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
-    if not args.use_scaled_rope:
+    factor, _ = args.rope_scaling()
+    if factor is None:
         return freqs
-    factor = args.rope_scaling_factor
     low, high = LLAMA_3_ROPE_LOW_FREQ_FACTOR, LLAMA_3_ROPE_HIGH_FREQ_FACTOR
     context = LLAMA_3_ROPE_ORIGINAL_CONTEXT
     wavelen = 2 * math.pi / freqs
@@ -48,6 +48,13 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     between = (1 - smooth) * freqs / factor + smooth * freqs
     scaled = torch.where(wavelen > context / low, freqs / factor, between)
     return torch.where(wavelen < context / high, freqs, scaled)
+
+
+def rope_rotations(args: ModelArgs, positions: int) -> torch.Tensor:
+    """(cos, sin) of each position's angle at each frequency: (positions, head_dim / 2, 2), in
+    float32 as Meta's reference computes them."""
+    angles = torch.outer(torch.arange(positions, dtype=torch.float32), rope_frequencies(args))
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -346,10 +353,8 @@ class Transformer(nn.Module):
                 attn.cache = KVCache.empty(blocks, attn.n_local_kv_heads, block_size,
                                            attn.head_dim, weight.device, weight.dtype)
         self.paged_reads = "flex" if weight.device.type == "cuda" else "gather"
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32),
-                             rope_frequencies(self.args))  # (S, hd/2)
-        self.register_buffer("rope_rotation", torch.stack((angles.cos(), angles.sin()), dim=-1)
-                             .to(weight.device), persistent=False)  # (S, hd/2, 2)
+        self.register_buffer("rope_rotation", rope_rotations(self.args, max_seq_len)
+                             .to(weight.device), persistent=False)
 
     def make_step(self, positions: torch.Tensor, rows: slice, kv_len: int, fresh: bool = False,
                   chunks: tuple[tuple[int, int, int], ...] | None = None,

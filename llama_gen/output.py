@@ -205,7 +205,7 @@ class Writer:
 
     def __init__(self, settings: JobSettings, total: int, out_path: Path | None = None,
                  errors_path: Path | None = None, shows_progress: bool = True,
-                 replicas: Replicas | None = None):
+                 replicas: Replicas | None = None, context_length: int | None = None):
         self.out = JsonlAppender(out_path or settings.out_path)
         self.errors = JsonlAppender(errors_path or settings.errors_path)
         # The errors file's lines, not written again (a part's are left to the merge).
@@ -214,6 +214,7 @@ class Writer:
         self.replicas = replicas
         self.progress = ProgressLog(settings.log_path) if shows_progress else None
         self.total = total
+        self.max_seq_len, self.context_length = settings.max_seq_len, context_length
         self.counts = Counts()
         scoring = settings.score_keys is not None
         self._counted, self._verb = (("n_tokens", "scored") if scoring
@@ -295,7 +296,7 @@ class Writer:
         `left` unwritten: they remain (a stopped run) or are missing."""
         counts = counts or self.counts
         elapsed = self._elapsed()
-        cut = (f", {counts.context_limited} cut short by --max_seq_len (raise it)"
+        cut = (f", {counts.context_limited} cut short by {self._context_limit()}"
                if counts.context_limited else "")
         lost = (f", {left} {'remain' if stopped else 'missing'} (run the same command again)"
                 if left else "")
@@ -303,6 +304,16 @@ class Writer:
         return (f"{counts.samples} {self._noun} {self._done}{cut}{lost}, {counts.bad_lines} "
                 f"bad line(s), {counts.tokens} tokens {self._verb} in {elapsed:.1f}s "
                 f"({counts.tokens / elapsed:.1f} tok/s){where}")
+
+    def _context_limit(self) -> str:
+        """What cut completions short: --max_seq_len (to raise up to the model's context), or
+        the model's context itself."""
+        context = self.context_length
+        if context is not None and self.max_seq_len is not None and self.max_seq_len >= context:
+            return f"the model's context of {context} tokens"
+        up_to = f", up to the model's context of {context}" if context is not None else ""
+        given = f" {self.max_seq_len}" if self.max_seq_len is not None else ""
+        return f"--max_seq_len{given} (raise it{up_to})"
 
     def finish(self, counts: Counts | None = None, left: int = 0, stopped: bool = False
                ) -> None:

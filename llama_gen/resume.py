@@ -45,8 +45,10 @@ def prompt_file_grew(old: dict[str, Any], path: Path) -> bool:
     return ends_a_line and file_digest(path, size) == old.get("prompt_file")
 
 
-def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str) -> dict[str, Any]:
-    """What a completion depends on; a resume must match it exactly."""
+def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str,
+                    rope_scaling_factor: float | None = None) -> dict[str, Any]:
+    """What a completion depends on; a resume must match it exactly. `rope_scaling_factor`
+    is the one in use (`ModelArgs.rope_scaling`), however it was chosen."""
     shards = sorted(settings.ckpt_dir.glob("consolidated.*.pth"))
     prompt_bytes = settings.prompt_path.stat().st_size  # lines appended from now on come after
     return {
@@ -57,6 +59,7 @@ def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str) -> dic
         "prompt_file": file_digest(settings.prompt_path, prompt_bytes),
         "prompt_file_bytes": prompt_bytes,
         "dtype": dtype,
+        "rope_scaling_factor": rope_scaling_factor,
         "command": settings.command,
         **settings.output_defining(),
     }
@@ -69,12 +72,17 @@ def fingerprint_differences(old: dict[str, Any], new: dict[str, Any], prompt_pat
     `generate`)."""
     defaults = {f.name: f.default for f in dataclasses.fields(settings_type)}
     defaults["command"] = "generate"
+    # Before the factor was recorded, every model that scales RoPE was scaled by 8: Llama 3.2's
+    # 1B and 3B wrongly (theirs is 32).
+    defaults["rope_scaling_factor"] = None if new.get("rope_scaling_factor") is None else 8.0
     changed = []
     for key in sorted(new.keys() - {"prompt_file", "prompt_file_bytes"}):
         before = old.get(key, defaults.get(key))
         before = list(before) if isinstance(before, tuple) else before  # as JSON has it
         if before != new[key]:
-            changed.append(f"{key}: {json.dumps(before)} -> {json.dumps(new[key])}")
+            why = (" (how RoPE is scaled: the lines written were made with another)"
+                   if key == "rope_scaling_factor" else "")
+            changed.append(f"{key}: {json.dumps(before)} -> {json.dumps(new[key])}{why}")
     if old.get("prompt_file") != new["prompt_file"]:
         if prompt_file_grew(old, prompt_path):
             log.info("%s has new lines since the last run: they are answered too", prompt_path)

@@ -77,7 +77,7 @@ def score_problem(n_tokens: int, max_seq_len: int, first_scored: int = 1) -> str
                 "last assistant message) has no tokens")
     if n_tokens > max_seq_len:
         return (f"the text has {n_tokens} tokens; --max_seq_len {max_seq_len} allows at most "
-                f"{max_seq_len}: shorten the text or raise --max_seq_len")
+                f"{max_seq_len}")
     return None
 
 

@@ -86,15 +86,21 @@ class JobSettings:
     read, and where it runs."""
 
     ckpt_dir: Path = setting(help="directory with params.json and consolidated.NN.pth shards")
-    prompt_path: Path = setting(help="JSONL file, one object per line with a prompt field")
+    prompt_path: Path = setting(help="JSONL file, one object per line with a prompt (or a "
+                                "dialog's messages)")
     out_path: Path = setting(help="JSONL output, appended to and resumed from")
     logging_path: Path | None = setting(None, help="progress log for people "
                                         "(default <out_path>.log)")
     tokenizer_path: Path | None = setting(None, help="tokenizer.model (default: in ckpt_dir "
                                           "or its parent)")
+    rope_scaling_factor: float | None = setting(
+        None, low=1, help="RoPE's long-context scaling factor, for a checkpoint whose params.json "
+        "sets use_scaled_rope (default: params.json's, else the release's: 32 for Llama 3.2 1B "
+        "and 3B, 8 for the other Llama 3.1-style ones)")
     max_seq_len: int | None = setting(
         None, low=1, help="longest prompt + completion in tokens (default: the model's context, "
-        "2048 for Llama 1, 4096 for Llama 2, 8192 for Llama 3, 131072 for Llama 3.1, shortened "
+        "2048 for Llama 1, 4096 for Llama 2, 8192 for Llama 3, 131072 for Llama 3.1 and 3.2, "
+        "shortened "
         "to what fits in memory); raise it on resume to answer prompts that were too long")
     max_batch_size: int | None = setting(
         None, low=1, auto=True, help="sequences decoded at once, or auto (the default): on a "
@@ -336,6 +342,8 @@ class ScoreSettings(JobSettings):
         "text (--max_batch_size of them); drop it"
         for name in ("kv_cache_tokens", "kv_block_size")}
 
+    prompt_path: Path = setting(help="JSONL file, one record per line: a text, a prompt and "
+                                "its completion, or a dialog's messages")
     text_key: str = setting("text", role=DEFINES_OUTPUT, help="the field holding a text scored "
                             "whole (every token after bos)")
     completion_key: str = setting("completion", role=DEFINES_OUTPUT, help="the field holding a "

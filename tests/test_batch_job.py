@@ -302,7 +302,7 @@ def test_the_same_seed_gives_the_same_choices_alone_and_among_others(answered, t
     tokenizer = load_tokenizer(ckpt / "tokenizer.model")
     model = load_model(ckpt, tokenizer, single_process, torch.float32)
     s = Settings(ckpt_dir=ckpt, prompt_path=alone, out_path=tmp_path / "x.jsonl")
-    prompting = Prompting.for_run(s, tokenizer, model.args.norm_eps)
+    prompting = Prompting.for_run(s, tokenizer, model.args)
     requests = {r.tag.sample: r for w in pending_work(s, set(), prompting)
                 for r in requests_for(w, s)}
     ids = {tokenizer.token_bytes(i): i for i in range(tokenizer.n_words)}
@@ -361,7 +361,7 @@ def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints,
     assert len(ids) == tokenizer.n_words
     model = load_model(ckpt, tokenizer, single_process, torch.float32)
     s = Settings(ckpt_dir=ckpt, prompt_path=prompts, out_path=tmp_path / "x.jsonl")
-    prompting = Prompting.for_run(s, tokenizer, model.args.norm_eps)
+    prompting = Prompting.for_run(s, tokenizer, model.args)
     requests = {(r.tag.record.id, r.tag.sample): r
                 for w in pending_work(s, set(), prompting) for r in requests_for(w, s)}
     key, tokens = next(((k, c["index"]), [ids[bytes(t["bytes"])] for t in content])

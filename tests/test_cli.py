@@ -178,7 +178,7 @@ def requests_of(loaded: tuple, prompts: Path, flags: list[str]
     model, tokenizer = loaded
     s = parse(Settings, ["--ckpt_dir", "unused", "--prompt_path", str(prompts), "--out_path",
                          "unused.jsonl", *flags], "llama-gen")
-    prompting = Prompting.for_run(s, tokenizer, model.args.norm_eps)
+    prompting = Prompting.for_run(s, tokenizer, model.args)
     return ({(r.tag.record.id, r.tag.sample): r for w in pending_work(s, set(), prompting)
              if isinstance(w, Work) for r in requests_for(w, s)}, prompting.stop_ids)
 
@@ -316,6 +316,48 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in errors[0], errors[0]
 
 
+def test_a_tokenizer_of_another_vocabulary_is_named_as_the_wrong_file(tiny_checkpoints,
+                                                                       tmp_path):
+    """Llama 2's params.json takes its vocabulary from the tokenizer: one of another size is
+    told as the wrong tokenizer, not as a params.json that does not fit the shards."""
+    llama3_tokenizer = tiny_checkpoints[("llama3", 1)] / "tokenizer.model"
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    result = run([*job_args(tiny_checkpoints[("llama2", 2)], prompts, tmp_path / "o.jsonl"),
+                  "--tokenizer_path", str(llama3_tokenizer)])
+    assert_one_line_error(result, f"{llama3_tokenizer}: this tokenizer has ",
+                          "was trained with 512 (its output layer's rows)", "--tokenizer_path")
+    assert "params.json" not in result.stderr
+
+
+def test_the_rope_scaling_factor_is_logged_reaches_the_model_and_binds_a_resume(
+        tiny_checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "Once upon a time"}])
+    out = tmp_path / "o.jsonl"
+    args = [*job_args(tiny_checkpoints[("llama3", 1)], prompts, out), "--max_gen_len", "4",
+            "--temperature", "0", "--logprobs", "--max_seq_len", "64"]
+    first = run(args)
+    assert first.returncode == 0, first.stderr
+    assert "Llama 3.1: RoPE scaled by 8, Llama 3.1's (params.json names no factor)" \
+        in first.stderr
+    before = read_output(out)[(1, 0)]["logprobs"]
+
+    refused = run(args + ["--rope_scaling_factor", "32"])
+    assert_one_line_error(refused, "rope_scaling_factor: 8.0 -> 32.0 (how RoPE is scaled",
+                          "pass --overwrite")
+    assert refused.returncode == 2
+
+    rerun = run(args + ["--rope_scaling_factor", "32", "--overwrite"])
+    assert rerun.returncode == 0, rerun.stderr
+    assert "RoPE scaled by 32 (--rope_scaling_factor; without it: 8, Llama 3.1's" in rerun.stderr
+    after = read_output(out)[(1, 0)]["logprobs"]
+    assert after != before  # the same run but for the factor: the model saw it
+
+    llama2 = run([*job_args(tiny_checkpoints[("llama2", 1)], prompts, tmp_path / "o2.jsonl"),
+                  "--rope_scaling_factor", "32"])
+    assert_one_line_error(llama2, "--rope_scaling_factor 32: ",
+                          "params.json does not scale RoPE (no use_scaled_rope)")
+
+
 def test_clear_errors(checkpoint_copy, tmp_path):
     ckpt = checkpoint_copy("llama2", 2)
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
@@ -427,12 +469,37 @@ def test_every_bad_line_is_recorded_and_the_rest_answered(tiny_checkpoints, tmp_
 
     again = run(args)  # resume: nothing to do, no error written twice
     assert again.returncode == 0 and "0 sample(s) written" in again.stderr
+    assert "the model is not loaded" in again.stderr and "loaded " not in again.stderr
     assert len((tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()) == 9
 
     strict = run(args + ["--strict", "--overwrite"])
-    assert_one_line_error(strict, "line 2", "--strict")
+    assert_one_line_error(strict, "line 2", "--strict, checked before the model loads")
+    assert "loaded " not in strict.stderr and not out.exists()  # line 1 waited for nothing
     strict_errors = (tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()
-    assert [json.loads(e)["line"] for e in strict_errors] == [2]  # no line read after it
+    assert [json.loads(e)["line"] for e in strict_errors] == [2]  # the first bad line
+    (tmp_path / "o.jsonl.errors.jsonl").unlink()
+    too_long_last = run(args + ["--strict", "--prompt_path", str(write_prompts(
+        tmp_path / "long.jsonl", [{"prompt": "fine"}, {"prompt": "word " * 80}]))])
+    assert_one_line_error(too_long_last, "long.jsonl: line 2: the prompt has ",
+                          "--strict, checked before the model loads")
+    assert "loaded " not in too_long_last.stderr
+
+
+@pytest.mark.parametrize("command, record, what", [
+    ([], {"prompt": "word " * 4200}, "prompt"), (["score"], {"text": "word " * 4200}, "text")])
+def test_a_prompt_longer_than_the_model_s_context_is_not_told_to_raise_max_seq_len(
+        tiny_checkpoints, tmp_path, command, record, what):
+    """At the model's context (4096 for Llama 2) a longer --max_seq_len is refused: the advice
+    is to shorten the prompt. Nothing else is pending, so no model loads to write nothing."""
+    prompts = write_prompts(tmp_path / "p.jsonl", [record])
+    out = tmp_path / "o.jsonl"
+    result = run([*command, *job_args(tiny_checkpoints[("llama2", 1)], prompts, out),
+                  "--max_seq_len", "4096"])
+    assert_one_line_error(result, "every line of", "is bad")
+    [error] = [json.loads(line) for line in out.with_name("o.jsonl.errors.jsonl").open()]
+    assert error["reason"].endswith(f": shorten the {what}: the model's context is 4096 tokens")
+    assert "raise" not in error["reason"]
+    assert "the model is not loaded" in result.stderr and "loaded " not in result.stderr
 
 
 def test_resume_refuses_changed_settings_and_a_second_job(tiny_checkpoints, tmp_path):
@@ -482,7 +549,8 @@ def test_runtime_settings_may_change_on_resume_and_long_prompts_are_retried(tiny
     assert run(args + ["--max_seq_len", "24"]).returncode == 0
     assert set(read_output(out)) == {(1, 0)}
     [error] = [json.loads(line) for line in errors.read_text().splitlines()]
-    assert error["line"] == 2 and "raise --max_seq_len" in error["reason"]
+    assert error["line"] == 2 and error["reason"].endswith(
+        "shorten the prompt or raise --max_seq_len (up to the model's context, 4096)")
     result = run(args + ["--max_seq_len", "128", "--max_batch_size", "2", "--scheduler",
                          "static", "--device", "cpu", "--model_parallel_size", "1"])
     assert result.returncode == 0, result.stderr
@@ -891,7 +959,8 @@ def test_a_completion_cut_by_the_context_says_so_and_the_summary_counts_it(tiny_
         assert (line["finish_reason"], line["context_limit"]) == ("length", True)
         assert line["prompt_tokens"] + line["completion_tokens"] == 16
     assert lines[(3, 0)]["finish_reason"] == "length" and "context_limit" not in lines[(3, 0)]
-    assert "3 sample(s) written, 2 cut short by --max_seq_len (raise it)" in result.stderr
+    assert ("3 sample(s) written, 2 cut short by --max_seq_len 16 (raise it, up to the model's "
+            "context of 4096)") in result.stderr
 
 
 def test_a_batch_answer_cut_by_the_context_keeps_openais_schema(tiny_checkpoints, tmp_path):

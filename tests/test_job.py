@@ -317,17 +317,17 @@ def test_prepare_locks_checks_and_counts(tmp_path, tokenizer, single_process):
     s = settings(tmp_path, ckpt_dir=ckpt, num_samples=2)
     lock = OutputLock(s.lock_path, s.out_path)
     try:
-        assert prepare(s, tokenizer, "torch.float32", ONE_PROCESS, lock) == Plan(frozenset(), 4)
+        assert prepare(s, Prompting(tokenizer, None), "torch.float32", ONE_PROCESS, lock) == Plan(frozenset(), 4)
         assert s.settings_path.exists()
         other = OutputLock(s.lock_path, s.out_path)
         with pytest.raises(UserError, match="another llama-gen job"):
-            prepare(s, tokenizer, "torch.float32", ONE_PROCESS, other)
+            prepare(s, Prompting(tokenizer, None), "torch.float32", ONE_PROCESS, other)
     finally:
         lock.release()
     s.out_path.write_bytes(b'{"id": 1, "sample": 0, "completion": "x"}\n')
     lock = OutputLock(s.lock_path, s.out_path)
     try:
-        assert prepare(s, tokenizer, "torch.float32", ONE_PROCESS, lock) == \
+        assert prepare(s, Prompting(tokenizer, None), "torch.float32", ONE_PROCESS, lock) == \
             Plan(frozenset({(1, 0)}), 3)
     finally:
         lock.release()
@@ -336,7 +336,7 @@ def test_prepare_locks_checks_and_counts(tmp_path, tokenizer, single_process):
     lock = OutputLock(fresh.lock_path, fresh.out_path)
     try:
         with pytest.raises(UserError, match="--completion_key"):
-            prepare(fresh, tokenizer, "torch.float32", ONE_PROCESS, lock)
+            prepare(fresh, Prompting(tokenizer, None), "torch.float32", ONE_PROCESS, lock)
     finally:
         lock.release()
 

@@ -9,16 +9,18 @@ on teacher-forced log-probabilities is what a Meta checkpoint run through both w
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 import transformers  # a declared test dependency (pyproject's test extra): never skipped
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from llama_gen.args import LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs
 from llama_gen.build import load_model, read_model_args
 from llama_gen.engine import Engine, Request, SamplingParams, attention_chunks
-from llama_gen.model import Step, Transformer, rope_frequencies
+from llama_gen.model import Step, Transformer, rope_frequencies, rope_rotations
 from llama_gen.layers import ParallelLayers
 from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3, random_weights
 from llama_gen.tokenizer import load_tokenizer
@@ -67,7 +69,7 @@ def hf_config(args: ModelArgs, rope_changes: dict | None = None, max_positions: 
     """`rope_changes` alters HF's RoPE only, for the controls that show the comparison is sharp."""
     rope: dict = {"rope_type": "default"}
     if args.use_scaled_rope:
-        rope = {"rope_type": "llama3", "factor": args.rope_scaling_factor, "low_freq_factor": 1.0,
+        rope = {"rope_type": "llama3", "factor": args.rope_scaling()[0], "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": LLAMA_3_ROPE_ORIGINAL_CONTEXT}
     rope |= rope_changes or {}
@@ -176,6 +178,55 @@ def test_rope_frequencies_match_hf(name):
     else:
         expected = transformers.LlamaForCausalLM(cfg).model.rotary_emb.inv_freq
     torch.testing.assert_close(rope_frequencies(args), expected, rtol=1e-6, atol=0)
+
+
+def meta_scaled_frequencies(freqs: list[float], factor: float) -> list[float]:
+    """Llama 3's RoPE scaling as llama-models' `apply_scaling` writes it, one frequency at a
+    time, with the factor as a parameter (Meta's hard-codes 3.1's 8)."""
+    low_freq_factor, high_freq_factor, old_context_len = 1, 4, 8192
+    low_freq_wavelen, high_freq_wavelen = (old_context_len / low_freq_factor,
+                                           old_context_len / high_freq_factor)
+    scaled = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            scaled.append(freq)
+        elif wavelen > low_freq_wavelen:
+            scaled.append(freq / factor)
+        else:
+            smooth = ((old_context_len / wavelen - low_freq_factor)
+                      / (high_freq_factor - low_freq_factor))
+            scaled.append((1 - smooth) * freq / factor + smooth * freq)
+    return scaled
+
+
+LLAMA32_1B = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+              "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05,
+              "rope_theta": 500000.0, "use_scaled_rope": True}
+
+
+def test_llama32_rope_is_scaled_by_32_at_positions_beyond_8192():
+    """Llama 3.2 1B's rotations (its params.json names no factor) against Meta's formula with
+    32 and against Hugging Face's, whose config.json says 32, at positions past 3.2's original
+    context of 8192 (where the wrong factor, 3.1's 8, would show most)."""
+    args = ModelArgs.from_params(LLAMA32_1B)
+    hd = args.head_dim
+    unscaled = [1.0 / 500000.0 ** (i / hd) for i in range(0, hd, 2)]
+    formula = torch.tensor(meta_scaled_frequencies(unscaled, 32.0))
+    torch.testing.assert_close(rope_frequencies(args), formula, rtol=1e-6, atol=0)
+    wrong = torch.tensor(meta_scaled_frequencies(unscaled, 8.0))
+    assert not torch.allclose(rope_frequencies(args), wrong, rtol=1e-3, atol=0)
+
+    positions = torch.tensor([8192, 8193, 20000, 65536, 131071])
+    ours = rope_rotations(args, 131072)[positions]  # (P, hd/2, (cos, sin))
+    angles = positions[:, None].double() * formula.double()  # the formula in float64
+    expected = torch.stack((angles.cos(), angles.sin()), dim=-1).float()
+    # float32 angles of up to 131071 radians carry an error of about 131071 * 2**-24 = 0.008
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2e-2)
+    hf = LlamaRotaryEmbedding(hf_config(args))
+    cos, sin = hf(torch.zeros(1, len(positions), hd), positions[None])
+    torch.testing.assert_close(ours[..., 0], cos[0, :, : hd // 2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours[..., 1], sin[0, :, : hd // 2], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -354,10 +354,16 @@ def test_writer_appends_lines_counts_them_and_logs_progress(tmp_path):
     assert not (tmp_path / "out.jsonl.log").exists()  # --logging_path replaces the default
 
 
-def test_the_summary_counts_completions_cut_by_the_context(tmp_path):
+@pytest.mark.parametrize("max_seq_len, context, cut_by", [
+    (None, None, "--max_seq_len (raise it)"),
+    (64, 4096, "--max_seq_len 64 (raise it, up to the model's context of 4096)"),
+    (4096, 4096, "the model's context of 4096 tokens"),  # raising --max_seq_len is refused
+])
+def test_the_summary_counts_completions_cut_by_the_context(tmp_path, max_seq_len, context,
+                                                           cut_by):
     s = Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "prompts.jsonl",
-                 out_path=tmp_path / "out.jsonl")
-    writer = Writer(s, total=3)
+                 out_path=tmp_path / "out.jsonl", max_seq_len=max_seq_len)
+    writer = Writer(s, total=3, context_length=context)
     writer.output({"id": 1, "sample": 0, "finish_reason": "length", "context_limit": True,
                    "completion_tokens": 5}, 1)
     writer.output({"id": 2, "sample": 0, "finish_reason": "length", "completion_tokens": 2}, 2)
@@ -365,9 +371,9 @@ def test_the_summary_counts_completions_cut_by_the_context(tmp_path):
                    "completion_tokens": 5}, 3)
     writer.finish()
     writer.close()
-    assert writer.summary().startswith("3 sample(s) written, 2 cut short by --max_seq_len (raise "
-                                       "it), 0 bad line(s), 12 tokens generated")
-    assert "2 cut short by --max_seq_len" in s.log_path.read_text()
+    assert writer.summary().startswith(f"3 sample(s) written, 2 cut short by {cut_by}, 0 bad "
+                                       "line(s), 12 tokens generated")
+    assert f"2 cut short by {cut_by}" in s.log_path.read_text()
     assert recover_output(s.out_path) == {(1, 0), (2, 0), (3, 0)}  # the key changes no resume
 
 

@@ -75,7 +75,7 @@ def in_process(runs, single_process):
     model = build.load_model(ckpt, tokenizer, single_process, torch.float32)
     settings = parse(Settings, [*job_args(ckpt, prompts, prompts.with_name("x.jsonl")), *FLAGS,
                                 *PAGED], "llama-gen")
-    prompting = Prompting.for_run(settings, tokenizer, model.args.norm_eps)
+    prompting = Prompting.for_run(settings, tokenizer, model.args)
     requests = {(r.tag.record.id, r.tag.sample): r
                 for work in pending_work(settings, set(), prompting)
                 for r in requests_for(work, settings)}

@@ -20,6 +20,8 @@ def test_max_tokens_and_n_act_as_max_gen_len_and_num_samples(tiny_checkpoints, t
     args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), *FLAGS]
     result = run(args)
     assert result.returncode == 0, result.stderr
+    assert result.stderr.count("per-record fields taken by their OpenAI/vLLM names: max_tokens "
+                               "as max_gen_len, n as num_samples") == 1
     lines = read_output(out)
     assert set(lines) == {("openai", 0), ("openai", 1), ("llama", 0), ("llama", 1)}
     ours = ["completion", *OUTPUT_FIELDS]

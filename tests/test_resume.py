@@ -339,6 +339,33 @@ def test_an_old_run_settings_file_lacking_a_newer_key_resumes_with_its_default(t
         prepare_output(renamed, run_fingerprint(renamed, tokenizer.path, "torch.float32"))
 
 
+def test_the_rope_factor_in_use_binds_a_resume(tmp_path, tokenizer):
+    """An output begun with one RoPE scaling is refused with another, whichever way it was
+    chosen; a run settings file from before the factor was recorded had 8 where RoPE scales
+    (Llama 3.2's 1B and 3B were wrongly run so) and none where it does not."""
+    s = Settings(ckpt_dir=checkpoint(tmp_path), prompt_path=job(tmp_path).prompt_path,
+                 out_path=tmp_path / "out.jsonl")
+    prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32", 8.0))
+    s.out_path.write_bytes(out_line(1, 0))
+    assert prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32", 8.0)) == {(1, 0)}
+    with pytest.raises(UserError, match=re.escape(
+            "rope_scaling_factor: 8.0 -> 32.0 (how RoPE is scaled: the lines written were made "
+            "with another)") + ".*pass --overwrite"):
+        prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32", 32.0))
+
+    for before_the_key, now, resumes in ((8.0, 8.0, True), (8.0, 32.0, False),
+                                         (None, None, True)):
+        fp = run_fingerprint(s, tokenizer.path, "torch.float32", before_the_key)
+        s.settings_path.write_text(json.dumps({k: v for k, v in fp.items()
+                                               if k != "rope_scaling_factor"}))
+        fresh = run_fingerprint(s, tokenizer.path, "torch.float32", now)
+        if resumes:
+            assert prepare_output(s, fresh) == {(1, 0)}
+        else:
+            with pytest.raises(UserError, match=re.escape("rope_scaling_factor: 8.0 -> 32.0")):
+                prepare_output(s, fresh)
+
+
 def test_lines_appended_to_the_prompt_file_are_a_resume_other_changes_are_not(tmp_path,
                                                                                tokenizer):
     s = Settings(ckpt_dir=checkpoint(tmp_path), prompt_path=job(tmp_path).prompt_path,

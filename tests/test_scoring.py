@@ -182,7 +182,7 @@ def test_score_problem_names_the_fix():
 def test_a_request_too_long_raises_when_reached(single_process):
     args, vocab_parallel = config("llama2-mha")
     scorer = Scorer(build(args, vocab_parallel), 2, 8)
-    with pytest.raises(ValueError, match="raise --max_seq_len"):
+    with pytest.raises(ValueError, match="--max_seq_len 8 allows at most 8"):
         list(scorer.score([ScoreRequest([1] * 9, 1)]))
     with pytest.raises(ValueError, match="nothing to score"):
         list(scorer.score([ScoreRequest([1, 2], 2)]))
