@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import itertools
 import json
 import logging
@@ -149,7 +150,8 @@ def prepare(settings: Settings, prompting: Prompting, dtype: str, dist: Dist,
             if output_parts(settings.out_path) or parts_dir(settings.out_path).is_dir():
                 merge_parts(settings.out_path, settings.errors_path, prompt_order(settings))
             done = prepare_output(settings, run_fingerprint(
-                settings, prompting.tokenizer.path, dtype, rope_scaling_factor))
+                settings, prompting.tokenizer.path, dtype, rope_scaling_factor),
+                functools.partial(check_edited_lines, settings))
             run = start_parts(settings) if dist.data_parallel_size > 1 else ""
             pending, written, aliases = count_samples(settings, done)
             if aliases:
@@ -226,6 +228,31 @@ def count_samples(settings: Settings, done: set[tuple[Any, int]]
             left = sum((item.id, i) not in done for i in range(n))
             pending, written = pending + left, written + n - left
     return pending, written, aliases
+
+
+def check_edited_lines(settings: Settings, edited: set[int],
+                       done: set[tuple[Any, int]]) -> None:
+    """Prompt lines may change before they are answered (a bad line fixed in place), not
+    after: the rest of an answered record's samples would answer another prompt. UserError
+    where an `edited` line's record has a sample in the output, or an answered id is gone."""
+    answered = {record_id for record_id, _ in done}
+    seen = set()
+    for item in records_of(settings):
+        if not isinstance(item, Record):
+            continue
+        seen.add(item.id)
+        if item.line in edited and item.id in answered:
+            raise UserError(f"{settings.prompt_path}: line {item.line} (id "
+                            f"{json.dumps(item.id)}) changed since its answer was written to "
+                            f"{settings.out_path}; lines not answered yet, the bad ones "
+                            "included, may change, answered ones may not: undo the change, or "
+                            "pass --overwrite to start over (the old files are kept aside)")
+    if gone := answered - seen:
+        some = json.dumps(next(iter(gone)))
+        raise UserError(f"{settings.out_path} holds answers for {len(gone)} id(s) that "
+                        f"{settings.prompt_path} no longer has (e.g. {some}): an answered line "
+                        "was changed or removed; undo the change, or pass --overwrite to start "
+                        "over (the old files are kept aside)")
 
 
 def some_prompt_runs(settings: Settings, done: set[tuple[Any, int]],

@@ -3,6 +3,9 @@
 A run's fingerprint (`<out_path>.run.json`) records what a finished line depends on: the
 checkpoint, the tokenizer, the prompt file and the settings that define the output. A resume
 must match it; runtime settings (batch size, context length, device, processes) may change.
+The prompt file may change where no answer rests on it: lines added at its end, and lines not
+answered yet (a bad line fixed in place), told apart by a digest of each line
+(`<out_path>.run.lines`).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,32 @@ def prompt_file_grew(old: dict[str, Any], path: Path) -> bool:
     return ends_a_line and file_digest(path, size) == old.get("prompt_file")
 
 
+LINE_DIGEST_BYTES = 8
+
+
+def line_digests(path: Path, size: int) -> bytes:
+    """A digest of each line (less its newline) in the file's first `size` bytes, end to end."""
+    digests = bytearray()
+    left = size
+    with path.open("rb") as f:
+        for raw in f:
+            if left <= 0:
+                break
+            raw, left = raw[:left], left - len(raw)
+            digests += hashlib.blake2b(raw.rstrip(b"\n"), digest_size=LINE_DIGEST_BYTES).digest()
+    return bytes(digests)
+
+
+def changed_lines(old: bytes, new: bytes) -> set[int]:
+    """The numbers (from 1) of the lines whose digests differ, or that one file lacks."""
+    size = LINE_DIGEST_BYTES
+    n_old, n_new = len(old) // size, len(new) // size
+    both = min(n_old, n_new)
+    changed = {i + 1 for i in range(both)
+               if old[i * size:(i + 1) * size] != new[i * size:(i + 1) * size]}
+    return changed | set(range(both + 1, max(n_old, n_new) + 1))
+
+
 def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str,
                     rope_scaling_factor: float | None = None) -> dict[str, Any]:
     """What a completion depends on; a resume must match it exactly. `rope_scaling_factor`
@@ -76,7 +106,7 @@ def fingerprint_differences(old: dict[str, Any], new: dict[str, Any], prompt_pat
     # 1B and 3B wrongly (theirs is 32).
     defaults["rope_scaling_factor"] = None if new.get("rope_scaling_factor") is None else 8.0
     changed = []
-    for key in sorted(new.keys() - {"prompt_file", "prompt_file_bytes"}):
+    for key in sorted(new.keys() - PROMPT_FILE_KEYS):
         before = old.get(key, defaults.get(key))
         before = list(before) if isinstance(before, tuple) else before  # as JSON has it
         if before != new[key]:
@@ -87,8 +117,27 @@ def fingerprint_differences(old: dict[str, Any], new: dict[str, Any], prompt_pat
         if prompt_file_grew(old, prompt_path):
             log.info("%s has new lines since the last run: they are answered too", prompt_path)
         else:
-            changed.append("prompt_file: its content changed, beyond lines added at its end")
+            changed.append(PROMPT_FILE_EDITED)
     return changed
+
+
+PROMPT_FILE_EDITED = ("prompt_file: its content changed, beyond lines added at its end (lines "
+                      "not answered yet may change too, but only where the run that began the "
+                      "output kept a digest of each line, and this one did not)")
+PROMPT_FILE_KEYS = frozenset({"prompt_file", "prompt_file_bytes", "prompt_lines"})
+
+
+def edited_lines(settings: Settings, old: dict[str, Any], lines: bytes) -> set[int] | None:
+    """The prompt lines changed since the run `old` describes, where its line digests are at
+    hand (and are the ones it took); None where they are not."""
+    path = settings.prompt_lines_path
+    try:
+        old_lines = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if hashlib.sha256(old_lines).hexdigest() != old.get("prompt_lines"):
+        return None
+    return changed_lines(old_lines, lines)
 
 
 def has_lines(path: Path) -> bool:
@@ -98,8 +147,8 @@ def has_lines(path: Path) -> bool:
 def move_aside(settings: Settings) -> Path | None:
     """--overwrite: move the output, its errors and its run settings into a dated folder
     beside them, so that nothing is lost; the folder, or None if there was nothing."""
-    paths = [p for p in (settings.out_path, settings.errors_path, settings.settings_path)
-             if p.exists()]
+    paths = [p for p in (settings.out_path, settings.errors_path, settings.settings_path,
+                         settings.prompt_lines_path) if p.exists()]
     if not paths:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -115,27 +164,29 @@ def move_aside(settings: Settings) -> Path | None:
     return folder
 
 
-def forget_retryable_errors(settings: Settings) -> None:
-    """Drop the errors file's prompts that were too long for a shorter context than this run's:
-    this run tries them again (and records them again if they still do not fit). Lines that
-    are not entries are kept as they are."""
+def forget_retryable_errors(settings: Settings, edited: set[int] = frozenset()) -> None:
+    """Drop the errors file's entries that this run reads again (and records again if they are
+    still bad): prompts too long for a shorter context than this run's, and lines `edited`
+    since. Lines that are not entries are kept as they are."""
     path = settings.errors_path
     if not has_lines(path):
         return
     cut_torn_last_line(path)
     lines = path.read_bytes().splitlines(keepends=True)  # at b"\n" alone, as it was written
-    kept = [line for line in lines if not _tried_with_shorter_context(line, settings.max_seq_len)]
+    kept = [line for line in lines if not _read_again(line, settings.max_seq_len, edited)]
     if len(kept) < len(lines):
         write_atomically(path, b"".join(kept).decode("utf-8"))
 
 
-def _tried_with_shorter_context(line: bytes, max_seq_len: int) -> bool:
+def _read_again(line: bytes, max_seq_len: int, edited: set[int]) -> bool:
     try:
         entry = json.loads(line)
     except ValueError:
         return False
-    limit = entry.get("max_seq_len") if isinstance(entry, dict) else None
-    return isinstance(limit, int) and limit < max_seq_len
+    if not isinstance(entry, dict):
+        return False
+    limit = entry.get("max_seq_len")
+    return (isinstance(limit, int) and limit < max_seq_len) or entry.get("line") in edited
 
 
 def read_fingerprint(settings: Settings) -> dict[str, Any]:
@@ -149,15 +200,27 @@ def read_fingerprint(settings: Settings) -> dict[str, Any]:
     return old
 
 
-def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple[Any, int]]:
+def prepare_output(settings: Settings, fingerprint: dict[str, Any],
+                   check_edits: Callable[[set[int], set[tuple[Any, int]]], None] | None = None
+                   ) -> set[tuple[Any, int]]:
     """Rank 0, holding the lock: check the fingerprint against the output's and recover the
     output; the (id, sample)s it already holds. A fingerprint without output (a start that
-    failed) binds nothing."""
+    failed) binds nothing. Prompt lines edited since the last run are handed to `check_edits`
+    (with what the output holds), which raises UserError where an answer rests on one; without
+    it, any edit is refused."""
+    lines = line_digests(settings.prompt_path, fingerprint["prompt_file_bytes"])
+    fingerprint = {**fingerprint, "prompt_lines": hashlib.sha256(lines).hexdigest()}
+    edited: set[int] = set()
     if settings.overwrite and (folder := move_aside(settings)):
         log.info("--overwrite: the earlier output and its files are now in %s", folder)
     elif has_lines(settings.out_path) and settings.settings_path.exists():
         old = read_fingerprint(settings)
         changed = fingerprint_differences(old, fingerprint, settings.prompt_path, type(settings))
+        if changed[-1:] == [PROMPT_FILE_EDITED] and check_edits is not None:
+            found = edited_lines(settings, old, lines)
+            if found is not None:
+                changed.pop()
+                edited = found
         if changed:
             raise UserError(f"{settings.out_path} was written with other settings "
                             f"({'; '.join(changed)}); resume with the same command and files, "
@@ -171,6 +234,12 @@ def prepare_output(settings: Settings, fingerprint: dict[str, Any]) -> set[tuple
         if fingerprint_differences(old, fingerprint, settings.prompt_path, type(settings)):
             folder = move_aside(settings)  # no output line rests on them
             log.info("the errors of a run with other settings are now in %s", folder)
-    forget_retryable_errors(settings)
+    done = recover_output(settings.out_path)
+    if edited:
+        check_edits(edited, done)
+        log.info("%s: %d line(s) changed since the last run, none of them answered: they are "
+                 "read again", settings.prompt_path, len(edited))
+    forget_retryable_errors(settings, edited)
+    write_atomically(settings.prompt_lines_path, lines)  # before the settings that name it
     write_atomically(settings.settings_path, json.dumps(fingerprint, indent=1) + "\n")
-    return recover_output(settings.out_path)
+    return done

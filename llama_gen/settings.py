@@ -161,6 +161,11 @@ class JobSettings:
         return self.out_path.with_name(self.out_path.name + ".run.json")
 
     @property
+    def prompt_lines_path(self) -> Path:
+        """A digest of each prompt line the run settings file was taken of (`resume.py`)."""
+        return self.out_path.with_name(self.out_path.name + ".run.lines")
+
+    @property
     def lock_path(self) -> Path:
         return self.out_path.with_name(self.out_path.name + ".lock")
 

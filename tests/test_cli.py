@@ -502,6 +502,44 @@ def test_a_prompt_longer_than_the_model_s_context_is_not_told_to_raise_max_seq_l
     assert "the model is not loaded" in result.stderr and "loaded " not in result.stderr
 
 
+def test_a_line_not_answered_yet_may_be_fixed_in_place_an_answered_one_not(tiny_checkpoints,
+                                                                           tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": 7}\n{"prompt": "also fine"}\n')
+    out, errors = tmp_path / "o.jsonl", tmp_path / "o.jsonl.errors.jsonl"
+    args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, out), "--max_gen_len", "3"]
+    assert run(args).returncode == 0
+    assert set(read_output(out)) == {(1, 0), (3, 0)}
+    assert [json.loads(e)["line"] for e in errors.read_text().splitlines()] == [2]
+
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "seven"}\n{"prompt": "also fine"}\n')
+    fixed = run(args)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "1 line(s) changed since the last run, none of them answered" in fixed.stderr
+    assert set(read_output(out)) == {(1, 0), (2, 0), (3, 0)} and errors.read_text() == ""
+
+    answered = prompts.read_text()
+    prompts.write_text(answered.replace("also fine", "changed after its answer"))
+    for _ in range(2):  # refused, and the refusal took nothing as settled
+        assert_one_line_error(run(args), "p.jsonl: line 3 (id 3) changed since its answer was "
+                              "written", "lines not answered yet, the bad ones included, may "
+                              "change, answered ones may not", "--overwrite")
+    prompts.write_text(answered)
+    assert run(args).returncode == 0  # undone: the same file as its answers'
+
+
+def test_an_answered_id_that_is_gone_from_the_prompts_refuses_a_resume(tiny_checkpoints,
+                                                                       tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"id": "a", "prompt": "x"},
+                                                   {"id": "b", "prompt": "y"}])
+    args = [*job_args(tiny_checkpoints[("llama2", 1)], prompts, tmp_path / "o.jsonl"),
+            "--max_gen_len", "2"]
+    assert run(args).returncode == 0
+    write_prompts(prompts, [{"id": "a", "prompt": "x"}, {"id": "c", "prompt": "y"}])
+    assert_one_line_error(run(args), "o.jsonl holds answers for 1 id(s) that", 'e.g. "b"',
+                          "an answered line was changed or removed")
+
+
 def test_resume_refuses_changed_settings_and_a_second_job(tiny_checkpoints, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     out = tmp_path / "o.jsonl"

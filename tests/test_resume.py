@@ -12,8 +12,9 @@ from llama_gen.errors import UserError
 from llama_gen.job import Prompting, pending_work
 from llama_gen.output import JsonlAppender, OutputLock, Writer
 from llama_gen.records import BadLine
-from llama_gen.resume import (forget_retryable_errors, fingerprint_differences, move_aside,
-                              prepare_output, run_fingerprint)
+from llama_gen.resume import (LINE_DIGEST_BYTES, changed_lines, fingerprint_differences,
+                              forget_retryable_errors, line_digests, move_aside, prepare_output,
+                              run_fingerprint)
 from llama_gen.settings import FIELDS, OUTPUT_DEFINING, Settings
 from llama_gen.tiny_tokenizers import build_sentencepiece_model
 from llama_gen.tokenizer import load_tokenizer
@@ -32,7 +33,13 @@ def job(tmp_path: Path, **kwargs) -> Settings:
 
 
 FINGERPRINT = {"checkpoint": "/ckpt", "prompt_file": "abc", "temperature": 0.6, "seed": 0,
-               "id_key": None, "shards": [["consolidated.00.pth", 10]]}
+               "id_key": None, "shards": [["consolidated.00.pth", 10]],
+               "prompt_file_bytes": 0}
+
+
+def stored(run_settings: Path) -> dict:
+    """A run settings file's fingerprint, less the digest of its line digests' file."""
+    return {k: v for k, v in json.loads(run_settings.read_text()).items() if k != "prompt_lines"}
 
 
 def leftovers(tmp_path: Path) -> list[str]:
@@ -69,8 +76,8 @@ def test_fingerprint_differences_lists_changed_and_added_keys_sorted(tmp_path):
     assert fingerprint_differences(old, new, prompt) == [
         'added: null -> true', 'shards: [["a", 1]] -> [["a", 2]]', "temperature: 0.6 -> 0.7"]
     assert fingerprint_differences(new, dict(new), prompt) == []
-    assert fingerprint_differences(old, {**old, "prompt_file": "q"}, prompt) == [
-        "prompt_file: its content changed, beyond lines added at its end"]
+    [edited] = fingerprint_differences(old, {**old, "prompt_file": "q"}, prompt)
+    assert edited.startswith("prompt_file: its content changed, beyond lines added at its end")
 
 
 def test_an_output_defining_key_an_older_fingerprint_lacks_counts_as_its_default(tmp_path):
@@ -89,7 +96,7 @@ def test_an_output_defining_key_an_older_fingerprint_lacks_counts_as_its_default
 def test_first_run_writes_the_run_settings(tmp_path):
     s = job(tmp_path)
     assert prepare_output(s, FINGERPRINT) == set()
-    assert json.loads(s.settings_path.read_text()) == FINGERPRINT
+    assert stored(s.settings_path) == FINGERPRINT
     assert s.settings_path.name == "out.jsonl.run.json"
     assert leftovers(tmp_path) == []
 
@@ -112,7 +119,7 @@ def test_resume_with_changed_settings_is_refused_naming_the_difference(tmp_path)
     message = str(e.value)
     assert 'id_key: null -> "key"' in message and "temperature: 0.6 -> 0.7" in message
     assert "--overwrite" in message
-    assert json.loads(s.settings_path.read_text()) == FINGERPRINT  # untouched
+    assert stored(s.settings_path) == FINGERPRINT  # untouched
     assert s.out_path.read_bytes() == out_line(1, 0)
 
 
@@ -148,9 +155,9 @@ def test_overwrite_moves_the_old_files_aside_and_records_the_new_settings(tmp_pa
     assert (folder / "out.jsonl").read_bytes() == out_line(1, 0)
     assert (folder / "out.jsonl.errors.jsonl").read_bytes() == \
         b'{"line": 2, "reason": "r", "text": "t"}\n'
-    assert json.loads((folder / "out.jsonl.run.json").read_text()) == FINGERPRINT
+    assert stored(folder / "out.jsonl.run.json") == FINGERPRINT
     assert str(folder) in caplog.text  # the user is told where
-    assert json.loads(s.settings_path.read_text()) == changed
+    assert stored(s.settings_path) == changed
     assert leftovers(tmp_path) == []
     # Overwrite also takes a foreign file (no run settings) and a file it cannot parse; a
     # second overwrite in the same second gets a folder of its own.
@@ -161,7 +168,7 @@ def test_overwrite_moves_the_old_files_aside_and_records_the_new_settings(tmp_pa
     folders = replaced(tmp_path)
     assert len(folders) == 2
     [second] = [f for f in folders if f != folder]
-    assert sorted(p.name for p in second.iterdir()) == ["out.jsonl"]
+    assert sorted(p.name for p in second.iterdir()) == ["out.jsonl", "out.jsonl.run.lines"]
     assert (second / "out.jsonl").read_bytes() == b"not json\n"
     assert (folder / "out.jsonl").read_bytes() == out_line(1, 0)  # the first is untouched
 
@@ -215,11 +222,11 @@ def test_run_settings_without_output_lines_bind_nothing(tmp_path):
     lock.acquire()
     assert prepare_output(s, other) == set()
     lock.release()
-    assert json.loads(s.settings_path.read_text()) == other
+    assert stored(s.settings_path) == other
     # An empty output file is no output either.
     s.out_path.write_bytes(b"")
     assert prepare_output(s, FINGERPRINT) == set()
-    assert json.loads(s.settings_path.read_text()) == FINGERPRINT
+    assert stored(s.settings_path) == FINGERPRINT
     assert replaced(tmp_path) == []
 
 
@@ -237,8 +244,8 @@ def test_errors_of_a_run_with_other_settings_and_no_output_are_moved_aside(tmp_p
     assert not s.errors_path.exists()
     [folder] = replaced(tmp_path)
     assert (folder / "out.jsonl.errors.jsonl").read_bytes() == errors
-    assert json.loads((folder / "out.jsonl.run.json").read_text()) == FINGERPRINT
-    assert json.loads(s.settings_path.read_text()) == other
+    assert stored(folder / "out.jsonl.run.json") == FINGERPRINT
+    assert stored(s.settings_path) == other
 
 
 # --- run_fingerprint ---------------------------------------------------------------------------
@@ -494,3 +501,16 @@ def test_an_errors_file_line_that_is_not_an_entry_does_not_stop_the_next_start(t
         f.write(b"garbage\n[5]\n")
     forget_retryable_errors(s)
     assert s.errors_path.read_bytes() == b"garbage\n[5]\n"
+
+
+def test_line_digests_tell_which_lines_changed(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": 3}')  # the last line without its newline
+    before = line_digests(path, path.stat().st_size)
+    assert len(before) == 3 * LINE_DIGEST_BYTES
+    path.write_bytes(b'{"a": 1}\n{"b": 20}\n{"c": 3}\n{"d": 4}\n')
+    after = line_digests(path, path.stat().st_size)
+    assert changed_lines(before, after) == {2, 4}  # its newline added: line 3 is the same
+    assert changed_lines(after, before) == {2, 4}
+    assert line_digests(path, 9) == before[:LINE_DIGEST_BYTES]  # the bytes the run read
+    assert changed_lines(before, before) == set()
