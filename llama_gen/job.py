@@ -647,20 +647,20 @@ def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[i
 
 def batch_choice(completion: Completion, tokenizer: Tokenizer) -> Choice:
     """A batch request's completion as one of its choices: the text an output line would hold,
-    and per token its id, text, logprob and alternatives (when asked for). A special token the
-    text leaves out has the empty text, so that the tokens join to the text (and completions'
-    text_offset points into it); alternatives keep their names."""
+    and per token its id, text (a special token's name, sampled or an alternative), bytes,
+    logprob and alternatives (when asked for). A special token the text leaves out is marked
+    so, for completions' text_offset to point into the text."""
     request, p = completion.request, completion.request.params
     assert not p.echo, "a batch request never echoes its prompt"
     ids = completion.tokens
     text = completion_text(tokenizer, request.prompt_tokens, ids, p, completion.stop_reason)
     shown = set(shown_ids(tokenizer, ids, p))
-    tokens = [tokenizer.token_text(t) if t in shown else "" for t in ids]
-    token_bytes = [list(tokenizer.token_bytes(t)) if t in shown else [] for t in ids]
     top = completion.top_logprobs
-    return Choice(text, completion.finish_reason, list(ids), tokens, completion.logprobs,
+    return Choice(text, completion.finish_reason, list(ids),
+                  [tokenizer.token_text(t) for t in ids], completion.logprobs,
                   None if top is None else [[(tokenizer.token_text(t), lp) for t, lp in alts]
-                                            for alts in top], token_bytes)
+                                            for alts in top],
+                  [list(tokenizer.token_bytes(t)) for t in ids], [t in shown for t in ids])
 
 
 class Answers:

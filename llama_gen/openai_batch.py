@@ -127,8 +127,9 @@ class BatchRequest:
 @dataclass(frozen=True)
 class Choice:
     """One generated sample of a request, as the job layer hands it over. The per-token lists
-    (tokens, logprobs, top_logprobs, token_bytes) are as long as token_ids; tokens are each
-    token's text, so that they join to the text where the tokenizer allows it."""
+    (tokens, logprobs, top_logprobs, token_bytes, in_text) are as long as token_ids; tokens
+    are each token's text (a special token's name), so that those in the text join to it
+    where the tokenizer allows it."""
 
     text: str
     finish_reason: Literal["stop", "length"]
@@ -137,6 +138,7 @@ class Choice:
     logprobs: list[float] | None = None  # None: the request asked for none
     top_logprobs: list[list[tuple[str, float]]] | None = None  # per position, most likely first
     token_bytes: list[list[int]] | None = None  # None: each token's text in UTF-8
+    in_text: list[bool] | None = None  # per token: its text is in `text` (None: every one's)
 
 
 def is_batch_request(obj: dict) -> bool:
@@ -394,7 +396,10 @@ def completion_logprobs(choice: Choice, prompt_chars: int) -> dict[str, Any] | N
         alternatives = {t: floored(lp) for t, lp in top}
         alternatives.setdefault(token, floored(logprob))
         tops.append(alternatives)
-    offsets = itertools.accumulate((len(t) for t in choice.tokens), initial=prompt_chars)
+    in_text = choice.in_text or [True] * len(choice.tokens)
+    offsets = itertools.accumulate((len(t) if shown else 0
+                                    for t, shown in zip(choice.tokens, in_text)),
+                                   initial=prompt_chars)
     return {"tokens": list(choice.tokens),
             "token_logprobs": [floored(lp) for lp in choice.logprobs],
             "top_logprobs": tops,

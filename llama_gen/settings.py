@@ -298,6 +298,9 @@ class Settings(JobSettings):
         if self.completion_key in OUTPUT_FIELDS:
             raise UserError(f"--completion_key {self.completion_key} is another output field "
                             f"(llama-gen writes {', '.join(OUTPUT_FIELDS)}): choose another name")
+        if self.top_logprobs and not self.logprobs:  # OpenAI's rule too
+            raise UserError(f"--top_logprobs {self.top_logprobs} lists each token's alternatives "
+                            "beside its own logprob: add --logprobs")
         if self.compile and self.scheduler == "static":
             raise UserError("--compile compiles the continuous scheduler's decode step; the "
                             "static one is the uncompiled baseline: drop one of the two")

@@ -17,6 +17,7 @@ from llama_gen.distributed import Dist
 from llama_gen.engine import Completion, Engine, Request, SamplingParams
 from llama_gen.job import (Interrupted, Prompting, Results, Tag, Work, batch_choice,
                            count_pending, pending_work, requests_for)
+from llama_gen.openai_batch import BatchRequest, response_line
 from llama_gen.output import recover_output
 from llama_gen.records import BadLine, Record
 from llama_gen.sampling import derive_seed
@@ -149,10 +150,19 @@ def test_a_choice_is_the_jobs_own_text_with_its_tokens(tokenizer):
                       len(prompt), ".", top)
     choice = batch_choice(done, tokenizer)
     assert (choice.text, choice.finish_reason, choice.token_ids) == (" a b", "stop", ids)
-    assert choice.tokens[len(tokenizer.encode(" a", bos=False))] == ""  # dropped from the text
-    assert "".join(choice.tokens).startswith(" a b.")
+    at = len(tokenizer.encode(" a", bos=False))
+    # One name for a special token, sampled or an alternative, in its text and its bytes; the
+    # text leaves it out.
+    assert choice.tokens[at] == "<|eot_id|>" and choice.top_logprobs[0] == [("<|eot_id|>", -2.0)]
+    assert bytes(choice.token_bytes[at]) == b"<|eot_id|>"
+    assert choice.in_text[at] is False and choice.in_text.count(False) == 1
+    kept = "".join(t for t, shown in zip(choice.tokens, choice.in_text) if shown)
+    assert kept.startswith(" a b.")
     assert choice.logprobs == [-1.0] * len(ids)
-    assert choice.top_logprobs[0] == [("<|eot_id|>", -2.0)]  # alternatives keep their names
+    line = response_line(BatchRequest("r-1", "completion", None, "Say"), [choice], 3,
+                         model="tiny", request_id="x", created=0)
+    offsets = line["response"]["body"]["choices"][0]["logprobs"]["text_offset"]
+    assert offsets[at] == offsets[at + 1] == len("Say a")  # the name takes no room in the text
 
 
 def test_batch_requests_are_counted_shared_and_reported_like_records(tmp_path, tokenizer):

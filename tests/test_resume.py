@@ -307,12 +307,13 @@ def test_every_setting_is_either_runtime_or_output_defining_here():
 
 @pytest.mark.parametrize("name", sorted(OUTPUT_CHANGES))
 def test_an_output_defining_setting_changed_on_resume_is_refused(tmp_path, tokenizer, name):
+    both = {"logprobs": True} if name == "top_logprobs" else {}  # it takes --logprobs
     s = Settings(ckpt_dir=checkpoint(tmp_path), prompt_path=job(tmp_path).prompt_path,
-                 out_path=tmp_path / "out.jsonl")
+                 out_path=tmp_path / "out.jsonl", **both)
     prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32"))
     s.out_path.write_bytes(out_line(1, 0))
     changed = Settings(ckpt_dir=s.ckpt_dir, prompt_path=s.prompt_path, out_path=s.out_path,
-                       **{name: OUTPUT_CHANGES[name]})
+                       **{**both, name: OUTPUT_CHANGES[name]})
     before, after = json.dumps(FIELDS[name].default), json.dumps(OUTPUT_CHANGES[name])
     with pytest.raises(UserError, match=re.escape(f"{name}: {before} -> {after}")):
         prepare_output(changed, run_fingerprint(changed, tokenizer.path, "torch.float32"))

@@ -205,6 +205,15 @@ def test_with_overrides(tmp_path):
         s.with_overrides({"top_p": 0})  # still checked, whoever calls it
 
 
+def test_top_logprobs_without_logprobs_is_refused(tmp_path):
+    """The alternatives come beside the chosen token's own logprob, as OpenAI's rule has it."""
+    paths = dict(ckpt_dir=tmp_path, prompt_path=tmp_path / "p.jsonl", out_path=tmp_path / "o")
+    with pytest.raises(UserError, match="^--top_logprobs 3 lists each token's alternatives "
+                       "beside its own logprob: add --logprobs$"):
+        Settings(**paths, top_logprobs=3)
+    assert Settings(**paths, top_logprobs=3, logprobs=True).top_logprobs == 3
+
+
 def test_compile_with_the_static_scheduler_is_refused(tmp_path):
     """The static scheduler is the uncompiled baseline: --compile would be silently ignored."""
     with pytest.raises(UserError, match="^--compile compiles the continuous scheduler"):
