@@ -1,3 +1,3 @@
 """llama-gen: dataset generation with Meta-format LLaMA checkpoints."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
