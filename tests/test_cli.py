@@ -552,7 +552,7 @@ def test_resume_refuses_changed_settings_and_a_second_job(tiny_checkpoints, tmp_
     assert run(args).returncode == 0
     assert out.read_bytes().startswith(written) and set(read_output(out)) == {(1, 0), (2, 0)}
     write_prompts(prompts, [{"prompt": "hello"}, {"prompt": "more"}])
-    assert_one_line_error(run(args), "prompt_file: its content changed")
+    assert_one_line_error(run(args), "p.jsonl: line 1 (id 1) changed since its answer")
     with open(tmp_path / "o.jsonl.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert_one_line_error(run(args + ["--overwrite"]), "another llama-gen job")
