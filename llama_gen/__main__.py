@@ -3,12 +3,12 @@ import os
 
 PARENT = os.getppid()  # first, before any slow import: the launcher the lifeline watches
 
-from . import lifeline  # noqa: E402  (standard library only)
+from .runtime import lifeline  # noqa: E402  (standard library only)
 
 
 def main() -> None:
     lifeline.arm(PARENT)
-    from .cli import main as cli_main  # imports torch: a second or more
+    from .cli.main import main as cli_main  # imports torch: a second or more
     cli_main()
 
 

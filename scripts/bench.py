@@ -8,8 +8,8 @@
 The workload samples as dataset jobs do (temperature 0.8, top-p 0.95); `--temperature 0`
 decodes greedily.
 
-The continuous engine (`llama_gen.engine.Engine`) and Meta's static batching
-(`llama_gen.baseline.StaticEngine`) run the same requests in one process; the script prints
+The continuous engine (`llama_gen.engine.engine.Engine`) and Meta's static batching
+(`llama_gen.engine.baseline.StaticEngine`) run the same requests in one process; the script prints
 generated tokens/s, their ratio, the share of decode slot-steps wasted, the share of wall time
 inside model forward passes, peak memory, and two bounds: the workload's compute ceiling (its
 matmul FLOPs divided by the matmul rate torch reaches here at the same shapes, measured in the
@@ -19,7 +19,7 @@ a large copy on the device; the bound that matters for decoding on GPUs).
     python scripts/bench.py --mode score          # teacher-forced scoring (`llama-gen score`)
 
 `--mode score` scores random texts of log-uniform lengths whole, batched
-(`llama_gen.scoring.Scorer`) and one text at a time through the engine's teacher-forced pass
+(`llama_gen.engine.scoring.Scorer`) and one text at a time through the engine's teacher-forced pass
 (`engine.prompt_logprobs`, what echo with logprobs runs), and prints scored tokens/s, the
 largest logprob difference between the two, and two shares of a compute ceiling at the scorer's
 shapes (`scoring_rates`): one from plain products, as generation's, and a stricter one from
@@ -56,16 +56,18 @@ from dataclasses import dataclass, replace
 import fire
 import torch
 
-from llama_gen import distributed, engine, kernels, scoring
-from llama_gen.args import ModelArgs
-from llama_gen.baseline import StaticEngine
-from llama_gen.checkpoint import EMBEDDING_KEY, full_shapes
-from llama_gen.engine import (DECODE_KV_BUCKET, Engine, EngineStats, ForwardTimer, Request,
-                              SamplingParams, SlotEngine)
-from llama_gen.model import Transformer
-from llama_gen.layers import ParallelLayers
-from llama_gen.scoring import Scorer, ScoreRequest
-from llama_gen.tiny import random_weights
+from llama_gen.engine import engine, scoring
+from llama_gen.engine.baseline import StaticEngine
+from llama_gen.engine.engine import (DECODE_KV_BUCKET, Engine, EngineStats, ForwardTimer, Request,
+                                     SamplingParams, SlotEngine)
+from llama_gen.engine.scoring import Scorer, ScoreRequest
+from llama_gen.model import kernels
+from llama_gen.model.args import ModelArgs
+from llama_gen.model.checkpoint import EMBEDDING_KEY, full_shapes
+from llama_gen.model.layers import ParallelLayers
+from llama_gen.model.transformer import Transformer
+from llama_gen.runtime import distributed
+from llama_gen.testing.tiny import random_weights
 
 PRESETS = {
     # llama2.c's stories15M shape

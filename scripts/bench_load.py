@@ -17,12 +17,12 @@ from pathlib import Path
 import fire
 import torch
 
-from llama_gen import distributed
-from llama_gen.args import ModelArgs
-from llama_gen.build import DTYPES, load_model
-from llama_gen.tiny import random_weights, write_checkpoint
-from llama_gen.tiny_tokenizers import build_sentencepiece_model
-from llama_gen.tokenizer import load_tokenizer
+from llama_gen.job.build import DTYPES, load_model
+from llama_gen.model.args import ModelArgs
+from llama_gen.runtime import distributed
+from llama_gen.testing.tiny import random_weights, write_checkpoint
+from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model
+from llama_gen.text.tokenizer import load_tokenizer
 
 
 def write(out_dir: str, dim: int = 2048, n_layers: int = 16, n_heads: int = 16,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import fire
 
-from llama_gen.tiny import make_tiny_model
+from llama_gen.testing.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK_TAG = "bench_replicas hook:"
@@ -36,7 +36,8 @@ HOOK = '''
 import atexit, json, os, sys, time
 if os.environ.get("RANK") == "0" and os.environ.get("BENCH_REPLICAS_HOOK"):
     import llama_gen
-    from llama_gen import job, replicas
+    from llama_gen.job import driver as job
+    from llama_gen.job import replicas
     totals = {"receive_s": 0.0, "receive_calls": 0, "received": 0, "receive_s_final_wait": 0.0,
               "deliver_s": 0.0, "delivered": 0, "package": llama_gen.__file__}
     theirs = set()  # ids of received messages not yet delivered

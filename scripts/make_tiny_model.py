@@ -6,7 +6,7 @@ from pathlib import Path
 
 import fire
 
-from llama_gen.tiny import make_tiny_model
+from llama_gen.testing.tiny import make_tiny_model
 
 
 def main(out_dir: str, family: str = "llama2", n_shards: int = 1, seed: int = 0) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_gen import distributed
-from llama_gen.job import StopRequested
-from llama_gen.tiny import make_tiny_model
+from llama_gen.job.driver import StopRequested
+from llama_gen.runtime import distributed
+from llama_gen.testing.tiny import make_tiny_model
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)

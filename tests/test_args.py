@@ -2,8 +2,8 @@ import logging
 
 import pytest
 
-from llama_gen.args import ModelArgs
 from llama_gen.errors import UserError
+from llama_gen.model.args import ModelArgs
 
 LLAMA1_13B = {"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-06,
               "vocab_size": -1}

@@ -11,23 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from llama_gen.build import load_model
-from llama_gen.distributed import Dist
-from llama_gen.engine import Completion, Engine, Request, SamplingParams
-from llama_gen.job import (Interrupted, Prompting, Results, Tag, Work, batch_choice,
-                           count_pending, pending_work, requests_for)
-from llama_gen.openai_batch import BatchRequest, response_line
-from llama_gen.output import recover_output
-from llama_gen.records import BadLine, Record
-from llama_gen.sampling import derive_seed
-from llama_gen.settings import Settings
-from llama_gen.tiny_tokenizers import build_tiktoken_model
-from llama_gen.tokenizer import load_tokenizer
 from near_ties import assert_same_but_near_ties, near_tie, redraw
 from test_cli import job_args, kill_when, launch, run
 from test_openai_batch import (CHAT_COMPLETION, COMPLETION, ERROR, VLLM_EXAMPLE, Nullable,
                                batch_output, problems)
+
+from llama_gen.engine.engine import Completion, Engine, Request, SamplingParams
+from llama_gen.engine.sampling import derive_seed
+from llama_gen.job.build import load_model
+from llama_gen.job.driver import (Interrupted, Prompting, Results, Tag, Work, batch_choice,
+                                  count_pending, pending_work, requests_for)
+from llama_gen.job.openai_batch import BatchRequest, response_line
+from llama_gen.job.output import recover_output
+from llama_gen.job.records import BadLine, Record
+from llama_gen.runtime.distributed import Dist
+from llama_gen.settings import Settings
+from llama_gen.testing.tiny_tokenizers import build_tiktoken_model
+from llama_gen.text.tokenizer import load_tokenizer
 
 ONE_PROCESS = Dist(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo",
                    model_parallel_size=1)

@@ -5,18 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from llama_gen.chat import (
-    DialogError,
-    chat_format_for,
-    end_of_turn_ids,
-    message_problem,
-    prompt_tokens,
-    reply_tokens,
-    with_system,
-)
 from llama_gen.errors import UserError
-from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
-from llama_gen.tokenizer import Tokenizer, load_tokenizer
+from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
+from llama_gen.text.chat import (DialogError, chat_format_for, end_of_turn_ids, message_problem,
+                                 prompt_tokens, reply_tokens, with_system)
+from llama_gen.text.tokenizer import Tokenizer, load_tokenizer
 
 BOS, EOS = 1, 2  # Llama 1/2's SentencePiece
 # Llama 3's special tokens, numbered from the rank count (128000 in Meta's file).

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from llama_gen.args import ModelArgs
-from llama_gen.checkpoint import (Checkpoint, _slice_across_shards, check_model_parallel_size,
-                                  find_shards)
 from llama_gen.errors import UserError
-from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3, random_weights, write_checkpoint
+from llama_gen.model.args import ModelArgs
+from llama_gen.model.checkpoint import (Checkpoint, _slice_across_shards, check_model_parallel_size,
+                                        find_shards)
+from llama_gen.testing.tiny import TINY_LLAMA2, TINY_LLAMA3, random_weights, write_checkpoint
 
 VOCAB = 96
 CPU = torch.device("cpu")
@@ -164,7 +164,7 @@ def test_files_that_are_not_weights_are_refused_without_unpickling(tmp_path):
 @pytest.mark.parametrize("bf16_in_hardware, want", [(True, torch.bfloat16), (False, torch.float16)])
 def test_default_dtype_is_bf16_on_gpus_that_have_it_else_fp16_and_fp32_on_the_cpu(
         monkeypatch, bf16_in_hardware, want):
-    from llama_gen.build import resolve_dtype
+    from llama_gen.job.build import resolve_dtype
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: bf16_in_hardware)
     assert resolve_dtype(None, torch.device("cuda")) == want

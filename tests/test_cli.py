@@ -21,19 +21,18 @@ import sys
 import time
 from pathlib import Path
 
+import near_ties
 import pytest
 import torch
 
 import llama_gen
-
-import near_ties
-from llama_gen.build import load_model
-from llama_gen.engine import Engine, Request, SamplingParams
-from llama_gen.flags import parse
-from llama_gen.job import Prompting, Work, pending_work, requests_for
-from llama_gen.sampling import derive_seed
+from llama_gen.cli.flags import parse
+from llama_gen.engine.engine import Engine, Request, SamplingParams
+from llama_gen.engine.sampling import derive_seed
+from llama_gen.job.build import load_model
+from llama_gen.job.driver import Prompting, Work, pending_work, requests_for
 from llama_gen.settings import Settings
-from llama_gen.tokenizer import load_tokenizer
+from llama_gen.text.tokenizer import load_tokenizer
 
 LLAMA_GEN = str(Path(sys.executable).parent / "llama-gen")
 PROMPTS = [{"prompt": "Hello world"}, {"id": "de", "prompt": "Guten Morgen, wie geht's?"},
@@ -60,11 +59,13 @@ def written_lines(out: Path) -> int:
 # job that cannot finish before the test has signalled it (see `kill_when`). The lifeline is
 # armed first, as the entry point does, before torch is imported.
 HOLDING = """
-from llama_gen import __main__ as entry, lifeline
+from llama_gen import __main__ as entry
+from llama_gen.runtime import lifeline
 lifeline.arm(entry.PARENT)
 import os, signal
 from pathlib import Path
-from llama_gen import job, output
+from llama_gen.job import driver as job
+from llama_gen.job import output
 %s
 at, out, held = int(os.environ["HOLD_AT"]), Path(os.environ["HOLD_OUT"]), []
 def hold():
@@ -864,8 +865,8 @@ def test_chat_stop_and_sampling_flags_match_between_torchrun_and_one_process(
 
 def test_chat_prompts_are_in_the_checkpoints_format_and_bad_dialogs_are_recorded(
         tiny_checkpoints, tmp_path):
-    from llama_gen import chat
-    from llama_gen.tokenizer import load_tokenizer
+    from llama_gen.text import chat
+    from llama_gen.text.tokenizer import load_tokenizer
     dialog = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
               {"role": "user", "content": "Grüße, 東京 🙂"}]
     for family in ("llama2", "llama3"):
@@ -960,7 +961,7 @@ def test_out_of_memory_is_one_line_of_advice_and_the_rerun_resumes(tiny_checkpoi
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": f"Count to {i}"} for i in range(12)])
     out = tmp_path / "o.jsonl"
     args = [*job_args(ckpt, prompts, out), *GREEDY, "--max_batch_size", "2"]
-    inject = ("import sys, torch; from llama_gen import engine; from llama_gen.cli import main\n"
+    inject = ("import sys, torch; from llama_gen.engine import engine; from llama_gen.cli.main import main\n"
               "retire, seen = engine.Engine._retire, []\n"
               "def failing(self, active):\n"
               "    for c in retire(self, active):\n"

@@ -12,14 +12,14 @@ import dataclasses
 
 import pytest
 import torch
-
-from llama_gen.baseline import StaticEngine
-from llama_gen.build import load_model
-from llama_gen.engine import DECODE_KV_BUCKET, Completion, Engine, Request, SamplingParams
-from llama_gen.paging import BlockAllocator
-from llama_gen.sampling import apply_penalties, counter_uniform, filtered_probs
-from llama_gen.tokenizer import load_tokenizer
 from near_ties import NEAR_TIE, assert_same_but_near_ties
+
+from llama_gen.engine.baseline import StaticEngine
+from llama_gen.engine.blocks import BlockAllocator
+from llama_gen.engine.engine import DECODE_KV_BUCKET, Completion, Engine, Request, SamplingParams
+from llama_gen.engine.sampling import apply_penalties, counter_uniform, filtered_probs
+from llama_gen.job.build import load_model
+from llama_gen.text.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -244,7 +244,7 @@ def test_sampling_controls_on_the_gpu_match_the_cpu(models):
 
 
 def test_scoring_on_the_gpu_matches_the_cpu(models):
-    from llama_gen.scoring import Scorer, ScoreRequest
+    from llama_gen.engine.scoring import Scorer, ScoreRequest
     gen = torch.Generator().manual_seed(1)
     vocab = models["cpu"].args.vocab_size
     reqs = [ScoreRequest(torch.randint(vocab, (n,), generator=gen).tolist(), first, tag=i)
@@ -321,7 +321,7 @@ def test_half_precision_decodes_as_float32_within_its_rounding(single_process, t
 def test_no_math_attention_on_the_gpu(models):
     """The GPU's attention runs only fused kernels (`model.GPU_SDPA_BACKENDS`): grouped heads
     with and without a mask, float32 and bf16, give the CPU's result."""
-    from llama_gen.model import attention
+    from llama_gen.model.transformer import attention
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, n, 7, 64, generator=gen) for n in (8, 2, 2))
     mask = torch.zeros(2, 1, 7, 7).masked_fill(torch.rand(2, 1, 7, 7, generator=gen) < 0.3,

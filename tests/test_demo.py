@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llama_gen.demo import DEMO_PROMPTS
+from llama_gen.cli.demo import DEMO_PROMPTS
 
 SAMPLES = {(p["id"], s) for p in DEMO_PROMPTS for s in range(p.get("num_samples", 1))}
 

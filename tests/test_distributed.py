@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from llama_gen.distributed import Launch, launch_env, pick_device
 from llama_gen.errors import UserError
+from llama_gen.runtime.distributed import Launch, launch_env, pick_device
 
 
 def test_device_defaults_to_this_process_gpu_else_the_cpu():
@@ -51,7 +51,7 @@ def test_launch_env_reads_torchrun_variables(monkeypatch):
 STOPPED_STORE = """
 import os, signal, subprocess, sys
 from datetime import timedelta
-from llama_gen import distributed
+from llama_gen.runtime import distributed
 server = subprocess.Popen([sys.executable, "-c", "import sys, time, torch.distributed as d; "
                            "s = d.TCPStore('localhost', 0, is_master=True, wait_for_workers=False); "
                            "print(s.port, flush=True); time.sleep(120)"], stdout=subprocess.PIPE)

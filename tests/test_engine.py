@@ -9,19 +9,19 @@ import re
 
 import pytest
 import torch
+from near_ties import assert_alike, choice_logits, near_tie, redraw, teacher_forced_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llama_gen import engine as engine_module
-from llama_gen.baseline import StaticEngine
-from llama_gen.build import load_model
-from llama_gen.engine import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, Completion, Engine, Request,
-                              SamplingParams, attention_chunks, decode_kv_bucket,
-                              prompt_logprobs, shortest_first_in_windows, take_prefill_groups)
-from llama_gen.model import Transformer
-from llama_gen.sampling import token_logprobs
-from llama_gen.tokenizer import load_tokenizer
-from near_ties import (assert_alike, choice_logits, near_tie, redraw,
-                        teacher_forced_logits)
+from llama_gen.engine import engine as engine_module
+from llama_gen.engine.baseline import StaticEngine
+from llama_gen.engine.engine import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, Completion, Engine,
+                                     Request, SamplingParams, attention_chunks, decode_kv_bucket,
+                                     prompt_logprobs, shortest_first_in_windows,
+                                     take_prefill_groups)
+from llama_gen.engine.sampling import token_logprobs
+from llama_gen.job.build import load_model
+from llama_gen.model.transformer import Transformer
+from llama_gen.text.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, logprobs=True)
 LOGPROB_ATOL = 1e-5

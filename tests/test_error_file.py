@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_cli import job_args, run, write_prompts
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from llama_gen import cli, distributed
+from llama_gen.cli import main as cli
 from llama_gen.errors import UserError
-from llama_gen.job import Incomplete
-from test_cli import job_args, run, write_prompts
+from llama_gen.job.driver import Incomplete
+from llama_gen.runtime import distributed
 
 
 def report(error_file, exitcode: int = 2) -> str:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from llama_gen.cli.flags import from_flags, help_text, parse
 from llama_gen.errors import UserError
-from llama_gen.flags import from_flags, help_text, parse
 from llama_gen.settings import Settings, check_fields, setting
 
 

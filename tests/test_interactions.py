@@ -19,15 +19,15 @@ import dataclasses
 
 import pytest
 import torch
-
-from llama_gen import engine as engine_module
-from llama_gen.build import load_model
-from llama_gen.engine import Engine, Request, SamplingParams
-from llama_gen.model import Transformer
-from llama_gen.paging import BlockAllocator, OneBlockPerRow
-from llama_gen.tokenizer import load_tokenizer
 from near_ties import assert_alike
 from test_engine import alone, run
+
+from llama_gen.engine import engine as engine_module
+from llama_gen.engine.blocks import BlockAllocator, OneBlockPerRow
+from llama_gen.engine.engine import Engine, Request, SamplingParams
+from llama_gen.job.build import load_model
+from llama_gen.model.transformer import Transformer
+from llama_gen.text.tokenizer import load_tokenizer
 
 MAX_SEQ_LEN = 64
 ROWS = 4

@@ -12,21 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_gen.distributed import Dist
-from llama_gen.engine import Completion, Request, SamplingParams
+from llama_gen.engine.engine import Completion, Request, SamplingParams
+from llama_gen.engine.sampling import derive_seed
 from llama_gen.errors import UserError
-from llama_gen.job import (Incomplete, Interrupted, Plan, Prompting, Results, StopRequested,
-                           Tag, Work, check_no_clash, check_shared_folder, count_pending,
-                           output_line, pending_work, prepare, requests_for, start_parts)
-from llama_gen.output import OutputLock, recover_output
-from llama_gen.parts import parts_dir
-from llama_gen.records import BadLine, Record, parse_line
-from llama_gen import replicas as replicas_module
-from llama_gen.replicas import Counts, End, Finished, Replicas, Verdict
-from llama_gen.sampling import derive_seed
+from llama_gen.job import replicas as replicas_module
+from llama_gen.job.driver import (Incomplete, Interrupted, Plan, Prompting, Results, StopRequested,
+                                  Tag, Work, check_no_clash, check_shared_folder, count_pending,
+                                  output_line, pending_work, prepare, requests_for, start_parts)
+from llama_gen.job.output import OutputLock, recover_output
+from llama_gen.job.parts import parts_dir
+from llama_gen.job.records import BadLine, Record, parse_line
+from llama_gen.job.replicas import Counts, End, Finished, Replicas, Verdict
+from llama_gen.runtime.distributed import Dist
 from llama_gen.settings import OUTPUT_FIELDS, Settings
-from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
-from llama_gen.tokenizer import load_tokenizer
+from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
+from llama_gen.text.tokenizer import load_tokenizer
 
 ONE_PROCESS = Dist(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo",
                    model_parallel_size=1)

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import (descendants, launch, pending, read_output, run, signal_held, state, when_held,
+                      write_prompts)
 
-from llama_gen import lifeline
-from test_cli import (descendants, launch, pending, read_output, run, signal_held, state,
-                      when_held, write_prompts)
+from llama_gen.runtime import lifeline
 
 LIMIT = 30  # seconds a worker may take to go away after torchrun died
 
@@ -77,10 +77,11 @@ def test_no_worker_outlives_torchrun_killed_as_it_starts_them(tiny_checkpoints, 
 # Rank 1 stops itself (SIGSTOP) just before its job installs its SIGINT/SIGTERM handlers; rank 0
 # goes on into the first collective, where it waits for rank 1.
 RANK_1_STOPS_BEFORE_ITS_HANDLERS = """
-from llama_gen import __main__ as entry, lifeline
+from llama_gen import __main__ as entry
+from llama_gen.runtime import lifeline
 lifeline.arm(entry.PARENT)
 import os, signal
-from llama_gen import job
+from llama_gen.job import driver as job
 install = job.StopRequested.__init__
 def stop_first(self):
     if os.environ["RANK"] == "1":
@@ -144,7 +145,8 @@ def test_workers_stop_cleanly_when_torchrun_is_killed(tiny_checkpoints, tmp_path
 
 WORKER = """
 import os, signal, sys, time
-from llama_gen import __main__ as entry, lifeline
+from llama_gen import __main__ as entry
+from llama_gen.runtime import lifeline
 {before}
 lifeline.arm(entry.PARENT, grace=1)
 signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM", flush=True))  # a stop never read

@@ -1,10 +1,10 @@
 """The model-parallel layers' shapes: what each process builds before a checkpoint fills it.
 (Their collectives run under torchrun in test_cli.py.)"""
-from llama_gen.args import ModelArgs
-from llama_gen.layers import (ColumnParallelLinear, ParallelEmbedding, ParallelLayers,
-                              RowParallelLinear, VocabParallelEmbedding)
-from llama_gen.model import Transformer
-from llama_gen.tiny import TINY_LLAMA3
+from llama_gen.model.args import ModelArgs
+from llama_gen.model.layers import (ColumnParallelLinear, ParallelEmbedding, ParallelLayers,
+                                    RowParallelLinear, VocabParallelEmbedding)
+from llama_gen.model.transformer import Transformer
+from llama_gen.testing.tiny import TINY_LLAMA3
 
 
 def test_layers_hold_this_rank_slice_in_meta_layout():

@@ -17,13 +17,13 @@ import transformers  # a declared test dependency (pyproject's test extra): neve
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from llama_gen.args import LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs
-from llama_gen.build import load_model, read_model_args
-from llama_gen.engine import Engine, Request, SamplingParams, attention_chunks
-from llama_gen.model import Step, Transformer, rope_frequencies, rope_rotations
-from llama_gen.layers import ParallelLayers
-from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3, random_weights
-from llama_gen.tokenizer import load_tokenizer
+from llama_gen.engine.engine import Engine, Request, SamplingParams, attention_chunks
+from llama_gen.job.build import load_model, read_model_args
+from llama_gen.model.args import LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs
+from llama_gen.model.layers import ParallelLayers
+from llama_gen.model.transformer import Step, Transformer, rope_frequencies, rope_rotations
+from llama_gen.testing.tiny import TINY_LLAMA2, TINY_LLAMA3, random_weights
+from llama_gen.text.tokenizer import load_tokenizer
 
 PARITY_ATOL = 1e-4
 CACHE_ATOL = 1e-5

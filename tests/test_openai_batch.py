@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from llama_gen.openai_batch import (CONTEXT_LENGTH_EXCEEDED, BatchRequest, Choice, body_field,
-                                    done_key, error_line, is_batch_request, output_id,
-                                    parse_batch_request, request_id, response_line)
+from llama_gen.job.openai_batch import (CONTEXT_LENGTH_EXCEEDED, BatchRequest, Choice, body_field,
+                                        done_key, error_line, is_batch_request, output_id,
+                                        parse_batch_request, request_id, response_line)
 
 # --- The published schemas, as field -> type ------------------------------------------------
 # Read from openai-python (src/openai/types/chat/chat_completion.py, chat_completion_message.py,

@@ -16,10 +16,10 @@ import pytest
 
 import llama_gen
 from llama_gen.errors import UserError
-from llama_gen.openai_batch import BatchRequest, Choice, error_line, response_line
-from llama_gen.output import (JsonlAppender, OutputLock, ProgressLog, Writer,
-                              recorded_error_lines, recover_output, write_atomically)
-from llama_gen.records import BadLine
+from llama_gen.job.openai_batch import BatchRequest, Choice, error_line, response_line
+from llama_gen.job.output import (JsonlAppender, OutputLock, ProgressLog, Writer,
+                                  recorded_error_lines, recover_output, write_atomically)
+from llama_gen.job.records import BadLine
 from llama_gen.settings import Settings
 
 
@@ -59,14 +59,14 @@ def test_recover_cuts_a_torn_last_line_and_keeps_the_rest_byte_for_byte(tmp_path
     good = out_line("a", 0) + out_line("b", 0, completion="ünïcode \u00e9")
     torn = out_line("c", 0)[:17]
     path.write_bytes(good + torn)
-    with caplog.at_level(logging.WARNING, logger="llama_gen.output"):
+    with caplog.at_level(logging.WARNING, logger="llama_gen.job.output"):
         done = recover_output(path)
     assert path.read_bytes() == good and len(torn) == 17
     assert done == {("a", 0), ("b", 0)}
     assert "torn last line (17 bytes)" in caplog.text
     # A second recovery finds nothing more to cut.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="llama_gen.output"):
+    with caplog.at_level(logging.WARNING, logger="llama_gen.job.output"):
         assert recover_output(path) == done and path.read_bytes() == good
     assert "torn" not in caplog.text
 
@@ -173,7 +173,7 @@ def test_progress_log_appends_timestamped_lines(tmp_path):
 HOLD_LOCK = """
 import sys
 from pathlib import Path
-from llama_gen.output import OutputLock
+from llama_gen.job.output import OutputLock
 out = Path(sys.argv[1])
 # kept: the lock lives as long as its open file
 lock = OutputLock(out.with_name(out.name + ".lock"), out)
@@ -186,7 +186,7 @@ TRY_LOCK = """
 import sys
 from pathlib import Path
 from llama_gen.errors import UserError
-from llama_gen.output import OutputLock
+from llama_gen.job.output import OutputLock
 try:
     out = Path(sys.argv[1])
     OutputLock(out.with_name(out.name + ".lock"), out).acquire()

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from llama_gen import build
-from llama_gen.flags import parse
-from llama_gen.job import Prompting, pending_work, requests_for
-from llama_gen.paging import BlockAllocator
-from llama_gen.settings import Settings
-from llama_gen.tokenizer import load_tokenizer
 from near_ties import assert_same_but_near_ties
 from test_cli import job_args, launch, read_output, write_prompts
+
+from llama_gen.cli.flags import parse
+from llama_gen.engine.blocks import BlockAllocator
+from llama_gen.job import build
+from llama_gen.job.driver import Prompting, pending_work, requests_for
+from llama_gen.settings import Settings
+from llama_gen.text.tokenizer import load_tokenizer
 
 MAX_SEQ_LEN = 64
 # Prompts of 3-48 tokens and completions of 4-30: some fill one block of 8, most several;

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from llama_gen.output import recover_output
-from llama_gen.parts import (error_part_path, merge_parts, output_parts, part_path, parts_dir,
-                             whole_lines)
+from llama_gen.job.output import recover_output
+from llama_gen.job.parts import (error_part_path, merge_parts, output_parts, part_path, parts_dir,
+                                 whole_lines)
 
 
 def line(record: int, sample: int = 0) -> dict:

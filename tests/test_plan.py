@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_gen.args import ModelArgs
+from llama_gen.cli.plan import (AUTO_MAX_BATCH, AUTO_TOKENS_PER_SEQUENCE, GIB, KV_BLOCK_TOKENS,
+                                PlanSettings, kv_bytes_per_token, make_plan, parse_memory,
+                                weight_bytes)
 from llama_gen.errors import UserError
-from llama_gen.plan import (AUTO_MAX_BATCH, AUTO_TOKENS_PER_SEQUENCE, GIB, KV_BLOCK_TOKENS,
-                            PlanSettings, kv_bytes_per_token, make_plan, parse_memory,
-                            weight_bytes)
+from llama_gen.model.args import ModelArgs
 
 LLAMA_GEN = str(Path(sys.executable).parent / "llama-gen")
 # Published params.json files (vocab_size written out where Meta's file has -1).

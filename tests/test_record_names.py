@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from llama_gen.settings import OUTPUT_FIELDS
 from test_cli import assert_one_line_error, job_args, read_output, run, write_prompts
+
+from llama_gen.settings import OUTPUT_FIELDS
 
 FLAGS = ["--temperature", "0", "--max_gen_len", "12", "--ignore_eos", "--max_seq_len", "64"]
 

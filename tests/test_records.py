@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_gen.openai_batch import output_id, request_id
-from llama_gen.records import BadLine, Form, Record, aliases_taken, parse_line, read_records
+from llama_gen.job.openai_batch import output_id, request_id
+from llama_gen.job.records import BadLine, Form, Record, aliases_taken, parse_line, read_records
 from llama_gen.settings import ScoreSettings
 
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from llama_gen.errors import UserError
-from llama_gen.job import Prompting, pending_work
-from llama_gen.output import JsonlAppender, OutputLock, Writer
-from llama_gen.records import BadLine
-from llama_gen.resume import (LINE_DIGEST_BYTES, changed_lines, fingerprint_differences,
-                              forget_retryable_errors, line_digests, move_aside, prepare_output,
-                              run_fingerprint)
+from llama_gen.job.driver import Prompting, pending_work
+from llama_gen.job.output import JsonlAppender, OutputLock, Writer
+from llama_gen.job.records import BadLine
+from llama_gen.job.resume import (LINE_DIGEST_BYTES, changed_lines, fingerprint_differences,
+                                  forget_retryable_errors, line_digests, move_aside, prepare_output,
+                                  run_fingerprint)
 from llama_gen.settings import FIELDS, OUTPUT_DEFINING, Settings
-from llama_gen.tiny_tokenizers import build_sentencepiece_model
-from llama_gen.tokenizer import load_tokenizer
+from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model
+from llama_gen.text.tokenizer import load_tokenizer
 
 
 def out_line(id_, sample: int, **extra) -> bytes:
@@ -146,7 +146,7 @@ def test_overwrite_moves_the_old_files_aside_and_records_the_new_settings(tmp_pa
     s.errors_path.write_bytes(b'{"line": 2, "reason": "r", "text": "t"}\n')
     changed = {**FINGERPRINT, "seed": 5}
     again = job(tmp_path, overwrite=True)
-    with caplog.at_level("INFO", logger="llama_gen.resume"):
+    with caplog.at_level("INFO", logger="llama_gen.job.resume"):
         assert prepare_output(again, changed) == set()
     # The new output starts empty; the old files are all in the replaced folder, unchanged.
     assert not s.out_path.exists() and not s.errors_path.exists()

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import HostReads
 from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from llama_gen.sampling import (ARGMAX_BLOCK, CPU_SAMPLE_CHUNK, apply_penalties, argmax,
-                                counter_uniform, derive_seed, filtered_probs, sample,
-                                token_logprobs, top_logprobs)
-from test_engine import HostReads
+from llama_gen.engine.sampling import (ARGMAX_BLOCK, CPU_SAMPLE_CHUNK, apply_penalties, argmax,
+                                       counter_uniform, derive_seed, filtered_probs, sample,
+                                       token_logprobs, top_logprobs)
 
 NEG_INF = float("-inf")
 U_MIN = 0.5 / 2**32  # the extremes counter_uniform can return

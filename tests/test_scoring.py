@@ -7,12 +7,12 @@ import random
 
 import pytest
 import torch
+from test_model import (CONFIGS, PARITY_ATOL, SEQ_LEN, build, config, echo_logprobs, hf_logits,
+                        random_tokens, teacher_forced)
 
-from llama_gen import engine, scoring
-from llama_gen.scoring import (Scored, Scorer, ScoreRequest, plan_passes, score_groups,
-                               score_problem)
-from test_model import (CONFIGS, PARITY_ATOL, SEQ_LEN, build, config, echo_logprobs,
-                        hf_logits, random_tokens, teacher_forced)
+from llama_gen.engine import engine, scoring
+from llama_gen.engine.scoring import (Scored, Scorer, ScoreRequest, plan_passes, score_groups,
+                                      score_problem)
 
 ENGINE_ATOL = 1e-5
 # (length, first_scored): short and long texts, some scored after a prompt; with small passes

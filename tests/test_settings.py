@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from llama_gen.cli.flags import parse
 from llama_gen.errors import UserError
-from llama_gen.flags import parse
-from llama_gen.records import check_overrides, parse_line
-from llama_gen.settings import (DEFINES_OUTPUT, ScoreSettings, OUTPUT_DEFINING, PER_RECORD, REQUIRED, RULES,
-                                RUNTIME, Settings, rules)
+from llama_gen.job.records import check_overrides, parse_line
+from llama_gen.settings import (DEFINES_OUTPUT, OUTPUT_DEFINING, PER_RECORD, REQUIRED, RULES,
+                                RUNTIME, ScoreSettings, Settings, rules)
 from llama_gen.values import BadValue
 
 
@@ -291,7 +291,8 @@ def test_the_block_size_for_the_device_and_the_cache_in_whole_blocks(tmp_path):
     """Default blocks: the CPU's one of --max_seq_len per row (unpaged), a GPU's 128 (at most
     --max_seq_len); a GPU's given block must suit flex attention's kernels."""
     import torch
-    from llama_gen import build
+
+    from llama_gen.job import build
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert build.kv_block_size(settings(tmp_path, max_seq_len=300), cpu) == 300
     assert build.kv_block_size(settings(tmp_path, max_seq_len=300), gpu) == 128
@@ -319,9 +320,10 @@ def test_the_run_sizes_its_cache_from_the_flags(tmp_path, single_process, tiny_c
     blocks; on a GPU: the given cache with as many sequences as their working memory leaves
     room for, or one line naming the flag where it does not fit."""
     import torch
-    from llama_gen import build
-    from llama_gen.plan import AUTO_TOKENS_PER_SEQUENCE, Sizing, slot_working_bytes
-    from llama_gen.tokenizer import load_tokenizer
+
+    from llama_gen.cli.plan import AUTO_TOKENS_PER_SEQUENCE, Sizing, slot_working_bytes
+    from llama_gen.job import build
+    from llama_gen.text.tokenizer import load_tokenizer
     ckpt = tiny_checkpoints[("llama3", 1)]
     model = build.load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), single_process,
                              torch.float32)

@@ -9,16 +9,16 @@ import re
 import pytest
 import torch
 
-from llama_gen import build
-from llama_gen.args import ModelArgs
+from llama_gen.cli.flags import parse
+from llama_gen.cli.plan import (AUTO_MAX_BATCH, CPU_AUTO_BATCH, KV_BLOCK_TOKENS, Shape, Sizing,
+                                auto_sizing, context_default, full_slots, largest_batch,
+                                sized_slots, slot_working_bytes, whole_blocks)
 from llama_gen.errors import UserError
-from llama_gen.flags import parse
-from llama_gen.plan import (AUTO_MAX_BATCH, CPU_AUTO_BATCH, KV_BLOCK_TOKENS, Shape, Sizing,
-                            auto_sizing, context_default, full_slots, largest_batch,
-                            slot_working_bytes, sized_slots, whole_blocks)
+from llama_gen.job import build
+from llama_gen.model.args import ModelArgs
 from llama_gen.settings import ScoreSettings, Settings
-from llama_gen.tiny import TINY_LLAMA2, TINY_LLAMA3
-from llama_gen.tokenizer import load_tokenizer
+from llama_gen.testing.tiny import TINY_LLAMA2, TINY_LLAMA3
+from llama_gen.text.tokenizer import load_tokenizer
 
 LLAMA_2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
               "vocab_size": 32000}

@@ -5,9 +5,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from llama_gen.stopping import StopWatch, cut_at_stop
-from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
-from llama_gen.tokenizer import Tokenizer, load_tokenizer
+from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
+from llama_gen.text.stopping import StopWatch, cut_at_stop
+from llama_gen.text.tokenizer import Tokenizer, load_tokenizer
 
 TEXTS = (
     "Once upon a time, there was a llama who loved to read books.",

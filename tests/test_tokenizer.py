@@ -6,18 +6,11 @@ from pathlib import Path
 import pytest
 import regex
 
-from llama_gen import tokenizer as tokmod
 from llama_gen.errors import UserError
-from llama_gen.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
-from llama_gen.tokenizer import (
-    LLAMA3_PAT_STR,
-    SentencePieceTokenizer,
-    TiktokenTokenizer,
-    Tokenizer,
-    find_tokenizer,
-    load_tokenizer,
-    split_long_runs,
-)
+from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
+from llama_gen.text import tokenizer as tokmod
+from llama_gen.text.tokenizer import (LLAMA3_PAT_STR, SentencePieceTokenizer, TiktokenTokenizer,
+                                      Tokenizer, find_tokenizer, load_tokenizer, split_long_runs)
 
 TEXTS = [
     "Hello world",

@@ -9,7 +9,6 @@ import pytest
 
 from llama_gen.values import BadValue, Rule, shown
 
-
 # --- command-line words (from_words=True): what fire hands over ----------------------------------
 
 def test_booleans_accept_only_true_or_false_spellings():

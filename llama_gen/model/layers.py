@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
-from .distributed import all_gather_last_dim, all_reduce
+from ..runtime.distributed import all_gather_last_dim, all_reduce
 from .kernels import PackedWeight, linear
 
 

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 import sentencepiece as spm
 import tiktoken
 
-from .errors import UserError
+from ..errors import UserError
 
 TokenizerKind = Literal["sentencepiece", "tiktoken"]
 

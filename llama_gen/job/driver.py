@@ -28,27 +28,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import distributed
-from .distributed import Dist
-from .chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, prompt_tokens,
-                   reply_tokens, with_system)
-from .engine import (ADMISSION_WINDOW_BATCHES, Completion, Request, SamplingParams,
-                     prompt_problem)
-from .errors import UserError
-from .args import ModelArgs
-from .model import Transformer
+from ..cli.plan import Sizing
+from ..engine.engine import (ADMISSION_WINDOW_BATCHES, Completion, Request, SamplingParams,
+                             prompt_problem)
+from ..engine.sampling import derive_seed
+from ..engine.scoring import Scored, Scorer, ScoreRequest, score_problem
+from ..errors import UserError
+from ..model.args import ModelArgs
+from ..model.transformer import Transformer
+from ..runtime import distributed
+from ..runtime.distributed import Dist
+from ..settings import JobSettings, Settings
+from ..text.chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, prompt_tokens,
+                         reply_tokens, with_system)
+from ..text.stopping import cut_at_stop
+from ..text.tokenizer import Tokenizer
 from .openai_batch import Choice, request_id, response_line
-from .plan import Sizing
 from .output import JsonlAppender, OutputLock, Writer, recorded_error_lines, recover_output
 from .parts import error_part_path, merge_parts, output_parts, part_path, parts_dir
 from .records import BadLine, Form, Record, aliases_taken, read_records
 from .replicas import Counts, End, Finished, Message, Replicas, StoreLost, Verdict
 from .resume import prepare_output, run_fingerprint
-from .sampling import derive_seed
-from .scoring import Scored, Scorer, ScoreRequest, score_problem
-from .settings import JobSettings, Settings
-from .stopping import cut_at_stop
-from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def run_job(settings: Settings) -> None:
     """Run the whole job on this rank; raises UserError for what a user can fix. Its
     --max_seq_len is resolved before the output is prepared (a resume retries the prompts too
     long for a shorter one), its --max_batch_size once the model is loaded."""
+    from ..text.tokenizer import find_tokenizer, load_tokenizer
     from .build import (load_model, model_parallel_size, read_model_args, resolve_dtype,
                         resolve_max_seq_len, size_cache)
-    from .tokenizer import find_tokenizer, load_tokenizer
 
     distributed.stop_if_launcher_dies()
     settings.check_paths()

@@ -21,9 +21,9 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from .errors import UserError
+from ..errors import UserError
+from ..values import shown
 from .tokenizer import Tokenizer
-from .values import shown
 
 ChatFormat = Literal["llama2", "llama3"]
 CHAT_FORMATS: tuple[ChatFormat, ...] = ("llama2", "llama3")

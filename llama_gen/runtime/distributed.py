@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from ..errors import UserError
 from . import lifeline
-from .errors import UserError
 
 log = logging.getLogger(__name__)
 

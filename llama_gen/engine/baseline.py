@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from ..model.transformer import Transformer
+from ..text.tokenizer import Tokenizer
 from .engine import Completion, Request, Sequence, SlotEngine, checked
-from .model import Transformer
-from .tokenizer import Tokenizer
 
 
 class StaticEngine(SlotEngine):

@@ -44,7 +44,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .values import shown
+from ..values import shown
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # both OpenAI and vLLM

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from . import distributed
-from .distributed import Dist
+from ..runtime import distributed
+from ..runtime.distributed import Dist
 from .records import BadLine
 
 log = logging.getLogger(__name__)

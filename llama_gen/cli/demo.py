@@ -17,9 +17,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .settings import check_fields, setting
-from .tiny import make_tiny_model
+from ..errors import UserError
+from ..settings import check_fields, setting
+from ..testing.tiny import make_tiny_model
 
 DEMO_PROMPTS = [
     {"id": "greeting", "prompt": "Hello, my name is"},

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .args import ModelArgs
-from .errors import UserError
 
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 IGNORED_KEYS = frozenset({"rope.freqs"})  # a buffer Llama 1/2 shards carry; we recompute it

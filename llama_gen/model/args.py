@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .values import BadValue, Rule
+from ..errors import UserError
+from ..values import BadValue, Rule
 
 log = logging.getLogger(__name__)
 

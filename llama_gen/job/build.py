@@ -8,20 +8,19 @@ from pathlib import Path
 
 import torch
 
-from .args import ModelArgs
-from .checkpoint import (Checkpoint, check_model_parallel_size, find_shards,
-                         vocabulary_rows)
-from .errors import UserError
-from .engine import Engine, default_block_size
-from .model import Transformer
-from . import distributed
-from .distributed import Dist
-from .layers import ParallelLayers
-from .plan import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS, Shape,
-                   Sizing, auto_sizing, check_seq_len, context_default, fixed_working_bytes,
-                   full_slots, given_cache, sized_slots, whole_blocks)
-from .settings import JobSettings, Settings
-from .tokenizer import Tokenizer
+from ..cli.plan import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS, Shape,
+                        Sizing, auto_sizing, check_seq_len, context_default, fixed_working_bytes,
+                        full_slots, given_cache, sized_slots, whole_blocks)
+from ..engine.engine import Engine, default_block_size
+from ..errors import UserError
+from ..model.args import ModelArgs
+from ..model.checkpoint import Checkpoint, check_model_parallel_size, find_shards, vocabulary_rows
+from ..model.layers import ParallelLayers
+from ..model.transformer import Transformer
+from ..runtime import distributed
+from ..runtime.distributed import Dist
+from ..settings import JobSettings, Settings
+from ..text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +270,7 @@ def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, di
     """The engine --scheduler names, over this rank's model, stopping at `stop_ids`, with
     `sizing`'s sequences at once and KV cache (see `size_cache`)."""
     if settings.scheduler == "static":
-        from .baseline import StaticEngine
+        from ..engine.baseline import StaticEngine
         return StaticEngine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
                             tokenizer, kv_cache_tokens=sizing.kv_cache_tokens)
     if settings.compile and dist.rank == 0:

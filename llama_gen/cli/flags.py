@@ -20,9 +20,9 @@ from typing import Any
 
 import fire
 
-from .errors import UserError
-from .settings import rules
-from .values import BadValue
+from ..errors import UserError
+from ..settings import rules
+from ..values import BadValue
 
 HELP_WORDS = ("--help", "-h")
 

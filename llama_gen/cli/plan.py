@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .args import ModelArgs
-from .checkpoint import SHARD_NAME, check_model_parallel_size, find_shards, full_shapes, split_dim
-from .engine import LOGPROB_ROWS, PREFILL_MASK_ELEMENTS, PREFILL_TOKENS
-from .errors import UserError
-from .settings import Settings, check_fields, rules, setting
-from .values import FALSE_WORDS, TRUE_WORDS
+from ..engine.engine import LOGPROB_ROWS, PREFILL_MASK_ELEMENTS, PREFILL_TOKENS
+from ..errors import UserError
+from ..model.args import ModelArgs
+from ..model.checkpoint import (SHARD_NAME, check_model_parallel_size, find_shards, full_shapes,
+                                split_dim)
+from ..settings import Settings, check_fields, rules, setting
+from ..values import FALSE_WORDS, TRUE_WORDS
 
 GIB = 2**30
 # CUDA context, cuBLAS workspaces and the allocator's slack, which torch's own counters do not
@@ -145,7 +146,7 @@ def read_args(settings: PlanSettings) -> ModelArgs:
     args = ModelArgs.from_file(params_path)
     if args.vocab_size != -1 and settings.tokenizer_path is None:
         return args
-    from .tokenizer import find_tokenizer, load_tokenizer
+    from ..text.tokenizer import find_tokenizer, load_tokenizer
     tokenizer = load_tokenizer(find_tokenizer(settings.ckpt_dir, settings.tokenizer_path))
     return args.with_vocab_size(tokenizer.n_words, str(params_path))
 
@@ -377,7 +378,7 @@ class Plan:
 
 def resolved_mp_size(settings: PlanSettings, args: ModelArgs, n_shards: int) -> int:
     """--model_parallel_size or a run's default for --nproc, checked as a run checks it."""
-    from .build import default_model_parallel_size
+    from ..job.build import default_model_parallel_size
     mp = settings.model_parallel_size or (
         default_model_parallel_size(settings.nproc, n_shards) if n_shards else settings.nproc)
     if mp not in (sizes := valid_mp_sizes(args)):

@@ -40,13 +40,12 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import UserError
-from .model import BlockTable, Step, Transformer
-from .paging import BlockAllocator, OneBlockPerRow, blocks_for
-from .sampling import (apply_penalties, argmax, counter_uniform, sample, token_logprobs,
-                       top_logprobs)
-from .stopping import StopWatch
-from .tokenizer import Tokenizer
+from ..errors import UserError
+from ..model.transformer import BlockTable, Step, Transformer
+from ..text.stopping import StopWatch
+from ..text.tokenizer import Tokenizer
+from .blocks import BlockAllocator, OneBlockPerRow, blocks_for
+from .sampling import apply_penalties, argmax, counter_uniform, sample, token_logprobs, top_logprobs
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from ..model.transformer import Step, Transformer
 from . import engine
-from .model import Step, Transformer
 from .sampling import token_logprobs
 
 

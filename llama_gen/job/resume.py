@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
+from ..settings import JobSettings, Settings
 from .output import cut_torn_last_line, recover_output, write_atomically
-from .settings import JobSettings, Settings
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import jsonlines
 
-from .errors import UserError
+from ..errors import UserError
+from ..settings import JobSettings
 from .openai_batch import done_key
 from .records import BadLine
 from .replicas import Counts, Replicas
-from .settings import JobSettings
 
 log = logging.getLogger(__name__)
 

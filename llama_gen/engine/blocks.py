@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import BlockTable
+from ..model.transformer import BlockTable
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import regex
 import sentencepiece as spm
 
-from .tokenizer import LLAMA3_PAT_STR
+from ..text.tokenizer import LLAMA3_PAT_STR
 
 CORPUS: tuple[str, ...] = (
     "Hello world! This is a tiny corpus for a tiny tokenizer.",

@@ -15,12 +15,13 @@ from typing import NoReturn
 
 import torch
 
-from . import __version__, distributed
-from .errors import UserError
+from .. import __version__
+from ..errors import UserError
+from ..job.driver import Incomplete, Interrupted, run_job
+from ..job.replicas import StoreLost
+from ..runtime import distributed
+from ..settings import ScoreSettings, Settings
 from .flags import HELP_WORDS, help_text, parse
-from .job import Incomplete, Interrupted, run_job
-from .replicas import StoreLost
-from .settings import ScoreSettings, Settings
 
 log = logging.getLogger("llama_gen")
 

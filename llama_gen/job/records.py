@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chat import message_problem
+from ..settings import PER_RECORD, RULES
+from ..text.chat import message_problem
+from ..values import BadValue, is_int
 from .openai_batch import (CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, BatchRequest, body_field,
                            error_line, is_batch_request, parse_batch_request, request_id)
-from .settings import PER_RECORD, RULES
-from .values import BadValue, is_int
 
 
 @dataclass(frozen=True)

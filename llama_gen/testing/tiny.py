@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .args import ModelArgs
-from .checkpoint import EMBEDDING_KEY, full_shapes, split_dim
+from ..model.args import ModelArgs
+from ..model.checkpoint import EMBEDDING_KEY, full_shapes, split_dim
 
 # Llama 2 style (embedding split on dim 1) and Llama 3.1 style (vocabulary split, GQA, scaled RoPE).
 TINY_LLAMA2 = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5,
@@ -58,8 +58,8 @@ def make_tiny_model(out_dir: Path, family: str = "llama2", n_shards: int = 1,
     in every shard, vocab_size -1. "llama3": tiktoken, grouped-query attention, Llama 3.1 scaled
     RoPE, vocabulary-split embedding, explicit vocab_size.
     """
+    from ..text.tokenizer import load_tokenizer
     from .tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
-    from .tokenizer import load_tokenizer
 
     if family not in ("llama2", "llama3"):
         raise ValueError(f"unknown family {family!r}")

@@ -1,0 +1,1 @@
+"""The command line: flags into settings, `--help`, exit codes, `plan` and `demo`."""

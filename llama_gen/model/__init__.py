@@ -1,0 +1,3 @@
+"""The model: its shape, Meta's checkpoints, the model-parallel layers, kernels, and the
+transformer with its KV cache.
+"""

@@ -1,0 +1,1 @@
+"""The processes: torchrun's environment, process groups, collectives and the lifeline."""

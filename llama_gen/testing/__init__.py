@@ -1,0 +1,1 @@
+"""Tiny real checkpoints and tokenizers, for the tests and `llama-gen demo` (no downloads)."""

@@ -1,0 +1,1 @@
+"""Text: tokenizers, chat formats and stop strings."""
