@@ -2,7 +2,9 @@
 working memory, how many sequences a budget holds and --max_seq_len's default.
 
 Plain arithmetic on `ModelArgs`: no torch, no device. `llama-gen plan` prints it for a GPU it
-describes; a run (`job.build`) sizes its KV cache by it within the budget it measures.
+describes; a run (`job.build`) sizes its KV cache by it within the budget it measures. The
+weights' shapes are `model.checkpoint`'s table, imported where they are counted, as that
+module imports torch for its loader.
 
 Every number is per rank (one GPU): a run puts 1/model_parallel_size of every split weight and of
 the KV heads on each. Weights and the KV cache are exact byte counts of what a run allocates; the
@@ -65,7 +67,7 @@ UNKNOWN_CONTEXT = 4096  # --max_seq_len's default for a shape no release of Meta
 def weight_sizes(args: ModelArgs) -> list[tuple[int, bool]]:
     """Each weight's elements, and whether it is split across model-parallel ranks (whichever
     dimension it is split on; the embedding's is either) or replicated, as the norms are."""
-    from ..model.checkpoint import full_shapes, split_dim  # that module imports torch; this not
+    from ..model.checkpoint import full_shapes, split_dim
     return [(math.prod(shape), split_dim(key, 0) is not None)
             for key, shape in full_shapes(args).items()]
 
