@@ -240,17 +240,12 @@ def planned_seq_len(settings: PlanSettings, shape: Shape, usable: int, notes: li
     return length or shape.args.context_length
 
 
-def read_args(settings: PlanSettings) -> ModelArgs:
-    """params.json's shape, its vocab_size -1 resolved from the tokenizer as a run does."""
+def make_plan(settings: PlanSettings) -> Plan:
+    """The plan for a run with these settings, from params.json and the shard files' sizes."""
     if not settings.ckpt_dir.is_dir():
         raise UserError(f"--ckpt_dir {settings.ckpt_dir}: no such directory (it holds "
                         "params.json)")
-    return read_params(settings.ckpt_dir, tokenizer_path=settings.tokenizer_path)
-
-
-def make_plan(settings: PlanSettings) -> Plan:
-    """The plan for a run with these settings, from params.json and the shard files' sizes."""
-    args = read_args(settings)
+    args = read_params(settings.ckpt_dir, tokenizer_path=settings.tokenizer_path)
     sizes = shard_sizes(settings.ckpt_dir)
     mp = resolved_mp_size(settings, args, len(sizes))
     dtype = settings.dtype or DEFAULT_DTYPE
