@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..cli.plan import Sizing
+from ..engine.memory import Sizing
 from ..engine.engine import (ADMISSION_WINDOW_BATCHES, Completion, Request, SamplingParams,
                              prompt_problem)
 from ..engine.sampling import derive_seed
