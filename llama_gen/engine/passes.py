@@ -1,6 +1,7 @@
 """The runner's passes on the device, as functions of the model: a prompt's teacher-forced
 logprobs, the compiled decode step and the cache lengths it reads, the CPU's attention chunks,
-writing the block table's changed rows, and timing forward passes.
+writing the block table's changed rows, moving a row of an unpaged cache, and timing forward
+passes.
 """
 from __future__ import annotations
 
@@ -113,6 +114,15 @@ def write_table(table: BlockTable, changes: dict[int, list[int]], sink: int) -> 
     table.blocks[rows[:, 0]] = blocks
     table.place[blocks] = torch.arange(width, device=blocks.device).expand_as(blocks)
     table.place[sink] = -1
+
+
+def move_cache_row(model: Transformer, src: int, dst: int, length: int) -> None:
+    """In an unpaged cache, copy slot src's first `length` positions into slot dst."""
+    for layer in model.layers:
+        cache = layer.attention.cache
+        for t in (cache.k, cache.v):
+            slots = cache.slots(t)
+            slots[dst, :, :length].copy_(slots[src, :, :length])
 
 
 class ForwardTimer:

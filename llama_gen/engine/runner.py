@@ -18,7 +18,8 @@ from ..model.transformer import BlockTable, Step, Transformer
 from . import limits
 from .blocks import BlockAllocator, OneBlockPerRow
 from .passes import (CPU_ATTENTION_CHUNK, ForwardTimer, attention_chunks, compile_decode,
-                     compile_failure, decode_kv_bucket, prompt_logprobs, write_table)
+                     compile_failure, decode_kv_bucket, move_cache_row, prompt_logprobs,
+                     write_table)
 from .requests import Draw, EngineStats
 from .rows import RowState
 from .scheduler import Plan, Prefill
@@ -63,11 +64,7 @@ class Runner:
         for move in plan.moves:
             self.rows.move(move.src, move.dst)
             if self.table is None:
-                for layer in self.model.layers:
-                    cache = layer.attention.cache
-                    for t in (cache.k, cache.v):
-                        slots = cache.slots(t)
-                        slots[move.dst, :, :move.length].copy_(slots[move.src, :, :move.length])
+                move_cache_row(self.model, move.src, move.dst, move.length)
         if self.table is not None:
             write_table(self.table, plan.table, self.sink)
         prompts = {}
