@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 # reading up to half of them masked.
 DECODE_KV_BUCKET = 256
 # Rows per decode attention call on the CPU. A call reads the cache up to the longest context
-# in its rows, so smaller chunks read less but cost more calls; 8 was the best trade-off at the
-# benchmark's 32 rows (docs/benchmarks.md).
+# in its rows, so smaller chunks read less but cost more calls (docs/benchmarks.md).
 CPU_ATTENTION_CHUNK = 8
 
 
