@@ -12,6 +12,8 @@ tokens (and the logprobs asked for) come back to the host, in one copy per step.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..model.transformer import BlockTable, Step, Transformer
@@ -172,7 +174,5 @@ class Runner:
             raise failed from None
 
     def _timed(self, compute, *args):
-        if self.forward_timer is None:
-            return compute(*args)
-        with self.forward_timer:
+        with self.forward_timer or contextlib.nullcontext():
             return compute(*args)
