@@ -59,7 +59,7 @@ import torch
 from llama_gen.engine import engine, scoring
 from llama_gen.engine.baseline import StaticEngine
 from llama_gen.engine.engine import (DECODE_KV_BUCKET, Engine, EngineStats, ForwardTimer, Request,
-                                     SamplingParams, SlotEngine)
+                                     SamplingParams)
 from llama_gen.engine.scoring import Scorer, ScoreRequest
 from llama_gen.model import kernels
 from llama_gen.model.args import ModelArgs
@@ -295,7 +295,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def make_engine(model: Transformer, name: str, batch: int, max_seq_len: int,
-                stop_ids: tuple[int, ...] = (EOS,)) -> tuple[SlotEngine, float]:
+                stop_ids: tuple[int, ...] = (EOS,)) -> tuple[Engine, float]:
     """The engine `name`: continuous, static, or compiled (continuous with the compiled decode
     step, compiled here), and the seconds compiling took."""
     compiled = name == "compiled"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from near_ties import NEAR_TIE, assert_same_but_near_ties
 
+from llama_gen.engine import runner as runner_module
 from llama_gen.engine.baseline import StaticEngine
 from llama_gen.engine.blocks import BlockAllocator
 from llama_gen.engine.engine import DECODE_KV_BUCKET, Completion, Engine, Request, SamplingParams
@@ -114,11 +115,11 @@ def next_logits(model, request: Request, prefix: list[int], stops) -> torch.Tens
     min_tokens."""
     engine = Engine(model, (), max_batch_size=1,
                     max_seq_len=len(request.prompt_tokens) + len(prefix) + 1)
-    seen, draw = [], engine._draw
-    def spy(seqs, logits):  # the step's logits, before the draw applies anything
+    seen, draw = [], engine.runner.rows.draw
+    def spy(logits, held, forced=None):  # the step's logits, before the draw applies anything
         seen.append(logits[0].float().cpu())
-        return draw(seqs, logits)
-    engine._draw = spy
+        return draw(logits, held, forced)
+    engine.runner.rows.draw = spy
     probe = Request(request.prompt_tokens + prefix, SamplingParams(max_gen_len=1))
     list(engine.generate([probe]))
     logits, p = seen[0], request.params
@@ -338,22 +339,22 @@ def test_no_math_attention_on_the_gpu(models):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 24: the block table's flush (torch.tensor(pending).to(device)) and the prefill "
+    "issue 24: the block table's write (torch.tensor(rows).to(device)) and the prefill "
     "step's tokens and last positions (torch.tensor(list, device=cuda)) are copies from "
     "pageable host memory, which synchronise"))
-def test_decode_steps_make_no_unexpected_syncs(models):
+def test_decode_steps_make_no_unexpected_syncs(models, monkeypatch):
     """With torch.cuda.set_sync_debug_mode("error") around everything a step does on the
-    device before its one copy of tokens to the host (`_detail`, after the draw): the block
-    table's flush (also in a row's move and in `rows`), the prefill step (a prompt's chunks
-    too), the forward pass and the draw, nothing waits for the device: not the block table,
-    not the block mask, not the prefill's inputs, not the sampler."""
+    device before its one copy of tokens to the host (`RowState.records`, after the draw): the
+    block table's write, the prefill step (a prompt's chunks too), the forward pass and the
+    draw, nothing waits for the device: not the block table, not the block mask, not the
+    prefill's inputs, not the sampler."""
     engine = Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN)
-    assert isinstance(engine.blocks, BlockAllocator)  # blocks of 128: a block table to flush
+    assert isinstance(engine.blocks, BlockAllocator)  # blocks of 128: a block table to write
     reqs = requests(models["cuda"].args.vocab_size)
     run(engine, reqs)  # compiles flex attention first: compiling may wait for the device
     strict_calls = []
     def strict(method):
-        def wrapped(*args, **kwargs):  # nested calls (a flush in a forward) stay strict
+        def wrapped(*args, **kwargs):  # nested calls stay strict
             strict_calls.append(method.__name__)
             outer = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("error")
@@ -362,10 +363,11 @@ def test_decode_steps_make_no_unexpected_syncs(models):
             finally:
                 torch.cuda.set_sync_debug_mode(outer)
         return wrapped
-    engine.blocks.flush = strict(engine.blocks.flush)
-    for name in ("_prefill_step", "_chunked_prefill", "_forward", "_draw"):
-        setattr(engine, name, strict(getattr(engine, name)))
+    monkeypatch.setattr(runner_module, "write_table", strict(runner_module.write_table))
+    for name in ("_prefill_step", "_chunked_prefill", "_forward"):
+        setattr(engine.runner, name, strict(getattr(engine.runner, name)))
+    engine.runner.rows.draw = strict(engine.runner.rows.draw)
     got = run(engine, reqs)
-    assert {"flush", "_prefill_step", "_forward", "_draw"} <= set(strict_calls)
+    assert {"write_table", "_prefill_step", "_forward", "draw"} <= set(strict_calls)
     want = run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs)
     assert_same_but_near_ties_on(models["cpu"], got, want, reqs)

@@ -12,13 +12,14 @@ import torch
 from near_ties import assert_alike, choice_logits, near_tie, redraw, teacher_forced_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llama_gen.engine import engine as engine_module
+from llama_gen.engine import limits
 from llama_gen.engine.baseline import StaticEngine
 from llama_gen.engine.engine import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, Completion, Engine,
                                      Request, SamplingParams, attention_chunks, decode_kv_bucket,
                                      prompt_logprobs, shortest_first_in_windows,
                                      take_prefill_groups)
 from llama_gen.engine.sampling import token_logprobs
+from llama_gen.engine.scheduler import Plan
 from llama_gen.job.build import load_model
 from llama_gen.model.transformer import Transformer
 from llama_gen.text.tokenizer import load_tokenizer
@@ -69,12 +70,19 @@ def assert_same(got: Completion, want: Completion) -> None:
                                    atol=LOGPROB_ATOL, rtol=0)
 
 
-def spy_moves(engine: Engine) -> list[tuple[int, int, int]]:
-    """Record the engine's slot compactions (src, dst, length)."""
-    moves, move = [], engine._move
-    engine._move = lambda src, dst, length: (moves.append((src, dst, length)),
-                                             move(src, dst, length))[1]
-    return moves
+def spy_plans(engine: Engine) -> list[Plan]:
+    """Record the plan of each step the engine's runner runs."""
+    plans, run_plan = [], engine.runner.run
+    def spy(plan):
+        plans.append(plan)
+        return run_plan(plan)
+    engine.runner.run = spy
+    return plans
+
+
+def moves_in(plans: list[Plan]) -> list[tuple[int, int, int]]:
+    """The row compactions (src, dst, length) the plans made."""
+    return [(m.src, m.dst, m.length) for plan in plans for m in plan.moves]
 
 
 # --- a completion depends only on its request --------------------------------------------------
@@ -92,9 +100,9 @@ def crowd(model: Transformer, base: SamplingParams) -> list[Request]:
 def test_greedy_alone_equals_crowded_batch(model):
     requests = crowd(model, GREEDY)
     engine = Engine(model, (), max_batch_size=3, max_seq_len=48)
-    moves = spy_moves(engine)
+    plans = spy_plans(engine)
     first = run(engine, requests)
-    assert any(src != dst for src, dst, _ in moves)  # compaction really happened
+    assert any(src != dst for src, dst, _ in moves_in(plans))  # compaction really happened
     again = run(engine, requests[::-1])  # the same engine, its cache full of the first run
     alones = {r.tag: alone(model, r, max_seq_len=48) for r in requests}
     assert_alike(model, [(r, done[r.tag], alones[r.tag]) for r in requests
@@ -234,8 +242,8 @@ def test_prompt_logprobs_in_chunks_equal_one_pass(model, monkeypatch):
                            every_token=True)
     with torch.inference_mode():
         forced = token_logprobs(model(torch.tensor([p]), step)[:-1], torch.tensor(p[1:]))
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 5)
-    monkeypatch.setattr(engine_module, "LOGPROB_ROWS", 3)
+    monkeypatch.setattr(limits, "PREFILL_TOKENS", 5)
+    monkeypatch.setattr(limits, "LOGPROB_ROWS", 3)
     model.setup_cache(3, 32)
     with torch.inference_mode():
         chunked = prompt_logprobs(model, p, slot=2)
@@ -355,12 +363,12 @@ def test_prompts_prefilled_inside_a_decode_step_match_alone(model):
 def spy_steps(engine: Engine) -> list[tuple[int, int]]:
     """Record (decoding slots, prefilled prompts) for each of the engine's forward passes."""
     seen = []
-    step = engine._step
+    run_plan = engine.runner.run
 
-    def spy(active, groups):
-        seen.append((len(active), sum(map(len, groups))))
-        return step(active, groups)
-    engine._step = spy
+    def spy(plan):
+        seen.append((len(plan.decode), sum(len(p.prompts) for p in plan.prefills)))
+        return run_plan(plan)
+    engine.runner.run = spy
     return seen
 
 
@@ -389,11 +397,11 @@ def test_compiled_decode_reads_a_few_cache_lengths():
 
 def spy_compiled_steps(engine: Engine) -> list[tuple[int, int]]:
     """Record each compiled decode call's (rows, cache positions read)."""
-    calls, compiled = [], engine._compiled_decode
+    calls, compiled = [], engine.runner._compiled_decode
     def spy(tokens, positions, kv_len, *blocks):
         calls.append((len(tokens), kv_len))
         return compiled(tokens, positions, kv_len, *blocks)
-    engine._compiled_decode = spy
+    engine.runner._compiled_decode = spy
     return calls
 
 
@@ -613,13 +621,13 @@ def test_no_host_reads_in_a_step(model, sampling, kv_block_size):
     device). The sampler is sort-free and branch-free on the device."""
     engine = Engine(model, (), max_batch_size=3, max_seq_len=48, kv_block_size=kv_block_size,
                     kv_cache_tokens=None if kv_block_size is None else 96)
-    reads, step = [], engine._step
-    def counted(active, groups):
+    reads, run_plan = [], engine.runner.run
+    def counted(plan):
         with HostReads() as mode:
-            out = step(active, groups)
+            out = run_plan(plan)
         reads.append(mode.reads)
         return out
-    engine._step = counted
+    engine.runner.run = counted
     requests = [Request(prompt(model, 4 + 3 * i, seed=i), params(max_gen_len=5 + i, seed=i,
                                                                   logprobs=False, **sampling),
                         tag=i)

@@ -22,7 +22,7 @@ import torch
 from near_ties import assert_alike
 from test_engine import alone, run
 
-from llama_gen.engine import engine as engine_module
+from llama_gen.engine import limits
 from llama_gen.engine.blocks import BlockAllocator, OneBlockPerRow
 from llama_gen.engine.engine import Engine, Request, SamplingParams
 from llama_gen.job.build import load_model
@@ -81,11 +81,11 @@ def tight(model: Transformer, reqs: list[Request], **kwargs) -> tuple[dict, Engi
 
 
 def spy_preemptions(engine: Engine) -> list[tuple[object, int]]:
-    preempted, preempt = [], engine._preempt
-    def spy(active, seq, waiting):
+    preempted, preempt = [], engine.scheduler._preempt
+    def spy(seq):
         preempted.append((seq.request.tag, len(seq.generated)))
-        return preempt(active, seq, waiting)
-    engine._preempt = spy
+        return preempt(seq)
+    engine.scheduler._preempt = spy
     return preempted
 
 
@@ -171,11 +171,11 @@ def test_a_preempted_sequence_still_stops_at_its_stop_string(llama2):
 
 def spy_chunked_prefills(engine: Engine) -> list[int]:
     """The length of each prompt the engine prefills in chunks, as it does."""
-    prefills, chunked = [], engine._chunked_prefill
+    prefills, chunked = [], engine.runner._chunked_prefill
     def spy(prompt, slot):
         prefills.append(len(prompt))
         return chunked(prompt, slot)
-    engine._chunked_prefill = spy
+    engine.runner._chunked_prefill = spy
     return prefills
 
 
@@ -186,7 +186,7 @@ def test_a_preempted_long_prompt_is_prefilled_in_chunks_again(llama2, monkeypatc
     model, _ = llama2
     reqs = requests(model, [SAMPLED, GREEDY], n=8, seed=3, lengths=(CHUNK + 1, 40))
     want = roomy(model, reqs)
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", CHUNK)
+    monkeypatch.setattr(limits, "PREFILL_TOKENS", CHUNK)
     engine = Engine(model, (), ROWS, MAX_SEQ_LEN, **TIGHT)
     prefills, preempted = spy_chunked_prefills(engine), spy_preemptions(engine)
     got = run(engine, reqs)
@@ -248,7 +248,7 @@ def test_compiled_decode_with_a_prompt_prefilled_in_chunks(llama2, monkeypatch, 
     model, _ = llama2
     reqs = requests(model, [GREEDY, SAMPLED], n=8, seed=6, lengths=(CHUNK + 1, 40))
     want = roomy(model, reqs)
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", CHUNK)
+    monkeypatch.setattr(limits, "PREFILL_TOKENS", CHUNK)
     got, engine = compiled(model, reqs, kv_block_size=kv_block_size,
                            kv_cache_tokens=None if kv_block_size is None else 3 * MAX_SEQ_LEN)
     monkeypatch.undo()

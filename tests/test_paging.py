@@ -11,12 +11,13 @@ import pytest
 import torch
 from near_ties import assert_alike
 
-from llama_gen.engine import engine as engine_module
+from llama_gen.engine import limits
 from llama_gen.engine.baseline import StaticEngine
 from llama_gen.engine.blocks import BlockAllocator, OneBlockPerRow
 from llama_gen.engine.engine import Engine, Request, SamplingParams
+from llama_gen.engine.passes import write_table
 from llama_gen.job.build import load_model
-from llama_gen.model.transformer import Transformer
+from llama_gen.model.transformer import BlockTable, Transformer
 from llama_gen.text.tokenizer import load_tokenizer
 
 MAX_SEQ_LEN = 64
@@ -61,24 +62,30 @@ def unpaged(model: Transformer, reqs: list[Request]) -> dict:
 # --- the allocator -----------------------------------------------------------------------------
 
 def test_allocator_holds_what_a_row_uses_and_names_the_sink_elsewhere():
-    blocks = BlockAllocator(n_blocks=6, block_size=4, rows=3, max_seq_len=16,
-                            device=torch.device("cpu"))
+    """The host's count of each row's blocks, and the device's table the runner writes from
+    its changes (one copy a step)."""
+    blocks = BlockAllocator(n_blocks=6, block_size=4, rows=3, max_seq_len=16)
+    table = BlockTable(blocks=torch.full((3, blocks.width), blocks.sink),
+                       place=torch.full((blocks.n_blocks + 1,), -1))
     assert blocks.extend(0, 5) and blocks.extend(1, 4)  # 2 blocks, then 1
     assert (blocks.free_blocks, blocks.held(0), blocks.held(1)) == (3, 2, 1)
     assert not blocks.extend(2, 16)  # needs 4 of the 3 free: takes nothing
     assert blocks.free_blocks == 3 and blocks.held(2) == 0
-    table = blocks.rows(0, 3)
+    write_table(table, blocks.changes(), blocks.sink)
     rows = table.blocks.tolist()
     assert rows[2] == [blocks.sink] * 4
     assert rows[0][2:] == [blocks.sink] * 2 and rows[1][1:] == [blocks.sink] * 3
     owned = rows[0][:2] + rows[1][:1]
     assert len(set(owned)) == 3 and blocks.sink not in owned
     assert [table.place[b].item() for b in owned] == [0, 1, 0]
+    assert table.place[blocks.sink].item() == -1
     blocks.release(0)
     blocks.move(1, 0)
     assert blocks.held(0) == 1 and blocks.held(1) == 0 and blocks.free_blocks == 5
-    rows = blocks.rows(0, 3).blocks.tolist()
+    write_table(table, blocks.changes(), blocks.sink)
+    rows = table.blocks.tolist()
     assert rows[0] == [owned[2]] + [blocks.sink] * 3 and rows[1] == [blocks.sink] * 4
+    assert blocks.changes() == {}  # nothing more to write
 
 
 # --- completions -------------------------------------------------------------------------------
@@ -179,8 +186,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_completion(
     and their neighbours', are those of one pass."""
     reqs = requests(model, dataclasses.replace(SAMPLED, echo=True), n=8)
     want = unpaged(model, reqs)
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 12)
-    monkeypatch.setattr(engine_module, "PREFILL_MASK_ELEMENTS", mask_elements)
+    monkeypatch.setattr(limits, "PREFILL_TOKENS", 12)
+    monkeypatch.setattr(limits, "PREFILL_MASK_ELEMENTS", mask_elements)
     chunks = []
     make_step = model.make_step
     def spy(positions, rows, kv_len, fresh=False, **kwargs):
@@ -249,13 +256,13 @@ def spy_compiled_writes(engine: Engine) -> list:
     count, the block table's rows, the positions rows 0..n-1 write, the cache positions
     (block * size + offset) whose key or value any layer changed, and layer 0's key and value
     at the sink's position 0 after the step)."""
-    steps, decode = [], engine._decode_compiled
+    steps, decode = [], engine.runner._decode_compiled
     layers = [layer.attention.cache for layer in engine.model.layers]
     def spy(n, kv_len):
         before = [(c.k.clone(), c.v.clone()) for c in layers]
-        table = engine.blocks.rows(0, engine.max_batch_size).blocks.tolist()
+        table = engine.runner.table.blocks.tolist()
         held = [engine.blocks.held(i) for i in range(engine.max_batch_size)]
-        positions = engine._position[:n].tolist()
+        positions = engine.runner.rows.position[:n].tolist()
         out = decode(n, kv_len)
         written = set()
         for c, (k, v) in zip(layers, before):
@@ -265,5 +272,5 @@ def spy_compiled_writes(engine: Engine) -> list:
         steps.append((n, held, table, positions, written,
                       (layers[0].k[0, :, at_sink].clone(), layers[0].v[0, :, at_sink].clone())))
         return out
-    engine._decode_compiled = spy
+    engine.runner._decode_compiled = spy
     return steps
