@@ -961,14 +961,16 @@ def test_out_of_memory_is_one_line_of_advice_and_the_rerun_resumes(tiny_checkpoi
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": f"Count to {i}"} for i in range(12)])
     out = tmp_path / "o.jsonl"
     args = [*job_args(ckpt, prompts, out), *GREEDY, "--max_batch_size", "2"]
-    inject = ("import sys, torch; from llama_gen.engine import engine; from llama_gen.cli.main import main\n"
-              "retire, seen = engine.Engine._retire, []\n"
-              "def failing(self, active):\n"
-              "    for c in retire(self, active):\n"
+    inject = ("import sys, torch\n"
+              "from llama_gen.cli.main import main\n"
+              "from llama_gen.engine import scheduler\n"
+              "retire, seen = scheduler.Scheduler.postprocess, []\n"
+              "def failing(self, draws):\n"
+              "    for c in retire(self, draws):\n"
               "        seen.append(c); yield c\n"
               "        if len(seen) == 3: raise torch.OutOfMemoryError('CUDA out of memory. "
               "Tried to allocate 2.00 GiB')\n"
-              "engine.Engine._retire = failing\n"
+              "scheduler.Scheduler.postprocess = failing\n"
               "main(sys.argv[1:])\n")
     proc = subprocess.run([sys.executable, "-c", inject, *args], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)

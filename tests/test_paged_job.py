@@ -92,11 +92,12 @@ def test_the_flags_reach_the_engine_and_the_paged_run_preempts(runs, in_process)
     assert isinstance(engine.blocks, BlockAllocator)
     assert (engine.blocks.n_blocks, engine.blocks.block_size) == (9, 8)
     preempted_rows = []  # (row, rows): where each preempted sequence was
-    preempt = engine._preempt
-    def spy(active, seq, waiting):
-        preempted_rows.append((active.index(seq), len(active)))
-        preempt(active, seq, waiting)
-    engine._preempt = spy
+    scheduler = engine.scheduler
+    preempt = scheduler._preempt
+    def spy(seq):
+        preempted_rows.append((scheduler.running.index(seq), len(scheduler.running)))
+        preempt(seq)
+    scheduler._preempt = spy
     completions = {(c.request.tag.record.id, c.request.tag.sample): c
                    for c in engine.generate(list(requests.values()))}
     # The schedule every paged run here follows: preemptions, one of them of a sequence whose

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import limits
+
 
 def blocks_for(n_tokens: int, block_size: int) -> int:
     return -(-n_tokens // block_size)
@@ -23,7 +25,7 @@ def default_block_size(device: Any, max_seq_len: int) -> int:
     (flex attention's block), so a sequence holds only what it uses; on the CPU one block of
     max_seq_len per row, where reads are plain views and memory is rarely what limits the
     batch."""
-    return 128 if device.type == "cuda" else max_seq_len
+    return limits.KV_BLOCK_TOKENS if device.type == "cuda" else max_seq_len
 
 
 class BlockAllocator:

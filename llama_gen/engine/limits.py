@@ -1,9 +1,13 @@
-"""How much one forward pass may hold, shared by the scheduler (which groups prompts into
-passes) and the runner (which cuts a long prompt into chunks). Read as `limits.NAME` at the
+"""The engine's bounds on its memory: a KV block, and how much one forward pass may hold,
+shared by the scheduler (which groups prompts into passes), the runner (which cuts a long prompt
+into chunks) and the memory model (`memory.py`, which counts them). Read as `limits.NAME` at the
 time of use, so a test may set smaller ones.
 """
 from __future__ import annotations
 
+# Positions per KV block on GPUs: flex attention's block, so a sequence holds only what it uses
+# (on the CPU the engine keeps one block of max_seq_len per row).
+KV_BLOCK_TOKENS = 128
 PREFILL_PADDING = 1.25  # padded tokens / real tokens a batched prefill may reach
 # Most prompt tokens (padding included) prefilled in one forward pass: a group of shorter
 # prompts, or a chunk of a longer prompt. It bounds a pass's hidden states whatever the batch

@@ -21,26 +21,13 @@ from dataclasses import dataclass, replace
 
 from ..errors import UserError
 from ..model.args import ModelArgs
+from .limits import KV_BLOCK_TOKENS, LOGPROB_ROWS, PREFILL_MASK_ELEMENTS, PREFILL_TOKENS
 
 GIB = 2**30
 # --dtype's choices: each names a torch dtype (by torch's name) of this many bytes per element.
 DTYPES = {"bf16": ("bfloat16", 2), "fp16": ("float16", 2), "fp32": ("float32", 4),
           "bfloat16": ("bfloat16", 2), "float16": ("float16", 2), "float32": ("float32", 4)}
 
-# The engine's bounds on its memory.
-# Positions per KV block on GPUs: flex attention's block, so a sequence holds only what it uses
-# (on the CPU the engine keeps one block of max_seq_len per row).
-KV_BLOCK_TOKENS = 128
-# Most prompt tokens (padding included) prefilled in one forward pass: a group of shorter
-# prompts, or a chunk of a longer prompt. It bounds a pass's hidden states whatever the batch
-# size and prompt length.
-PREFILL_TOKENS = 4096
-# Most elements of the attention mask a chunk of a long prompt may build where reads need one
-# (an unpaged cache, or gathered blocks): queries x keys, 128 MiB of float32.
-PREFILL_MASK_ELEMENTS = 2 ** 25
-# A teacher-forced pass turns hidden states into logits this many rows at a time, so it never
-# holds a whole prompt's length x vocabulary floats.
-LOGPROB_ROWS = 512
 
 # CUDA context, cuBLAS workspaces and the allocator's slack, which torch's own counters do not
 # show: typically 0.5-1 GiB on current GPUs and drivers. An allowance, not a measurement.
