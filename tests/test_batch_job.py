@@ -21,7 +21,8 @@ from llama_gen.engine.sampling import derive_seed
 from llama_gen.job.build import load_model
 from llama_gen.job.driver import (Interrupted, Prompting, Results, Tag, Work, batch_choice,
                                   count_pending, pending_work, requests_for)
-from llama_gen.job.openai_batch import BatchRequest, response_line
+from llama_gen.job.openai_batch import BatchRequest
+from llama_gen.job.openai_output import response_line
 from llama_gen.job.output import recover_output
 from llama_gen.job.records import BadLine, Record
 from llama_gen.runtime.distributed import Dist

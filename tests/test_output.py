@@ -16,7 +16,8 @@ import pytest
 
 import llama_gen
 from llama_gen.errors import UserError
-from llama_gen.job.openai_batch import BatchRequest, Choice, error_line, response_line
+from llama_gen.job.openai_batch import BatchRequest
+from llama_gen.job.openai_output import Choice, error_line, response_line
 from llama_gen.job.output import (JsonlAppender, OutputLock, ProgressLog, Writer,
                                   recorded_error_lines, recover_output, write_atomically)
 from llama_gen.job.records import BadLine

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_gen.job.openai_batch import output_id, request_id
+from llama_gen.job.openai_output import output_id, request_id
 from llama_gen.job.records import BadLine, Form, Record, aliases_taken, parse_line, read_records
 from llama_gen.settings import ScoreSettings
 

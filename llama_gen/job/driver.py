@@ -43,7 +43,7 @@ from ..text.chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_i
                          reply_tokens, with_system)
 from ..text.stopping import cut_at_stop
 from ..text.tokenizer import Tokenizer
-from .openai_batch import Choice, request_id, response_line
+from .openai_output import Choice, request_id, response_line
 from .output import JsonlAppender, OutputLock, Writer, recorded_error_lines, recover_output
 from .parts import error_part_path, merge_parts, output_parts, part_path, parts_dir
 from .records import BadLine, Form, Record, aliases_taken, read_records

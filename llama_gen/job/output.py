@@ -23,7 +23,7 @@ import jsonlines
 
 from ..errors import UserError
 from ..settings import JobSettings
-from .openai_batch import done_key
+from .openai_output import done_key
 from .records import BadLine
 from .replicas import Counts, Replicas
 

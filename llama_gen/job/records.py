@@ -20,8 +20,8 @@ from typing import Any
 from ..settings import PER_RECORD, RULES
 from ..text.chat import message_problem
 from ..values import BadValue, is_int
-from .openai_batch import (CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, BatchRequest, body_field,
-                           error_line, is_batch_request, parse_batch_request, request_id)
+from .openai_batch import BatchRequest, body_field, is_batch_request, parse_batch_request
+from .openai_output import CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, error_line, request_id
 
 
 @dataclass(frozen=True)
