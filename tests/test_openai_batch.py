@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from llama_gen.job.openai_batch import BatchRequest, body_field, is_batch_request, parse_batch_request
+from llama_gen.job.openai_batch import (BatchRequest, body_field, is_batch_request,
+                                        parse_batch_request)
 from llama_gen.job.openai_output import (CONTEXT_LENGTH_EXCEEDED, Choice, done_key, error_line,
                                          output_id, request_id, response_line)
 

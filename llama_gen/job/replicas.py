@@ -29,7 +29,6 @@ from typing import Any
 
 from ..runtime import distributed
 from ..runtime.distributed import Dist
-from .records import BadLine
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +39,6 @@ POLL_SECONDS = 0.5  # how often a waiting process reads the store
 # A store call gives up after this long: a vanished machine would otherwise hold it for the
 # process group's timeout (30 minutes).
 STORE_TIMEOUT = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A finished sample's output line, and the prompt file line it answers."""
-
-    output: dict[str, Any]
-    source_line: int
-
-
-Message = Finished | BadLine
 
 
 class StoreLost(Exception):
