@@ -116,7 +116,8 @@ def write_atomically(path: Path, content: str | bytes) -> None:
 
 
 class JsonlAppender:
-    """Appends whole JSON lines; flushes every line, fsyncs every `sync_every` seconds and on close."""
+    """Appends whole JSON lines; flushes every line, fsyncs every `sync_every` seconds and on
+    close."""
 
     def __init__(self, path: Path, sync_every: float = 2.0):
         self.path = path
@@ -184,7 +185,8 @@ class OutputLock:
 
 
 class ProgressLog:
-    """Human-readable progress lines at --logging_path, for `tail -f`; never read for correctness."""
+    """Human-readable progress lines at --logging_path, for `tail -f`; never read for
+    correctness."""
 
     def __init__(self, path: Path):
         self._file = path.open("a", encoding="utf-8")

@@ -192,7 +192,8 @@ class Replicas:
             self._store.set(f"{KEY}/end/{self.replica}", end.to_json())
 
     def wait_for_others(self, timeout: float, should_stop: Callable[[], bool],
-                        tick: Callable[[], None] = lambda: None) -> tuple[dict[int, End], list[int]]:
+                        tick: Callable[[], None] = lambda: None
+                        ) -> tuple[dict[int, End], list[int]]:
         """Rank 0: wait until every other replica has marked its end or is lost (its heartbeat
         unchanged for `timeout` seconds), or until `should_stop`; calls `tick` about twice a
         second. Returns the ends marked, by replica, and the replicas with none."""

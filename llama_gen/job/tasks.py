@@ -59,6 +59,7 @@ class Task(Protocol):
     tally: Tally  # the field a line counts, and the summary's words for it
     output_fields: tuple[str, ...]  # the fields a line adds to its record's
     named_output: str | None  # the output field a flag names (--completion_key), if any
+    system_note: ClassVar[str]  # where --system goes, logged at the start where it is given
 
     def tokenize(self, record: Record, samples: list[int]) -> TokenizedRecord:
         """The record's tokens; DialogError for a dialog the chat format cannot take."""
