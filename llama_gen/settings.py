@@ -216,6 +216,18 @@ class JobSettings:
                 raise UserError(f"{name} must not be {other} ({path}): write it elsewhere")
 
 
+def settings_part(cls: type, *names: str) -> type:
+    """A frozen settings dataclass of `cls`'s fields `names`, each as `cls` defines it (type,
+    default, bounds and help): the base of a command that takes some of a run's settings, as
+    `llama-gen plan` does, so that each is still defined once."""
+    kinds, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    part = dataclasses.make_dataclass(
+        f"{cls.__name__}Part", [(name, kinds[name], field(default=fields[name].default,
+                                                          metadata=fields[name].metadata))
+                                for name in names], frozen=True, kw_only=True)
+    part.__module__ = __name__
+    return part
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings(JobSettings):

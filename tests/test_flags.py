@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 
-from llama_gen.cli.flags import from_flags, help_text, parse
+from llama_gen.cli.flags import flag_table, flags_reference, from_flags, help_text, parse
 from llama_gen.errors import UserError
 from llama_gen.settings import Settings, check_fields, setting
 
@@ -179,3 +180,38 @@ def test_a_bad_stop_list_is_one_error(typed, message):
     paths = ["--ckpt_dir", "a", "--prompt_path", "b", "--out_path", "c"]
     with pytest.raises(UserError, match=re.escape(message)):
         parse(Settings, [*paths, "--stop", typed], "llama-gen")
+
+
+# --- the README's flag tables -------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Chosen:
+    path: str = setting(help="where <it> goes")
+    mode: Literal["a", "b"] = setting("a", help="a | b")
+    size: int | None = setting(None, low=1, auto=True, help="how big, or auto")
+    lock: bool = setting(True, help="lock it", per_record=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def test_a_flag_table_has_type_default_marks_and_escaped_help():
+    lines = flag_table(Chosen, ["path", "mode", "size", "lock"],
+                       {"record": lambda f: f.metadata["per_record"]})
+    assert lines == [
+        "| flag | type | default | record | help |",
+        "|---|---|---|---|---|",
+        "| `--path` | STR | required |  | where \\<it> goes |",
+        "| `--mode` | a\\|b | `a` |  | a \\| b |",
+        "| `--size` | INT\\|auto |  |  | how big, or auto |",
+        "| `--lock` | BOOL | `true` | ✓ | lock it |"]
+
+
+def test_the_flag_reference_has_a_row_per_flag_of_each_command():
+    text = flags_reference()
+    rows = re.findall(r"^\| `--(\w+)` \|", text, re.MULTILINE)
+    generate = [f.name for f in dataclasses.fields(Settings)]
+    assert rows[:len(generate)] == generate
+    assert rows[len(generate):len(generate) + 3] == ["prompt_path", "text_key", "completion_key"]
+    assert all(line.count(" | ") == text.splitlines()[2].count(" | ")
+               for line in text.splitlines()[4:4 + len(generate)])

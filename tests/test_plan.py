@@ -2,6 +2,7 @@
 give the known sizes and verdicts, and the command's output and errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_gen.cli.plan import (AUTO_MAX_BATCH, AUTO_TOKENS_PER_SEQUENCE, GIB, KV_BLOCK_TOKENS,
-                                PlanSettings, kv_bytes_per_token, make_plan, parse_memory,
-                                weight_bytes)
+from llama_gen.cli.plan import RUN_MEMORY_SETTINGS, PlanSettings, make_plan, parse_memory
+from llama_gen.engine.memory import (AUTO_MAX_BATCH, AUTO_TOKENS_PER_SEQUENCE, GIB,
+                                     KV_BLOCK_TOKENS, kv_bytes_per_token, weight_bytes)
 from llama_gen.errors import UserError
 from llama_gen.model.args import ModelArgs
+from llama_gen.settings import JobSettings, rules
 
 LLAMA_GEN = str(Path(sys.executable).parent / "llama-gen")
 # Published params.json files (vocab_size written out where Meta's file has -1).
@@ -170,6 +172,20 @@ def test_help_lists_plan_and_its_flags():
     assert "plan" in main.split("commands:")[1]
     text = run_plan("--help").stdout
     assert "--gpu_memory STR" in text and "--nproc INT" in text and "--prompt_path" not in text
+    assert all(f"--{name} " in text for name in RUN_MEMORY_SETTINGS)
+
+
+def test_plan_takes_the_runs_memory_settings_as_the_run_defines_them():
+    """Type, default, bounds and help: each defined once, in the run's settings."""
+    plan_fields = {f.name: f for f in dataclasses.fields(PlanSettings)}
+    run_fields = {f.name: f for f in dataclasses.fields(JobSettings)}
+    for name in RUN_MEMORY_SETTINGS:
+        assert rules(PlanSettings)[name] == rules(JobSettings)[name]
+        assert plan_fields[name].default == run_fields[name].default
+        assert plan_fields[name].metadata == run_fields[name].metadata
+    with pytest.raises(UserError, match="--max_seq_len must be an integer >= 1"):
+        PlanSettings(ckpt_dir="x", max_seq_len=0)
+    assert PlanSettings(ckpt_dir="x", max_batch_size="auto").max_batch_size is None
 
 
 def test_a_runs_command_line_is_planned_as_it_is(tmp_path):

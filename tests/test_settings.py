@@ -321,7 +321,7 @@ def test_the_run_sizes_its_cache_from_the_flags(tmp_path, single_process, tiny_c
     room for, or one line naming the flag where it does not fit."""
     import torch
 
-    from llama_gen.cli.plan import AUTO_TOKENS_PER_SEQUENCE, Sizing, slot_working_bytes
+    from llama_gen.engine.memory import AUTO_TOKENS_PER_SEQUENCE, Sizing, slot_working_bytes
     from llama_gen.job import build
     from llama_gen.text.tokenizer import load_tokenizer
     ckpt = tiny_checkpoints[("llama3", 1)]

@@ -1,18 +1,20 @@
 """How a run sizes itself: the model family's context as --max_seq_len's default, shortened to
-what fits; --max_batch_size auto and --gpu_memory_utilization as words; the plan's sizing rules
-for a KV cache of tokens; the CPU's choices in a real process group."""
+what fits; --max_batch_size auto and --gpu_memory_utilization as words; the memory model's
+numbers are the engine's and the run's; the CPU's choices in a real process group. (The sizing
+rules themselves, with no torch: test_memory.py.)"""
 from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 
 import pytest
 import torch
 
 from llama_gen.cli.flags import parse
-from llama_gen.cli.plan import (AUTO_MAX_BATCH, CPU_AUTO_BATCH, KV_BLOCK_TOKENS, Shape, Sizing,
-                                auto_sizing, context_default, full_slots, largest_batch,
-                                sized_slots, slot_working_bytes, whole_blocks)
+from llama_gen.engine import engine, memory
+from llama_gen.engine.memory import (CPU_AUTO_BATCH, Shape, Sizing, auto_sizing, full_slots,
+                                     largest_batch, slot_working_bytes)
 from llama_gen.errors import UserError
 from llama_gen.job import build
 from llama_gen.model.args import ModelArgs
@@ -35,12 +37,6 @@ CODE_LLAMA_7B = {**LLAMA_2_7B, "ffn_dim_multiplier": 1.0, "rope_theta": 1000000,
 def test_the_family_and_its_context_come_from_params_json(params, family, context):
     args = ModelArgs.from_params(params)
     assert (args.family, args.context_length) == (family, context)
-
-
-def test_an_unknown_family_defaults_to_a_guess_it_says_is_one():
-    shape = Shape(ModelArgs.from_params({**LLAMA_2_7B, "rope_theta": 250000.0}), 1, 2, 1)
-    length, why = context_default(shape, 80 * 2**30, 1)
-    assert length == 4096 and "a guess" in why and "pass --max_seq_len" in why
 
 
 def job(tmp_path, cls=Settings, *words: str):
@@ -76,27 +72,21 @@ def shape_7b(max_seq_len: int) -> Shape:
     return Shape(ModelArgs.from_params(LLAMA_2_7B), 1, 2, max_seq_len)
 
 
-def test_a_given_batch_gets_what_the_room_holds_up_to_a_full_length_slot_each():
-    shape = shape_7b(1000)
-    per_token, slot = shape.kv_bytes_per_token, slot_working_bytes(shape)
-    room = 4 * slot + 3000 * per_token
-    assert sized_slots(shape, room, 4) == Sizing(4, 2944)  # whole blocks of 128
-    assert sized_slots(shape, 10**15, 4) == Sizing(4, 4 * whole_blocks(1000))
-    assert whole_blocks(1000) == 1024 and whole_blocks(1024) == 1024
-    assert sized_slots(shape, 4 * slot + 1023 * per_token, 4) is None  # not one sequence fits
-    assert sized_slots(shape, 4 * slot + 1024 * per_token, 4) == Sizing(4, 1024)
+def test_the_memory_models_bounds_are_the_engines():
+    """What the engine allocates is what engine.memory counts: one number each."""
+    assert engine.PREFILL_TOKENS == memory.PREFILL_TOKENS
+    assert engine.PREFILL_MASK_ELEMENTS == memory.PREFILL_MASK_ELEMENTS
+    assert engine.LOGPROB_ROWS == memory.LOGPROB_ROWS
+    assert engine.default_block_size(torch.device("cuda"), 4096) == memory.KV_BLOCK_TOKENS
+    assert engine.default_block_size(torch.device("cpu"), 4096) == 4096
 
 
-def test_auto_needs_room_for_one_full_length_sequence_and_stops_at_256():
-    shape = shape_7b(4096)
-    per_token, slot = shape.kv_bytes_per_token, slot_working_bytes(shape)
-    assert auto_sizing(shape, 4096 * per_token + slot - 1) is None
-    assert auto_sizing(shape, 4096 * per_token + slot) == Sizing(1, 4096)
-    assert auto_sizing(shape, 10**15) == Sizing(AUTO_MAX_BATCH, AUTO_MAX_BATCH * 4096)
-    middle = auto_sizing(shape, 40 * 2**30)
-    assert 1 < middle.max_batch_size < AUTO_MAX_BATCH
-    assert middle.kv_cache_tokens % KV_BLOCK_TOKENS == 0
-    assert middle.max_batch_size * slot + middle.kv_cache_tokens * per_token <= 40 * 2**30
+def test_dtype_names_are_the_flags_choices_with_their_torch_dtypes():
+    choices = typing.get_args(typing.get_args(typing.get_type_hints(Settings)["dtype"])[0])
+    assert choices == tuple(memory.DTYPES)
+    for name, (torch_name, size) in memory.DTYPES.items():
+        assert build.DTYPES[name] is getattr(torch, torch_name)
+        assert build.DTYPES[name].itemsize == size
 
 
 MEMINFO = """MemTotal:       65536000 kB

@@ -16,13 +16,13 @@ import json
 import re
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import fire
 
 from ..errors import UserError
 from ..settings import rules
-from ..values import BadValue
+from ..values import BadValue, Rule
 
 HELP_WORDS = ("--help", "-h")
 
@@ -107,14 +107,18 @@ def from_flags(cls: type, unexpected: tuple, values: dict[str, Any]) -> Any:
     return cls(**checked)
 
 
+def flag_kind(rule: Rule) -> str:
+    """A flag's value as `--help` names it: INT, PATH, its choices, or a text list."""
+    return ("|".join(rule.choices) if rule.choices else "TEXT|'[\"TEXT\", ...]'"
+            if rule.is_texts else rule.base.__name__.upper())
+
+
 def help_text(cls: type, usage: str, summary: str, commands: dict[str, str] = {}) -> str:
     """Usage, the summary, each flag with its type, default and help, and other commands."""
     lines = [f"usage: {usage}", "", summary, "", "flags:"]
     for f in dataclasses.fields(cls):
         rule = rules(cls)[f.name]
-        kind = ("|".join(rule.choices) if rule.choices else "TEXT|'[\"TEXT\", ...]'"
-                if rule.is_texts else rule.base.__name__.upper())
-        value = "" if rule.base is bool else f" {kind}"
+        value = "" if rule.base is bool else f" {flag_kind(rule)}"
         default = ("required" if f.default is dataclasses.MISSING else
                    "" if f.default is None or f.default is False or f.default == ()
                    else f"default {f.default}")
@@ -125,4 +129,70 @@ def help_text(cls: type, usage: str, summary: str, commands: dict[str, str] = {}
         lines.append(textwrap.fill(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6))
     if commands:
         lines += ["", "commands:"] + [f"  {name:<8}{text}" for name, text in commands.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- the README's flag reference -------------------------------------------------------------
+
+def markdown(text: str) -> str:
+    """`text` safe in a Markdown table cell: pipes and angle brackets escaped."""
+    return text.replace("|", "\\|").replace("<", "\\<")
+
+
+def table_default(f: dataclasses.Field) -> str:
+    """A field's default as a flag value; empty where the help says what the run chooses."""
+    if f.default is dataclasses.MISSING:
+        return "required"
+    if f.default is None or f.default == ():
+        return ""
+    return f"`{str(f.default).lower() if isinstance(f.default, bool) else f.default}`"
+
+
+def flag_table(cls: type, names: list[str], marks: dict[str, Callable[[dataclasses.Field], bool]]
+               ) -> list[str]:
+    """A Markdown table of `cls`'s flags `names`: flag, type, default, a column per mark
+    (a check where it holds), and the help."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    lines = ["| flag | type | default | " + "".join(f"{m} | " for m in marks) + "help |",
+             "|---|---|---|" + "---|" * len(marks) + "---|"]
+    for name in names:
+        f, rule = fields[name], rules(cls)[name]
+        kind = flag_kind(rule) + ("|auto" if f.metadata.get("auto") else "")
+        checks = "".join(("✓" if holds(f) else "") + " | " for holds in marks.values())
+        lines.append(f"| `--{name}` | {markdown(kind)} | {table_default(f)} | {checks}"
+                     f"{markdown(f.metadata['help'])} |")
+    return lines
+
+
+def same_flag(a: dataclasses.Field, b: dataclasses.Field | None) -> bool:
+    return b is not None and (a.default, a.metadata) == (b.default, b.metadata)
+
+
+def flags_reference() -> str:
+    """The README's flag reference, generated from the settings dataclasses: `llama-gen`'s
+    flags, then what `llama-gen score`, `plan` and `demo` take. tests/test_readme.py checks
+    that the README holds it as this renders it."""
+    from ..settings import DEFINES_OUTPUT, ScoreSettings, Settings
+    from .demo import DemoSettings
+    from .plan import PlanSettings
+
+    score = {f.name: f for f in dataclasses.fields(ScoreSettings)}
+    generate = {f.name: f for f in dataclasses.fields(Settings)}
+    kept = {"kept on resume": lambda f: f.metadata["role"] == DEFINES_OUTPUT}
+    lines = ["`llama-gen` (generation). *record*: a prompt record may set it for itself; "
+             "*kept on resume*: it defines what an output line holds, so a resume must keep it; "
+             "*score*: `llama-gen score` takes it too, with the same meaning.", ""]
+    lines += flag_table(Settings, list(generate), {
+        "record": lambda f: f.metadata["per_record"], **kept,
+        "score": lambda f: same_flag(f, score.get(f.name))})
+    lines += ["", "`llama-gen score`: the flags marked *score* above, and these of its own "
+              "(generation's other flags are refused):", ""]
+    lines += flag_table(ScoreSettings, [name for name, f in score.items()
+                                        if not same_flag(f, generate.get(name))],
+                        kept)
+    lines += ["", "`llama-gen plan` (a run's other flags are taken and ignored, so that a run's "
+              "command line can be planned as it is):", ""]
+    lines += flag_table(PlanSettings, [f.name for f in dataclasses.fields(PlanSettings)], {})
+    lines += ["", "`llama-gen demo`:", ""]
+    lines += flag_table(DemoSettings, [f.name for f in dataclasses.fields(DemoSettings)], {})
     return "\n".join(lines) + "\n"

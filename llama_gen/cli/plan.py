@@ -1,82 +1,44 @@
 """`llama-gen plan`: will a run fit on these GPUs, and with which batch size? From params.json
 (and the shard files' sizes, where present) alone: no weights are loaded, no GPU is needed.
 
-Every number is per rank (one GPU): a run puts 1/model_parallel_size of every split weight and
-of the KV heads on each. Weights and the KV cache are exact byte counts of what a run allocates;
-the working-memory terms are estimates of the largest transient tensors of today's code, each
-documented where it is computed; the CUDA context is an allowance.
+The bytes come from `engine.memory`, per rank (one GPU); this module reads the command line,
+resolves a run's defaults for the GPU it describes, and words the verdict and the advice.
 """
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from ..engine.engine import LOGPROB_ROWS, PREFILL_MASK_ELEMENTS, PREFILL_TOKENS
+from ..engine.memory import (DTYPES, GPU_AUTO_CONTEXT_SEQUENCES, Shape, Sizing, auto_sizing,
+                             cache_room, check_seq_len, context_default, gib, largest_batch,
+                             longest_seq_len, memory_at, parameter_count, valid_mp_sizes,
+                             weight_bytes)
 from ..errors import UserError
+from ..job.build import default_model_parallel_size, read_params
 from ..model.args import ModelArgs
-from ..model.checkpoint import (SHARD_NAME, check_model_parallel_size, find_shards, full_shapes,
-                                split_dim)
-from ..settings import Settings, check_fields, rules, setting
+from ..model.checkpoint import SHARD_NAME, find_shards
+from ..settings import JobSettings, Settings, check_fields, rules, setting, settings_part
 from ..values import FALSE_WORDS, TRUE_WORDS
 
-GIB = 2**30
-# CUDA context, cuBLAS workspaces and the allocator's slack, which torch's own counters do not
-# show: typically 0.5-1 GiB on current GPUs and drivers. An allowance, not a measurement.
-CUDA_CONTEXT_BYTES = 3 * GIB // 4
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 DEFAULT_DTYPE = "bf16"  # a run's default on GPUs that have bf16
-# Per logit of a decode step's (batch, vocab) float32 logits, the sampler's temporaries: the
-# probabilities, their sorted copy (fp32) with its int64 indices and its cumulative sum.
-SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4
-LOGIT_BYTES = 4  # logits are float32
-PENALTY_BYTES_PER_LOGIT = 5  # TokenCounts: in_prompt (bool) and generated (int32), per slot
 MEMORY_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-# --max_batch_size auto: at most this many sequences decode at once (vLLM's max_num_seqs), and
-# as many as the KV cache holds at this many tokens each (a few hundred prompt tokens and the
-# default --max_gen_len 256: dataset jobs' typical sequence; longer ones only wait for blocks,
-# as the engine admits by free blocks and preempts when they run out).
-AUTO_MAX_BATCH = 256
-AUTO_TOKENS_PER_SEQUENCE = 512
-CPU_AUTO_BATCH = 8  # on the CPU auto is 8 full-length slots, with no KV budget to size
-# With --max_batch_size auto on a GPU, the default context is the longest of which this many
-# sequences fit, so that one full-length sequence never needs the whole cache (it would leave
-# no room for other sequences, nor for their slots' working memory).
-GPU_AUTO_CONTEXT_SEQUENCES = 2
-KV_BLOCK_TOKENS = 128  # a GPU's KV block (engine.default_block_size): caches are whole blocks
+# The run's settings that decide its memory, as the run defines them.
+RUN_MEMORY_SETTINGS = ("ckpt_dir", "tokenizer_path", "max_seq_len", "max_batch_size", "dtype",
+                       "model_parallel_size", "gpu_memory_utilization")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PlanSettings:
+class PlanSettings(settings_part(JobSettings, *RUN_MEMORY_SETTINGS)):
     """The flags of a run that decide its memory, and the GPU to plan for."""
 
-    ckpt_dir: Path = setting(help="directory with params.json (and consolidated.NN.pth shards, "
-                             "whose sizes are checked; they are not read)")
-    tokenizer_path: Path | None = setting(None, help="tokenizer.model, read only where "
-                                          "params.json's vocab_size is -1 (default: in ckpt_dir "
-                                          "or its parent)")
-    max_seq_len: int | None = setting(None, low=1, help="longest prompt + completion in tokens "
-                                      "(default: the model's context, shortened to what fits)")
-    max_batch_size: int | None = setting(
-        None, low=1, auto=True, help="sequences decoded at once, or auto (the default): as many "
-        f"as the KV cache left beside the model holds at {AUTO_TOKENS_PER_SEQUENCE} tokens each, "
-        f"up to {AUTO_MAX_BATCH}")
-    dtype: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] | None = setting(
-        None, help=f"weights and activations (default {DEFAULT_DTYPE}, a run's default on GPUs "
-        "that have it)")
-    model_parallel_size: int | None = setting(None, low=1, help="processes per model copy "
-                                              "(default: as a run chooses from --nproc and the "
-                                              "shard count)")
     nproc: int = setting(1, low=1, help="processes the run would launch (torchrun's "
                          "--nproc_per_node x nodes), one GPU each")
     gpu_memory: str | None = setting(None, help="memory of one GPU: 24GB, 80GiB, 80G or a "
                                      "number of bytes; GB means GiB, as GPU makers use it "
                                      "(default: this machine's first GPU)")
-    gpu_memory_utilization: float = setting(0.9, low=0, low_open=True, high=1,
-                                            help="share of each GPU's memory the run may use")
     json: bool = setting(False, help="print one JSON object instead of the table")
 
     def __post_init__(self) -> None:
@@ -85,12 +47,14 @@ class PlanSettings:
 
 PLAN_USAGE = ("llama-gen plan --ckpt_dir DIR [--nproc N] [--gpu_memory 24GB] [--json] [a run's "
               "flags: those that do not change its memory are ignored]")
-PLAN_SUMMARY = """\
+PLAN_SUMMARY = f"""\
 Tell whether a run fits on its GPUs before starting it: per GPU, the bytes of weights, the KV
 cache's bytes per token and working memory; the largest --max_batch_size that fits at
 --max_seq_len, or what --max_batch_size auto picks; and a verdict with advice (more GPUs, a
-shorter --max_seq_len, --dtype). Without --max_seq_len, the model's context where it fits.
-Reads params.json and the shard files' sizes only: it runs in seconds, on any machine."""
+shorter --max_seq_len, --dtype). Flags left out take a run's defaults on a GPU: --max_seq_len
+the model's context where it fits, --dtype {DEFAULT_DTYPE}, --model_parallel_size from --nproc
+and the shard count. Reads params.json and the shard files' sizes only (the tokenizer only
+where params.json's vocab_size is -1): it runs in seconds, on any machine."""
 
 
 def without_run_only_flags(words: list[str]) -> list[str]:
@@ -137,210 +101,11 @@ def gpu_memory_bytes(settings: PlanSettings) -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
-def read_args(settings: PlanSettings) -> ModelArgs:
-    """params.json's shape, its vocab_size -1 resolved from the tokenizer as a run does."""
-    params_path = settings.ckpt_dir / "params.json"
-    if not settings.ckpt_dir.is_dir():
-        raise UserError(f"--ckpt_dir {settings.ckpt_dir}: no such directory (it holds "
-                        "params.json)")
-    args = ModelArgs.from_file(params_path)
-    if args.vocab_size != -1 and settings.tokenizer_path is None:
-        return args
-    from ..text.tokenizer import find_tokenizer, load_tokenizer
-    tokenizer = load_tokenizer(find_tokenizer(settings.ckpt_dir, settings.tokenizer_path))
-    return args.with_vocab_size(tokenizer.n_words, str(params_path))
-
-
 def shard_sizes(ckpt_dir: Path) -> list[int]:
     """The shard files' sizes in shard order; none where the directory holds no shards."""
     if not any(SHARD_NAME.fullmatch(p.name) for p in ckpt_dir.iterdir()):
         return []
     return [path.stat().st_size for path in find_shards(ckpt_dir)]
-
-
-def parameter_count(args: ModelArgs) -> int:
-    return sum(math.prod(shape) for shape in full_shapes(args).values())
-
-
-def weight_bytes(args: ModelArgs, mp_size: int, dtype_bytes: int) -> int:
-    """One rank's weights: 1/mp_size of every split weight (whichever dimension it is split
-    on; the embedding's is either), and the whole of the replicated norms."""
-    total = 0
-    for key, shape in full_shapes(args).items():
-        numel = math.prod(shape)
-        total += numel if split_dim(key, 0) is None else numel // mp_size
-    return total * dtype_bytes
-
-
-def kv_bytes_per_token(args: ModelArgs, mp_size: int, dtype_bytes: int) -> int:
-    """K and V of every layer for one token, this rank's KV heads only."""
-    return 2 * args.n_layers * (args.kv_heads // mp_size) * args.head_dim * dtype_bytes
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What one rank's memory depends on."""
-
-    args: ModelArgs
-    mp_size: int
-    dtype_bytes: int
-    max_seq_len: int
-    overhead: int = CUDA_CONTEXT_BYTES  # the device's own (the CUDA context); 0 on the CPU
-    block_size: int = KV_BLOCK_TOKENS  # positions per KV block: the cache is whole blocks
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.args, self.mp_size, self.dtype_bytes)
-
-
-@dataclass(frozen=True)
-class Sizing:
-    """How a run spends its memory: sequences decoding at once, and the KV cache's capacity in
-    tokens (None: a full --max_seq_len for each of them)."""
-
-    max_batch_size: int
-    kv_cache_tokens: int | None = None
-
-
-def fixed_working_bytes(shape: Shape) -> dict[str, int]:
-    """Working memory that does not grow with the batch (estimates, per rank)."""
-    a, mp, b = shape.args, shape.mp_size, shape.dtype_bytes
-    heads, kv_heads = a.n_heads // mp, a.kv_heads // mp
-    # A pass prefills at most PREFILL_TOKENS tokens: a group of prompts, or a chunk of a long
-    # one. One layer's transients in it (the previous layer's are freed): the residual stream,
-    # its norm and a block's output; q, k, v and the attention output; the FFN's w1 and w3
-    # outputs and their product; RoPE's float32 copies of q and k.
-    per_token = (b * (3 * a.dim + (2 * heads + 2 * kv_heads) * a.head_dim
-                      + 3 * a.ffn_hidden_dim // mp)
-                 + 2 * 4 * (heads + kv_heads) * a.head_dim)
-    return {
-        "prefill activations": PREFILL_TOKENS * per_token,
-        # a chunk's float32 attention mask where reads need one (engine.PREFILL_MASK_ELEMENTS)
-        "prefill attention mask": PREFILL_MASK_ELEMENTS * 4,
-        # prompt logprobs: LOGPROB_ROWS rows of float32 logits and their log-softmax
-        "prompt logprob rows": 2 * LOGPROB_ROWS * a.vocab_size * LOGIT_BYTES,
-        "rotary table": shape.max_seq_len * a.head_dim // 2 * 2 * 4,
-    }
-
-
-def per_slot_bytes(shape: Shape) -> dict[str, int]:
-    """What each batch slot adds: its KV cache (exact) and its share of the decode step's
-    transients (estimates). Logits are gathered whole on every rank, so they do not shrink
-    with the model-parallel size."""
-    a = shape.args
-    return {
-        "KV cache": shape.max_seq_len * shape.kv_bytes_per_token,
-        "decode logits and sampler": a.vocab_size * (LOGIT_BYTES + SAMPLER_BYTES_PER_LOGIT),
-        "penalty counts": a.vocab_size * PENALTY_BYTES_PER_LOGIT,
-    }
-
-
-def slot_working_bytes(shape: Shape) -> int:
-    """What each sequence decoding at once adds beside its KV cache."""
-    return sum(size for name, size in per_slot_bytes(shape).items() if name != "KV cache")
-
-
-def cache_room(shape: Shape, usable: int) -> int:
-    """Bytes of `usable` left for the KV cache and the slots' working memory, beside the
-    device's overhead, the weights and the fixed working memory (negative where they do not
-    fit)."""
-    return (usable - shape.overhead - weight_bytes(shape.args, shape.mp_size, shape.dtype_bytes)
-            - sum(fixed_working_bytes(shape).values()))
-
-
-def largest_batch(shape: Shape, usable: int) -> int:
-    """The most full-length batch slots whose cache and transients fit in `usable` bytes beside
-    the device's overhead, the weights and the fixed working memory; 0 where not one does."""
-    return max(0, cache_room(shape, usable) // sum(per_slot_bytes(shape).values()))
-
-
-def auto_sizing(shape: Shape, room: int) -> Sizing | None:
-    """--max_batch_size auto in `room` bytes (see `cache_room`): a KV cache of every token the
-    room holds beside the slots' working memory, and as many slots as it holds sequences of
-    AUTO_TOKENS_PER_SEQUENCE tokens (at most AUTO_MAX_BATCH, at least one); None where not one
-    sequence of max_seq_len fits. The cache holds at least one full-length sequence, and no
-    more tokens than full-length slots need."""
-    per_token, slot, longest = shape.kv_bytes_per_token, slot_working_bytes(shape), \
-        whole_blocks(shape.max_seq_len, shape.block_size)
-    if room < longest * per_token + slot:
-        return None
-    average = min(shape.max_seq_len, AUTO_TOKENS_PER_SEQUENCE)
-    batch = min(AUTO_MAX_BATCH, room // (average * per_token + slot),
-                (room - longest * per_token) // slot)
-    return sized_slots(shape, room, max(batch, 1))
-
-
-def sized_slots(shape: Shape, room: int, batch: int) -> Sizing | None:
-    """`batch` slots (an explicit --max_batch_size) in `room` bytes: a KV cache of what the
-    room holds beside their working memory, up to a full-length sequence each; None where not
-    one full-length sequence fits."""
-    room_left = room - batch * slot_working_bytes(shape)
-    block = shape.block_size
-    tokens = max(0, room_left) // shape.kv_bytes_per_token // block * block
-    longest = whole_blocks(shape.max_seq_len, block)
-    if tokens < longest:
-        return None
-    return Sizing(batch, min(tokens, batch * longest))
-
-
-def whole_blocks(tokens: int, block_size: int = KV_BLOCK_TOKENS) -> int:
-    """`tokens` rounded up to whole KV blocks."""
-    return -(-tokens // block_size) * block_size
-
-
-def given_cache(shape: Shape, room: int, batch: int | None, tokens: int) -> Sizing | None:
-    """A KV cache of `tokens` positions (--kv_cache_tokens) in `room` bytes, with `batch`
-    slots, or for auto as many as it holds sequences of AUTO_TOKENS_PER_SEQUENCE tokens (at
-    most AUTO_MAX_BATCH, at least one) whose working memory fits beside it; None where the
-    cache and the slots' working memory do not fit."""
-    left, slot = room - tokens * shape.kv_bytes_per_token, slot_working_bytes(shape)
-    if batch is None:
-        average = min(shape.max_seq_len, AUTO_TOKENS_PER_SEQUENCE)
-        batch = max(1, min(AUTO_MAX_BATCH, tokens // average, left // slot))
-    return Sizing(batch, tokens) if left >= batch * slot else None
-
-
-def full_slots(shape: Shape, room: int) -> int:
-    """How many full-length slots (a cache of max_seq_len each, as scoring keeps) fit in `room`
-    bytes, at most AUTO_MAX_BATCH."""
-    return min(AUTO_MAX_BATCH, max(0, room) // sum(per_slot_bytes(shape).values()))
-
-
-def default_seq_len(shape: Shape, usable: int, slots: int) -> int | None:
-    """--max_seq_len's default: `shape`'s (the model's context) where `slots` full-length
-    sequences fit in `usable` bytes, else the longest that does (see `longest_seq_len`); None
-    where none does."""
-    if largest_batch(shape, usable) >= slots:
-        return shape.max_seq_len
-    return longest_seq_len(shape, usable, slots)
-
-
-def valid_mp_sizes(args: ModelArgs) -> list[int]:
-    """Model-parallel sizes a run accepts for this model: they divide the heads, the KV heads,
-    the FFN width, dim and the vocabulary."""
-    sizes = []
-    for size in range(1, args.kv_heads + 1):
-        try:
-            check_model_parallel_size(args, size, 1)
-        except UserError:
-            continue
-        sizes.append(size)
-    return sizes
-
-
-def longest_seq_len(shape: Shape, usable: int, batch: int) -> int | None:
-    """The longest --max_seq_len below the asked one at which `batch` slots fit (a multiple of
-    256 from 256 on), or None where none does."""
-    low, high = 0, shape.max_seq_len - 1
-    while low < high:
-        middle = (low + high + 1) // 2
-        if largest_batch(replace(shape, max_seq_len=middle), usable) >= batch:
-            low = middle
-        else:
-            high = middle - 1
-    if low == 0:
-        return None
-    return low // 256 * 256 if low >= 256 else low
 
 
 @dataclass(frozen=True)
@@ -378,7 +143,6 @@ class Plan:
 
 def resolved_mp_size(settings: PlanSettings, args: ModelArgs, n_shards: int) -> int:
     """--model_parallel_size or a run's default for --nproc, checked as a run checks it."""
-    from ..job.build import default_model_parallel_size
     mp = settings.model_parallel_size or (
         default_model_parallel_size(settings.nproc, n_shards) if n_shards else settings.nproc)
     if mp not in (sizes := valid_mp_sizes(args)):
@@ -389,17 +153,6 @@ def resolved_mp_size(settings: PlanSettings, args: ModelArgs, n_shards: int) -> 
         raise UserError(f"--nproc {settings.nproc} is not a multiple of the model-parallel size "
                         f"{mp}: each model copy takes {mp} processes")
     return mp
-
-
-def memory_at(shape: Shape, batch: int, kv_cache_tokens: int | None = None) -> dict[str, int]:
-    """One rank's memory, term by term, with `batch` slots and a KV cache of `kv_cache_tokens`
-    tokens (None: max_seq_len per slot)."""
-    slots = {name: batch * value for name, value in per_slot_bytes(shape).items()}
-    if kv_cache_tokens is not None:
-        slots["KV cache"] = kv_cache_tokens * shape.kv_bytes_per_token
-    return {"CUDA context (allowance)": shape.overhead,
-            "weights": weight_bytes(shape.args, shape.mp_size, shape.dtype_bytes),
-            **fixed_working_bytes(shape), **slots}
 
 
 def checkpoint_notes(args: ModelArgs, sizes: list[int]) -> tuple[dict[str, Any] | None,
@@ -452,10 +205,6 @@ def advice(shape: Shape, usable: int, batch: int, nproc: int) -> list[str]:
     return out
 
 
-def gib(size: int) -> str:
-    return f"{size / GIB:.2f}"
-
-
 def verdict(shape: Shape, memory: dict[str, int], usable: int, most: int, batch: int,
             auto: Sizing | None = None) -> str:
     """Whether the plan fits, in words; `auto`: what --max_batch_size auto picked (batch is 1
@@ -480,38 +229,6 @@ def verdict(shape: Shape, memory: dict[str, int], usable: int, most: int, batch:
             f"--max_seq_len {shape.max_seq_len} in the {per_gpu}")
 
 
-UNKNOWN_CONTEXT = 4096  # --max_seq_len's default for a shape no release of Meta's has
-
-
-def check_seq_len(args: ModelArgs, max_seq_len: int) -> None:
-    """An explicit --max_seq_len may not pass the model's context (as vLLM refuses a longer
-    max_model_len): its positions past it were never trained."""
-    if args.context_length is not None and max_seq_len > args.context_length:
-        raise UserError(f"--max_seq_len {max_seq_len} is longer than the context {args.family} "
-                        f"was trained for ({args.context_length} tokens): use at most "
-                        f"{args.context_length}, or leave it out")
-
-
-def context_default(shape: Shape, usable: int, slots: int) -> tuple[int | None, str]:
-    """--max_seq_len's default and why, in words: the model's context (`shape.args`), or the
-    longest part of it at which `slots` full-length sequences fit in `usable` bytes; None where
-    not even a short one fits."""
-    args = shape.args
-    context = args.context_length
-    if context is None:
-        return UNKNOWN_CONTEXT, (f"{UNKNOWN_CONTEXT}, a guess: params.json is none of "
-                                 "Meta's releases, whose contexts are known; pass --max_seq_len")
-    fitting = default_seq_len(replace(shape, max_seq_len=context), usable, slots)
-    if fitting == context:
-        return context, f"{context}, {args.family}'s context"
-    room = f"{slots} sequences of it" if slots > 1 else "one sequence of it"
-    if fitting is None:
-        return None, (f"{args.family}'s context of {context} tokens leaves no room for {room} "
-                      f"beside the weights in {gib(usable)} GiB")
-    return fitting, (f"{fitting}: {args.family}'s context of {context} tokens shortened to "
-                     f"what fits, {room}, beside the weights in {gib(usable)} GiB")
-
-
 def planned_seq_len(settings: PlanSettings, shape: Shape, usable: int, notes: list[str]) -> int:
     """--max_seq_len as given (checked), or its default, with a note."""
     if settings.max_seq_len is not None:
@@ -525,14 +242,17 @@ def planned_seq_len(settings: PlanSettings, shape: Shape, usable: int, notes: li
 
 def make_plan(settings: PlanSettings) -> Plan:
     """The plan for a run with these settings, from params.json and the shard files' sizes."""
-    args = read_args(settings)
+    if not settings.ckpt_dir.is_dir():
+        raise UserError(f"--ckpt_dir {settings.ckpt_dir}: no such directory (it holds "
+                        "params.json)")
+    args = read_params(settings.ckpt_dir, tokenizer_path=settings.tokenizer_path)
     sizes = shard_sizes(settings.ckpt_dir)
     mp = resolved_mp_size(settings, args, len(sizes))
     dtype = settings.dtype or DEFAULT_DTYPE
     gpu_memory = gpu_memory_bytes(settings)
     usable = int(gpu_memory * settings.gpu_memory_utilization)
     checkpoint, notes = checkpoint_notes(args, sizes)
-    shape = Shape(args, mp, DTYPE_BYTES[dtype], 1)
+    shape = Shape(args, mp, DTYPES[dtype][1], 1)
     shape = replace(shape, max_seq_len=planned_seq_len(settings, shape, usable, notes))
     auto = settings.max_batch_size is None and auto_sizing(shape, cache_room(shape, usable))
     batch = auto.max_batch_size if auto else settings.max_batch_size or 1

@@ -14,8 +14,7 @@ Each filter keeps the tokens at or above a probability threshold, so a tie group
 is kept whole, and the kept set is drawn from by inverting its CDF in token-id order. `sample`
 finds the thresholds by radix selects and sums masses in whole units: no sort, no host read, a
 fixed number of passes over the logits, and a draw that depends only on its own row, on any
-device (issue 14). Until then the order was probability descending, ties by token id, and
-top-k kept exactly k tokens, so the tokens drawn at a given uniform changed then.
+device.
 """
 from __future__ import annotations
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..cli.plan import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS, Shape,
-                        Sizing, auto_sizing, check_seq_len, context_default, fixed_working_bytes,
-                        full_slots, given_cache, sized_slots, whole_blocks)
+from ..engine import memory
 from ..engine.engine import Engine, default_block_size
+from ..engine.memory import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS,
+                             Shape, Sizing, auto_sizing, check_seq_len, context_default,
+                             fixed_working_bytes, full_slots, given_cache, sized_slots,
+                             whole_blocks)
 from ..errors import UserError
 from ..model.args import ModelArgs
 from ..model.checkpoint import Checkpoint, check_model_parallel_size, find_shards, vocabulary_rows
@@ -20,12 +22,11 @@ from ..model.transformer import Transformer
 from ..runtime import distributed
 from ..runtime.distributed import Dist
 from ..settings import JobSettings, Settings
-from ..text.tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, torch_name) for name, (torch_name, _) in memory.DTYPES.items()}
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -54,17 +55,30 @@ def model_parallel_size(settings: Settings) -> int:
     return default_model_parallel_size(world_size, len(find_shards(settings.ckpt_dir)))
 
 
-def read_model_args(ckpt_dir: Path, tokenizer: Tokenizer,
-                    rope_scaling_factor: float | None = None) -> ModelArgs:
-    """params.json's shape, checked against the tokenizer (its vocabulary is the checkpoint's),
-    with RoPE scaled by --rope_scaling_factor where given. Logs the RoPE scaling in use."""
+def read_params(ckpt_dir: Path, tokenizer: Tokenizer | None = None,
+                tokenizer_path: Path | None = None) -> ModelArgs:
+    """params.json's shape with its vocabulary: vocab_size -1 (Llama 1/2) is the tokenizer's,
+    and a given one must agree with it. `tokenizer`: the run's, which where params.json leaves
+    the vocabulary to it must have the checkpoint's output rows; without one (`llama-gen plan`,
+    which reads no weights) the tokenizer at `tokenizer_path` (default: in ckpt_dir or its
+    parent) is read only where the vocabulary needs it: vocab_size -1, or a path given."""
     params_path = ckpt_dir / "params.json"
     args = ModelArgs.from_file(params_path)
-    if args.vocab_size == -1:  # Llama 1/2: the vocabulary is the tokenizer's, if it fits
+    if tokenizer is not None and args.vocab_size == -1:
         check_tokenizer_fits(ckpt_dir, tokenizer)
-    args = args.with_vocab_size(tokenizer.n_words, str(params_path))
+    elif tokenizer is None and (args.vocab_size == -1 or tokenizer_path is not None):
+        tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path))
+    return args if tokenizer is None else args.with_vocab_size(tokenizer.n_words,
+                                                               str(params_path))
+
+
+def read_model_args(ckpt_dir: Path, tokenizer: Tokenizer,
+                    rope_scaling_factor: float | None = None) -> ModelArgs:
+    """A run's model: params.json's shape with the tokenizer's vocabulary (`read_params`) and
+    RoPE scaled by --rope_scaling_factor where given. Logs the RoPE scaling in use."""
+    args = read_params(ckpt_dir, tokenizer)
     release_factor, why = args.rope_scaling()
-    args = args.with_rope_scaling(rope_scaling_factor, str(params_path))
+    args = args.with_rope_scaling(rope_scaling_factor, str(ckpt_dir / "params.json"))
     if rope_scaling_factor is not None:
         log.info("RoPE scaled by %g (--rope_scaling_factor; without it: %g, %s)",
                  rope_scaling_factor, release_factor, why)
@@ -132,7 +146,7 @@ def memory_budget(device: torch.device, utilization: float) -> int:
 
 def run_shape(args: ModelArgs, dist: Dist, dtype: torch.dtype, max_seq_len: int,
               block_size: int = KV_BLOCK_TOKENS) -> Shape:
-    """The plan's shape of this rank's memory; no device overhead: it is measured."""
+    """The shape of this rank's memory (`memory.Shape`); no device overhead: it is measured."""
     return Shape(args, dist.model_parallel_size, dtype.itemsize, max_seq_len, overhead=0,
                  block_size=block_size)
 
@@ -184,8 +198,8 @@ def resolve_max_seq_len(settings: JobSettings, args: ModelArgs, dist: Dist,
 def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
     """Sequences decoding at once and the KV cache's tokens, after the weights are loaded. On a
     GPU the cache takes what the measured memory budget leaves beside the working memory
-    (`--max_batch_size auto`: `plan.auto_sizing`; a given one: `plan.sized_slots`; scoring keeps
-    full-length slots), the least of its model-parallel group's ranks; on the CPU a full
+    (`--max_batch_size auto`: `memory.auto_sizing`; a given one: `memory.sized_slots`; scoring
+    keeps full-length slots), the least of its model-parallel group's ranks; on the CPU a full
     --max_seq_len per sequence (in whole blocks of --kv_block_size), 8 of them for auto.
     --kv_cache_tokens, where given, is the cache's size."""
     block = kv_block_size(settings, dist.device)

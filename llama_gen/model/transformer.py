@@ -1,4 +1,5 @@
-"""The Llama transformer (Llama 1, 2, 3 and 3.1) with a slot-indexed KV cache.
+"""The Llama transformer (Llama 1, 2, 3, 3.1 and 3.2): norms, rotary embeddings, attention and
+feed-forward blocks over the KV cache of `cache.py`.
 
 Pure math: the model-parallel layers come from a `ParallelLayers` handed in, so this file never
 touches process groups. Module names are Meta's checkpoint keys, so loading is a strict
@@ -6,19 +7,16 @@ touches process groups. Module names are Meta's checkpoint keys, so loading is a
 """
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .args import (LLAMA_3_ROPE_HIGH_FREQ_FACTOR, LLAMA_3_ROPE_LOW_FREQ_FACTOR,
                    LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs)
+from .attention import attention, paged_attention, paged_block_mask
+from .cache import BlockTable, KVCache, Segment, Step
 from .layers import ParallelLayers
 
 
@@ -73,172 +71,6 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous())
                                      * torch.view_as_complex(rotation))
     return rotated.flatten(-2).type_as(x)
-
-
-@dataclass
-class KVCache:
-    """Keys and values in blocks of `block_size` positions laid end to end: position p of block b
-    is index b * block_size + p of the sequence dimension. The layout is flex attention's
-    (batch 1, heads, positions, head_dim), so a paged decode reads it in place. With one block of
-    max_seq_len per slot (`Transformer.setup_cache`'s default), slot i is block i and its
-    positions are a plain view (`slots`)."""
-
-    k: torch.Tensor  # (1, n_local_kv_heads, n_blocks * block_size, head_dim)
-    v: torch.Tensor
-    block_size: int
-
-    @classmethod
-    def empty(cls, n_blocks: int, kv_heads: int, block_size: int, head_dim: int,
-              device: torch.device, dtype: torch.dtype) -> KVCache:
-        shape = (1, kv_heads, n_blocks * block_size, head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype),
-                   torch.zeros(shape, device=device, dtype=dtype), block_size)
-
-    @property
-    def n_blocks(self) -> int:
-        return self.k.shape[2] // self.block_size
-
-    def slots(self, t: torch.Tensor) -> torch.Tensor:
-        """`k` or `v` seen as (n_blocks, kv_heads, block_size, head_dim): a view, not a copy."""
-        return t[0].unflatten(1, (self.n_blocks, self.block_size)).transpose(0, 1)
-
-
-@dataclass
-class BlockTable:
-    """Where a paged cache keeps a segment's rows: row i's position p is in block
-    blocks[i, p // block_size]. Entries past a row's own blocks name a sink block that no row
-    reads, so a padded token's write lands there. `place[b]` is block b's index in its row's
-    list (-1 for a block no row holds): flex attention's mask reads it to tell a row's own
-    blocks from the rest of the pool."""
-
-    blocks: torch.Tensor  # (B, max_blocks) int64
-    place: torch.Tensor  # (n_blocks,) int64
-
-
-@dataclass
-class Segment:
-    """A rectangle of tokens in a forward pass: row i of its (B, T) tokens is cache slot
-    `rows.start + i`, and its token t attends to cache positions 0..positions[i, t]. `kv_len`
-    bounds every position + 1. A `fresh` segment holds positions 0..T-1 in every row (prompts
-    from the start of their slots): it attends causally among its own tokens, with no mask to
-    build and no cache to read.
-
-    Its keys and values are written at `write_index` of the cache's positions. Reads take one of
-    three paths: a slot's own positions as a view (no `table`: slot i is block i), a paged read
-    through `table` with flex attention (`block_mask`, on GPUs), or a paged read that gathers
-    each row's blocks (on the CPU).
-    """
-
-    positions: torch.Tensor  # (B, T) int64
-    rows: slice
-    kv_len: int
-    fresh: bool
-    mask: torch.Tensor | None  # (B, 1, T, kv_len) additive: 0 where a query may attend, else -inf
-    write_index: torch.Tensor  # (B * T,) int64: where each token's key and value go
-    table: BlockTable | None = None
-    block_mask: BlockMask | None = None
-    # Row ranges attended separately, each over keys up to its own longest context: (start,
-    # stop, kv_len). A chunk of short contexts then reads less of the cache.
-    chunks: tuple[tuple[int, int, int], ...] | None = None
-
-    @property
-    def n_tokens(self) -> int:
-        return self.positions.numel()
-
-
-@dataclass
-class Step:
-    """Where one forward pass reads and writes: its segments' tokens laid end to end (N tokens,
-    segment by segment, row by row), their rotations, and which of them leave the pass."""
-
-    segments: tuple[Segment, ...]
-    rotation: torch.Tensor  # (N, 1, head_dim / 2, 2): cos and sin of each token's angles
-    outputs: torch.Tensor  # (n_out,) indices of the tokens whose final hidden states leave
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(seg.n_tokens for seg in self.segments)
-
-    @classmethod
-    def join(cls, steps: list[Step]) -> Step:
-        """One pass doing the work of `steps`: their segments side by side, so the layers'
-        weights are read once (a prompt's prefill rides along with a decode step)."""
-        if len(steps) == 1:
-            return steps[0]
-        offsets = itertools.accumulate((step.n_tokens for step in steps), initial=0)
-        return cls(segments=tuple(seg for step in steps for seg in step.segments),
-                   rotation=torch.cat([step.rotation for step in steps]),
-                   outputs=torch.cat([step.outputs + offset
-                                      for step, offset in zip(steps, offsets)]))
-
-
-# Attention kernels a GPU may use. The math backend is left out: it expands grouped keys and
-# values per query head and upcasts them, many times the bytes of the fused kernels, so a call
-# no fused kernel takes fails loudly instead of running slowly.
-GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                     SDPBackend.CUDNN_ATTENTION]
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              causal: bool = False) -> torch.Tensor:
-    """Scaled dot-product attention of q (B, H, T, hd) over k, v (B, kv_heads, L, hd). On a GPU
-    only fused kernels may run. Of those, flash attention alone takes grouped heads, and it
-    takes no mask and no float32; otherwise the keys and values are repeated per query head
-    first (a copy of what the prefill just computed, or of a scorer's chunk)."""
-    if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=True)
-    groups = q.shape[1] // k.shape[1]
-    grouped = mask is None and q.dtype in (torch.float16, torch.bfloat16)
-    if groups > 1 and not grouped:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    with sdpa_kernel(GPU_SDPA_BACKENDS):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=grouped)
-
-
-_compiled_flex_attention: Callable[..., torch.Tensor] | None = None
-
-
-def paged_attention(q: torch.Tensor, cache: KVCache, block_mask: BlockMask) -> torch.Tensor:
-    """q (B, H, T, hd) over each row's own blocks of the whole cache, as `block_mask` lists
-    them: flex attention, compiled on GPUs (eagerly it computes every score of the pool, which
-    only tests on the CPU can afford)."""
-    global _compiled_flex_attention
-    if q.device.type != "cuda":
-        return flex_attention(q, cache.k, cache.v, block_mask=block_mask, enable_gqa=True)
-    if _compiled_flex_attention is None:
-        _compiled_flex_attention = torch.compile(flex_attention)
-    return _compiled_flex_attention(q, cache.k, cache.v, block_mask=block_mask, enable_gqa=True)
-
-
-def paged_block_mask(table: BlockTable, positions: torch.Tensor, block_size: int,
-                     pool_blocks: int) -> BlockMask:
-    """Flex attention's block mask for rows reading their own blocks of a pool of `pool_blocks`:
-    row i visits its first positions[i].max() // block_size + 1 blocks, in table order, and the
-    mask keeps keys at its own positions up to each query's. Built on the device: no host
-    reads."""
-    B, T = positions.shape
-    q_blocks = -(-T // FLEX_QUERY_BLOCK)
-    kv_count = (positions.max(dim=1).values // block_size + 1).to(torch.int32)
-    indices = F.pad(table.blocks, (0, pool_blocks - table.blocks.shape[1]))
-    blocks, place, widest = table.blocks, table.place, table.blocks.shape[1] - 1
-
-    def own_earlier_positions(b, h, q_idx, kv_idx):
-        block = kv_idx // block_size
-        index = place[block]
-        own = blocks[b, index.clamp(0, widest)] == block
-        return own & (index >= 0) & (index * block_size + kv_idx % block_size
-                                     <= positions[b, q_idx])
-
-    return BlockMask.from_kv_blocks(
-        kv_count[:, None, None].expand(B, 1, q_blocks).contiguous(),
-        indices.to(torch.int32)[:, None, None].expand(B, 1, q_blocks, pool_blocks).contiguous(),
-        BLOCK_SIZE=(FLEX_QUERY_BLOCK, block_size), mask_mod=own_earlier_positions,
-        seq_lengths=(T, pool_blocks * block_size), compute_q_blocks=False)
-
-
-FLEX_QUERY_BLOCK = 128  # queries per block of a flex attention block mask
 
 
 class Attention(nn.Module):

@@ -1,0 +1,299 @@
+"""One rank's memory in bytes, from the model's shape alone: weights, the KV cache per token,
+working memory, how many sequences a budget holds and --max_seq_len's default.
+
+Plain arithmetic on `ModelArgs`: no torch, no device. `llama-gen plan` prints it for a GPU it
+describes; a run (`job.build`) sizes its KV cache by it within the budget it measures. The
+weights' shapes are `model.checkpoint`'s table, imported where they are counted, as that
+module imports torch for its loader.
+
+Every number is per rank (one GPU): a run puts 1/model_parallel_size of every split weight and of
+the KV heads on each. Weights and the KV cache are exact byte counts of what a run allocates; the
+working-memory terms are estimates of the largest transient tensors of the engine, each
+documented where it is computed; the CUDA context is an allowance.
+
+The bounds below are the engine's: it imports them from here, so that what it allocates and
+what is counted here are one number.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ..errors import UserError
+from ..model.args import ModelArgs
+
+GIB = 2**30
+# --dtype's choices: each names a torch dtype (by torch's name) of this many bytes per element.
+DTYPES = {"bf16": ("bfloat16", 2), "fp16": ("float16", 2), "fp32": ("float32", 4),
+          "bfloat16": ("bfloat16", 2), "float16": ("float16", 2), "float32": ("float32", 4)}
+
+# The engine's bounds on its memory.
+# Positions per KV block on GPUs: flex attention's block, so a sequence holds only what it uses
+# (on the CPU the engine keeps one block of max_seq_len per row).
+KV_BLOCK_TOKENS = 128
+# Most prompt tokens (padding included) prefilled in one forward pass: a group of shorter
+# prompts, or a chunk of a longer prompt. It bounds a pass's hidden states whatever the batch
+# size and prompt length.
+PREFILL_TOKENS = 4096
+# Most elements of the attention mask a chunk of a long prompt may build where reads need one
+# (an unpaged cache, or gathered blocks): queries x keys, 128 MiB of float32.
+PREFILL_MASK_ELEMENTS = 2 ** 25
+# A teacher-forced pass turns hidden states into logits this many rows at a time, so it never
+# holds a whole prompt's length x vocabulary floats.
+LOGPROB_ROWS = 512
+
+# CUDA context, cuBLAS workspaces and the allocator's slack, which torch's own counters do not
+# show: typically 0.5-1 GiB on current GPUs and drivers. An allowance, not a measurement.
+CUDA_CONTEXT_BYTES = 3 * GIB // 4
+# Per logit of a decode step's (batch, vocab) float32 logits, the sampler's temporaries: the
+# probabilities, their sorted copy (fp32) with its int64 indices and its cumulative sum.
+SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4
+LOGIT_BYTES = 4  # logits are float32
+PENALTY_BYTES_PER_LOGIT = 5  # TokenCounts: in_prompt (bool) and generated (int32), per slot
+# --max_batch_size auto: at most this many sequences decode at once (vLLM's max_num_seqs), and
+# as many as the KV cache holds at this many tokens each (a few hundred prompt tokens and the
+# default --max_gen_len 256: dataset jobs' typical sequence; longer ones only wait for blocks,
+# as the engine admits by free blocks and preempts when they run out).
+AUTO_MAX_BATCH = 256
+AUTO_TOKENS_PER_SEQUENCE = 512
+CPU_AUTO_BATCH = 8  # on the CPU auto is 8 full-length slots, with no KV budget to size
+# With --max_batch_size auto on a GPU, the default context is the longest of which this many
+# sequences fit, so that one full-length sequence never needs the whole cache (it would leave
+# no room for other sequences, nor for their slots' working memory).
+GPU_AUTO_CONTEXT_SEQUENCES = 2
+UNKNOWN_CONTEXT = 4096  # --max_seq_len's default for a shape no release of Meta's has
+
+
+def weight_sizes(args: ModelArgs) -> list[tuple[int, bool]]:
+    """Each weight's elements, and whether it is split across model-parallel ranks (whichever
+    dimension it is split on; the embedding's is either) or replicated, as the norms are."""
+    from ..model.checkpoint import full_shapes, split_dim
+    return [(math.prod(shape), split_dim(key, 0) is not None)
+            for key, shape in full_shapes(args).items()]
+
+
+def parameter_count(args: ModelArgs) -> int:
+    return sum(numel for numel, _ in weight_sizes(args))
+
+
+def weight_bytes(args: ModelArgs, mp_size: int, dtype_bytes: int) -> int:
+    """One rank's weights: 1/mp_size of every split weight, and the whole of the replicated
+    ones."""
+    return sum(numel // mp_size if split else numel
+               for numel, split in weight_sizes(args)) * dtype_bytes
+
+
+def kv_bytes_per_token(args: ModelArgs, mp_size: int, dtype_bytes: int) -> int:
+    """K and V of every layer for one token, this rank's KV heads only."""
+    return 2 * args.n_layers * (args.kv_heads // mp_size) * args.head_dim * dtype_bytes
+
+
+def valid_mp_sizes(args: ModelArgs) -> list[int]:
+    """Model-parallel sizes a run accepts for this model: they divide the heads, the KV heads,
+    the FFN width, dim and the vocabulary."""
+    from ..model.checkpoint import check_model_parallel_size
+    sizes = []
+    for size in range(1, args.kv_heads + 1):
+        try:
+            check_model_parallel_size(args, size, 1)
+        except UserError:
+            continue
+        sizes.append(size)
+    return sizes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one rank's memory depends on."""
+
+    args: ModelArgs
+    mp_size: int
+    dtype_bytes: int
+    max_seq_len: int
+    overhead: int = CUDA_CONTEXT_BYTES  # the device's own (the CUDA context); 0 on the CPU
+    block_size: int = KV_BLOCK_TOKENS  # positions per KV block: the cache is whole blocks
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.args, self.mp_size, self.dtype_bytes)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How a run spends its memory: sequences decoding at once, and the KV cache's capacity in
+    tokens (None: a full --max_seq_len for each of them)."""
+
+    max_batch_size: int
+    kv_cache_tokens: int | None = None
+
+
+def fixed_working_bytes(shape: Shape) -> dict[str, int]:
+    """Working memory that does not grow with the batch (estimates, per rank)."""
+    a, mp, b = shape.args, shape.mp_size, shape.dtype_bytes
+    heads, kv_heads = a.n_heads // mp, a.kv_heads // mp
+    # A pass prefills at most PREFILL_TOKENS tokens: a group of prompts, or a chunk of a long
+    # one. One layer's transients in it (the previous layer's are freed): the residual stream,
+    # its norm and a block's output; q, k, v and the attention output; the FFN's w1 and w3
+    # outputs and their product; RoPE's float32 copies of q and k.
+    per_token = (b * (3 * a.dim + (2 * heads + 2 * kv_heads) * a.head_dim
+                      + 3 * a.ffn_hidden_dim // mp)
+                 + 2 * 4 * (heads + kv_heads) * a.head_dim)
+    return {
+        "prefill activations": PREFILL_TOKENS * per_token,
+        # a chunk's float32 attention mask where reads need one
+        "prefill attention mask": PREFILL_MASK_ELEMENTS * 4,
+        # prompt logprobs: LOGPROB_ROWS rows of float32 logits and their log-softmax
+        "prompt logprob rows": 2 * LOGPROB_ROWS * a.vocab_size * LOGIT_BYTES,
+        "rotary table": shape.max_seq_len * a.head_dim // 2 * 2 * 4,
+    }
+
+
+def per_slot_bytes(shape: Shape) -> dict[str, int]:
+    """What each batch slot adds: its KV cache (exact) and its share of the decode step's
+    transients (estimates). Logits are gathered whole on every rank, so they do not shrink
+    with the model-parallel size."""
+    a = shape.args
+    return {
+        "KV cache": shape.max_seq_len * shape.kv_bytes_per_token,
+        "decode logits and sampler": a.vocab_size * (LOGIT_BYTES + SAMPLER_BYTES_PER_LOGIT),
+        "penalty counts": a.vocab_size * PENALTY_BYTES_PER_LOGIT,
+    }
+
+
+def slot_working_bytes(shape: Shape) -> int:
+    """What each sequence decoding at once adds beside its KV cache."""
+    return sum(size for name, size in per_slot_bytes(shape).items() if name != "KV cache")
+
+
+def memory_at(shape: Shape, batch: int, kv_cache_tokens: int | None = None) -> dict[str, int]:
+    """One rank's memory, term by term, with `batch` slots and a KV cache of `kv_cache_tokens`
+    tokens (None: max_seq_len per slot)."""
+    slots = {name: batch * value for name, value in per_slot_bytes(shape).items()}
+    if kv_cache_tokens is not None:
+        slots["KV cache"] = kv_cache_tokens * shape.kv_bytes_per_token
+    return {"CUDA context (allowance)": shape.overhead,
+            "weights": weight_bytes(shape.args, shape.mp_size, shape.dtype_bytes),
+            **fixed_working_bytes(shape), **slots}
+
+
+def cache_room(shape: Shape, usable: int) -> int:
+    """Bytes of `usable` left for the KV cache and the slots' working memory, beside the
+    device's overhead, the weights and the fixed working memory (negative where they do not
+    fit)."""
+    return (usable - shape.overhead - weight_bytes(shape.args, shape.mp_size, shape.dtype_bytes)
+            - sum(fixed_working_bytes(shape).values()))
+
+
+def largest_batch(shape: Shape, usable: int) -> int:
+    """The most full-length batch slots whose cache and transients fit in `usable` bytes beside
+    the device's overhead, the weights and the fixed working memory; 0 where not one does."""
+    return max(0, cache_room(shape, usable) // sum(per_slot_bytes(shape).values()))
+
+
+def whole_blocks(tokens: int, block_size: int = KV_BLOCK_TOKENS) -> int:
+    """`tokens` rounded up to whole KV blocks."""
+    return -(-tokens // block_size) * block_size
+
+
+def auto_sizing(shape: Shape, room: int) -> Sizing | None:
+    """--max_batch_size auto in `room` bytes (see `cache_room`): a KV cache of every token the
+    room holds beside the slots' working memory, and as many slots as it holds sequences of
+    AUTO_TOKENS_PER_SEQUENCE tokens (at most AUTO_MAX_BATCH, at least one); None where not one
+    sequence of max_seq_len fits. The cache holds at least one full-length sequence, and no
+    more tokens than full-length slots need."""
+    per_token, slot, longest = shape.kv_bytes_per_token, slot_working_bytes(shape), \
+        whole_blocks(shape.max_seq_len, shape.block_size)
+    if room < longest * per_token + slot:
+        return None
+    average = min(shape.max_seq_len, AUTO_TOKENS_PER_SEQUENCE)
+    batch = min(AUTO_MAX_BATCH, room // (average * per_token + slot),
+                (room - longest * per_token) // slot)
+    return sized_slots(shape, room, max(batch, 1))
+
+
+def sized_slots(shape: Shape, room: int, batch: int) -> Sizing | None:
+    """`batch` slots (an explicit --max_batch_size) in `room` bytes: a KV cache of what the
+    room holds beside their working memory, up to a full-length sequence each; None where not
+    one full-length sequence fits."""
+    room_left = room - batch * slot_working_bytes(shape)
+    block = shape.block_size
+    tokens = max(0, room_left) // shape.kv_bytes_per_token // block * block
+    longest = whole_blocks(shape.max_seq_len, block)
+    if tokens < longest:
+        return None
+    return Sizing(batch, min(tokens, batch * longest))
+
+
+def given_cache(shape: Shape, room: int, batch: int | None, tokens: int) -> Sizing | None:
+    """A KV cache of `tokens` positions (--kv_cache_tokens) in `room` bytes, with `batch`
+    slots, or for auto as many as it holds sequences of AUTO_TOKENS_PER_SEQUENCE tokens (at
+    most AUTO_MAX_BATCH, at least one) whose working memory fits beside it; None where the
+    cache and the slots' working memory do not fit."""
+    left, slot = room - tokens * shape.kv_bytes_per_token, slot_working_bytes(shape)
+    if batch is None:
+        average = min(shape.max_seq_len, AUTO_TOKENS_PER_SEQUENCE)
+        batch = max(1, min(AUTO_MAX_BATCH, tokens // average, left // slot))
+    return Sizing(batch, tokens) if left >= batch * slot else None
+
+
+def full_slots(shape: Shape, room: int) -> int:
+    """How many full-length slots (a cache of max_seq_len each, as scoring keeps) fit in `room`
+    bytes, at most AUTO_MAX_BATCH."""
+    return min(AUTO_MAX_BATCH, max(0, room) // sum(per_slot_bytes(shape).values()))
+
+
+def longest_seq_len(shape: Shape, usable: int, batch: int) -> int | None:
+    """The longest --max_seq_len below the asked one at which `batch` slots fit (a multiple of
+    256 from 256 on), or None where none does."""
+    low, high = 0, shape.max_seq_len - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if largest_batch(replace(shape, max_seq_len=middle), usable) >= batch:
+            low = middle
+        else:
+            high = middle - 1
+    if low == 0:
+        return None
+    return low // 256 * 256 if low >= 256 else low
+
+
+def default_seq_len(shape: Shape, usable: int, slots: int) -> int | None:
+    """--max_seq_len's default: `shape`'s (the model's context) where `slots` full-length
+    sequences fit in `usable` bytes, else the longest that does (see `longest_seq_len`); None
+    where none does."""
+    if largest_batch(shape, usable) >= slots:
+        return shape.max_seq_len
+    return longest_seq_len(shape, usable, slots)
+
+
+def check_seq_len(args: ModelArgs, max_seq_len: int) -> None:
+    """An explicit --max_seq_len may not pass the model's context (as vLLM refuses a longer
+    max_model_len): its positions past it were never trained."""
+    if args.context_length is not None and max_seq_len > args.context_length:
+        raise UserError(f"--max_seq_len {max_seq_len} is longer than the context {args.family} "
+                        f"was trained for ({args.context_length} tokens): use at most "
+                        f"{args.context_length}, or leave it out")
+
+
+def gib(size: int) -> str:
+    return f"{size / GIB:.2f}"
+
+
+def context_default(shape: Shape, usable: int, slots: int) -> tuple[int | None, str]:
+    """--max_seq_len's default and why, in words: the model's context (`shape.args`), or the
+    longest part of it at which `slots` full-length sequences fit in `usable` bytes; None where
+    not even a short one fits."""
+    args = shape.args
+    context = args.context_length
+    if context is None:
+        return UNKNOWN_CONTEXT, (f"{UNKNOWN_CONTEXT}, a guess: params.json is none of "
+                                 "Meta's releases, whose contexts are known; pass --max_seq_len")
+    fitting = default_seq_len(replace(shape, max_seq_len=context), usable, slots)
+    if fitting == context:
+        return context, f"{context}, {args.family}'s context"
+    room = f"{slots} sequences of it" if slots > 1 else "one sequence of it"
+    if fitting is None:
+        return None, (f"{args.family}'s context of {context} tokens leaves no room for {room} "
+                      f"beside the weights in {gib(usable)} GiB")
+    return fitting, (f"{fitting}: {args.family}'s context of {context} tokens shortened to "
+                     f"what fits, {room}, beside the weights in {gib(usable)} GiB")
