@@ -19,9 +19,14 @@ from test_openai_batch import (CHAT_COMPLETION, COMPLETION, ERROR, VLLM_EXAMPLE,
 from llama_gen.engine.engine import Completion, Engine, Request, SamplingParams
 from llama_gen.engine.sampling import derive_seed
 from llama_gen.job.build import load_model
-from llama_gen.job.driver import (Interrupted, Prompting, Results, Tag, Work, batch_choice,
-                                  count_pending, pending_work, requests_for)
-from llama_gen.job.openai_batch import BatchRequest, response_line
+from llama_gen.job.feed import pending_records
+from llama_gen.job.lines import batch_choice
+from llama_gen.job.prepare import count_pending
+from llama_gen.job.results import Results
+from llama_gen.job.run_end import Interrupted
+from llama_gen.job.tasks import Generation, Prompting, RecordSample, TokenizedRecord
+from llama_gen.job.openai_batch import BatchRequest
+from llama_gen.job.openai_output import response_line
 from llama_gen.job.output import recover_output
 from llama_gen.job.records import BadLine, Record
 from llama_gen.runtime.distributed import Dist
@@ -86,8 +91,12 @@ def settings(tmp_path: Path, *lines: dict | str, **kwargs) -> Settings:
                     **kwargs)
 
 
-def works(s: Settings, tokenizer, done=frozenset()) -> list[Work | BadLine]:
-    return list(pending_work(s, set(done), Prompting(tokenizer, None)))
+def generation(s: Settings, tokenizer=None) -> Generation:
+    return Generation(s, Prompting(tokenizer, None))
+
+
+def works(s: Settings, tokenizer, done=frozenset()) -> list[TokenizedRecord | BadLine]:
+    return list(pending_records(generation(s, tokenizer), set(done)))
 
 
 def completion_of(request: Request, tokenizer, text: str, stop_reason=None) -> Completion:
@@ -103,8 +112,8 @@ def test_a_requests_line_waits_for_all_its_samples_then_holds_them_in_order(tmp_
                                                                            stop):
     s = settings(tmp_path, batch_line("r-1", n=2, logprobs=1, model="m"))
     [work] = works(s, tokenizer)
-    first, second = requests_for(work, s)
-    results = Results(s, ONE_PROCESS, total=2, tokenizer=tokenizer)
+    first, second = generation(s).requests(work)
+    results = Results(generation(s, tokenizer), ONE_PROCESS, total=2)
     try:
         results.finished(completion_of(second, tokenizer, " two"))
         assert s.out_path.read_bytes() == b""  # sample 0 is not in yet
@@ -116,16 +125,18 @@ def test_a_requests_line_waits_for_all_its_samples_then_holds_them_in_order(tmp_
     assert problems(line, SCHEMA[COMPLETIONS_URL]) == []
     assert [(c["index"], c["text"]) for c in choices(line)] == [(0, " one"), (1, " two")]
     assert line["response"]["body"]["model"] == "m"
-    assert (results.writer.counts.samples, count_pending(s, recover_output(s.out_path))) == (2, 0)
+    assert (results.writer.counts.samples,
+            count_pending(generation(s), recover_output(s.out_path))) == (2, 0)
 
 
 def test_a_stop_drops_a_partial_answer_and_the_next_run_makes_the_whole_request(
         tmp_path, tokenizer, stop):
     s = settings(tmp_path, batch_line("r-1", n=3), batch_line("r-2"))
     work_1, work_2 = works(s, tokenizer)
-    results = Results(s, ONE_PROCESS, total=4, tokenizer=tokenizer)
+    results = Results(generation(s, tokenizer), ONE_PROCESS, total=4)
     try:
-        for request in [*requests_for(work_1, s)][:2] + [*requests_for(work_2, s)]:
+        task = generation(s)
+        for request in [*task.requests(work_1)][:2] + [*task.requests(work_2)]:
             results.finished(completion_of(request, tokenizer, " x"))
         signal.raise_signal(signal.SIGTERM)  # caught: only noted
         with pytest.raises(Interrupted, match="stopped by SIGTERM: 3 sample"):
@@ -134,7 +145,7 @@ def test_a_stop_drops_a_partial_answer_and_the_next_run_makes_the_whole_request(
         results.close()
     assert [line["custom_id"] for line in output_lines(s.out_path)] == ["r-2"]
     done = recover_output(s.out_path)
-    assert count_pending(s, done) == 3
+    assert count_pending(generation(s), done) == 3
     [again] = works(s, tokenizer, done)
     assert (again.record.id, again.samples) == ("r-1", [0, 1, 2])
 
@@ -146,8 +157,8 @@ def test_a_choice_is_the_jobs_own_text_with_its_tokens(tokenizer):
     ids = tokenizer.encode(" a", bos=False) + [eot] + tokenizer.encode(" b. c", bos=False)
     params = SamplingParams(stop=(".",), logprobs=True, top_logprobs=1)
     top = [[(eot, -2.0)] for _ in ids]
-    done = Completion(Request(prompt, params, tag=Tag(rec, 0)), ids, [-1.0] * len(ids), "stop",
-                      len(prompt), ".", top)
+    done = Completion(Request(prompt, params, tag=RecordSample(rec, 0)), ids, [-1.0] * len(ids),
+                      "stop", len(prompt), ".", top)
     choice = batch_choice(done, tokenizer)
     assert (choice.text, choice.finish_reason, choice.token_ids) == (" a b", "stop", ids)
     at = len(tokenizer.encode(" a", bos=False))
@@ -171,10 +182,11 @@ def test_batch_requests_are_counted_shared_and_reported_like_records(tmp_path, t
                  batch_line("r-1", n=3, stop="x"), batch_line("r-2", prompt=long_prompt),
                  batch_line("r-3", url=CHAT_URL, n=0), completion_key="generated",
                  max_seq_len=32)
-    assert count_pending(s, set()) == 1 + 3 + 1
-    assert count_pending(s, {("r-1", 0), ("r-1", 1), ("r-1", 2)}) == 2
+    assert count_pending(generation(s), set()) == 1 + 3 + 1
+    assert count_pending(generation(s), {("r-1", 0), ("r-1", 1), ("r-1", 2)}) == 2
     items = works(s, tokenizer)
-    assert [type(x).__name__ for x in items] == ["Work", "Work", "BadLine", "BadLine"]
+    assert [type(x).__name__ for x in items] == ["TokenizedRecord", "TokenizedRecord", "BadLine",
+                                                 "BadLine"]
     too_long, bad_n = items[2:]
     assert bad_n.custom_id == "r-3" and bad_n.reason == "body.n must be an integer in [1, 1024], got 0"
     assert isinstance(too_long, BadLine) and too_long.max_seq_len == 32
@@ -187,8 +199,8 @@ def test_a_batch_request_ignores_the_runs_echo_and_chat_flags(tmp_path, tokenize
     s = settings(tmp_path, batch_line("r-1", prompt="Hello", seed=4, n=2), echo=True,
                  chat=True)
     [work] = works(s, tokenizer)
-    assert work.prompt_tokens == tokenizer.encode("Hello", bos=True)  # raw, not a chat turn
-    requests = list(requests_for(work, s))
+    assert work.tokens == tokenizer.encode("Hello", bos=True)  # raw, not a chat turn
+    requests = list(generation(s).requests(work))
     assert [r.params.echo for r in requests] == [False, False]
     assert [r.params.seed for r in requests] == [derive_seed(4, "r-1", i) for i in range(2)]
 
@@ -312,9 +324,8 @@ def test_the_same_seed_gives_the_same_choices_alone_and_among_others(answered, t
     tokenizer = load_tokenizer(ckpt / "tokenizer.model")
     model = load_model(ckpt, tokenizer, single_process, torch.float32)
     s = Settings(ckpt_dir=ckpt, prompt_path=alone, out_path=tmp_path / "x.jsonl")
-    prompting = Prompting.for_run(s, tokenizer, model.args)
-    requests = {r.tag.sample: r for w in pending_work(s, set(), prompting)
-                for r in requests_for(w, s)}
+    task = Generation(s, Prompting.for_run(s, tokenizer, model.args))
+    requests = {r.tag.sample: r for w in pending_records(task, set()) for r in task.requests(w)}
     ids = {tokenizer.token_bytes(i): i for i in range(tokenizer.n_words)}
     pairs = []
     for a, b in zip(choices(got), choices(want), strict=True):
@@ -326,7 +337,7 @@ def test_the_same_seed_gives_the_same_choices_alone_and_among_others(answered, t
         assert [x["logprob"] for x in shown[0][:same]] == pytest.approx(
             [y["logprob"] for y in shown[1][:same]], abs=1e-4)
     assert len(pairs) == 2 and all(a for _, a, _ in pairs)
-    assert_same_but_near_ties(model, pairs, prompting.stop_ids, most=1)
+    assert_same_but_near_ties(model, pairs, task.prompting.stop_ids, most=1)
 
 
 def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints, tmp_path,
@@ -371,9 +382,9 @@ def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints,
     assert len(ids) == tokenizer.n_words
     model = load_model(ckpt, tokenizer, single_process, torch.float32)
     s = Settings(ckpt_dir=ckpt, prompt_path=prompts, out_path=tmp_path / "x.jsonl")
-    prompting = Prompting.for_run(s, tokenizer, model.args)
+    task = Generation(s, Prompting.for_run(s, tokenizer, model.args))
     requests = {(r.tag.record.id, r.tag.sample): r
-                for w in pending_work(s, set(), prompting) for r in requests_for(w, s)}
+                for w in pending_records(task, set()) for r in task.requests(w)}
     key, tokens = next(((k, c["index"]), [ids[bytes(t["bytes"])] for t in content])
                        for k in ("r1", "r2", "r3") for c in choices(got[k])
                        if len(content := c["logprobs"]["content"]) >= 3)
@@ -386,7 +397,7 @@ def test_interrupted_and_resumed_each_request_is_answered_once(tiny_checkpoints,
                 continue
             assert int(custom_id[1:]) % 5, f"greedy {custom_id} differs"
             a, b = ([ids[bytes(t["bytes"])] for t in x["logprobs"]["content"]] for x in (c, w))
-            why = near_tie(model, requests[custom_id, c["index"]], a, b, prompting.stop_ids)
+            why = near_tie(model, requests[custom_id, c["index"]], a, b, task.prompting.stop_ids)
             assert why, f"{custom_id} sample {c['index']}: {a} vs {b}"
             ties.append(why)
     assert len(ties) <= 3, ties  # a few at most: rounding moves few draws across a step

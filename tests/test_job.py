@@ -16,13 +16,16 @@ from llama_gen.engine.engine import Completion, Request, SamplingParams
 from llama_gen.engine.sampling import derive_seed
 from llama_gen.errors import UserError
 from llama_gen.job import replicas as replicas_module
-from llama_gen.job.driver import (Incomplete, Interrupted, Plan, Prompting, Results, StopRequested,
-                                  Tag, Work, check_no_clash, check_shared_folder, count_pending,
-                                  output_line, pending_work, prepare, requests_for, start_parts)
+from llama_gen.job.feed import pending_records
+from llama_gen.job.prepare import (Prepared, check_no_clash, check_shared_folder, count_pending,
+                                   prepare, start_parts)
+from llama_gen.job.results import Results
+from llama_gen.job.run_end import Incomplete, Interrupted, StopRequested
+from llama_gen.job.tasks import Generation, Prompting, RecordSample, TokenizedRecord
 from llama_gen.job.output import OutputLock, recover_output
 from llama_gen.job.parts import parts_dir
 from llama_gen.job.records import BadLine, Record, parse_line
-from llama_gen.job.replicas import Counts, End, Finished, Replicas, Verdict
+from llama_gen.job.replicas import Counts, End, Replicas, Verdict
 from llama_gen.runtime.distributed import Dist
 from llama_gen.settings import OUTPUT_FIELDS, Settings
 from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
@@ -51,6 +54,15 @@ def settings(tmp_path: Path, **kwargs) -> Settings:
                        "out_path": tmp_path / "out.jsonl", **kwargs})
 
 
+def generation(s: Settings, tokenizer=None) -> Generation:
+    """The generation task over `s`, tokenizing with `tokenizer` (plain prompts)."""
+    return Generation(s, Prompting(tokenizer, None))
+
+
+def output_line(completion: Completion, tokenizer, s: Settings) -> dict:
+    return generation(s, tokenizer).line(completion)
+
+
 def write_prompts(tmp_path: Path, *objs: dict | str) -> None:
     (tmp_path / "prompts.jsonl").write_text(
         "".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs))
@@ -73,7 +85,7 @@ def test_output_line_keeps_the_input_fields_and_adds_ours(tmp_path, tokenizer):
     rec = record('{"prompt": "Hello", "key": "k", "meta": {"a": 1}}')
     prompt = tokenizer.encode("Hello", bos=True)
     new = tokenizer.encode("world!", bos=False)  # SentencePiece: "▁world" carries the space
-    request = Request(prompt, SamplingParams(), tag=Tag(rec, 2))
+    request = Request(prompt, SamplingParams(), tag=RecordSample(rec, 2))
     line = output_line(Completion(request, new, None, "stop", len(prompt)), tokenizer,
                        settings(tmp_path))
     assert line == {"prompt": "Hello", "key": "k", "meta": {"a": 1}, "id": "k", "sample": 2,
@@ -86,7 +98,7 @@ def test_output_line_with_echo_and_logprobs(tmp_path, tokenizer):
     rec = record('{"prompt": "Hello", "key": 5}')
     prompt = tokenizer.encode("Hello", bos=True)
     new = tokenizer.encode("world!", bos=False)
-    request = Request(prompt, SamplingParams(echo=True, logprobs=True), tag=Tag(rec, 0))
+    request = Request(prompt, SamplingParams(echo=True, logprobs=True), tag=RecordSample(rec, 0))
     logprobs = [None] + [-0.5] * (len(prompt) - 1 + len(new))
     line = output_line(Completion(request, prompt + new, logprobs, "length", len(prompt)),
                        tokenizer, settings(tmp_path))
@@ -101,7 +113,7 @@ def test_a_completion_cut_by_the_context_says_so_beside_its_finish_reason(tmp_pa
     rec = record('{"prompt": "Hello", "key": "k"}')
     prompt = tokenizer.encode("Hello", bos=True)
     new = tokenizer.encode("world!", bos=False)
-    request = Request(prompt, SamplingParams(max_gen_len=100), tag=Tag(rec, 0))
+    request = Request(prompt, SamplingParams(max_gen_len=100), tag=RecordSample(rec, 0))
     cut = output_line(Completion(request, new, None, "length", len(prompt), context_limit=True),
                       tokenizer, settings(tmp_path))
     assert (cut["finish_reason"], cut["context_limit"]) == ("length", True)
@@ -115,14 +127,14 @@ def test_a_completion_cut_by_the_context_says_so_beside_its_finish_reason(tmp_pa
 def test_a_record_field_named_context_limit_clashes_with_ours(tmp_path):
     write_prompts(tmp_path, {"prompt": "a", "context_limit": 3})
     with pytest.raises(UserError, match="field 'context_limit' is also an output field"):
-        count_pending(settings(tmp_path), set())
+        count_pending(generation(settings(tmp_path)), set())
     assert "context_limit" in OUTPUT_FIELDS
 
 
 def completed(tokenizer, prompt: str, new: list[int], stop_reason=None, top=None, **params):
     rec = record(json.dumps({"prompt": prompt, "key": "k"}))
     ids = tokenizer.encode(prompt, bos=True)
-    request = Request(ids, SamplingParams(**params), tag=Tag(rec, 0))
+    request = Request(ids, SamplingParams(**params), tag=RecordSample(rec, 0))
     return Completion(request, new, None, "stop" if stop_reason else "length", len(ids),
                       stop_reason, top)
 
@@ -166,7 +178,7 @@ def test_output_line_names_the_completion_after_completion_key(tmp_path, tokeniz
     rec = record('{"prompt": "Hello", "key": "k", "completion": "gold"}')
     prompt = tokenizer.encode("Hello", bos=True)
     new = tokenizer.encode("world!", bos=False)
-    request = Request(prompt, SamplingParams(), tag=Tag(rec, 0))
+    request = Request(prompt, SamplingParams(), tag=RecordSample(rec, 0))
     line = output_line(Completion(request, new, None, "stop", len(prompt)), tokenizer,
                        settings(tmp_path, completion_key="generated"))
     assert line["completion"] == "gold" and line["generated"] == " world!"
@@ -179,26 +191,26 @@ def test_a_completion_field_in_the_input_is_one_error_naming_the_flag(tmp_path):
     write_prompts(tmp_path, {"prompt": "a"}, {"prompt": "b", "completion": "gold"},
                   {"prompt": "c", "completion": "gold"})
     with pytest.raises(UserError) as e:
-        count_pending(settings(tmp_path), set())
+        count_pending(generation(settings(tmp_path)), set())
     message = str(e.value)
     assert message.startswith(f"{tmp_path / 'prompts.jsonl'}: line 2: field 'completion' is "
                               "also an output field")
     assert "--completion_key" in message
     # Another name for ours: the input's field is just a field.
-    assert count_pending(settings(tmp_path, completion_key="generated"), set()) == 3
+    assert count_pending(generation(settings(tmp_path, completion_key="generated")), set()) == 3
 
 
 def test_a_field_named_as_the_completion_key_clashes_too(tmp_path):
     write_prompts(tmp_path, {"prompt": "a", "completion": "gold", "generated": "x"})
     with pytest.raises(UserError, match=r"line 1: field 'generated' .*--completion_key"):
-        count_pending(settings(tmp_path, completion_key="generated"), set())
+        count_pending(generation(settings(tmp_path, completion_key="generated")), set())
 
 
 @pytest.mark.parametrize("name", [f for f in OUTPUT_FIELDS if f != "id"])
 def test_other_output_fields_in_the_input_are_one_error_asking_to_rename(tmp_path, name):
     write_prompts(tmp_path, {"prompt": "a"}, {"prompt": "b", name: 1})
     with pytest.raises(UserError) as e:
-        count_pending(settings(tmp_path), set())
+        count_pending(generation(settings(tmp_path)), set())
     message = str(e.value)
     assert f"line 2: field {name!r} is also an output field" in message
     assert "rename it in the input" in message and "--completion_key" not in message
@@ -206,25 +218,25 @@ def test_other_output_fields_in_the_input_are_one_error_asking_to_rename(tmp_pat
 
 def test_an_id_field_clashes_only_when_the_ids_come_from_another_key(tmp_path):
     write_prompts(tmp_path, {"prompt": "a", "id": 7, "key": "x"})
-    assert count_pending(settings(tmp_path), set()) == 1  # "id" is the record's id
+    assert count_pending(generation(settings(tmp_path)), set()) == 1  # "id" is the record's id
     with pytest.raises(UserError, match="line 1: field 'id' is also an output field"):
-        count_pending(settings(tmp_path, id_key="key"), set())
+        count_pending(generation(settings(tmp_path, id_key="key")), set())
 
 
 def test_bad_lines_are_not_checked_for_clashes(tmp_path):
     write_prompts(tmp_path, {"completion": "no prompt"}, {"prompt": "a"})
-    assert count_pending(settings(tmp_path), set()) == 1
+    assert count_pending(generation(settings(tmp_path)), set()) == 1
 
 
 def test_id_key_id_names_the_field_that_is_the_id(tmp_path):
     write_prompts(tmp_path, {"prompt": "a", "id": 7})
-    assert count_pending(settings(tmp_path, id_key="id"), set()) == 1
+    assert count_pending(generation(settings(tmp_path, id_key="id")), set()) == 1
 
 
 @pytest.mark.parametrize("name", ["id", "sample"])
 def test_a_completion_key_that_is_an_output_field_is_refused(tmp_path, name):
     with pytest.raises(UserError, match="--completion_key"):
-        count_pending(settings(tmp_path, completion_key=name), set())
+        count_pending(generation(settings(tmp_path, completion_key=name)), set())
 
 
 # --- counting and sharing the work ---------------------------------------------------------------
@@ -232,8 +244,8 @@ def test_a_completion_key_that_is_an_output_field_is_refused(tmp_path, name):
 def test_count_pending_counts_samples_not_done(tmp_path):
     write_prompts(tmp_path, {"prompt": "a"}, {"prompt": "b", "num_samples": 4}, "bad")
     s = settings(tmp_path, num_samples=2)
-    assert count_pending(s, set()) == 2 + 4
-    assert count_pending(s, {(1, 1), (2, 0), (2, 3), (3, 0)}) == 1 + 2
+    assert count_pending(generation(s), set()) == 2 + 4
+    assert count_pending(generation(s), {(1, 1), (2, 0), (2, 3), (3, 0)}) == 1 + 2
 
 
 def shares(s: Settings, tokenizer, replicas: int, done=frozenset(), chunk_records: int = 1,
@@ -242,7 +254,7 @@ def shares(s: Settings, tokenizer, replicas: int, done=frozenset(), chunk_record
     from torchrun's store) and taking items in turn, or in a random order given a seed."""
     counter = itertools.count()
     claim = (lambda: next(counter)) if replicas > 1 else None
-    feeds = [pending_work(s, set(done), Prompting(tokenizer, None), claim, chunk_records,
+    feeds = [pending_records(generation(s, tokenizer), set(done), claim, chunk_records,
                           reports_invalid=r == 0) for r in range(replicas)]
     out: list[list] = [[] for _ in feeds]
     live, turn, rng = list(range(replicas)), 0, random.Random(seed)
@@ -262,7 +274,7 @@ def test_two_replicas_share_the_pending_samples_disjointly_and_completely(tmp_pa
     s = settings(tmp_path, num_samples=2)
     done = {(0, 0), (1, 0), (1, 1), (4, 2), (8, 0)}
     everything = {(i, k) for i in range(9) for k in range(1 + i % 3)} - done
-    assert count_pending(s, done) == len(everything)
+    assert count_pending(generation(s), done) == len(everything)
     for replicas, chunk, seed in itertools.product((1, 2, 3), (1, 2, 5), (None, 1, 2)):
         pairs = [[(w.record.id, k) for w in share for k in w.samples]
                  for share in shares(s, tokenizer, replicas, done, chunk, seed)]
@@ -281,7 +293,8 @@ def test_bad_lines_are_reported_by_replica_0_only(tmp_path, tokenizer):
     first, second = shares(settings(tmp_path), tokenizer, 2)
     assert [x.line for x in first if isinstance(x, BadLine)] == [2, 4, 5]
     assert not [x for x in second if isinstance(x, BadLine)]
-    assert sorted(x.record.id for x in first + second if isinstance(x, Work)) == ["a", "b", "d"]
+    assert sorted(x.record.id for x in first + second
+                  if isinstance(x, TokenizedRecord)) == ["a", "b", "d"]
     assert all(x.max_seq_len is None for x in first if isinstance(x, BadLine))
 
 
@@ -290,7 +303,8 @@ def test_a_prompt_too_long_is_reported_by_its_owner_with_the_context_it_was_trie
     write_prompts(tmp_path, {"prompt": "short", "id": "a"}, {"prompt": LONG_PROMPT, "id": "b"})
     n = len(tokenizer.encode(LONG_PROMPT, bos=True))
     first, second = shares(settings(tmp_path, max_seq_len=32), tokenizer, 2)
-    assert [type(x).__name__ for x in first] == ["Work"]  # chunk 0, "a"; chunk 1 is the other's
+    # chunk 0, "a"; chunk 1 is the other's
+    assert [type(x).__name__ for x in first] == ["TokenizedRecord"]
     [bad] = second
     assert isinstance(bad, BadLine) and bad.line == 2 and bad.max_seq_len == 32
     assert bad.reason.startswith(f"the prompt has {n} tokens; --max_seq_len 32")
@@ -302,9 +316,9 @@ def test_requests_carry_a_tag_of_record_and_sample(tmp_path, tokenizer):
     write_prompts(tmp_path, {"prompt": "a", "id": "x"})
     s = settings(tmp_path, num_samples=3)
     [work] = shares(s, tokenizer, 1, {("x", 1)})[0]
-    requests = list(requests_for(work, s))
-    assert [r.tag for r in requests] == [Tag(work.record, 0), Tag(work.record, 2)]
-    assert all(r.prompt_tokens == work.prompt_tokens for r in requests)
+    requests = list(generation(s).requests(work))
+    assert [r.tag for r in requests] == [RecordSample(work.record, 0), RecordSample(work.record, 2)]
+    assert all(r.prompt_tokens == work.tokens for r in requests)
 
 
 # --- prepare (one process) -----------------------------------------------------------------------
@@ -317,18 +331,19 @@ def test_prepare_locks_checks_and_counts(tmp_path, tokenizer, single_process):
     s = settings(tmp_path, ckpt_dir=ckpt, num_samples=2)
     lock = OutputLock(s.lock_path, s.out_path)
     try:
-        assert prepare(s, Prompting(tokenizer, None), "torch.float32", ONE_PROCESS, lock) == Plan(frozenset(), 4)
+        assert prepare(generation(s, tokenizer), "torch.float32", ONE_PROCESS, lock) == \
+            Prepared(frozenset(), 4)
         assert s.settings_path.exists()
         other = OutputLock(s.lock_path, s.out_path)
         with pytest.raises(UserError, match="another llama-gen job"):
-            prepare(s, Prompting(tokenizer, None), "torch.float32", ONE_PROCESS, other)
+            prepare(generation(s, tokenizer), "torch.float32", ONE_PROCESS, other)
     finally:
         lock.release()
     s.out_path.write_bytes(b'{"id": 1, "sample": 0, "completion": "x"}\n')
     lock = OutputLock(s.lock_path, s.out_path)
     try:
-        assert prepare(s, Prompting(tokenizer, None), "torch.float32", ONE_PROCESS, lock) == \
-            Plan(frozenset({(1, 0)}), 3)
+        assert prepare(generation(s, tokenizer), "torch.float32", ONE_PROCESS, lock) == \
+            Prepared(frozenset({(1, 0)}), 3)
     finally:
         lock.release()
     write_prompts(tmp_path, {"prompt": "a", "completion": "gold"})
@@ -336,7 +351,7 @@ def test_prepare_locks_checks_and_counts(tmp_path, tokenizer, single_process):
     lock = OutputLock(fresh.lock_path, fresh.out_path)
     try:
         with pytest.raises(UserError, match="--completion_key"):
-            prepare(fresh, Prompting(tokenizer, None), "torch.float32", ONE_PROCESS, lock)
+            prepare(generation(fresh, tokenizer), "torch.float32", ONE_PROCESS, lock)
     finally:
         lock.release()
 
@@ -346,15 +361,15 @@ def test_prepare_locks_checks_and_counts(tmp_path, tokenizer, single_process):
 def test_results_on_one_process_go_to_the_writer(tmp_path, stop):
     write_prompts(tmp_path, {"prompt": "a"}, "x", {"prompt": "y"}, {"prompt": "z"})
     s = settings(tmp_path)
-    results = Results(s, ONE_PROCESS, total=3, tokenizer=None)  # deliver formats nothing
+    results = Results(generation(s), ONE_PROCESS, total=3)  # no line is made here
     assert results.replicas is None and results.writer is not None
     try:
-        results.deliver(Finished({"id": 1, "sample": 0, "completion": "é",
-                                  "completion_tokens": 2}, 1))
-        results.deliver(BadLine(2, "invalid JSON", "x"))
-        results.deliver(BadLine(3, "too long", "y", max_seq_len=8, samples=1))
-        results.deliver(Finished({"id": 4, "sample": 0, "completion": "z",
-                                  "completion_tokens": 3}, 4))
+        results.writer.output({"id": 1, "sample": 0, "completion": "é",
+                               "completion_tokens": 2}, 1)
+        results.writer.bad_line(BadLine(2, "invalid JSON", "x"))
+        results.writer.bad_line(BadLine(3, "too long", "y", max_seq_len=8, samples=1))
+        results.writer.output({"id": 4, "sample": 0, "completion": "z",
+                               "completion_tokens": 3}, 4)
         results.end(stop)  # 2 written + 1 in a bad line: what the start announced
     finally:
         results.close()
@@ -459,12 +474,12 @@ def test_each_replica_hears_the_samples_of_the_chunks_it_claims(tmp_path, tokeni
     s = settings(tmp_path, max_seq_len=32)
     counter = itertools.count()
     claimed = [[], []]
-    shares = [list(pending_work(s, set(), Prompting(tokenizer, None), lambda: next(counter), 2,
+    shares = [list(pending_records(generation(s, tokenizer), set(), lambda: next(counter), 2,
                                 reports_invalid=r == 0, on_claimed=claimed[r].append))
               for r in range(2)]  # replica 0 reads all it can first: it takes every chunk
-    assert claimed[1] == [] and sum(claimed[0]) == count_pending(s, set()) == 18
+    assert claimed[1] == [] and sum(claimed[0]) == count_pending(generation(s), set()) == 18
     assert claimed[0] == [1 + 2, 3 + 1, 2 + 3, 1 + 2, 3]  # chunks of 2 records
-    made = [sum(len(w.samples) if isinstance(w, Work) else w.samples for w in share)
+    made = [sum(len(w.samples) if isinstance(w, TokenizedRecord) else w.samples for w in share)
             for share in shares]
     assert made == [18, 0]
     [bad] = [w for w in shares[0] if isinstance(w, BadLine)]
@@ -478,9 +493,9 @@ def test_a_finished_completion_is_written_as_its_output_line(tmp_path, tokenizer
     s = settings(tmp_path, id_key="key")
     rec = record('{"prompt": "Hello", "key": "k"}')
     prompt = tokenizer.encode("Hello", bos=True)
-    completion = Completion(Request(prompt, SamplingParams(), tag=Tag(rec, 0)),
+    completion = Completion(Request(prompt, SamplingParams(), tag=RecordSample(rec, 0)),
                             tokenizer.encode("world", bos=False), None, "length", len(prompt))
-    results = Results(s, ONE_PROCESS, total=1, tokenizer=tokenizer)
+    results = Results(generation(s, tokenizer), ONE_PROCESS, total=1)
     try:
         results.finished(completion)
         results.end(stop)
@@ -494,14 +509,15 @@ def test_a_finished_completion_is_written_as_its_output_line(tmp_path, tokenizer
 def ended(s: Settings, stop: StopRequested, *items, done=frozenset()) -> None:
     """Deliver `items` (BadLines, or output lines) on one process, then end the run; the start
     announced the prompt file's samples not in the output yet."""
-    results = Results(s, ONE_PROCESS, total=count_pending(s, recover_output(s.out_path)),
-                      tokenizer=None, resumed=bool(done))
+    task = generation(s)
+    results = Results(task, ONE_PROCESS, total=count_pending(task, recover_output(s.out_path)),
+                      resumed=bool(done))
     try:
         for item in items:
             if isinstance(item, BadLine):
-                results.deliver(item)
+                results.writer.bad_line(item)
             else:
-                results.deliver(Finished(item, 1))
+                results.writer.output(item, 1)
         results.end(stop)
     finally:
         results.close()
@@ -591,9 +607,9 @@ def test_a_clash_found_on_resume_names_the_ways_out_that_work(tmp_path):
     s = settings(tmp_path)
     record = Record(4, 4, "p", {"prompt": "p", "completion": "gold"})
     with pytest.raises(UserError, match=r"line 4: .*--completion_key generated --overwrite"):
-        check_no_clash(record, s, resuming=True)
+        check_no_clash(record, generation(s), resuming=True)
     with pytest.raises(UserError, match=r"pass --completion_key with another name"):
-        check_no_clash(record, s)
+        check_no_clash(record, generation(s))
 
 
 # --- work sharing and requests: a replica's share of the pending records ----------------------
@@ -614,9 +630,9 @@ def test_pending_work_shards_records_disjointly_and_completely(tmp_path, tokeniz
     assert len(ids[0]) == 4 and len(ids[1]) == 3  # taking turns: balanced
     for share in shares:
         for w in share:
-            assert isinstance(w, Work) and w.samples == [0]
-            assert w.prompt_tokens == tokenizer.encode(w.record.prompt, bos=True)
-            assert w.prompt_tokens[0] == tokenizer.bos_id
+            assert isinstance(w, TokenizedRecord) and w.samples == [0]
+            assert w.tokens == tokenizer.encode(w.record.prompt, bos=True)
+            assert w.tokens[0] == tokenizer.bos_id
 
 
 def test_pending_work_skips_done_pairs_and_rebalances_what_is_left(tmp_path, tokenizer):
@@ -655,8 +671,8 @@ def test_bad_lines_come_from_replica_0_and_too_long_prompts_from_their_owner(tmp
     kinds = [[(type(x).__name__, x.line if isinstance(x, BadLine) else x.record.id)
               for x in share] for share in shares]
     # Replica 0 claims chunk 0, replica 1 chunk 1; then each claims as it reaches past its own.
-    assert kinds == [[("Work", "a"), ("BadLine", 2), ("BadLine", 4), ("BadLine", 6)],
-                     [("BadLine", 3), ("Work", "c")]]
+    assert kinds == [[("TokenizedRecord", "a"), ("BadLine", 2), ("BadLine", 4), ("BadLine", 6)],
+                     [("BadLine", 3), ("TokenizedRecord", "c")]]
     too_long = shares[1][0]  # line 3's
     n = len(tokenizer.encode(long_prompt, bos=True))
     assert too_long.reason.startswith(f"the prompt has {n} tokens; --max_seq_len 32 allows at "
@@ -673,7 +689,8 @@ def test_bad_lines_come_from_replica_0_and_too_long_prompts_from_their_owner(tmp
 def test_a_prompt_of_exactly_max_seq_len_minus_1_tokens_is_accepted(tmp_path, tokenizer):
     write_prompts(tmp_path, {"prompt": "Hello world! This is a tiny corpus."})
     n = len(tokenizer.encode("Hello world! This is a tiny corpus.", bos=True))
-    assert isinstance(collect(settings(tmp_path, max_seq_len=n + 1), tokenizer, 1)[0][0], Work)
+    assert isinstance(collect(settings(tmp_path, max_seq_len=n + 1), tokenizer, 1)[0][0],
+                      TokenizedRecord)
     assert isinstance(collect(settings(tmp_path, max_seq_len=n), tokenizer, 1)[0][0], BadLine)
 
 
@@ -681,13 +698,14 @@ def test_count_pending_uses_num_samples_and_per_record_overrides(tmp_path):
     write_prompts(tmp_path, {"prompt": "a"}, {"prompt": "b", "num_samples": 4}, "bad",
                   {"prompt": "c", "num_samples": 1}, {"prompt": "d", "id": 1})  # d: duplicate
     s = settings(tmp_path, num_samples=3)
-    assert count_pending(s, set()) == 3 + 4 + 1
-    assert count_pending(s, {(1, 0), (1, 2), (2, 3), (2, 9), (4, 0), ("x", 0)}) == 1 + 3 + 0
-    assert count_pending(settings(tmp_path), set()) == 1 + 4 + 1
+    assert count_pending(generation(s), set()) == 3 + 4 + 1
+    done = {(1, 0), (1, 2), (2, 3), (2, 9), (4, 0), ("x", 0)}
+    assert count_pending(generation(s), done) == 1 + 3 + 0
+    assert count_pending(generation(settings(tmp_path)), set()) == 1 + 4 + 1
 
 
 def requests(tmp_path: Path, tokenizer, s: Settings, done=frozenset()):
-    return [r for w in collect(s, tokenizer, 1, done)[0] for r in requests_for(w, s)]
+    return [r for w in collect(s, tokenizer, 1, done)[0] for r in generation(s).requests(w)]
 
 
 def test_requests_for_derives_a_seed_per_id_and_sample(tmp_path, tokenizer):
@@ -695,7 +713,7 @@ def test_requests_for_derives_a_seed_per_id_and_sample(tmp_path, tokenizer):
                   {"prompt": "same", "id": 1})
     s = settings(tmp_path, num_samples=2, seed=11)
     reqs = requests(tmp_path, tokenizer, s)
-    assert all(isinstance(r.tag, Tag) for r in reqs)
+    assert all(isinstance(r.tag, RecordSample) for r in reqs)
     assert [(r.tag.record.id, r.tag.sample) for r in reqs] == [
         ("a", 0), ("a", 1), ("b", 0), ("b", 1), (1, 0), (1, 1)]
     seeds = [r.params.seed for r in reqs]
@@ -726,7 +744,7 @@ def test_requests_for_applies_per_record_overrides(tmp_path, tokenizer):
         assert (r.params.top_p, r.params.max_gen_len) == (0.5, 3)
         assert r.params.seed == derive_seed(99, 2, sample)
         assert r.params.logprobs and r.params.echo
-        assert r.tag == Tag(special[0].tag.record, sample)
+        assert r.tag == RecordSample(special[0].tag.record, sample)
         assert r.prompt_tokens == tokenizer.encode("b", bos=True)
 
 
@@ -740,45 +758,45 @@ def test_output_field_names_in_the_input_are_rejected_by_the_job_at_start(tmp_pa
     item = parse(json.dumps({"prompt": "hi", name: 1}))
     assert isinstance(item, Record) and item.fields[name] == 1
     with pytest.raises(UserError) as e:
-        check_no_clash(item, settings(tmp_path))
+        check_no_clash(item, generation(settings(tmp_path)))
     message = str(e.value)
     assert f"line 7: field {name!r} is also an output field" in message
     assert ("--completion_key" if name == "completion" else "rename it in the input") in message
     write_prompts(tmp_path, {"prompt": "ok"}, {"prompt": "hi", name: 1})
     with pytest.raises(UserError, match=f"line 2: field {name!r} is also an output field"):
-        count_pending(settings(tmp_path), set())
+        count_pending(generation(settings(tmp_path)), set())
 
 
 def test_a_completion_field_is_fine_under_another_completion_key(tmp_path):
     item = parse('{"prompt": "hi", "completion": "gold"}')
-    check_no_clash(item, settings(tmp_path, completion_key="generated"))
+    check_no_clash(item, generation(settings(tmp_path, completion_key="generated")))
     with pytest.raises(UserError, match="field 'generated' is also an output field: pass "
                                         "--completion_key with another name"):
         check_no_clash(parse('{"prompt": "hi", "generated": "x"}'),
-                       settings(tmp_path, completion_key="generated"))
+                       generation(settings(tmp_path, completion_key="generated")))
 
 
 def test_an_id_field_is_reserved_when_the_ids_come_from_another_key(tmp_path):
     item = parse('{"prompt": "hi", "key": "a", "id": 3}', id_key="key", required=True)
     assert isinstance(item, Record) and item.id == "a"
     with pytest.raises(UserError, match="field 'id' is also an output field"):
-        check_no_clash(item, settings(tmp_path, id_key="key"))
+        check_no_clash(item, generation(settings(tmp_path, id_key="key")))
     default = parse('{"prompt": "hi", "id": 3}')
     assert isinstance(default, Record)  # the default id key is fine
-    check_no_clash(default, settings(tmp_path))
+    check_no_clash(default, generation(settings(tmp_path)))
 
 
 def test_an_id_field_is_fine_when_it_is_the_id_key(tmp_path):
     item = parse('{"prompt": "hi", "id": 3}', id_key="id", required=True)
     assert isinstance(item, Record) and item.id == 3
-    check_no_clash(item, settings(tmp_path, id_key="id"))
+    check_no_clash(item, generation(settings(tmp_path, id_key="id")))
 
 
 @pytest.mark.parametrize("key", OUTPUT_FIELDS)
 def test_a_completion_key_that_is_another_output_field_is_refused(tmp_path, key):
     write_prompts(tmp_path, {"prompt": "hi"})
     with pytest.raises(UserError, match="--completion_key"):
-        count_pending(settings(tmp_path, completion_key=key), set())
+        count_pending(generation(settings(tmp_path, completion_key=key)), set())
 
 
 def test_min_tokens_ending_inside_a_character_still_cuts_at_the_stop_string(tmp_path, tokenizer):
@@ -799,7 +817,7 @@ def test_a_system_message_for_a_plain_prompt_without_chat_is_a_bad_line(tmp_path
     s = settings(tmp_path)
     [items] = shares(s, tokenizer, 1)
     assert isinstance(items[0], BadLine) and "--chat" in items[0].reason
-    assert isinstance(items[1], Work)
+    assert isinstance(items[1], TokenizedRecord)
 
 
 # --- several replicas: the parts folder must be shared -------------------------------------------

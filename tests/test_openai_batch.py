@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from llama_gen.job.openai_batch import (CONTEXT_LENGTH_EXCEEDED, BatchRequest, Choice, body_field,
-                                        done_key, error_line, is_batch_request, output_id,
-                                        parse_batch_request, request_id, response_line)
+from llama_gen.job.openai_batch import (BatchRequest, body_field, is_batch_request,
+                                        parse_batch_request)
+from llama_gen.job.openai_output import (CONTEXT_LENGTH_EXCEEDED, Choice, done_key, error_line,
+                                         output_id, request_id, response_line)
 
 # --- The published schemas, as field -> type ------------------------------------------------
 # Read from openai-python (src/openai/types/chat/chat_completion.py, chat_completion_message.py,

@@ -16,10 +16,12 @@ import pytest
 
 import llama_gen
 from llama_gen.errors import UserError
-from llama_gen.job.openai_batch import BatchRequest, Choice, error_line, response_line
+from llama_gen.job.openai_batch import BatchRequest
+from llama_gen.job.openai_output import Choice, error_line, response_line
 from llama_gen.job.output import (JsonlAppender, OutputLock, ProgressLog, Writer,
                                   recorded_error_lines, recover_output, write_atomically)
 from llama_gen.job.records import BadLine
+from llama_gen.job.tasks import Generation
 from llama_gen.settings import Settings
 
 
@@ -320,7 +322,7 @@ def test_writer_repairs_a_torn_errors_file_before_appending(tmp_path):
     s = Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "prompts.jsonl",
                  out_path=tmp_path / "out.jsonl")
     s.errors_path.write_bytes(b'{"line": 1, "reason": "r", "text": "t"}\n{"line": 3, "rea')
-    writer = Writer(s, total=0)
+    writer = Writer(s, total=0, tally=Generation.tally)
     writer.bad_line(BadLine(5, "invalid JSON", "x"))
     writer.close()
     assert recorded_error_lines(s.errors_path) == {1, 5}
@@ -332,7 +334,7 @@ def test_writer_appends_lines_counts_them_and_logs_progress(tmp_path):
     s = Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "prompts.jsonl",
                  out_path=tmp_path / "out.jsonl", logging_path=tmp_path / "progress.log")
     s.errors_path.write_bytes(b'{"line": 2, "reason": "r", "text": "t"}\n')
-    writer = Writer(s, total=2)
+    writer = Writer(s, total=2, tally=Generation.tally)
     writer.output({"id": 1, "sample": 0, "completion": "é", "completion_tokens": 3}, 1)
     writer.bad_line(BadLine(2, "invalid JSON", "x"))  # already recorded: counted, not rewritten
     writer.bad_line(BadLine(4, "too long", "y", max_seq_len=16))
@@ -363,7 +365,7 @@ def test_the_summary_counts_completions_cut_by_the_context(tmp_path, max_seq_len
                                                            cut_by):
     s = Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "prompts.jsonl",
                  out_path=tmp_path / "out.jsonl", max_seq_len=max_seq_len)
-    writer = Writer(s, total=3, context_length=context)
+    writer = Writer(s, total=3, context_length=context, tally=Generation.tally)
     writer.output({"id": 1, "sample": 0, "finish_reason": "length", "context_limit": True,
                    "completion_tokens": 5}, 1)
     writer.output({"id": 2, "sample": 0, "finish_reason": "length", "completion_tokens": 2}, 2)
@@ -417,7 +419,7 @@ def test_a_batch_line_that_is_not_a_whole_answer_is_a_user_error(tmp_path, bad):
 def test_writer_counts_a_batch_lines_choices_and_writes_batch_errors_in_the_api_shape(tmp_path):
     s = Settings(ckpt_dir=tmp_path, prompt_path=tmp_path / "prompts.jsonl",
                  out_path=tmp_path / "out.jsonl")
-    writer = Writer(s, total=4)
+    writer = Writer(s, total=4, tally=Generation.tally)
     writer.output(json.loads(batch_out("r-1", 3, tokens=5)), 1)
     writer.output({"id": 2, "sample": 0, "completion": "z", "completion_tokens": 4}, 2)
     writer.bad_line(BadLine(3, "body.n must be an integer in [1, 1024], got 0", "{}", custom_id="r-3"))
@@ -451,7 +453,7 @@ def test_the_bar_ends_full_when_lines_are_bad_and_log_lines_never_cut_it(tmp_pat
         prompts = tmp_path / "p.jsonl"
         prompts.write_text('{"prompt": "a"}\n')
         s = Settings(ckpt_dir=tmp_path, prompt_path=prompts, out_path=tmp_path / "out.jsonl")
-        writer = Writer(s, total=3)
+        writer = Writer(s, total=3, tally=Generation.tally)
         writer.output({"id": 1, "sample": 0, "completion": "x", "completion_tokens": 1}, 1)
         logging.getLogger("llama_gen").warning("a message")
         writer.bad_line(BadLine(2, "too long", "x", samples=1))

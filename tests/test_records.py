@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from llama_gen.job.openai_batch import output_id, request_id
-from llama_gen.job.records import BadLine, Form, Record, aliases_taken, parse_line, read_records
+from llama_gen.job.openai_output import output_id, request_id
+from llama_gen.job.records import (BadLine, Record, ScoreSchema, aliases_taken, parse_line,
+                                   read_records)
 from llama_gen.settings import ScoreSettings
 
 
@@ -314,7 +315,7 @@ def test_a_line_with_a_custom_id_but_no_body_is_a_prompt_record():
 
 def test_score_refuses_batch_lines_by_name(tmp_path):
     items = read_all(tmp_path, batch_line("r-1"), '{"text": "scored"}',
-                     form=Form(score_keys=("text", "completion")))
+                     schema=ScoreSchema())
     assert isinstance(items[0], BadLine) and "`llama-gen score` scores texts" in items[0].reason
     assert isinstance(items[1], Record)
 
@@ -379,8 +380,7 @@ def test_two_aliases_must_agree():
 
 def test_aliases_of_settings_a_form_does_not_take_are_plain_fields(tmp_path):
     items = read_all(tmp_path, '{"text": "scored", "n": 0, "max_tokens": "x"}',
-                     form=Form(per_record=ScoreSettings.per_record(),
-                               score_keys=("text", "completion")))
+                     schema=ScoreSchema(per_record=ScoreSettings.per_record()))
     assert isinstance(items[0], Record)
     assert (items[0].overrides, items[0].aliases) == ({}, ())
 

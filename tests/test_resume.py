@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from llama_gen.errors import UserError
-from llama_gen.job.driver import Prompting, pending_work
+from llama_gen.job.feed import pending_records
 from llama_gen.job.output import JsonlAppender, OutputLock, Writer
 from llama_gen.job.records import BadLine
 from llama_gen.job.resume import (LINE_DIGEST_BYTES, changed_lines, fingerprint_differences,
                                   forget_retryable_errors, line_digests, move_aside, prepare_output,
                                   run_fingerprint)
+from llama_gen.job.tasks import Generation, Prompting
 from llama_gen.settings import FIELDS, OUTPUT_DEFINING, Settings
 from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model
 from llama_gen.text.tokenizer import load_tokenizer
@@ -452,8 +453,8 @@ def test_a_prompt_too_long_is_retried_after_a_resume_with_a_longer_context(tmp_p
         s = Settings(ckpt_dir=ckpt, prompt_path=tmp_path / "prompts.jsonl",
                      out_path=tmp_path / "out.jsonl", max_seq_len=max_seq_len)
         done = prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32"))
-        work = list(pending_work(s, done, Prompting(tokenizer, None)))
-        writer = Writer(s, total=0)
+        work = list(pending_records(Generation(s, Prompting(tokenizer, None)), done))
+        writer = Writer(s, total=0, tally=Generation.tally)
         for item in work:
             if isinstance(item, BadLine):
                 writer.bad_line(item)
@@ -464,7 +465,7 @@ def test_a_prompt_too_long_is_retried_after_a_resume_with_a_longer_context(tmp_p
         return work
 
     first = run(32)
-    assert [type(x).__name__ for x in first] == ["Work", "BadLine"]
+    assert [type(x).__name__ for x in first] == ["TokenizedRecord", "BadLine"]
     assert first[1].max_seq_len == 32
     assert [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_bytes()
             .splitlines()] == [first[1].as_json()]
@@ -478,7 +479,7 @@ def test_a_prompt_too_long_is_retried_after_a_resume_with_a_longer_context(tmp_p
             .read_bytes().splitlines()] == [n]
     # A context long enough: the prompt is work again, and its error is gone.
     retried = run(n + 1)
-    assert [(type(x).__name__, x.record.id) for x in retried] == [("Work", "b")]
+    assert [(type(x).__name__, x.record.id) for x in retried] == [("TokenizedRecord", "b")]
     assert (tmp_path / "out.jsonl.errors.jsonl").read_bytes() == b""
     assert replaced(tmp_path) == []
 

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import jsonlines
 
 from ..errors import UserError
 from ..settings import JobSettings
-from .openai_batch import done_key
+from .openai_output import done_key
 from .records import BadLine
 from .replicas import Counts, Replicas
 
@@ -115,7 +116,8 @@ def write_atomically(path: Path, content: str | bytes) -> None:
 
 
 class JsonlAppender:
-    """Appends whole JSON lines; flushes every line, fsyncs every `sync_every` seconds and on close."""
+    """Appends whole JSON lines; flushes every line, fsyncs every `sync_every` seconds and on
+    close."""
 
     def __init__(self, path: Path, sync_every: float = 2.0):
         self.path = path
@@ -183,7 +185,8 @@ class OutputLock:
 
 
 class ProgressLog:
-    """Human-readable progress lines at --logging_path, for `tail -f`; never read for correctness."""
+    """Human-readable progress lines at --logging_path, for `tail -f`; never read for
+    correctness."""
 
     def __init__(self, path: Path):
         self._file = path.open("a", encoding="utf-8")
@@ -197,6 +200,16 @@ class ProgressLog:
         self._file.close()
 
 
+@dataclass(frozen=True)
+class Tally:
+    """What a task's output lines count, and the summary's words for them."""
+
+    tokens_field: str  # the field of a line that holds its tokens
+    noun: str  # a line, counted ("sample(s)")
+    done: str  # what became of the lines ("written")
+    verb: str  # what became of their tokens ("generated")
+
+
 class Writer:
     """A replica leader's side of the job: its output and errors files (--out_path's, or its part
     files when there are several replicas), and on global rank 0 progress for people (a bar on a
@@ -205,7 +218,8 @@ class Writer:
 
     def __init__(self, settings: JobSettings, total: int, out_path: Path | None = None,
                  errors_path: Path | None = None, shows_progress: bool = True,
-                 replicas: Replicas | None = None, context_length: int | None = None):
+                 replicas: Replicas | None = None, context_length: int | None = None, *,
+                 tally: Tally):
         self.out = JsonlAppender(out_path or settings.out_path)
         self.errors = JsonlAppender(errors_path or settings.errors_path)
         # The errors file's lines, not written again (a part's are left to the merge).
@@ -216,10 +230,7 @@ class Writer:
         self.total = total
         self.max_seq_len, self.context_length = settings.max_seq_len, context_length
         self.counts = Counts()
-        scoring = settings.score_keys is not None
-        self._counted, self._verb = (("n_tokens", "scored") if scoring
-                                     else ("completion_tokens", "generated"))
-        self._noun, self._done = ("record(s)", "scored") if scoring else ("sample(s)", "written")
+        self.tally = tally
         self.errors_path = settings.errors_path  # where the bad lines end up, parts merged
         self.start = self._last_report = self._last_console = time.monotonic()
         self._bar = self._logging_above_bar = None
@@ -238,7 +249,7 @@ class Writer:
         if is_batch_line(line):
             body = line["response"]["body"]
             return len(body["choices"]), body["usage"]["completion_tokens"]
-        return 1, line[self._counted]
+        return 1, line[self.tally.tokens_field]
 
     def output(self, line: dict[str, Any], source_line: int) -> None:
         self.out.write(line)
@@ -301,8 +312,9 @@ class Writer:
         lost = (f", {left} {'remain' if stopped else 'missing'} (run the same command again)"
                 if left else "")
         where = f"; the bad lines are in {self.errors_path}" if counts.bad_lines else ""
-        return (f"{counts.samples} {self._noun} {self._done}{cut}{lost}, {counts.bad_lines} "
-                f"bad line(s), {counts.tokens} tokens {self._verb} in {elapsed:.1f}s "
+        tally = self.tally
+        return (f"{counts.samples} {tally.noun} {tally.done}{cut}{lost}, {counts.bad_lines} "
+                f"bad line(s), {counts.tokens} tokens {tally.verb} in {elapsed:.1f}s "
                 f"({counts.tokens / elapsed:.1f} tok/s){where}")
 
     def _context_limit(self) -> str:

@@ -63,10 +63,10 @@ def whole_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def parsed_lines(path: Path) -> Iterator[tuple[int, bytes, Any]]:
-    """(offset, line, its JSON value) of each whole line of a part. A line that does not parse is torn
-    too, where it is not the last: a client that crashed on NFS can leave a region of zero bytes
-    (or of old data) where its last writes were to go. It is skipped and logged, and the
-    sample it held, if any, is made again by the next run."""
+    """(offset, line, its JSON value) of each whole line of a part. A line that does not parse
+    is torn too, where it is not the last: a client that crashed on NFS can leave a region of
+    zero bytes (or of old data) where its last writes were to go. It is skipped and logged, and
+    the sample it held, if any, is made again by the next run."""
     for offset, raw in whole_lines(path):
         try:
             yield offset, raw, json.loads(raw)

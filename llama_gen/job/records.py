@@ -15,13 +15,13 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..settings import PER_RECORD, RULES
 from ..text.chat import message_problem
 from ..values import BadValue, is_int
-from .openai_batch import (CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, BatchRequest, body_field,
-                           error_line, is_batch_request, parse_batch_request, request_id)
+from .openai_batch import BatchRequest, body_field, is_batch_request, parse_batch_request
+from .openai_output import CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, error_line, request_id
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,10 @@ def check_overrides(obj: dict[str, Any], names: tuple[str, ...] = PER_RECORD
 
 
 def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str, id_key_required: bool,
-               form: Form | None = None) -> Record | BadLine | None:
-    """One line of the prompt file; None for a blank line."""
-    form = form or Form(prompt_key)
+               schema: RecordSchema | None = None) -> Record | BadLine | None:
+    """One line of the prompt file, read by `schema` (default: a prompt under `prompt_key`);
+    None for a blank line."""
+    schema = schema or PromptSchema(prompt_key)
     text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
     shown = text if len(text) <= 1000 else text[:1000] + "..."
     if not text.strip():
@@ -132,8 +133,8 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str, id_key_requi
     if not isinstance(obj, dict):
         return BadLine(line, f"expected a JSON object, got {type(obj).__name__}", shown)
     if is_batch_request(obj):
-        return batch_record(obj, line, shown, form)
-    if (problem := form.problem(obj)) is not None:
+        return batch_record(obj, line, shown, schema)
+    if (problem := schema.problem(obj)) is not None:
         return BadLine(line, problem, shown)
     if id_key in obj:
         record_id = obj[id_key]
@@ -143,12 +144,12 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str, id_key_requi
         return BadLine(line, f"id field {id_key!r} is missing", shown)
     else:
         record_id = line
-    overrides, problem = check_overrides(obj, form.per_record)
+    overrides, problem = check_overrides(obj, schema.per_record)
     if problem:
         return BadLine(line, problem, shown)
-    prompt, messages, target = form.parts(obj)
+    prompt, messages, target = schema.parts(obj)
     return Record(line, record_id, prompt, obj, overrides, messages, target,
-                  aliases=aliases_of(obj, form.per_record))
+                  aliases=aliases_of(obj, schema.per_record))
 
 
 # What a batch request's answer always is, whatever the run's flags: the API echoes no prompt
@@ -156,14 +157,14 @@ def parse_line(raw: bytes, line: int, prompt_key: str, id_key: str, id_key_requi
 BATCH_SETTINGS = {"chat": {"echo": False}, "completion": {"echo": False, "chat": False}}
 
 
-def batch_record(obj: dict[str, Any], line: int, shown: str, form: Form) -> Record | BadLine:
+def batch_record(obj: dict[str, Any], line: int, shown: str,
+                 schema: RecordSchema) -> Record | BadLine:
     """A batch request line as a record: its id is its custom_id, its settings its body's,
     checked by the settings' rules and worded in the body's own field names."""
     custom_id = obj.get("custom_id")
     custom_id = custom_id if isinstance(custom_id, str) and custom_id else None
-    if form.score_keys is not None:
-        return BadLine(line, "an OpenAI batch request: `llama-gen score` scores texts; answer "
-                       "requests with `llama-gen` itself", shown, custom_id=custom_id)
+    if schema.batch_refusal is not None:
+        return BadLine(line, schema.batch_refusal, shown, custom_id=custom_id)
     request = parse_batch_request(obj)
     if isinstance(request, str):
         return BadLine(line, request, shown, custom_id=custom_id)
@@ -179,19 +180,41 @@ def batch_record(obj: dict[str, Any], line: int, shown: str, form: Form) -> Reco
 
 
 @dataclass(frozen=True)
-class Form:
-    """What a record must hold. To generate: a prompt (its text under `prompt_key`) or a dialog
-    ("messages"). To score (`score_keys`, the text and completion fields): a text scored whole,
-    a prompt and a completion scored given it, or a dialog whose last reply is scored."""
+class PromptSchema:
+    """What a record to generate from must hold: a prompt (its text under `prompt_key`) or a
+    dialog ("messages"). A batch request line answers in the API's format."""
 
     prompt_key: str = "prompt"
     per_record: tuple[str, ...] = PER_RECORD  # the settings a record may set
-    score_keys: tuple[str, str] | None = None
+    batch_refusal: ClassVar[str | None] = None  # why a batch request line cannot run, if not
 
     def problem(self, obj: dict[str, Any]) -> str | None:
-        if self.score_keys is None or "messages" in obj:
+        return prompt_problem(obj, self.prompt_key)
+
+    def parts(self, obj: dict[str, Any]) -> tuple[str | None, list | None, str | None]:
+        """A valid record's prompt, messages and target (see `Record`)."""
+        if "messages" in obj:
+            return None, obj["messages"], None
+        return obj[self.prompt_key], None, None
+
+
+@dataclass(frozen=True)
+class ScoreSchema:
+    """What a record to score must hold: a text scored whole (under `text_key`), a prompt and a
+    completion scored given it, or a dialog whose last reply is scored."""
+
+    prompt_key: str = "prompt"
+    per_record: tuple[str, ...] = PER_RECORD  # the settings a record may set
+    text_key: str = "text"
+    completion_key: str = "completion"
+    batch_refusal: ClassVar[str | None] = (
+        "an OpenAI batch request: `llama-gen score` scores texts; answer requests with "
+        "`llama-gen` itself")
+
+    def problem(self, obj: dict[str, Any]) -> str | None:
+        if "messages" in obj:
             return prompt_problem(obj, self.prompt_key)
-        text_key, completion_key = self.score_keys
+        text_key, completion_key = self.text_key, self.completion_key
         if text_key in obj:
             clash = [k for k in (self.prompt_key, completion_key) if k in obj]
             return (f"has both {text_key!r} and {clash[0]!r}: give a whole text, or a prompt and "
@@ -207,12 +230,12 @@ class Form:
         """A valid record's prompt, messages and target (see `Record`)."""
         if "messages" in obj:
             return None, obj["messages"], None
-        if self.score_keys is None:
-            return obj[self.prompt_key], None, None
-        text_key, completion_key = self.score_keys
-        if text_key in obj:
-            return None, None, obj[text_key]
-        return obj[self.prompt_key], None, obj[completion_key]
+        if self.text_key in obj:
+            return None, None, obj[self.text_key]
+        return obj[self.prompt_key], None, obj[self.completion_key]
+
+
+RecordSchema = PromptSchema | ScoreSchema
 
 
 def prompt_problem(obj: dict[str, Any], prompt_key: str) -> str | None:
@@ -237,7 +260,7 @@ def text_problem(obj: dict[str, Any], key: str, hint: str, what: str = "field") 
 
 
 def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = None,
-                 form: Form | None = None) -> Iterator[Record | BadLine]:
+                 schema: RecordSchema | None = None) -> Iterator[Record | BadLine]:
     """Every non-blank line as a Record or a BadLine (a repeated id is a BadLine).
 
     `id_key` None: records use their "id" field when they have one, else their line number. A
@@ -248,7 +271,7 @@ def read_records(path: Path, prompt_key: str = "prompt", id_key: str | None = No
         for line, raw in enumerate(f, start=1):
             if line == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)  # as some editors on Windows save
-            item = parse_line(raw, line, prompt_key, id_key or "id", id_key is not None, form)
+            item = parse_line(raw, line, prompt_key, id_key or "id", id_key is not None, schema)
             if item is None:
                 continue
             if isinstance(item, Record):

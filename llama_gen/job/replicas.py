@@ -29,7 +29,6 @@ from typing import Any
 
 from ..runtime import distributed
 from ..runtime.distributed import Dist
-from .records import BadLine
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +39,6 @@ POLL_SECONDS = 0.5  # how often a waiting process reads the store
 # A store call gives up after this long: a vanished machine would otherwise hold it for the
 # process group's timeout (30 minutes).
 STORE_TIMEOUT = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A finished sample's output line, and the prompt file line it answers."""
-
-    output: dict[str, Any]
-    source_line: int
-
-
-Message = Finished | BadLine
 
 
 class StoreLost(Exception):
@@ -204,7 +192,8 @@ class Replicas:
             self._store.set(f"{KEY}/end/{self.replica}", end.to_json())
 
     def wait_for_others(self, timeout: float, should_stop: Callable[[], bool],
-                        tick: Callable[[], None] = lambda: None) -> tuple[dict[int, End], list[int]]:
+                        tick: Callable[[], None] = lambda: None
+                        ) -> tuple[dict[int, End], list[int]]:
         """Rank 0: wait until every other replica has marked its end or is lost (its heartbeat
         unchanged for `timeout` seconds), or until `should_stop`; calls `tick` about twice a
         second. Returns the ends marked, by replica, and the replicas with none."""
