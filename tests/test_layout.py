@@ -84,3 +84,22 @@ def test_the_check_sees_relative_absolute_and_function_level_imports(tmp_path):
         (5, "llama_gen.engine.blocks")]
     assert [part_of(t) for _, t in imports_of(module, tmp_path)] == [
         "model", "text", "cli", "engine"]
+
+
+# Sizes a reader takes in at once: a module, a class, a function.
+MOST_LINES = {"module": 400, "class": 150, "function": 50}
+
+
+def test_modules_classes_and_functions_stay_small():
+    over = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        where = path.relative_to(PACKAGE.parent)
+        if (n := len(text.splitlines())) > MOST_LINES["module"]:
+            over.append(f"{where}: {n} lines")
+        for node in ast.walk(ast.parse(text)):
+            kind = ("class" if isinstance(node, ast.ClassDef) else "function"
+                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None)
+            if kind and (n := node.end_lineno - node.lineno + 1) > MOST_LINES[kind]:
+                over.append(f"{where}:{node.lineno}: {kind} {node.name}, {n} lines")
+    assert not over, "\n".join(over)
