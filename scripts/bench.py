@@ -20,7 +20,7 @@ a large copy on the device; the bound that matters for decoding on GPUs).
 
 `--mode score` scores random texts of log-uniform lengths whole, batched
 (`llama_gen.engine.scoring.Scorer`) and one text at a time through the engine's teacher-forced pass
-(`engine.prompt_logprobs`, what echo with logprobs runs), and prints scored tokens/s, the
+(`prompt_logprobs`, what echo with logprobs runs), and prints scored tokens/s, the
 largest logprob difference between the two, and two shares of a compute ceiling at the scorer's
 shapes (`scoring_rates`): one from plain products, as generation's, and a stricter one from
 each product's fastest form here (`product_rate`: oneDNN's packed product is the fastest at
@@ -56,10 +56,11 @@ from dataclasses import dataclass, replace
 import fire
 import torch
 
-from llama_gen.engine import engine, scoring
+from llama_gen.engine import limits, scoring
 from llama_gen.engine.baseline import StaticEngine
-from llama_gen.engine.engine import (DECODE_KV_BUCKET, Engine, EngineStats, ForwardTimer, Request,
-                                     SamplingParams)
+from llama_gen.engine.engine import Engine
+from llama_gen.engine.passes import DECODE_KV_BUCKET, ForwardTimer, prompt_logprobs
+from llama_gen.engine.requests import EngineStats, Request, SamplingParams
 from llama_gen.engine.scoring import Scorer, ScoreRequest
 from llama_gen.model import kernels
 from llama_gen.model.args import ModelArgs
@@ -449,10 +450,10 @@ def scoring_rates(args: ModelArgs, text_len: int, device: torch.device, dtype: t
     rate = product_rate if best else matmul_rate
     per_shape = linear_flops(args)
     total = sum(per_shape.values())
-    rows = engine.PREFILL_TOKENS
+    rows = limits.PREFILL_TOKENS
     layers = 1 / sum(f / total / rate(rows, k, n, device, dtype)
                      for (k, n), f in per_shape.items())
-    head_rows = min(scoring.SCORE_LOGIT_ROWS, engine.LOGPROB_ROWS)
+    head_rows = min(scoring.SCORE_LOGIT_ROWS, limits.LOGPROB_ROWS)
     return MatmulRates(layers, rate(head_rows, args.dim, args.vocab_size, device, dtype),
                        matmul_rate(text_len, args.head_dim, text_len, device, dtype))
 
@@ -460,7 +461,7 @@ def scoring_rates(args: ModelArgs, text_len: int, device: torch.device, dtype: t
 def run_scorer(model: Transformer, texts: list[ScoreRequest], name: str, batch: int,
                max_seq_len: int) -> dict:
     """`name`: batched (the Scorer) or single (one text at a time through
-    `engine.prompt_logprobs`, in slot 0)."""
+    `prompt_logprobs`, in slot 0)."""
     passes: int | str = "-"
     padding = "-"
     start = time.perf_counter()
@@ -471,8 +472,8 @@ def run_scorer(model: Transformer, texts: list[ScoreRequest], name: str, batch: 
     elif name == "single":
         model.setup_cache(1, max_seq_len)
         with torch.inference_mode():
-            logprobs = {r.tag: engine.prompt_logprobs(model, r.tokens, 0) for r in texts}
-        passes = sum(-(-r.input_length // engine.PREFILL_TOKENS) for r in texts)
+            logprobs = {r.tag: prompt_logprobs(model, r.tokens, 0) for r in texts}
+        passes = sum(-(-r.input_length // limits.PREFILL_TOKENS) for r in texts)
     else:
         raise SystemExit(f"unknown scorer {name!r}: batched or single")
     wall = time.perf_counter() - start
@@ -491,7 +492,7 @@ def score_main(model: Transformer, texts: list[ScoreRequest], names: list[str], 
                  * model.args.head_dim * weight.element_size() / 2**20)
     print(f"{len(texts)} texts of {min(lengths)}-{max(lengths)} tokens ({sum(lengths)} in all, "
           f"log-uniform lengths), scored whole; batch {batch}, passes of at most "
-          f"{engine.PREFILL_TOKENS} tokens; KV cache {cache_mib:.0f} MiB")
+          f"{limits.PREFILL_TOKENS} tokens; KV cache {cache_mib:.0f} MiB")
     text_len = sum(lengths) // len(lengths)
 
     def rates() -> tuple[MatmulRates, MatmulRates]:

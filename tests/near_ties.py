@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from llama_gen.engine.engine import Request
+from llama_gen.engine.requests import Request
 from llama_gen.engine.sampling import apply_penalties, counter_uniform, filtered_probs
 
 NEAR_TIE = 1e-4  # a hundred times the rounding: how close a choice may be and still flip

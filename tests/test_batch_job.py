@@ -16,19 +16,20 @@ from test_cli import job_args, kill_when, launch, run
 from test_openai_batch import (CHAT_COMPLETION, COMPLETION, ERROR, VLLM_EXAMPLE, Nullable,
                                batch_output, problems)
 
-from llama_gen.engine.engine import Completion, Engine, Request, SamplingParams
+from llama_gen.engine.engine import Engine
+from llama_gen.engine.requests import Completion, Request, SamplingParams
 from llama_gen.engine.sampling import derive_seed
 from llama_gen.job.build import load_model
 from llama_gen.job.feed import pending_records
 from llama_gen.job.lines import batch_choice
-from llama_gen.job.prepare import count_pending
-from llama_gen.job.results import Results
-from llama_gen.job.run_end import Interrupted
-from llama_gen.job.tasks import Generation, Prompting, RecordSample, TokenizedRecord
 from llama_gen.job.openai_batch import BatchRequest
 from llama_gen.job.openai_output import response_line
 from llama_gen.job.output import recover_output
+from llama_gen.job.prepare import count_pending
 from llama_gen.job.records import BadLine, Record
+from llama_gen.job.results import Results
+from llama_gen.job.run_end import Interrupted
+from llama_gen.job.tasks import Generation, Prompting, RecordSample, TokenizedRecord
 from llama_gen.runtime.distributed import Dist
 from llama_gen.settings import Settings
 from llama_gen.testing.tiny_tokenizers import build_tiktoken_model

@@ -27,7 +27,8 @@ import torch
 
 import llama_gen
 from llama_gen.cli.flags import parse
-from llama_gen.engine.engine import Engine, Request, SamplingParams
+from llama_gen.engine.engine import Engine
+from llama_gen.engine.requests import Request, SamplingParams
 from llama_gen.engine.sampling import derive_seed
 from llama_gen.job.build import load_model
 from llama_gen.job.driver import Prompting, pending_work, requests_for

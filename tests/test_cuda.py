@@ -17,7 +17,9 @@ from near_ties import NEAR_TIE, assert_same_but_near_ties
 from llama_gen.engine import runner as runner_module
 from llama_gen.engine.baseline import StaticEngine
 from llama_gen.engine.blocks import BlockAllocator
-from llama_gen.engine.engine import DECODE_KV_BUCKET, Completion, Engine, Request, SamplingParams
+from llama_gen.engine.engine import Engine
+from llama_gen.engine.passes import DECODE_KV_BUCKET
+from llama_gen.engine.requests import Completion, Request, SamplingParams
 from llama_gen.engine.sampling import apply_penalties, counter_uniform, filtered_probs
 from llama_gen.job.build import load_model
 from llama_gen.text.tokenizer import load_tokenizer

@@ -14,12 +14,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama_gen.engine import limits
 from llama_gen.engine.baseline import StaticEngine
-from llama_gen.engine.engine import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, Completion, Engine,
-                                     Request, SamplingParams, attention_chunks, decode_kv_bucket,
-                                     prompt_logprobs, shortest_first_in_windows,
-                                     take_prefill_groups)
+from llama_gen.engine.engine import Engine
+from llama_gen.engine.passes import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, attention_chunks,
+                                     decode_kv_bucket, prompt_logprobs)
+from llama_gen.engine.requests import Completion, Request, SamplingParams
 from llama_gen.engine.sampling import token_logprobs
-from llama_gen.engine.scheduler import Plan
+from llama_gen.engine.scheduler import Plan, shortest_first_in_windows, take_prefill_groups
 from llama_gen.job.build import load_model
 from llama_gen.model.transformer import Transformer
 from llama_gen.text.tokenizer import load_tokenizer

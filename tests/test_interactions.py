@@ -24,7 +24,8 @@ from test_engine import alone, run
 
 from llama_gen.engine import limits
 from llama_gen.engine.blocks import BlockAllocator, OneBlockPerRow
-from llama_gen.engine.engine import Engine, Request, SamplingParams
+from llama_gen.engine.engine import Engine
+from llama_gen.engine.requests import Request, SamplingParams
 from llama_gen.job.build import load_model
 from llama_gen.model.transformer import Transformer
 from llama_gen.text.tokenizer import load_tokenizer

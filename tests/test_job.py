@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_gen.engine.engine import Completion, Request, SamplingParams
+from llama_gen.engine.requests import Completion, Request, SamplingParams
 from llama_gen.engine.sampling import derive_seed
 from llama_gen.errors import UserError
 from llama_gen.job import replicas as replicas_module
 from llama_gen.job.feed import pending_records
+from llama_gen.job.output import OutputLock, recover_output
+from llama_gen.job.parts import parts_dir
 from llama_gen.job.prepare import (Prepared, check_no_clash, check_shared_folder, count_pending,
                                    prepare, start_parts)
+from llama_gen.job.records import BadLine, Record, parse_line
+from llama_gen.job.replicas import Counts, End, Replicas, Verdict
 from llama_gen.job.results import Results
 from llama_gen.job.run_end import Incomplete, Interrupted, StopRequested
 from llama_gen.job.tasks import Generation, Prompting, RecordSample, TokenizedRecord
-from llama_gen.job.output import OutputLock, recover_output
-from llama_gen.job.parts import parts_dir
-from llama_gen.job.records import BadLine, Record, parse_line
-from llama_gen.job.replicas import Counts, End, Replicas, Verdict
 from llama_gen.runtime.distributed import Dist
 from llama_gen.settings import OUTPUT_FIELDS, Settings
 from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model

@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 from llama_gen.engine.memory import (AUTO_MAX_BATCH, KV_BLOCK_TOKENS, Shape, Sizing, auto_sizing,
-                                     context_default, sized_slots, slot_working_bytes,
-                                     whole_blocks)
+                                     context_default, sized_slots, slot_working_bytes, whole_blocks)
 from llama_gen.model.args import ModelArgs
 
 LLAMA_2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,

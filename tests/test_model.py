@@ -17,7 +17,9 @@ import transformers  # a declared test dependency (pyproject's test extra): neve
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from llama_gen.engine.engine import Engine, Request, SamplingParams, attention_chunks
+from llama_gen.engine.engine import Engine
+from llama_gen.engine.passes import attention_chunks
+from llama_gen.engine.requests import Request, SamplingParams
 from llama_gen.job.build import load_model, read_model_args
 from llama_gen.model.args import LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs
 from llama_gen.model.layers import ParallelLayers

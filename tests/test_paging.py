@@ -14,8 +14,9 @@ from near_ties import assert_alike
 from llama_gen.engine import limits
 from llama_gen.engine.baseline import StaticEngine
 from llama_gen.engine.blocks import BlockAllocator, OneBlockPerRow
-from llama_gen.engine.engine import Engine, Request, SamplingParams
+from llama_gen.engine.engine import Engine
 from llama_gen.engine.passes import write_table
+from llama_gen.engine.requests import Request, SamplingParams
 from llama_gen.job.build import load_model
 from llama_gen.model.transformer import BlockTable, Transformer
 from llama_gen.text.tokenizer import load_tokenizer

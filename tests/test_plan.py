@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from llama_gen.cli.plan import RUN_MEMORY_SETTINGS, PlanSettings, make_plan, parse_memory
-from llama_gen.engine.memory import (AUTO_MAX_BATCH, AUTO_TOKENS_PER_SEQUENCE, GIB,
-                                     KV_BLOCK_TOKENS, kv_bytes_per_token, weight_bytes)
+from llama_gen.engine.memory import (AUTO_MAX_BATCH, AUTO_TOKENS_PER_SEQUENCE, GIB, KV_BLOCK_TOKENS,
+                                     kv_bytes_per_token, weight_bytes)
 from llama_gen.errors import UserError
 from llama_gen.model.args import ModelArgs
 from llama_gen.settings import JobSettings, rules

@@ -15,7 +15,7 @@ import pytest
 from nodes import LLAMA_GEN, Node, start_nodes, start_standalone, stop_all
 from test_cli import read_output, write_prompts
 
-from llama_gen.engine.engine import ADMISSION_WINDOW_BATCHES
+from llama_gen.engine.scheduler import ADMISSION_WINDOW_BATCHES
 
 REPLICA_TIMEOUT_S = 5
 SURVIVOR_BOUND_S = 60  # --replica_timeout, a heartbeat period, the merge, torchrun's shutdown

@@ -10,7 +10,7 @@ import torch
 from test_model import (CONFIGS, PARITY_ATOL, SEQ_LEN, build, config, echo_logprobs, hf_logits,
                         random_tokens, teacher_forced)
 
-from llama_gen.engine import engine, scoring
+from llama_gen.engine import limits, passes, scoring
 from llama_gen.engine.scoring import (Scored, Scorer, ScoreRequest, plan_passes, score_groups,
                                       score_problem)
 
@@ -24,8 +24,8 @@ MIXED = [(2, 1), (3, 1), (7, 3), (16, 1), (17, 10), (18, 1), (40, 25), (33, 1), 
 @pytest.fixture
 def small_passes(monkeypatch):
     """Passes of at most 16 tokens and logits 5 rows at a time, for the scorer and the engine."""
-    monkeypatch.setattr(engine, "PREFILL_TOKENS", 16)
-    monkeypatch.setattr(engine, "LOGPROB_ROWS", 5)
+    monkeypatch.setattr(limits, "PREFILL_TOKENS", 16)
+    monkeypatch.setattr(limits, "LOGPROB_ROWS", 5)
 
 
 def requests(vocab_size: int, specs: list[tuple[int, int]], seed: int = 0) -> list[ScoreRequest]:
@@ -44,7 +44,7 @@ def by_tag(results) -> dict[int, Scored]:
 def engine_logprobs(model, request: ScoreRequest) -> list[float]:
     """The engine's teacher-forced logprobs (echo's), in slot 0, from first_scored on."""
     with torch.inference_mode():
-        logprobs = engine.prompt_logprobs(model, request.tokens, slot=0)
+        logprobs = passes.prompt_logprobs(model, request.tokens, slot=0)
     return logprobs[request.first_scored - 1:]
 
 
@@ -60,7 +60,7 @@ def assert_close(got: list[float], expected, atol: float) -> None:
 def test_scores_equal_the_engines_prompt_logprobs(single_process, request, name, passes):
     if passes == "small":
         request.getfixturevalue("small_passes")
-        assert max(n for n, _ in MIXED) - 1 > 2 * engine.PREFILL_TOKENS  # cut into 3 pieces
+        assert max(n for n, _ in MIXED) - 1 > 2 * limits.PREFILL_TOKENS  # cut into 3 pieces
     args, vocab_parallel = config(name)
     model = build(args, vocab_parallel)
     work = requests(args.vocab_size, MIXED)
@@ -107,7 +107,7 @@ def test_scores_match_hf(single_process, small_passes, name):
 def test_a_texts_logprobs_do_not_depend_on_its_neighbours(single_process, monkeypatch):
     """Scored alone, and in crowded passes (several groups side by side, 6 slots), a text's
     logprobs are the same: neighbours' padding and slots do not leak into its rows."""
-    monkeypatch.setattr(engine, "PREFILL_TOKENS", 64)
+    monkeypatch.setattr(limits, "PREFILL_TOKENS", 64)
     args, vocab_parallel = config("llama3.1-scaled")
     model = build(args, vocab_parallel)
     crowd = requests(args.vocab_size, [(n, 1 + n % 3) for n in range(3, 60, 4)], seed=5)
@@ -135,7 +135,7 @@ def test_logits_only_for_scored_positions_and_bounded_rows(single_process, small
     work = requests(args.vocab_size, MIXED)
     list(Scorer(model, 4, 48).score(work))
     assert sum(head_rows) == sum(len(r.tokens) - r.first_scored for r in work)
-    assert max(head_rows) == engine.LOGPROB_ROWS
+    assert max(head_rows) == limits.LOGPROB_ROWS
 
 
 def test_every_request_comes_back_once_across_windows(single_process, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama_gen.cli.flags import parse
-from llama_gen.engine import engine, memory
+from llama_gen.engine import blocks, limits, memory
 from llama_gen.engine.memory import (CPU_AUTO_BATCH, Shape, Sizing, auto_sizing, full_slots,
                                      largest_batch, slot_working_bytes)
 from llama_gen.errors import UserError
@@ -74,11 +74,11 @@ def shape_7b(max_seq_len: int) -> Shape:
 
 def test_the_memory_models_bounds_are_the_engines():
     """What the engine allocates is what engine.memory counts: one number each."""
-    assert engine.PREFILL_TOKENS == memory.PREFILL_TOKENS
-    assert engine.PREFILL_MASK_ELEMENTS == memory.PREFILL_MASK_ELEMENTS
-    assert engine.LOGPROB_ROWS == memory.LOGPROB_ROWS
-    assert engine.default_block_size(torch.device("cuda"), 4096) == memory.KV_BLOCK_TOKENS
-    assert engine.default_block_size(torch.device("cpu"), 4096) == 4096
+    assert limits.PREFILL_TOKENS == memory.PREFILL_TOKENS
+    assert limits.PREFILL_MASK_ELEMENTS == memory.PREFILL_MASK_ELEMENTS
+    assert limits.LOGPROB_ROWS == memory.LOGPROB_ROWS
+    assert blocks.default_block_size(torch.device("cuda"), 4096) == memory.KV_BLOCK_TOKENS
+    assert blocks.default_block_size(torch.device("cpu"), 4096) == 4096
 
 
 def test_dtype_names_are_the_flags_choices_with_their_torch_dtypes():

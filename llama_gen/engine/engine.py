@@ -19,24 +19,11 @@ import torch
 
 from ..model.transformer import Transformer
 from ..text.tokenizer import Tokenizer
-from .blocks import BlockAllocator, OneBlockPerRow, cache_blocks, default_block_size
-from .limits import LOGPROB_ROWS, PREFILL_MASK_ELEMENTS, PREFILL_PADDING, PREFILL_TOKENS
-from .passes import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, CompileFailed, ForwardTimer,
-                     attention_chunks, compile_decode, decode_kv_bucket, prompt_logprobs)
-from .requests import (Completion, Draw, EngineStats, PromptUnfit, Request, SamplingParams,
-                       Sequence, checked, prompt_problem)
+from .blocks import cache_blocks, default_block_size
+from .passes import ForwardTimer
+from .requests import Completion, EngineStats, Request
 from .runner import Runner
-from .scheduler import (ADMISSION_WINDOW_BATCHES, Plan, Scheduler, prefill_groups,
-                        shortest_first_in_windows, take_prefill_groups)
-
-__all__ = [  # what other modules import from here; each lives in the module named
-    "ADMISSION_WINDOW_BATCHES", "CPU_ATTENTION_CHUNK", "DECODE_KV_BUCKET", "LOGPROB_ROWS",
-    "PREFILL_MASK_ELEMENTS", "PREFILL_PADDING", "PREFILL_TOKENS", "BlockAllocator",
-    "CompileFailed", "Completion", "Draw", "Engine", "EngineStats", "ForwardTimer",
-    "OneBlockPerRow", "Plan", "PromptUnfit", "Request", "SamplingParams", "Sequence",
-    "attention_chunks", "checked", "compile_decode", "decode_kv_bucket", "default_block_size",
-    "prefill_groups", "prompt_logprobs", "prompt_problem", "shortest_first_in_windows",
-    "take_prefill_groups"]
+from .scheduler import Scheduler
 
 
 class Engine:

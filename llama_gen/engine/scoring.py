@@ -8,7 +8,7 @@ The path of a request:
 - `plan_passes` lays the groups side by side into forward passes of at most PREFILL_TOKENS
   tokens (padding included) and `max_batch_size` rows, so the layers' weights are read once for
   all of them. A text too long for one pass is cut along its length into pieces that go through
-  its slot's KV cache pass after pass, as `engine.prompt_logprobs` does for one prompt.
+  its slot's KV cache pass after pass, as `passes.prompt_logprobs` does for one prompt.
 - A pass keeps the final hidden states of scored positions only and maps them to logits at most
   LOGPROB_ROWS rows at a time, so memory stays bounded: never a length x vocabulary tensor.
 
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from ..model.transformer import Step, Transformer
-from . import engine
+from . import limits
+from .scheduler import ADMISSION_WINDOW_BATCHES
 from .sampling import token_logprobs
 
 
@@ -145,7 +146,7 @@ class Piece:
 # share passes (Step.join), so a smaller group costs only an attention call per layer, while
 # padding costs every layer's products (docs/benchmarks.md, "Scoring").
 SCORE_PADDING = 1.05
-# Rows of logits at a time, within engine.LOGPROB_ROWS: on the CPU the head and log-softmax took
+# Rows of logits at a time, within limits.LOGPROB_ROWS: on the CPU the head and log-softmax took
 # half the time per token at 256 rows x 32000 as at 512 (docs/benchmarks.md, "Scoring").
 SCORE_LOGIT_ROWS = 256
 
@@ -205,7 +206,7 @@ class ScorerStats:
 
 
 # Requests are read, sorted and grouped this many batches at a time, as the engine admits them.
-SCORE_WINDOW_BATCHES = engine.ADMISSION_WINDOW_BATCHES
+SCORE_WINDOW_BATCHES = ADMISSION_WINDOW_BATCHES
 
 
 class Scorer:
@@ -232,7 +233,7 @@ class Scorer:
              should_stop: Callable[[], bool]) -> Iterator[Scored]:
         window = SCORE_WINDOW_BATCHES * self.max_batch_size
         while batch := [checked(r, self.max_seq_len) for r in itertools.islice(pending, window)]:
-            max_tokens = engine.PREFILL_TOKENS
+            max_tokens = limits.PREFILL_TOKENS
             groups = score_groups(batch, self.max_batch_size, max_tokens)
             for pieces in plan_passes(groups, self.max_batch_size, max_tokens):
                 if should_stop():
@@ -281,8 +282,8 @@ class Scorer:
 
     def _logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[float]:
         """log p(targets[i]) under the logits of hidden[i], SCORE_LOGIT_ROWS rows at a time (at
-        most engine.LOGPROB_ROWS): one copy to the host for the whole pass."""
-        rows = min(SCORE_LOGIT_ROWS, engine.LOGPROB_ROWS)
+        most limits.LOGPROB_ROWS): one copy to the host for the whole pass."""
+        rows = min(SCORE_LOGIT_ROWS, limits.LOGPROB_ROWS)
         parts = [token_logprobs(self.model.logits(hidden[a:a + rows]), targets[a:a + rows])
                  for a in range(0, len(hidden), rows)]
         return torch.cat(parts).tolist() if parts else []

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ..engine import memory
-from ..engine.engine import Engine, default_block_size
+from ..engine.blocks import default_block_size
+from ..engine.engine import Engine
 from ..engine.memory import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS,
                              Shape, Sizing, auto_sizing, check_seq_len, context_default,
                              fixed_working_bytes, full_slots, given_cache, sized_slots,

@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from ..engine.engine import Request
+from ..engine.requests import Request
 from ..engine.scoring import ScoreRequest
 from ..runtime import distributed
 from ..settings import JobSettings

@@ -9,7 +9,8 @@ import json
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..engine.engine import ADMISSION_WINDOW_BATCHES, Request
+from ..engine.requests import Request
+from ..engine.scheduler import ADMISSION_WINDOW_BATCHES
 from ..engine.scoring import ScoreRequest
 from ..runtime import distributed
 from ..runtime.distributed import Dist

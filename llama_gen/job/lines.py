@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from ..engine.engine import Completion, SamplingParams
+from ..engine.requests import Completion, SamplingParams
 from ..settings import Settings
 from ..text.stopping import cut_at_stop
 from ..text.tokenizer import Tokenizer

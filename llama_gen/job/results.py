@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import time
 
-from ..engine.engine import Completion
+from ..engine.requests import Completion
 from ..engine.scoring import Scored
 from ..runtime.distributed import Dist
 from .output import Writer

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from ..engine.engine import Completion, Request, SamplingParams, prompt_problem
 from ..engine.memory import Sizing
+from ..engine.requests import Completion, Request, SamplingParams, prompt_problem
 from ..engine.sampling import derive_seed
 from ..engine.scoring import Scored, Scorer, ScoreRequest, score_problem
 from ..errors import UserError
