@@ -85,6 +85,10 @@ class JobSettings:
     """What every command over a prompt file shares: the model, the files, how records are
     read, and where it runs."""
 
+    # Whether each sequence keeps a KV slot of a full --max_seq_len (scoring), rather than the
+    # blocks of a paged cache its tokens fill (generation).
+    full_length_slots: ClassVar[bool] = False
+
     ckpt_dir: Path = setting(help="directory with params.json and consolidated.NN.pth shards")
     prompt_path: Path = setting(help="JSONL file, one object per line with a prompt (or a "
                                 "dialog's messages)")
@@ -235,7 +239,6 @@ class Settings(JobSettings):
 
     command: ClassVar[str] = "generate"
     written_fields: ClassVar[tuple[str, ...]] = OUTPUT_FIELDS
-    score_keys: ClassVar[tuple[str, str] | None] = None  # (text, completion) fields: scoring
 
     max_gen_len: int = setting(256, low=1, role=DEFINES_OUTPUT, per_record=True,
                                help="most tokens generated per sample")
@@ -354,7 +357,8 @@ class ScoreSettings(JobSettings):
     command: ClassVar[str] = "score"
     written_fields: ClassVar[tuple[str, ...]] = SCORE_FIELDS
     num_samples: ClassVar[int] = 1  # a text has one score
-    kv_cache_tokens: ClassVar[None] = None  # a full-length, unpaged slot per text
+    full_length_slots: ClassVar[bool] = True  # a full-length, unpaged slot per text
+    kv_cache_tokens: ClassVar[None] = None
     kv_block_size: ClassVar[None] = None
     # Generation's flags that mean nothing here, and why: the flag parser says so in one line.
     refused: ClassVar[dict[str, str]] = {
@@ -376,10 +380,6 @@ class ScoreSettings(JobSettings):
         if len(set(keys.values())) < len(keys):
             raise UserError(f"{', '.join(f'{k} {v}' for k, v in keys.items())}: the three "
                             "fields must differ")
-
-    @property
-    def score_keys(self) -> tuple[str, str]:
-        return self.text_key, self.completion_key
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

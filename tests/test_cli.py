@@ -31,8 +31,8 @@ from llama_gen.engine.engine import Engine
 from llama_gen.engine.requests import Request, SamplingParams
 from llama_gen.engine.sampling import derive_seed
 from llama_gen.job.build import load_model
-from llama_gen.job.driver import Prompting, pending_work, requests_for
-from llama_gen.job.tasks import TokenizedRecord
+from llama_gen.job.feed import pending_records
+from llama_gen.job.tasks import Generation, Prompting, TokenizedRecord
 from llama_gen.settings import Settings
 from llama_gen.text.tokenizer import load_tokenizer
 
@@ -181,9 +181,10 @@ def requests_of(loaded: tuple, prompts: Path, flags: list[str]
     model, tokenizer = loaded
     s = parse(Settings, ["--ckpt_dir", "unused", "--prompt_path", str(prompts), "--out_path",
                          "unused.jsonl", *flags], "llama-gen")
-    prompting = Prompting.for_run(s, tokenizer, model.args)
-    return ({(r.tag.record.id, r.tag.sample): r for w in pending_work(s, set(), prompting)
-             if isinstance(w, TokenizedRecord) for r in requests_for(w, s)}, prompting.stop_ids)
+    task = Generation(s, Prompting.for_run(s, tokenizer, model.args))
+    return ({(r.tag.record.id, r.tag.sample): r for w in pending_records(task, set())
+             if isinstance(w, TokenizedRecord) for r in task.requests(w)},
+            task.prompting.stop_ids)
 
 
 def assert_same_but_near_ties(got: dict, want: dict, loaded: tuple, prompts: Path,

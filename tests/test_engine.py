@@ -173,7 +173,7 @@ def test_generation_stops_at_the_end_of_the_cache(model):
 
 
 def test_a_prompt_that_cannot_run_is_refused_and_the_rest_complete(model):
-    """The job leaves such prompts out (`prompt_problem`); the engine refuses one it is given."""
+    """The job leaves such prompts out (`requests.fits`); the engine refuses one it is given."""
     max_seq_len = 24
     good = [Request(prompt(model, n, seed=20 + n), params(max_gen_len=6), tag=f"ok{n}")
             for n in (5, 23, 3)]  # 23 = max_seq_len - 1, the longest that fits

@@ -25,9 +25,9 @@ from llama_gen.job.records import BadLine, Record, parse_line
 from llama_gen.job.replicas import Counts, End, Replicas, Verdict
 from llama_gen.job.results import Results
 from llama_gen.job.run_end import Incomplete, Interrupted, StopRequested
-from llama_gen.job.tasks import Generation, Prompting, RecordSample, TokenizedRecord
+from llama_gen.job.tasks import Generation, Prompting, RecordSample, Scoring, TokenizedRecord
 from llama_gen.runtime.distributed import Dist
-from llama_gen.settings import OUTPUT_FIELDS, Settings
+from llama_gen.settings import OUTPUT_FIELDS, ScoreSettings, Settings
 from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
 from llama_gen.text.tokenizer import load_tokenizer
 
@@ -831,3 +831,33 @@ def test_a_replica_that_cannot_see_the_parts_folder_stops_the_run_naming_it(tmp_
                                         r"filesystem every node shares"):
         check_shared_folder(s, ONE_PROCESS, run)
     check_shared_folder(s, ONE_PROCESS, "")  # one replica: nothing to check
+
+
+@pytest.mark.parametrize("max_seq_len, context, advice", [
+    (8, None, "shorten the prompt or raise --max_seq_len"),
+    (8, 4096, "shorten the prompt or raise --max_seq_len (up to the model's context, 4096)"),
+    (4096, 4096, "shorten the prompt: the model's context is 4096 tokens")])
+def test_the_job_words_a_prompt_that_does_not_fit(tmp_path, max_seq_len, context, advice):
+    """The engine states facts (`requests.fits`); the job's words name the flag and how far it
+    goes."""
+    task = Generation(settings(tmp_path, max_seq_len=max_seq_len),
+                      Prompting(None, None, context_length=context))
+    record = Record(1, 1, "p", {})
+    assert task.length_problem(TokenizedRecord(record, [1] * (max_seq_len - 1), [0])) is None
+    assert task.length_problem(TokenizedRecord(record, [], [0])) == "the prompt has no tokens"
+    assert task.length_problem(TokenizedRecord(record, [1] * max_seq_len, [0])) == (
+        f"the prompt has {max_seq_len} tokens; --max_seq_len {max_seq_len} allows at most "
+        f"{max_seq_len - 1}: {advice}")
+
+
+def test_the_job_words_a_text_that_cannot_be_scored(tmp_path):
+    s = ScoreSettings(ckpt_dir=tmp_path, prompt_path=tmp_path / "p.jsonl",
+                      out_path=tmp_path / "o.jsonl", max_seq_len=8)
+    task = Scoring(s, Prompting(None, None, context_length=4096))
+    record = Record(1, 1, None, {})
+    assert task.length_problem(TokenizedRecord(record, [1] * 8, [0], 7)) is None
+    assert "there is nothing to score" in task.length_problem(
+        TokenizedRecord(record, [1] * 5, [0], 5))
+    assert task.length_problem(TokenizedRecord(record, [1] * 9, [0], 1)) == (
+        "the text has 9 tokens; --max_seq_len 8 allows at most 8: shorten the text or raise "
+        "--max_seq_len (up to the model's context, 4096)")

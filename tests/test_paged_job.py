@@ -19,7 +19,8 @@ from test_cli import job_args, launch, read_output, write_prompts
 from llama_gen.cli.flags import parse
 from llama_gen.engine.blocks import BlockAllocator
 from llama_gen.job import build
-from llama_gen.job.driver import Prompting, pending_work, requests_for
+from llama_gen.job.feed import pending_records
+from llama_gen.job.tasks import Generation, Prompting
 from llama_gen.settings import Settings
 from llama_gen.text.tokenizer import load_tokenizer
 
@@ -76,9 +77,9 @@ def in_process(runs, single_process):
     settings = parse(Settings, [*job_args(ckpt, prompts, prompts.with_name("x.jsonl")), *FLAGS,
                                 *PAGED], "llama-gen")
     prompting = Prompting.for_run(settings, tokenizer, model.args)
+    task = Generation(settings, prompting)
     requests = {(r.tag.record.id, r.tag.sample): r
-                for work in pending_work(settings, set(), prompting)
-                for r in requests_for(work, settings)}
+                for work in pending_records(task, set()) for r in task.requests(work)}
     engine = build.make_engine(settings, model, tokenizer, single_process, prompting.stop_ids,
                                build.size_cache(settings, model, single_process))
     return model, requests, prompting.stop_ids, engine

@@ -11,8 +11,8 @@ from test_model import (CONFIGS, PARITY_ATOL, SEQ_LEN, build, config, echo_logpr
                         random_tokens, teacher_forced)
 
 from llama_gen.engine import limits, passes, scoring
-from llama_gen.engine.scoring import (Scored, Scorer, ScoreRequest, plan_passes, score_groups,
-                                      score_problem)
+from llama_gen.engine.scoring import (Scored, Scorer, ScoreRequest, has_scored_part, plan_passes,
+                                      score_groups)
 
 ENGINE_ATOL = 1e-5
 # (length, first_scored): short and long texts, some scored after a prompt; with small passes
@@ -170,11 +170,9 @@ def test_should_stop_is_asked_before_each_pass(single_process, small_passes):
 
 # --- requests that cannot be scored -------------------------------------------------------------
 
-def test_score_problem_names_the_fix():
-    assert score_problem(8, 8) is None and score_problem(8, 8, first_scored=7) is None
-    assert "--max_seq_len 8 allows at most 8" in score_problem(9, 8)
-    assert "nothing to score" in score_problem(1, 8)
-    assert "nothing to score" in score_problem(5, 8, first_scored=5)
+def test_a_text_needs_a_part_to_score():
+    assert has_scored_part(8) and has_scored_part(8, first_scored=7)
+    assert not has_scored_part(1) and not has_scored_part(5, first_scored=5)
     with pytest.raises(ValueError, match="first_scored"):
         ScoreRequest([1, 2], 0)
 
@@ -182,7 +180,7 @@ def test_score_problem_names_the_fix():
 def test_a_request_too_long_raises_when_reached(single_process):
     args, vocab_parallel = config("llama2-mha")
     scorer = Scorer(build(args, vocab_parallel), 2, 8)
-    with pytest.raises(ValueError, match="--max_seq_len 8 allows at most 8"):
+    with pytest.raises(ValueError, match="a text of 9 tokens does not fit a context of 8"):
         list(scorer.score([ScoreRequest([1] * 9, 1)]))
     with pytest.raises(ValueError, match="nothing to score"):
         list(scorer.score([ScoreRequest([1, 2], 2)]))

@@ -16,6 +16,7 @@ from typing import NoReturn
 import torch
 
 from .. import __version__
+from ..engine.passes import CompileFailed
 from ..errors import UserError
 from ..job.driver import Incomplete, Interrupted, run_job
 from ..job.replicas import StoreLost
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         command(argv)
     except UserError as e:
         fail(f"error: {e}", 2)
+    except CompileFailed as e:  # a machine without what the compiler needs
+        fail(f"error: --compile: {e}; run without --compile", 2)
     except Interrupted as e:
         fail(f"{e}; what was finished is written: run the same command to resume",
              128 + e.signum)

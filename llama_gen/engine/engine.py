@@ -74,7 +74,7 @@ class Engine:
         """Completions in the order they finish; all model-parallel ranks must pass the same
         requests in the same order. `should_stop` is asked before every forward pass; when it
         says yes, unfinished sequences, and admitted prompts not yet prefilled, are dropped.
-        A request that cannot run (`prompt_problem`) raises PromptUnfit, a ValueError, when it
+        A request that cannot run (see `requests.fits`) raises PromptUnfit, a ValueError, when it
         is reached."""
         return self._run(iter(requests), should_stop or (lambda: False))
 

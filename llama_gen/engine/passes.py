@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
 from ..model.transformer import BlockTable, Transformer
 from . import limits
 from .sampling import token_logprobs
@@ -70,13 +69,13 @@ def compile_decode(model: Transformer) -> Callable[..., torch.Tensor]:
     return torch.compile(model.decode, mode=mode, fullgraph=True)
 
 
-class CompileFailed(UserError):
+class CompileFailed(RuntimeError):
     """torch.compile could not compile the decode step (e.g. no C++ compiler for inductor's CPU
     kernels); `reason` is the compiler's first line."""
 
     def __init__(self, reason: str):
         self.reason = reason
-        super().__init__(f"--compile: torch.compile failed ({reason}); run without --compile")
+        super().__init__(f"torch.compile failed ({reason})")
 
 
 def compile_failure(e: Exception) -> CompileFailed | None:

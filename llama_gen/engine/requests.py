@@ -85,19 +85,8 @@ def fits(n_tokens: int, max_seq_len: int) -> bool:
     return 0 < n_tokens <= max_seq_len - 1
 
 
-def prompt_problem(n_tokens: int, max_seq_len: int) -> str | None:
-    """Why a prompt of n_tokens cannot be generated from, or None, as the job words it (the
-    flag that sets the context is named)."""
-    if n_tokens == 0:
-        return "the prompt has no tokens"
-    if not fits(n_tokens, max_seq_len):
-        return (f"the prompt has {n_tokens} tokens; --max_seq_len {max_seq_len} allows at most "
-                f"{max_seq_len - 1}")
-    return None
-
-
 def checked(request: Request, max_seq_len: int) -> Request:
-    """The request, or PromptUnfit if it cannot run (callers check `prompt_problem` first)."""
+    """The request, or PromptUnfit if it cannot run (callers check `fits` first)."""
     if not fits(len(request.prompt_tokens), max_seq_len):
         raise PromptUnfit(len(request.prompt_tokens), max_seq_len)
     return request

@@ -71,22 +71,19 @@ class Scored:
         return self.total / self.n_tokens
 
 
-def score_problem(n_tokens: int, max_seq_len: int, first_scored: int = 1) -> str | None:
-    """Why a text of n_tokens cannot be scored from token `first_scored` on, or None."""
-    if n_tokens <= first_scored:
-        return ("there is nothing to score: the part to score (the text, the completion or the "
-                "last assistant message) has no tokens")
-    if n_tokens > max_seq_len:
-        return (f"the text has {n_tokens} tokens; --max_seq_len {max_seq_len} allows at most "
-                f"{max_seq_len}")
-    return None
+def has_scored_part(n_tokens: int, first_scored: int = 1) -> bool:
+    """Whether a text of n_tokens has tokens from `first_scored` on to score."""
+    return n_tokens > first_scored
 
 
 def checked(request: ScoreRequest, max_seq_len: int) -> ScoreRequest:
-    """The request, or ValueError if it cannot be scored (callers check `score_problem` first)."""
-    problem = score_problem(len(request.tokens), max_seq_len, request.first_scored)
-    if problem is not None:
-        raise ValueError(problem)
+    """The request, or ValueError if it cannot be scored (callers check `has_scored_part` and
+    its length against the context first)."""
+    n, first = len(request.tokens), request.first_scored
+    if not has_scored_part(n, first):
+        raise ValueError(f"a text of {n} tokens has nothing to score from token {first} on")
+    if n > max_seq_len:
+        raise ValueError(f"a text of {n} tokens does not fit a context of {max_seq_len}")
     return request
 
 

@@ -162,7 +162,7 @@ def kv_block_size(settings: JobSettings, device: torch.device) -> int:
     """Positions per KV block: --kv_block_size, or the engine's default for the device
     (`engine.default_block_size`); checked, with --kv_cache_tokens, against --max_seq_len.
     Scoring's cache is unpaged: a block of --max_seq_len per text."""
-    if settings.score_keys is not None:
+    if settings.full_length_slots:
         return settings.max_seq_len
     given = settings.kv_block_size
     if given is not None and device.type == "cuda" and given % GPU_BLOCK_MULTIPLE:
@@ -240,7 +240,7 @@ def gpu_sizing(settings: JobSettings, shape: Shape, room: int) -> Sizing | None:
     """The cache in `room` bytes for KV and slots: --max_batch_size auto or as given; scoring
     keeps a full-length slot per text (as many as fit for auto). None where not one
     full-length sequence fits."""
-    if settings.score_keys is not None:
+    if settings.full_length_slots:
         most = full_slots(shape, room)
         return Sizing(settings.max_batch_size or most) if most else None
     if settings.kv_cache_tokens is not None:

@@ -19,23 +19,17 @@ leader writes part files (`parts.py`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from typing import Any
 
-from ..engine.requests import Request
-from ..engine.scoring import ScoreRequest
 from ..runtime import distributed
 from ..settings import JobSettings
-from .feed import RequestFeed, pending_records
+from .feed import RequestFeed
 from .output import OutputLock
 from .prepare import check_shared_folder, prepare
-from .records import BadLine
 from .results import Results
 from .run_end import Incomplete, Interrupted, StopRequested
-from .tasks import Prompting, TokenizedRecord, task_for, task_type, with_settings
+from .tasks import task_for, with_settings
 
-__all__ = ["run_job", "Incomplete", "Interrupted", "StopRequested", "Results", "Prompting",
-           "pending_work", "requests_for"]
+__all__ = ["run_job", "Incomplete", "Interrupted", "StopRequested", "Results"]
 
 
 def run_job(settings: JobSettings) -> None:
@@ -88,16 +82,3 @@ def run_job(settings: JobSettings) -> None:
             results.close()
         lock.release()
         distributed.shutdown()
-
-
-# For callers that hold a run's settings rather than its task (tests, scripts).
-
-def pending_work(settings: JobSettings, done: set[tuple[Any, int]], prompting: Prompting,
-                 **kwargs: Any) -> Iterator[TokenizedRecord | BadLine]:
-    """`feed.pending_records` for the task `settings` ask for."""
-    return pending_records(task_type(settings)(settings, prompting), done, **kwargs)
-
-
-def requests_for(work: TokenizedRecord, settings: JobSettings) -> Iterator[Request | ScoreRequest]:
-    """The requests the task `settings` ask for makes of `work`."""
-    return task_type(settings)(settings, None).requests(work)

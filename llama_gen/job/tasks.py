@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from ..engine.memory import Sizing
-from ..engine.requests import Completion, Request, SamplingParams, prompt_problem
+from ..engine.requests import Completion, Request, SamplingParams, fits
 from ..engine.sampling import derive_seed
-from ..engine.scoring import Scored, Scorer, ScoreRequest, score_problem
+from ..engine.scoring import Scored, Scorer, ScoreRequest, has_scored_part
 from ..errors import UserError
 from ..model.args import ModelArgs
 from ..model.transformer import Transformer
@@ -135,11 +135,9 @@ class Prompting:
             raise DialogError(self.no_chat_format)
         return self.chat_format
 
-    def too_long(self, problem: str | None, what: str, max_seq_len: int | None) -> str | None:
+    def too_long(self, problem: str, what: str, max_seq_len: int) -> str:
         """A length `problem` with what makes a `what` fit: a longer --max_seq_len only as far
         as the model's context (a run refuses more)."""
-        if problem is None:
-            return None
         context = self.context_length
         if context is not None and max_seq_len is not None and max_seq_len >= context:
             return f"{problem}: shorten the {what}: the model's context is {context} tokens"
@@ -184,9 +182,15 @@ class Generation:
         return TokenizedRecord(record, tokens, samples)
 
     def length_problem(self, work: TokenizedRecord) -> str | None:
+        """Why the prompt cannot be generated from, or None: it must leave room for a token
+        in the context (settings without --max_seq_len check no length)."""
         n, max_seq_len = len(work.tokens), self.settings.max_seq_len
-        return self.prompting.too_long(prompt_problem(n, max_seq_len or n + 1), "prompt",
-                                       max_seq_len)
+        if n == 0:
+            return "the prompt has no tokens"
+        if max_seq_len is None or fits(n, max_seq_len):
+            return None
+        return self.prompting.too_long(f"the prompt has {n} tokens; --max_seq_len {max_seq_len} "
+                                       f"allows at most {max_seq_len - 1}", "prompt", max_seq_len)
 
     def requests(self, work: TokenizedRecord) -> Iterator[Request]:
         """A request per pending sample, with the record's settings and its own seed."""
@@ -285,9 +289,16 @@ class Scoring:
         return TokenizedRecord(record, whole, samples, max(shared, 1))
 
     def length_problem(self, work: TokenizedRecord) -> str | None:
+        """Why the text cannot be scored, or None: it needs a part to score, and the whole of
+        it in the context (settings without --max_seq_len check no length)."""
         n, max_seq_len = len(work.tokens), self.settings.max_seq_len
-        return self.prompting.too_long(score_problem(n, max_seq_len or n, work.first_scored),
-                                       "text", max_seq_len)
+        if not has_scored_part(n, work.first_scored):
+            return ("there is nothing to score: the part to score (the text, the completion or "
+                    "the last assistant message) has no tokens")
+        if max_seq_len is None or n <= max_seq_len:
+            return None
+        return self.prompting.too_long(f"the text has {n} tokens; --max_seq_len {max_seq_len} "
+                                       f"allows at most {max_seq_len}", "text", max_seq_len)
 
     def requests(self, work: TokenizedRecord) -> Iterator[ScoreRequest]:
         """One request: a text has one score (sample 0)."""
