@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from test_cli import descendants
+from runs import descendants
 
 LLAMA_GEN = str(Path(sys.executable).parent / "llama-gen")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from near_ties import assert_same_but_near_ties, near_tie, redraw
-from test_cli import job_args, kill_when, launch, run
+from runs import job_args, kill_when, launch, run
 from test_openai_batch import (CHAT_COMPLETION, COMPLETION, ERROR, VLLM_EXAMPLE, Nullable,
                                batch_output, problems)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import job_args, run, write_prompts
+from runs import job_args, run, write_prompts
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from llama_gen.cli import main as cli

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import (descendants, launch, pending, read_output, run, signal_held, state, when_held,
-                      write_prompts)
+from runs import (descendants, launch, pending, read_output, run, signal_held, state, when_held,
+                  write_prompts)
 
 from llama_gen.runtime import lifeline
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from near_ties import assert_same_but_near_ties
-from test_cli import job_args, launch, read_output, write_prompts
+from runs import job_args, launch, read_output, write_prompts
 
 from llama_gen.cli.flags import parse
 from llama_gen.engine.blocks import BlockAllocator

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from test_cli import assert_one_line_error, job_args, read_output, run, write_prompts
+from runs import assert_one_line_error, job_args, read_output, run, write_prompts
 
 from llama_gen.settings import OUTPUT_FIELDS
 

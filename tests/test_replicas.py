@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from nodes import LLAMA_GEN, Node, start_nodes, start_standalone, stop_all
-from test_cli import read_output, write_prompts
+from runs import read_output, write_prompts
 
 from llama_gen.engine.scheduler import ADMISSION_WINDOW_BATCHES
 

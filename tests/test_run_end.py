@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from nodes import Node, start_nodes, stop_all
-from test_cli import write_prompts
+from runs import write_prompts
 from test_replicas import (done_keys, last_start_count, node_of_rank, part_lines, run_to_completion,
                            wait_for_lines_of_every_replica)
 
