@@ -7,8 +7,8 @@ import pytest
 
 from llama_gen.errors import UserError
 from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
-from llama_gen.text.chat import (DialogError, chat_format_for, end_of_turn_ids, message_problem,
-                                 prompt_tokens, reply_tokens, with_system)
+from llama_gen.text.chat import (DialogError, chat_format_for, dialog_tokens, end_of_turn_ids,
+                                 message_problem, reply_tokens, with_system)
 from llama_gen.text.tokenizer import Tokenizer, load_tokenizer
 
 BOS, EOS = 1, 2  # Llama 1/2's SentencePiece
@@ -133,34 +133,34 @@ def test_with_system_leaves_a_dialog_with_a_later_system_message_to_be_refused(t
     dialog = [user("a"), system("own"), user("b")]
     assert with_system(dialog, "flag") == dialog
     with pytest.raises(DialogError, match=r"^messages\[1\] has role \"system\""):
-        prompt_tokens(with_system(dialog, "flag"), "llama3", tik)
+        dialog_tokens(with_system(dialog, "flag"), "llama3", tik)
 
 
 @pytest.mark.parametrize("fmt", ["llama2", "llama3"])
 def test_an_added_system_message_encodes_as_the_dialogs_own(spm, tik, fmt):
     tokenizer = spm if fmt == "llama2" else tik
-    added = prompt_tokens(with_system([user(WORLD)], "Be brief."), fmt, tokenizer)
-    assert added == prompt_tokens([system("Be brief."), user(WORLD)], fmt, tokenizer)
+    added = dialog_tokens(with_system([user(WORLD)], "Be brief."), fmt, tokenizer)
+    assert added == dialog_tokens([system("Be brief."), user(WORLD)], fmt, tokenizer)
 
 
 def test_errors_after_with_system_name_the_records_own_indices(spm):
     with pytest.raises(DialogError, match=r"^messages\[1\] has role \"user\""):
-        prompt_tokens(with_system([user("a"), user("b")], "s"), "llama2", spm)
+        dialog_tokens(with_system([user("a"), user("b")], "s"), "llama2", spm)
     with pytest.raises(DialogError, match=r"^the system text .* contains \[INST\]"):
-        prompt_tokens(with_system([user("a")], "[INST]"), "llama2", spm)
+        dialog_tokens(with_system([user("a")], "[INST]"), "llama2", spm)
 
 
 # --- Llama 2 -----------------------------------------------------------------------------------
 
 def test_llama2_single_user_message(spm):
-    ids = prompt_tokens([user("  Hello world \n")], "llama2", spm)
+    ids = dialog_tokens([user("  Hello world \n")], "llama2", spm)
     assert ids == [BOS, *spm.encode("[INST] Hello world [/INST]", bos=False)]
 
 
 def test_llama2_system_multi_turn_and_non_ascii(spm):
     dialog = [system("Be brief."), user(" Hi "), assistant(f" {WORLD}\n"), user(WORLD)]
     first = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi [/INST] " + WORLD + " "
-    assert prompt_tokens(dialog, "llama2", spm) == [
+    assert dialog_tokens(dialog, "llama2", spm) == [
         BOS, *spm.encode(first, bos=False), EOS,
         BOS, *spm.encode(f"[INST] {WORLD} [/INST]", bos=False)]
 
@@ -168,7 +168,7 @@ def test_llama2_system_multi_turn_and_non_ascii(spm):
 def test_llama2_reply_continues_the_prompt(spm):
     dialog = [system("Sys"), user("Hi"), assistant("Yo"), user("Und?"), assistant(f" {WORLD} ")]
     context, reply = reply_tokens(dialog, "llama2", spm)
-    assert context == prompt_tokens(dialog[:-1], "llama2", spm)
+    assert context == dialog_tokens(dialog[:-1], "llama2", spm)
     assert context + reply == [
         BOS, *spm.encode("[INST] <<SYS>>\nSys\n<</SYS>>\n\nHi [/INST] Yo ", bos=False), EOS,
         BOS, *spm.encode(f"[INST] Und? [/INST] {WORLD} ", bos=False), EOS]
@@ -186,14 +186,14 @@ def test_llama2_reply_boundary_holds_for_any_start(spm, text):
 # --- Llama 3 -----------------------------------------------------------------------------------
 
 def test_llama3_single_user_message(tik):
-    ids = prompt_tokens([user(" Hello world\n")], "llama3", tik)
+    ids = dialog_tokens([user(" Hello world\n")], "llama3", tik)
     assert ids == [special(tik, BEGIN_OF_TEXT), *llama3_message(tik, "user", "Hello world"),
                    *llama3_open(tik)]
 
 
 def test_llama3_system_multi_turn_and_non_ascii(tik):
     dialog = [system("Be brief."), user("Hi"), assistant(f"{WORLD}\n"), user(f" {WORLD}")]
-    assert prompt_tokens(dialog, "llama3", tik) == [
+    assert dialog_tokens(dialog, "llama3", tik) == [
         special(tik, BEGIN_OF_TEXT),
         *llama3_message(tik, "system", "Be brief."),
         *llama3_message(tik, "user", "Hi"),
@@ -203,13 +203,13 @@ def test_llama3_system_multi_turn_and_non_ascii(tik):
 
 
 def test_llama3_special_token_text_in_content_stays_text(tik):
-    ids = prompt_tokens([user("<|eot_id|><|start_header_id|>")], "llama3", tik)
+    ids = dialog_tokens([user("<|eot_id|><|start_header_id|>")], "llama3", tik)
     assert ids.count(special(tik, EOT)) == 1
     assert ids.count(special(tik, START_HEADER)) == 2
 
 
 def test_llama3_needs_no_alternation(tik):
-    ids = prompt_tokens([user("a"), user("b")], "llama3", tik)
+    ids = dialog_tokens([user("a"), user("b")], "llama3", tik)
     assert ids == [special(tik, BEGIN_OF_TEXT), *llama3_message(tik, "user", "a"),
                    *llama3_message(tik, "user", "b"), *llama3_open(tik)]
 
@@ -217,7 +217,7 @@ def test_llama3_needs_no_alternation(tik):
 def test_llama3_reply_is_content_and_eot(tik):
     dialog = [system("S"), user("Hi"), assistant("Yo"), user("Und?"), assistant(f" {WORLD}\n")]
     context, reply = reply_tokens(dialog, "llama3", tik)
-    assert context == prompt_tokens(dialog[:-1], "llama3", tik)
+    assert context == dialog_tokens(dialog[:-1], "llama3", tik)
     assert reply == [*tik.encode(WORLD, bos=False), special(tik, EOT)]
     assert context + reply == [
         special(tik, BEGIN_OF_TEXT), *llama3_message(tik, "system", "S"),
@@ -256,19 +256,19 @@ LLAMA3_BAD = [
 @pytest.mark.parametrize("dialog, reason", BOTH_BAD + LLAMA2_BAD)
 def test_llama2_bad_dialogs(spm, dialog, reason):
     with pytest.raises(DialogError) as e:
-        prompt_tokens(dialog, "llama2", spm)
+        dialog_tokens(dialog, "llama2", spm)
     assert str(e.value).startswith(reason)
 
 
 @pytest.mark.parametrize("dialog, reason", BOTH_BAD + LLAMA3_BAD)
 def test_llama3_bad_dialogs(tik, dialog, reason):
     with pytest.raises(DialogError) as e:
-        prompt_tokens(dialog, "llama3", tik)
+        dialog_tokens(dialog, "llama3", tik)
     assert str(e.value).startswith(reason)
 
 
 def test_llama3_takes_llama2_control_tags_as_text(tik):
-    assert prompt_tokens([user("[INST] <<SYS>>")], "llama3", tik)
+    assert dialog_tokens([user("[INST] <<SYS>>")], "llama3", tik)
 
 
 @pytest.mark.parametrize("fmt", ["llama2", "llama3"])

@@ -700,9 +700,9 @@ def test_chat_prompts_are_in_the_checkpoints_format_and_bad_dialogs_are_recorded
         assert result.returncode == 0, result.stderr
         lines = read_output(out)
         fmt = "llama2" if family == "llama2" else "llama3"
-        assert lines[(1, 0)]["prompt_tokens"] == len(chat.prompt_tokens(dialog, fmt, tokenizer))
+        assert lines[(1, 0)]["prompt_tokens"] == len(chat.dialog_tokens(dialog, fmt, tokenizer))
         with_system = chat.with_system([{"role": "user", "content": "Why?"}], "Be brief.")
-        assert lines[(2, 0)]["prompt_tokens"] == len(chat.prompt_tokens(with_system, fmt,
+        assert lines[(2, 0)]["prompt_tokens"] == len(chat.dialog_tokens(with_system, fmt,
                                                                          tokenizer))
         errors = [json.loads(x) for x in out.with_name(out.name + ".errors.jsonl").read_text()
                   .splitlines()]

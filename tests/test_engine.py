@@ -19,7 +19,7 @@ from llama_gen.engine.passes import (CPU_ATTENTION_CHUNK, DECODE_KV_BUCKET, atte
                                      decode_kv_bucket, prompt_logprobs)
 from llama_gen.engine.requests import Completion, Request, SamplingParams
 from llama_gen.engine.sampling import token_logprobs
-from llama_gen.engine.scheduler import Plan, shortest_first_in_windows, take_prefill_groups
+from llama_gen.engine.scheduler import StepPlan, shortest_first_in_windows, take_prefill_groups
 from llama_gen.job.build import load_model
 from llama_gen.model.transformer import Transformer
 from llama_gen.text.tokenizer import load_tokenizer
@@ -70,7 +70,7 @@ def assert_same(got: Completion, want: Completion) -> None:
                                    atol=LOGPROB_ATOL, rtol=0)
 
 
-def spy_plans(engine: Engine) -> list[Plan]:
+def spy_plans(engine: Engine) -> list[StepPlan]:
     """Record the plan of each step the engine's runner runs."""
     plans, run_plan = [], engine.runner.run
     def spy(plan):
@@ -80,7 +80,7 @@ def spy_plans(engine: Engine) -> list[Plan]:
     return plans
 
 
-def moves_in(plans: list[Plan]) -> list[tuple[int, int, int]]:
+def moves_in(plans: list[StepPlan]) -> list[tuple[int, int, int]]:
     """The row compactions (src, dst, length) the plans made."""
     return [(m.src, m.dst, m.length) for plan in plans for m in plan.moves]
 

@@ -9,7 +9,7 @@ import sys
 from llama_gen.engine.baseline import StaticScheduler
 from llama_gen.engine.blocks import BlockAllocator, OneBlockPerRow
 from llama_gen.engine.requests import Draw, EngineStats, Request, SamplingParams
-from llama_gen.engine.scheduler import Move, Plan, Prefill, Scheduler
+from llama_gen.engine.scheduler import Move, Prefill, Scheduler, StepPlan
 
 STOP = 2
 
@@ -22,7 +22,7 @@ def scheduler(blocks, rows: int, max_seq_len: int) -> Scheduler:
     return Scheduler(blocks, rows, max_seq_len, frozenset({STOP}), None, EngineStats())
 
 
-def step(sched, token: int = 7) -> tuple[Plan | None, list]:
+def step(sched, token: int = 7) -> tuple[StepPlan | None, list]:
     """One step with every row drawing `token`: the plan and the completions it gave."""
     plan = sched.schedule()
     if plan is None:

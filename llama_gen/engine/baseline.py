@@ -18,8 +18,8 @@ from ..model.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .blocks import OneBlockPerRow
 from .engine import Engine
-from .requests import Completion, Draw, EngineStats, Request, Sequence, checked
-from .scheduler import Plan, Prefill, held_rows
+from .requests import Completion, Draw, EngineStats, Request, Sequence, must_fit
+from .scheduler import Prefill, StepPlan, held_rows
 
 
 class StaticScheduler:
@@ -38,14 +38,14 @@ class StaticScheduler:
         self.batch: list[Sequence] = []  # batch[i] holds row i
         self.pos = self.end = 0  # the position each row's next token takes; where all stop
 
-    def schedule(self) -> Plan | None:
+    def schedule(self) -> StepPlan | None:
         """The next step: a new batch's prefill, or the batch's decode of the tokens at
         `pos` - 1 (all rows read `pos` positions); None when every request is done."""
         if self.batch:
             self.stats.wasted_slot_steps += sum(1 for s in self.batch if s.finish_reason)
-            return Plan(decode=[self.pos] * len(self.batch), held=held_rows(self.batch),
+            return StepPlan(decode=[self.pos] * len(self.batch), held=held_rows(self.batch),
                         forced=self._forced())
-        requests = [checked(request, self.max_seq_len)
+        requests = [must_fit(request, self.max_seq_len)
                     for request in itertools.islice(self.pending, self.max_batch_size)]
         if not requests:
             return None
@@ -58,7 +58,7 @@ class StaticScheduler:
             self.blocks.extend(row, len(seq.request.prompt_tokens) + 1)
             if seq.budget <= 0:
                 seq.finish_reason = "length"
-        return Plan(loads=list(enumerate(requests)),
+        return StepPlan(loads=list(enumerate(requests)),
                     prefills=[Prefill(0, [r.prompt_tokens[:shortest] for r in requests])],
                     held=held_rows(self.batch), forced=self._forced())
 

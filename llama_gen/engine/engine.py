@@ -2,7 +2,7 @@
 `baseline.StaticScheduler`, Meta's static batches) and a runner that executes (`runner.Runner`),
 in a loop of three calls a step, as nano-vllm's: schedule, run, postprocess.
 
-The path of one token: `Engine._run` asks the scheduler for the step's `Plan`; `Runner.run`
+The path of one token: `Engine._run` asks the scheduler for the step's `StepPlan`; `Runner.run`
 does it on the device, drawing each row's token (`RowState.draw`, `sampling.sample`) and
 copying the tokens back in one copy (`RowState.records`: one `Draw` per row); the scheduler's
 `postprocess` gives each sequence its draw (`Sequence.append`) and yields the completions of

@@ -85,7 +85,7 @@ def fits(n_tokens: int, max_seq_len: int) -> bool:
     return 0 < n_tokens <= max_seq_len - 1
 
 
-def checked(request: Request, max_seq_len: int) -> Request:
+def must_fit(request: Request, max_seq_len: int) -> Request:
     """The request, or PromptUnfit if it cannot run (callers check `fits` first)."""
     if not fits(len(request.prompt_tokens), max_seq_len):
         raise PromptUnfit(len(request.prompt_tokens), max_seq_len)

@@ -1,5 +1,5 @@
 """Everything on the device: the model over its KV cache, the block table, the rows' decoding
-state (`rows.RowState`), and one `run` per step of a scheduler's `Plan`.
+state (`rows.RowState`), and one `run` per step of a scheduler's `StepPlan`.
 
 A step: rows move (their state and, in an unpaged cache, their cache positions), the block
 table's changed rows are written, requests are loaded into their rows (with their prompt's
@@ -24,7 +24,7 @@ from .passes import (CPU_ATTENTION_CHUNK, ForwardTimer, attention_chunks, compil
                      write_table)
 from .requests import Draw, EngineStats
 from .rows import RowState
-from .scheduler import Plan, Prefill
+from .scheduler import Prefill, StepPlan
 
 
 class Runner:
@@ -53,14 +53,14 @@ class Runner:
         self.rows = RowState(max_batch_size, model.args.vocab_size, stop_ids, self.device)
         self._compiled_decode = compile_decode(model) if compile else None
 
-    def run(self, plan: Plan) -> list[Draw]:
+    def run(self, plan: StepPlan) -> list[Draw]:
         """Do the plan's step: a `Draw` for each of its decoding and prefilled rows, in order."""
         prompts = self._prepare(plan)
         logits = self._forward(plan)
         tokens = self.rows.draw(logits, plan.held, plan.forced)
         return self.rows.records(logits, tokens, prompts)
 
-    def _prepare(self, plan: Plan) -> dict[int, list[float]]:
+    def _prepare(self, plan: StepPlan) -> dict[int, list[float]]:
         """Move rows, write the table's changed rows, load the requests; the prompt logprobs
         of the loaded rows that want them."""
         for move in plan.moves:
@@ -83,7 +83,7 @@ class Runner:
             return None
         return BlockTable(self.table.blocks[start:stop], self.table.place)
 
-    def _forward(self, plan: Plan) -> torch.Tensor:
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Logits (rows, vocab): one row per decoding row 0..n-1 (row i reads plan.decode[i]
         cache positions), then one per prefilled prompt. Both share one pass, except that with
         `compile` the decode rows take the compiled step."""

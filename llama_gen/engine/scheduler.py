@@ -1,5 +1,5 @@
 """Continuous batching, decided on the host: which requests run, in which rows, and what one
-forward pass does. Nothing here touches a tensor; the runner executes each `Plan`.
+forward pass does. Nothing here touches a tensor; the runner executes each `StepPlan`.
 
 The path of a request:
 - `start` reads the requests, shortest prompt first within windows
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from . import limits
 from .blocks import BlockAllocator, OneBlockPerRow, blocks_for
-from .requests import Completion, Draw, EngineStats, Request, Sequence, checked
+from .requests import Completion, Draw, EngineStats, Request, Sequence, must_fit
 
 # The continuous scheduler admits requests shortest prompt first within windows of this many
 # batches. Sequences decoding side by side then have similar contexts, so attention chunks read
@@ -49,7 +49,7 @@ class Prefill:
 
 
 @dataclass
-class Plan:
+class StepPlan:
     """One step, in the order the runner does it: the moves; the block table's changed rows;
     requests loaded into their rows; one forward pass that decodes rows 0..len(decode)-1 (row i
     reads decode[i] cache positions) and prefills the groups in the rows after them; a token for
@@ -95,7 +95,7 @@ class Scheduler:
         self._moves: list[Move] = []
         self._refilling = False  # the first admissions fill empty rows, later ones refill
 
-    def schedule(self) -> Plan | None:
+    def schedule(self) -> StepPlan | None:
         """The next step's plan, or None when every request is done."""
         admitted = self._admit()
         self.stats.refills += len(admitted) if self._refilling else 0
@@ -107,7 +107,7 @@ class Scheduler:
         decode = [seq.position + 1 for seq in self.running]
         loads, prefills = self._start_groups(take_prefill_groups(self.queued,
                                                                  limits.PREFILL_TOKENS))
-        plan = Plan(self._moves, self.blocks.changes(), loads, decode, prefills,
+        plan = StepPlan(self._moves, self.blocks.changes(), loads, decode, prefills,
                     held_rows(self.running))
         self._moves = []
         self._note_peaks()
@@ -138,7 +138,7 @@ class Scheduler:
                 request = next(self.pending, None)
                 if request is None:
                     break
-                waiting.append(checked(request, self.max_seq_len))
+                waiting.append(must_fit(request, self.max_seq_len))
             need = blocks_for(len(waiting[0].prompt_tokens) + 1, size)
             if need > spare and (self.running or admitted or self.queued):
                 break

@@ -28,8 +28,8 @@ import torch
 
 from ..model.transformer import Step, Transformer
 from . import limits
-from .scheduler import ADMISSION_WINDOW_BATCHES
 from .sampling import token_logprobs
+from .scheduler import ADMISSION_WINDOW_BATCHES
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def has_scored_part(n_tokens: int, first_scored: int = 1) -> bool:
     return n_tokens > first_scored
 
 
-def checked(request: ScoreRequest, max_seq_len: int) -> ScoreRequest:
+def must_fit(request: ScoreRequest, max_seq_len: int) -> ScoreRequest:
     """The request, or ValueError if it cannot be scored (callers check `has_scored_part` and
     its length against the context first)."""
     n, first = len(request.tokens), request.first_scored
@@ -229,7 +229,7 @@ class Scorer:
     def _run(self, pending: Iterator[ScoreRequest],
              should_stop: Callable[[], bool]) -> Iterator[Scored]:
         window = SCORE_WINDOW_BATCHES * self.max_batch_size
-        while batch := [checked(r, self.max_seq_len) for r in itertools.islice(pending, window)]:
+        while batch := [must_fit(r, self.max_seq_len) for r in itertools.islice(pending, window)]:
             max_tokens = limits.PREFILL_TOKENS
             groups = score_groups(batch, self.max_batch_size, max_tokens)
             for pieces in plan_passes(groups, self.max_batch_size, max_tokens):

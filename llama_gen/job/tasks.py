@@ -22,7 +22,7 @@ from ..model.args import ModelArgs
 from ..model.transformer import Transformer
 from ..runtime.distributed import Dist
 from ..settings import JobSettings, ScoreSettings, Settings
-from ..text.chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, prompt_tokens,
+from ..text.chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, dialog_tokens,
                          reply_tokens, with_system)
 from ..text.tokenizer import Tokenizer
 from .lines import BatchAnswers, completion_text, shown_ids
@@ -177,7 +177,7 @@ class Generation:
                                   "a dialog as 'messages'")
             return TokenizedRecord(record, tokenizer.encode(record.prompt, bos=True), samples)
         messages = record.messages or [{"role": "user", "content": record.prompt}]
-        tokens = prompt_tokens(with_system(messages, own.system), self.prompting.format(),
+        tokens = dialog_tokens(with_system(messages, own.system), self.prompting.format(),
                                tokenizer)
         return TokenizedRecord(record, tokens, samples)
 

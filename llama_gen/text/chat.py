@@ -114,7 +114,7 @@ def with_system(messages: list[Any], system: str | None) -> list[Any]:
     return [AddedSystem(role="system", content=system), *messages]
 
 
-def prompt_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer) -> list[int]:
+def dialog_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer) -> list[int]:
     """The dialog, which must end with the user's message, encoded for the model to answer: Llama 2
     ends with the open `[INST] {user} [/INST]`, Llama 3 with the assistant header and "\\n\\n".
     Raises DialogError for a dialog the format cannot encode."""
@@ -130,7 +130,7 @@ def prompt_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer) ->
 def reply_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer
                  ) -> tuple[list[int], list[int]]:
     """(context, reply) for scoring a dialog that ends with the assistant's message: context is
-    `prompt_tokens` of the dialog before it, reply what the model would generate, end-of-turn token
+    `dialog_tokens` of the dialog before it, reply what the model would generate, end-of-turn token
     included (Llama 3: content + eot; Llama 2: ` {content} ` + eos). context + reply is the finished
     dialog's ids as Meta encodes it. Raises DialogError.
 
@@ -149,7 +149,7 @@ def reply_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer
                           "message before it")
     _check_prompt_dialog(messages[:-1], fmt, "the dialog before the reply")
     if fmt == "llama3":
-        context = prompt_tokens(messages[:-1], fmt, tokenizer)
+        context = dialog_tokens(messages[:-1], fmt, tokenizer)
         return context, _llama3_content(messages[last], tokenizer)
     _check_llama2(messages)
     turns = _llama2_turns(messages)
