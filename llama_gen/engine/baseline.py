@@ -44,7 +44,7 @@ class StaticScheduler:
         if self.batch:
             self.stats.wasted_slot_steps += sum(1 for s in self.batch if s.finish_reason)
             return StepPlan(decode=[self.pos] * len(self.batch), held=held_rows(self.batch),
-                        forced=self._forced())
+                            forced=self._forced())
         requests = [must_fit(request, self.max_seq_len)
                     for request in itertools.islice(self.pending, self.max_batch_size)]
         if not requests:
@@ -59,8 +59,8 @@ class StaticScheduler:
             if seq.budget <= 0:
                 seq.finish_reason = "length"
         return StepPlan(loads=list(enumerate(requests)),
-                    prefills=[Prefill(0, [r.prompt_tokens[:shortest] for r in requests])],
-                    held=held_rows(self.batch), forced=self._forced())
+                        prefills=[Prefill(0, [r.prompt_tokens[:shortest] for r in requests])],
+                        held=held_rows(self.batch), forced=self._forced())
 
     def _forced(self) -> dict[int, int]:
         """The rows whose prompt still has a token at `pos`: that token."""

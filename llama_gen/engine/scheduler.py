@@ -108,7 +108,7 @@ class Scheduler:
         loads, prefills = self._start_groups(take_prefill_groups(self.queued,
                                                                  limits.PREFILL_TOKENS))
         plan = StepPlan(self._moves, self.blocks.changes(), loads, decode, prefills,
-                    held_rows(self.running))
+                        held_rows(self.running))
         self._moves = []
         self._note_peaks()
         return plan
