@@ -188,3 +188,11 @@ def test_the_engine_gets_the_sizings_batch_and_kv_cache(single_process, tiny_che
                                Sizing(3, 128))
     assert engine.max_batch_size == rows and engine.max_seq_len == 64
     assert engine.blocks.n_blocks * engine.blocks.block_size == 128  # two sequences' worth
+
+
+def test_an_unknown_family_defaults_to_a_guess_it_says_is_one():
+    params = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+              "vocab_size": 32000, "rope_theta": 250000.0}
+    shape = Shape(ModelArgs.from_params(params), 1, 2, 1)
+    length, why = build.context_default(shape, 80 * 2**30, 1)
+    assert length == 4096 and "a guess" in why and "pass --max_seq_len" in why

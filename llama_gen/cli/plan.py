@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.memory import (DTYPES, GPU_AUTO_CONTEXT_SEQUENCES, Shape, Sizing, auto_sizing,
-                             cache_room, check_seq_len, context_default, gib, largest_batch,
-                             longest_seq_len, memory_at, parameter_count, valid_mp_sizes,
-                             weight_bytes)
+                             cache_room, gib, largest_batch, longest_seq_len, memory_at,
+                             parameter_count, valid_mp_sizes, weight_bytes)
 from ..errors import UserError
-from ..job.build import default_model_parallel_size, read_params
+from ..job.build import check_seq_len, context_default, default_model_parallel_size, read_params
 from ..model.args import ModelArgs
 from ..model.checkpoint import SHARD_NAME, find_shards
 from ..settings import JobSettings, Settings, check_fields, rules, setting, settings_part

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,8 +13,8 @@ from ..engine import memory
 from ..engine.blocks import default_block_size
 from ..engine.engine import Engine
 from ..engine.memory import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS,
-                             Shape, Sizing, auto_sizing, check_seq_len, context_default,
-                             fixed_working_bytes, full_slots, given_cache, sized_slots,
+                             UNKNOWN_CONTEXT, Shape, Sizing, auto_sizing, default_seq_len,
+                             fixed_working_bytes, full_slots, gib, given_cache, sized_slots,
                              whole_blocks)
 from ..errors import UserError
 from ..model.args import ModelArgs
@@ -295,3 +296,32 @@ def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, di
     return Engine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
                   tokenizer=tokenizer, compile=settings.compile,
                   kv_cache_tokens=sizing.kv_cache_tokens, kv_block_size=settings.kv_block_size)
+
+
+def check_seq_len(args: ModelArgs, max_seq_len: int) -> None:
+    """An explicit --max_seq_len may not pass the model's context (as vLLM refuses a longer
+    max_model_len): its positions past it were never trained."""
+    if args.context_length is not None and max_seq_len > args.context_length:
+        raise UserError(f"--max_seq_len {max_seq_len} is longer than the context {args.family} "
+                        f"was trained for ({args.context_length} tokens): use at most "
+                        f"{args.context_length}, or leave it out")
+
+
+def context_default(shape: Shape, usable: int, slots: int) -> tuple[int | None, str]:
+    """--max_seq_len's default and why, in words: the model's context (`shape.args`), or the
+    longest part of it at which `slots` full-length sequences fit in `usable` bytes; None where
+    not even a short one fits."""
+    args = shape.args
+    context = args.context_length
+    if context is None:
+        return UNKNOWN_CONTEXT, (f"{UNKNOWN_CONTEXT}, a guess: params.json is none of "
+                                 "Meta's releases, whose contexts are known; pass --max_seq_len")
+    fitting = default_seq_len(replace(shape, max_seq_len=context), usable, slots)
+    if fitting == context:
+        return context, f"{context}, {args.family}'s context"
+    room = f"{slots} sequences of it" if slots > 1 else "one sequence of it"
+    if fitting is None:
+        return None, (f"{args.family}'s context of {context} tokens leaves no room for {room} "
+                      f"beside the weights in {gib(usable)} GiB")
+    return fitting, (f"{fitting}: {args.family}'s context of {context} tokens shortened to "
+                     f"what fits, {room}, beside the weights in {gib(usable)} GiB")
