@@ -103,7 +103,7 @@ class Group:
 
 
 @dataclass(frozen=True)
-class Piece:
+class GroupSlice:
     """Positions start..stop-1 of a group's rows, in cache slots slot, slot + 1, ... in one pass.
     A group's pieces run in consecutive passes, in order; the last finishes the group."""
 
@@ -167,24 +167,24 @@ def score_groups(requests: list[ScoreRequest], max_rows: int,
     return [Group(members) for members in groups]
 
 
-def plan_passes(groups: list[Group], max_rows: int, max_tokens: int) -> list[list[Piece]]:
+def plan_passes(groups: list[Group], max_rows: int, max_tokens: int) -> list[list[GroupSlice]]:
     """Forward passes of whole groups side by side, each within `max_rows` slots and
     `max_tokens` padded tokens; a group longer than `max_tokens` is cut along its length into
     passes of its own (its pieces in slots from 0)."""
-    passes: list[list[Piece]] = []
-    current: list[Piece] = []
+    passes: list[list[GroupSlice]] = []
+    current: list[GroupSlice] = []
     rows = tokens = 0
     for group in groups:
         n, length = len(group.requests), group.length
         if n * length > max_tokens:
             assert n == 1, "a group of several texts fits one pass"  # score_groups' invariant
-            passes += [[Piece(group, 0, start, min(start + max_tokens, length))]
+            passes += [[GroupSlice(group, 0, start, min(start + max_tokens, length))]
                        for start in range(0, length, max_tokens)]
             continue
         if current and (rows + n > max_rows or tokens + n * length > max_tokens):
             passes.append(current)
             current, rows, tokens = [], 0, 0
-        current.append(Piece(group, rows, 0, length))
+        current.append(GroupSlice(group, rows, 0, length))
         rows, tokens = rows + n, tokens + n * length
     return passes + [current] if current else passes
 
@@ -241,7 +241,7 @@ class Scorer:
                         group = piece.group
                         yield from map(Scored, group.requests, group.logprobs)
 
-    def _pass(self, pieces: list[Piece]) -> None:
+    def _pass(self, pieces: list[GroupSlice]) -> None:
         """One forward pass over the pieces; each row's new logprobs join its group's."""
         steps, inputs, outputs, targets, counts = [], [], [], [], []
         offset = 0
@@ -265,7 +265,7 @@ class Scorer:
         for logprobs, count in zip(rows, counts):
             logprobs += itertools.islice(values, count)
 
-    def _piece_step(self, piece: Piece) -> tuple[Step, torch.Tensor]:
+    def _piece_step(self, piece: GroupSlice) -> tuple[Step, torch.Tensor]:
         """The piece's step (every token an output, for the caller to narrow) and its tokens,
         each row's input right-padded."""
         start, stop = piece.start, piece.stop
