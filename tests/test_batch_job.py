@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from near_ties import assert_same_but_near_ties, near_tie, redraw
+from openai_schema import (CHAT_COMPLETION, COMPLETION, ERROR, VLLM_EXAMPLE, Nullable, batch_output,
+                           problems)
 from runs import job_args, kill_when, launch, run
-from test_openai_batch import (CHAT_COMPLETION, COMPLETION, ERROR, VLLM_EXAMPLE, Nullable,
-                               batch_output, problems)
 
 from llama_gen.engine.engine import Engine
 from llama_gen.engine.requests import Completion, Request, SamplingParams

@@ -9,8 +9,8 @@ import re
 
 import pytest
 import torch
+from engine_runs import HostReads, alone, run
 from near_ties import assert_alike, choice_logits, near_tie, redraw, teacher_forced_logits
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama_gen.engine import limits
 from llama_gen.engine.baseline import StaticEngine
@@ -24,15 +24,16 @@ from llama_gen.job.build import load_model
 from llama_gen.model.transformer import Transformer
 from llama_gen.text.tokenizer import load_tokenizer
 
-GREEDY = SamplingParams(temperature=0.0, logprobs=True)
-LOGPROB_ATOL = 1e-5
-
 
 @pytest.fixture(scope="module", params=["llama2", "llama3"])
 def model(request, single_process, tiny_checkpoints) -> Transformer:
     ckpt = tiny_checkpoints[(request.param, 1)]
     return load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), single_process,
                       torch.float32)
+
+
+GREEDY = SamplingParams(temperature=0.0, logprobs=True)
+LOGPROB_ATOL = 1e-5
 
 
 def prompt(model: Transformer, n: int, seed: int) -> list[int]:
@@ -42,20 +43,6 @@ def prompt(model: Transformer, n: int, seed: int) -> list[int]:
 
 def params(base: SamplingParams = GREEDY, **changes) -> SamplingParams:
     return dataclasses.replace(base, **changes)
-
-
-def run(engine: Engine, requests: list[Request]) -> dict:
-    """Completions by tag; every request gets exactly one, carrying that very request."""
-    done = list(engine.generate(requests))
-    by_tag = {c.request.tag: c for c in done}
-    assert len(done) == len(requests) == len(by_tag)
-    assert all(by_tag[r.tag].request is r for r in requests)
-    return by_tag
-
-
-def alone(model: Transformer, request: Request, max_seq_len: int = 64, stop_ids=()) -> Completion:
-    [done] = Engine(model, stop_ids, max_batch_size=1, max_seq_len=max_seq_len).generate([request])
-    return done
 
 
 def assert_same(got: Completion, want: Completion) -> None:
@@ -591,23 +578,6 @@ def test_a_stop_string_ends_the_sequence_at_the_token_that_completes_it(llama2):
 
 
 # --- host round trips ------------------------------------------------------------------------------
-
-HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default",
-              "aten.is_nonzero.default", "aten.equal.default"}
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the ops that read a tensor's value to the host (a device sync on a GPU). The one
-    copy a step makes on purpose, its tokens' `tolist`, does not dispatch an op."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) in HOST_READS:
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("sampling", [

@@ -19,8 +19,8 @@ import dataclasses
 
 import pytest
 import torch
+from engine_runs import alone, run
 from near_ties import assert_alike
-from test_engine import alone, run
 
 from llama_gen.engine import limits
 from llama_gen.engine.blocks import BlockAllocator, OneBlockPerRow

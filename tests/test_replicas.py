@@ -4,15 +4,15 @@ time, and a rerun writes every sample exactly once, as one uninterrupted process
 Four replicas on prompts of very uneven lengths: exactly once, and claims balance the work."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from nodes import LLAMA_GEN, Node, start_nodes, start_standalone, stop_all
+from nodes import LLAMA_GEN, Node, start_nodes, stop_all
+from replica_runs import (done_keys, last_start_count, node_of_rank, part_lines, run_to_completion,
+                          wait_for_lines_of_every_replica)
 from runs import read_output, write_prompts
 
 from llama_gen.engine.scheduler import ADMISSION_WINDOW_BATCHES
@@ -23,25 +23,6 @@ TWO_NODE_RECORDS = [{"prompt": f"Prompt {i}: " + "la " * (i % 5)} for i in range
 TWO_NODE_ARGS = ["--temperature", "0", "--max_gen_len", "32", "--ignore_eos", "--num_samples",
                  "2", "--max_batch_size", "2", "--max_seq_len", "80"]
 DONE_LINE = re.compile(r"replica (\d+) done: (\d+) chunk\(s\), (\d+) sample\(s\) in ([\d.]+) s")
-
-
-def part_lines(out: Path, skip: frozenset[str] = frozenset()) -> dict[int, list[bytes]]:
-    """Each replica's whole output lines in `<out>.parts/<run>-<replica>.jsonl`, but for the
-    part files named in `skip`."""
-    by_replica: dict[int, list[bytes]] = {}
-    for part in sorted(out.with_name(out.name + ".parts").glob("*-*.jsonl")):
-        if not part.name.endswith(".errors.jsonl") and part.name not in skip:
-            replica = int(part.stem.rsplit("-", 1)[1])
-            whole = part.read_bytes().splitlines(keepends=True)
-            by_replica.setdefault(replica, []).extend(l for l in whole if l.endswith(b"\n"))
-    return by_replica
-
-
-def done_keys(out: Path) -> set[tuple]:
-    """(id, sample) of every whole line in --out_path and in its parts."""
-    lines = out.read_bytes().splitlines(keepends=True) if out.exists() else []
-    lines += [line for part in part_lines(out).values() for line in part]
-    return {(r["id"], r["sample"]) for r in map(json.loads, lines)}
 
 
 def one_process(prompts: Path, out: Path, args: list[str]) -> dict[tuple, dict]:
@@ -59,27 +40,6 @@ def two_node_job(tiny_checkpoints, tmp_path_factory):
     prompts = write_prompts(folder / "p.jsonl", TWO_NODE_RECORDS)
     args = ["--ckpt_dir", str(tiny_checkpoints[("llama3", 1)]), *TWO_NODE_ARGS]
     return prompts, args, one_process(prompts, folder / "uninterrupted.jsonl", args)
-
-
-def wait_for_lines_of_every_replica(nodes: list[Node], out: Path, replicas: int) -> None:
-    """Until each replica has a whole line in a part file of this run (not one an earlier run
-    left)."""
-    earlier = frozenset(p.name for p in out.with_name(out.name + ".parts").glob("*"))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        for node in nodes:
-            node.workers()
-        parts = part_lines(out, skip=earlier)
-        if all(parts.get(r) for r in range(replicas)):
-            return
-        assert all(node.proc.poll() is None for node in nodes), "a node ended before the kill"
-        time.sleep(0.005)
-    pytest.fail("no output within 120 s")
-
-
-def node_of_rank(nodes: list[Node], rank: int) -> Node:
-    [node] = [node for node in nodes if rank in node.workers().values()]
-    return node
 
 
 def kill_one_node(job: list[str], out: Path, rank: int) -> Node:
@@ -102,27 +62,11 @@ def kill_one_node(job: list[str], out: Path, rank: int) -> Node:
         stop_all(nodes)
 
 
-def run_to_completion(job_args: list[str], nnodes: int = 2, nproc: int = 1) -> list[Node]:
-    nodes = (start_nodes(job_args, nnodes, nproc) if nnodes > 1
-             else [start_standalone(job_args, nproc)])
-    try:
-        for node in nodes:
-            assert node.wait(timeout=180) == 0, node.stderr
-    finally:
-        stop_all(nodes)
-    return nodes
-
-
 def assert_same_lines(out: Path, want: dict[tuple, dict]) -> None:
     got = read_output(out)  # and each (id, sample) once
     assert got.keys() == want.keys()
     for key, line in want.items():
         assert got[key] == line, key
-
-
-def last_start_count(out: Path) -> int:
-    """The samples the latest run set out to write, from its progress log."""
-    return int(re.findall(r"start: (\d+) sample\(s\)", Path(f"{out}.log").read_text())[-1])
 
 
 def test_a_killed_node_ends_the_run_in_bounded_time_and_reruns_write_each_sample_once(

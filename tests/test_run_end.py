@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 from nodes import Node, start_nodes, stop_all
+from replica_runs import (done_keys, last_start_count, node_of_rank, part_lines, run_to_completion,
+                          wait_for_lines_of_every_replica)
 from runs import write_prompts
-from test_replicas import (done_keys, last_start_count, node_of_rank, part_lines, run_to_completion,
-                           wait_for_lines_of_every_replica)
 
 RECORDS = [{"prompt": f"Prompt {i}: " + "la " * (i % 5)} for i in range(64)]
 ARGS = ["--temperature", "0.8", "--max_gen_len", "32", "--ignore_eos", "--num_samples", "2",

@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from test_model import (CONFIGS, PARITY_ATOL, SEQ_LEN, build, config, echo_logprobs, hf_logits,
-                        random_tokens, teacher_forced)
+from reference_models import (CONFIGS, PARITY_ATOL, SEQ_LEN, build, config, echo_logprobs,
+                              hf_logits, random_tokens, teacher_forced)
 
 from llama_gen.engine import limits, passes, scoring
 from llama_gen.engine.scoring import (Scored, Scorer, ScoreRequest, has_scored_part, plan_passes,
