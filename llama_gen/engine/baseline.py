@@ -84,12 +84,13 @@ def StaticEngine(model: Transformer, stop_ids: Iterable[int], max_batch_size: in
                  max_seq_len: int, tokenizer: Tokenizer | None = None, *,
                  kv_cache_tokens: int | None = None, kv_block_size: int | None = None) -> Engine:
     """The engine with Meta's layout too: every row holds max_seq_len positions (an unpaged
-    cache), so a KV budget (`kv_cache_tokens`) bounds the batch instead of paging it;
-    `kv_block_size` is not used."""
+    cache), so a KV budget (`kv_cache_tokens`) bounds the batch instead of paging it, and a
+    batch's decode attention is one call, as in Meta's reference; `kv_block_size` is not
+    used."""
     if kv_cache_tokens is not None:
         if kv_cache_tokens < max_seq_len:
             raise ValueError(f"a KV cache of {kv_cache_tokens} positions cannot hold one "
                              f"sequence of max_seq_len {max_seq_len}")
         max_batch_size = min(max_batch_size, kv_cache_tokens // max_seq_len)
     return Engine(model, stop_ids, max_batch_size, max_seq_len, tokenizer=tokenizer,
-                  kv_block_size=max_seq_len, scheduler=StaticScheduler)
+                  kv_block_size=max_seq_len, scheduler=StaticScheduler, attention_rows=None)

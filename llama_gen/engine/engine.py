@@ -20,7 +20,7 @@ import torch
 from ..model.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .blocks import cache_blocks, default_block_size
-from .passes import ForwardTimer
+from .passes import CPU_ATTENTION_CHUNK, ForwardTimer
 from .requests import Completion, EngineStats, Request
 from .runner import Runner
 from .scheduler import Scheduler
@@ -32,12 +32,14 @@ class Engine:
     `kv_cache_tokens` positions (default: max_seq_len for every row) in blocks of
     `kv_block_size` (default: `default_block_size`); with one block of max_seq_len per row it is
     unpaged. `compile` runs decode steps through `compile_decode`. `scheduler` decides the
-    steps: continuous batching, or the static baseline's (`baseline.StaticEngine`)."""
+    steps: continuous batching, or the static baseline's (`baseline.StaticEngine`). On the CPU a
+    decode step's attention runs `attention_rows` rows per call (None: the whole batch in one)."""
 
     def __init__(self, model: Transformer, stop_ids: Iterable[int], max_batch_size: int,
                  max_seq_len: int, *, tokenizer: Tokenizer | None = None,
                  compile: bool = False, kv_cache_tokens: int | None = None,
-                 kv_block_size: int | None = None, scheduler: type = Scheduler):
+                 kv_block_size: int | None = None, scheduler: type = Scheduler,
+                 attention_rows: int | None = CPU_ATTENTION_CHUNK):
         self.model = model
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.stop_ids = frozenset(stop_ids)
@@ -47,7 +49,7 @@ class Engine:
                                    kv_block_size or default_block_size(device, max_seq_len),
                                    kv_cache_tokens)
         self.runner = Runner(model, self.blocks, self.stop_ids, max_batch_size, max_seq_len,
-                             stats, compile)
+                             stats, compile, attention_rows)
         self.scheduler = scheduler(self.blocks, max_batch_size, max_seq_len, self.stop_ids,
                                    tokenizer, stats)
 

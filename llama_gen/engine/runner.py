@@ -33,8 +33,10 @@ class Runner:
 
     def __init__(self, model: Transformer, blocks: BlockAllocator | OneBlockPerRow,
                  stop_ids: frozenset[int], max_batch_size: int, max_seq_len: int,
-                 stats: EngineStats, compile: bool = False):
+                 stats: EngineStats, compile: bool = False,
+                 attention_rows: int | None = CPU_ATTENTION_CHUNK):
         self.model, self.stats = model, stats
+        self.attention_rows = attention_rows  # on the CPU, decode rows per attention call
         self.device = model.output.weight.device
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.forward_timer: ForwardTimer | None = None  # set one to time forward passes
@@ -100,8 +102,8 @@ class Runner:
         if n and self._compiled_decode is not None:
             parts.append(self._decode_compiled(n, max(kv_lens)))
         elif n:
-            chunks = (attention_chunks(kv_lens, CPU_ATTENTION_CHUNK)
-                      if self.device.type == "cpu" else None)
+            chunks = (attention_chunks(kv_lens, self.attention_rows)
+                      if self.device.type == "cpu" and self.attention_rows else None)
             steps.insert(0, self.model.make_step(self.rows.position[:n, None], slice(0, n),
                                                  max(kv_lens), chunks=chunks,
                                                  table=self._table(0, n)))
