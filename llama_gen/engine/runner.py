@@ -35,9 +35,8 @@ class Runner:
                  stop_ids: frozenset[int], max_batch_size: int, max_seq_len: int,
                  stats: EngineStats, compile: bool = False,
                  attention_rows: int | None = CPU_ATTENTION_CHUNK):
-        self.model, self.stats = model, stats
-        self.attention_rows = attention_rows  # on the CPU, decode rows per attention call
-        self.device = model.output.weight.device
+        self.model, self.stats, self.device = model, stats, model.output.weight.device
+        self.attention_rows = attention_rows  # CPU decode rows per attention call (None: all)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.forward_timer: ForwardTimer | None = None  # set one to time forward passes
         self.table: BlockTable | None = None
