@@ -18,7 +18,7 @@ from llama_gen.engine.engine import Engine
 from llama_gen.engine.passes import write_table
 from llama_gen.engine.requests import Request, SamplingParams
 from llama_gen.job.build import load_model
-from llama_gen.model.transformer import BlockTable, Transformer
+from llama_gen.model.transformer import BlockTable, Transformer, apply_rope, rope_rotations
 from llama_gen.text.tokenizer import load_tokenizer
 
 MAX_SEQ_LEN = 64
@@ -211,9 +211,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_completion(
 def test_compiled_decode_over_a_paged_cache_gives_the_eager_completions(single_process,
                                                                        tiny_checkpoints):
     """--compile with a paged cache: the compiled step takes the block table as inputs and
-    gives the unpaged eager completions. It computes every row; a padding row (token 0 at
-    position 0) whose table row names only the sink writes there and nowhere else, and a
-    decoding row writes its next position and nothing else of its blocks."""
+    gives the unpaged eager completions. It computes every row; a padding row (token 0 at the
+    last position, max_seq_len - 1, which no prompt reaches) writes where its table row names
+    that position, the sink where it holds no block there, and nowhere else; a decoding row
+    writes its next position and nothing else of its blocks."""
     ckpt = tiny_checkpoints[("llama3", 1)]
     model = load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), single_process,
                        torch.float32)
@@ -227,27 +228,26 @@ def test_compiled_decode_over_a_paged_cache_gives_the_eager_completions(single_p
     assert_alike(model, [(r, got[r.tag], want[r.tag]) for r in reqs])
     assert engine.stats.wasted_slot_steps > 0
     size, sink = engine.blocks.block_size, engine.blocks.sink
-    # Layer 0's key and value of token 0 at position 0 (no rotation there).
+    # Layer 0's key and value of token 0 at the last position (the key rotated there).
+    last = MAX_SEQ_LEN - 1
     attention = model.layers[0].attention
     with torch.inference_mode():
         x = model.layers[0].attention_norm(model.tok_embeddings(torch.tensor([0])))
-        k0, v0 = (w(x).view(attention.n_local_kv_heads, attention.head_dim)
+        k0, v0 = (w(x).view(1, attention.n_local_kv_heads, attention.head_dim)
                   for w in (attention.wk, attention.wv))
+        k0 = apply_rope(k0, rope_rotations(model.args, MAX_SEQ_LEN)[last][None, None])[0]
+        v0 = v0[0]
     sink_written = False
     for n, held, table, positions, written, (k, v) in steps:
         wanted = {table[i][p // size] * size + p % size for i, p in enumerate(positions)}
         for row, blocks in zip(table, held):  # past its own blocks, a row names the sink
             assert row[blocks:] == [sink] * (len(row) - blocks), (table, held)
-        empty = [i for i in range(n, len(table)) if not held[i]]
-        if empty:
-            wanted.add(sink * size)
-            sink_written |= sink * size in written
+        padding = {table[i][last // size] * size + last % size for i in range(n, len(table))}
+        wanted |= padding
+        if sink * size + last % size in padding:
+            sink_written |= sink * size + last % size in written
             torch.testing.assert_close(k, k0, atol=1e-5, rtol=0)
             torch.testing.assert_close(v, v0, atol=1e-5, rtol=0)
-        # A padding row that holds blocks is a prompt prefilled in this very step: its padding
-        # write at position 0 is overwritten by the prefill pass that follows (issue 24: not so
-        # for a prompt prefilled in chunks, whose first chunk is already in the cache).
-        wanted |= {table[i][0] * size for i in range(n, len(table)) if held[i]}
         assert written <= wanted, (written - wanted, n, table, positions)
     assert sink_written
 
@@ -256,7 +256,7 @@ def spy_compiled_writes(engine: Engine) -> list:
     """For each compiled decode step: (decoding rows n, the blocks each row holds by the host's
     count, the block table's rows, the positions rows 0..n-1 write, the cache positions
     (block * size + offset) whose key or value any layer changed, and layer 0's key and value
-    at the sink's position 0 after the step)."""
+    at the sink's offset of the last position after the step)."""
     steps, decode = [], engine.runner._decode_compiled
     layers = [layer.attention.cache for layer in engine.model.layers]
     def spy(n, kv_len):
@@ -269,7 +269,8 @@ def spy_compiled_writes(engine: Engine) -> list:
         for c, (k, v) in zip(layers, before):
             changed = (c.k[0] != k[0]).any(-1).any(0) | (c.v[0] != v[0]).any(-1).any(0)
             written |= set(changed.nonzero().flatten().tolist())
-        at_sink = engine.blocks.sink * engine.blocks.block_size
+        at_sink = (engine.blocks.sink * engine.blocks.block_size
+                   + (engine.max_seq_len - 1) % engine.blocks.block_size)
         steps.append((n, held, table, positions, written,
                       (layers[0].k[0, :, at_sink].clone(), layers[0].v[0, :, at_sink].clone())))
         return out

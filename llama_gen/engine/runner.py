@@ -150,15 +150,14 @@ class Runner:
         return step, tokens[start:]
 
     def _decode_compiled(self, n: int, kv_len: int) -> torch.Tensor:
-        """Logits (n, vocab) of the compiled decode step for rows 0..n-1. It always spans every
-        row (padding rows, at position 0, count as wasted; in a paged cache they write to the
-        sink), and its reads of an unpaged cache are rounded up to `decode_kv_bucket`, so a few
-        shapes serve the whole run (one with flex attention, which reads by block mask)."""
+        """Logits (n, vocab) of the compiled decode step for rows 0..n-1, over every row (padding
+        rows, wasted, write at max_seq_len - 1: no prompt reaches it, a sequence writes it before
+        reading it, and a paged row holding no block there names the sink). Reads of an unpaged
+        cache are rounded up to `decode_kv_bucket`: a few shapes serve the whole run."""
         tokens, positions = self.rows.next_token[:n], self.rows.position[:n]
-        padding = self.max_batch_size - n
-        if padding:
+        if padding := self.max_batch_size - n:
             tokens = torch.cat((tokens, tokens.new_zeros(padding)))
-            positions = torch.cat((positions, positions.new_zeros(padding)))
+            positions = torch.cat((positions, positions.new_full((padding,), self.max_seq_len - 1)))
         self.stats.slot_steps += padding
         self.stats.wasted_slot_steps += padding
         if self.table is not None and self.model.paged_reads == "flex":
