@@ -216,10 +216,10 @@ def prepare_output(settings: Settings, fingerprint: dict[str, Any],
     elif has_lines(settings.out_path) and settings.settings_path.exists():
         old = read_fingerprint(settings)
         changed = fingerprint_differences(old, fingerprint, settings.prompt_path, type(settings))
-        if changed[-1:] == [PROMPT_FILE_EDITED] and check_edits is not None:
+        if PROMPT_FILE_EDITED in changed and check_edits is not None:
             found = edited_lines(settings, old, lines)
             if found is not None:
-                changed.pop()
+                changed.remove(PROMPT_FILE_EDITED)
                 edited = found
         if changed:
             raise UserError(f"{settings.out_path} was written with other settings "
