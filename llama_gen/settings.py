@@ -107,8 +107,9 @@ class JobSettings:
         "shortened "
         "to what fits in memory); raise it on resume to answer prompts that were too long")
     max_batch_size: int | None = setting(
-        None, low=1, auto=True, help="sequences decoded at once, or auto (the default): on a "
-        "GPU as many as the KV cache that fits beside the model allows (up to 256), on the CPU 8")
+        None, low=1, auto=True, help="most sequences decoded at once (vLLM's max_num_seqs), or "
+        "auto (the default): on a GPU as many as the KV cache holds at 512 tokens each (up to "
+        "256), on the CPU 8. On a GPU the KV cache takes the memory the model leaves either way")
     gpu_memory_utilization: float = setting(
         0.9, low=0, low_open=True, high=1, help="share of each GPU's memory the run may use: "
         "the KV cache takes what the weights and working memory leave of it")
