@@ -33,9 +33,14 @@ DTYPES = {"bf16": ("bfloat16", 2), "fp16": ("float16", 2), "fp32": ("float32", 4
 # CUDA context, cuBLAS workspaces and the allocator's slack, which torch's own counters do not
 # show: typically 0.5-1 GiB on current GPUs and drivers. An allowance, not a measurement.
 CUDA_CONTEXT_BYTES = 3 * GIB // 4
-# Per logit of a decode step's (batch, vocab) float32 logits, the sampler's temporaries: the
-# probabilities, their sorted copy (fp32) with its int64 indices and its cumulative sum.
-SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4
+# Per logit of a decode step's (batch, vocab) float32 logits, the most the draw allocates
+# beside them at once, every control on (scripts/sampler_memory.py measures it with torch's CPU
+# memory profiler over the whole batch, as a GPU draws it: 24.1-24.4 bytes in `RowState.draw`,
+# 20.1-20.4 of them in `sample`, the penalised copy the other 4; 28.1-29.0 in
+# `RowState.records`, whose top logprobs hold a float32 log-softmax and three int64 sort keys
+# (4 + 3 x 8)). Rounded up to 32 for the CUDA allocator's rounding; tests/test_memory.py holds
+# the measurement to it.
+SAMPLER_BYTES_PER_LOGIT = 32
 LOGIT_BYTES = 4  # logits are float32
 PENALTY_BYTES_PER_LOGIT = 5  # TokenCounts: in_prompt (bool) and generated (int32), per slot
 # --max_batch_size auto: at most this many sequences decode at once (vLLM's max_num_seqs), and
