@@ -120,28 +120,43 @@ def test_a_clean_end_still_destroys_the_process_group_gracefully(
 
 
 PEER_AWAY = """
-import sys, time
+import os, sys, threading, time
 import torch, torch.distributed as dist
 from llama_gen.runtime import distributed
 distributed.init_distributed(1)
 dist.all_reduce(torch.ones(1))
 if dist.get_rank() == 1:
     time.sleep(120)  # takes no part in any teardown (torchrun ends it once rank 0 fails)
-distributed.abort(seconds=30)
+if os.environ.get("ABORT_NEVER_RETURNS"):  # as NCCL's abort has (NCCL #1777)
+    dist.distributed_c10d._abort_process_group = lambda group: threading.Event().wait()
+distributed.abort(seconds=float(os.environ["ABORT_SECONDS"]))
 print("initialized after the abort:", dist.is_initialized(), file=sys.stderr, flush=True)
 distributed.exit_now(3)
 """
 
 
-def test_abort_drops_the_group_without_its_peer_and_exit_now_keeps_the_status():
-    """No model: rank 0 aborts while rank 1 takes no part, then exits hard with 3. torch 2.7
-    and later abort gloo's group too; 2.5 and 2.6 leave it to the hard exit."""
+def abort_without_peer(never_returns: bool) -> str:
+    """Rank 0 aborts while rank 1 takes no part, then exits hard with 3; its stderr."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env |= {"OMP_NUM_THREADS": "1", "ABORT_SECONDS": "1" if never_returns else "30",
+            **({"ABORT_NEVER_RETURNS": "1"} if never_returns else {})}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "--no-python", sys.executable, "-c", PEER_AWAY],
-        capture_output=True, text=True, timeout=120, env={**env, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=120, env=env)
     assert re.search(r"exitcode\s*:\s*3\b", done.stderr), done.stderr
+    return done.stderr
+
+
+def test_abort_drops_the_group_without_its_peer_and_exit_now_keeps_the_status():
+    """torch 2.7 and later abort gloo's group too; 2.5 and 2.6 leave it to the hard exit."""
+    err = abort_without_peer(never_returns=False)
     aborts_gloo = hasattr(dist.ProcessGroup, "abort")
-    assert f"initialized after the abort: {not aborts_gloo}" in done.stderr, done.stderr
+    assert f"initialized after the abort: {not aborts_gloo}" in err, err
+
+
+@pytest.mark.skipif(not hasattr(dist.ProcessGroup, "abort"), reason="torch < 2.7: no gloo abort")
+def test_an_abort_that_never_returns_is_given_up_and_the_exit_keeps_the_status():
+    err = abort_without_peer(never_returns=True)
+    assert "rank 0: aborting the process group took over 1 s; exiting without it" in err, err
