@@ -287,8 +287,12 @@ class Settings(JobSettings):
     scheduler: Literal["continuous", "static"] = setting(
         "continuous", help="continuous (a finished sequence's slot takes the next prompt at "
         "once) or static (Meta's reference batching, for comparison)")
-    compile: bool = setting(False, help="compile the decode step with torch.compile (CUDA "
-                            "graphs on GPUs; the first steps wait for the compiler)")
+    compile: bool | None = setting(
+        None, auto=True, help="compile the decode step with torch.compile, at a few batch sizes "
+        "padded to, replayed as CUDA graphs on GPUs (compiled and recorded at start-up), or "
+        "auto (the default): on GPUs for the continuous scheduler, off on the CPU (where it is "
+        "not faster) and for --scheduler static; false runs every step eagerly, as vLLM's "
+        "--enforce-eager")
     kv_cache_tokens: int | None = setting(
         None, low=1, auto=True, help="advanced: positions the KV cache holds across all "
         "sequences, or auto (the default): on a GPU what fits beside the model (see "
@@ -317,7 +321,7 @@ class Settings(JobSettings):
         if self.top_logprobs and not self.logprobs:  # OpenAI's rule too
             raise UserError(f"--top_logprobs {self.top_logprobs} lists each token's alternatives "
                             "beside its own logprob: add --logprobs")
-        if self.compile and self.scheduler == "static":
+        if self.compile is True and self.scheduler == "static":
             raise UserError("--compile compiles the continuous scheduler's decode step; the "
                             "static one is the uncompiled baseline: drop one of the two")
         if self.kv_block_size is not None and self.scheduler == "static":

@@ -287,13 +287,21 @@ def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, di
         from ..engine.baseline import StaticEngine
         return StaticEngine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
                             tokenizer, kv_cache_tokens=sizing.kv_cache_tokens)
-    if settings.compile and dist.rank == 0:
-        log.info("--compile: the first decode steps compile the model (a minute or more for "
-                 "large models)%s", "" if dist.device.type == "cuda" else
-                 "; on the CPU the compiled step is not faster than the eager one")
-    return Engine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
-                  tokenizer=tokenizer, compile=settings.compile,
-                  kv_cache_tokens=sizing.kv_cache_tokens, kv_block_size=settings.kv_block_size)
+    compile = settings.compile
+    if compile is None:  # auto
+        compile = dist.device.type == "cuda"
+    engine = Engine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
+                    tokenizer=tokenizer, compile=compile,
+                    kv_cache_tokens=sizing.kv_cache_tokens, kv_block_size=settings.kv_block_size)
+    if compile:
+        seconds = engine.runner.warm_up()
+        if dist.rank == 0:
+            kind = "compiled and recorded as CUDA graphs" if dist.device.type == "cuda" else \
+                "compiled (on the CPU not faster than eager)"
+            log.info("decode step %s for batch sizes %s in %.1f s%s", kind,
+                     ", ".join(map(str, engine.runner.decoder.buckets)), seconds,
+                     "" if settings.compile else " (--compile auto; false turns it off)")
+    return engine
 
 
 def check_seq_len(args: ModelArgs, max_seq_len: int) -> None:
