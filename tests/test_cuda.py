@@ -457,3 +457,69 @@ def test_compiled_decode_with_chunked_prefill_matches_eager(models, monkeypatch)
     eager = run(Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN), reqs)
     compiled = run(Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN, compile=True), reqs)
     assert_same_but_near_ties_on(models["cpu"], compiled, eager, reqs)
+
+
+# --- memory and teardown -------------------------------------------------------------------------
+
+def test_the_samplers_cuda_peak_per_logit_is_within_the_memory_model():
+    """SAMPLER_BYTES_PER_LOGIT was measured on the CPU (scripts/sampler_memory.py); on CUDA the
+    caching allocator rounds each block up, so hold the draw's and the records' peaks to it
+    there too: every control on, 64 rows of a Llama 3 vocabulary."""
+    from llama_gen.engine.memory import SAMPLER_BYTES_PER_LOGIT
+    from llama_gen.engine.rows import RowState
+    device, rows, vocab = torch.device("cuda"), 64, 128256
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.05,
+                            repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.5,
+                            logprobs=True, top_logprobs=20, seed=1)
+    state = RowState(rows, vocab, frozenset({1, 2}), device)
+    for row in range(rows):
+        state.load(row, Request(list(range(100)), params))
+    logits = torch.randn(rows, vocab, device=device)
+    tokens = state.draw(logits, held=[0, 1], forced={2: 5})  # the counts made, kernels warm
+    for name, step in (("draw", lambda: state.draw(logits, held=[0, 1], forced={2: 5})),
+                       ("records", lambda: state.records(logits, tokens, {}))):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        per_logit = (torch.cuda.max_memory_allocated(device) - before) / (rows * vocab)
+        assert per_logit <= SAMPLER_BYTES_PER_LOGIT, (name, per_logit)
+
+
+PEER_LOST = """
+import os, signal, sys, time
+import torch, torch.distributed as dist
+from llama_gen.runtime import distributed
+joined = distributed.init_distributed(1, sys.argv[1])
+dist.all_reduce(torch.ones(1, device=joined.device))  # the communicators exist and work
+if joined.rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)  # a lost node
+time.sleep(2)
+start = time.monotonic()
+distributed.abort(seconds=30)
+print(f"abort returned in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+distributed.exit_now(3)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per process: two")
+def test_a_rank_whose_nccl_peer_died_aborts_and_exits_with_its_status():
+    """After a peer died, NCCL's abort (not its graceful destroy, which can wait forever:
+    pytorch #141510, #180611) returns, and the hard exit keeps the status."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", PEER_LOST, "cuda"], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": str(port)})
+        for rank in (0, 1)]
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].wait(timeout=10)
+    assert procs[0].returncode == 3, err
+    assert "abort returned in" in err, err

@@ -217,6 +217,7 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
         log_sizing(settings, model, dist, sizing, None, block)
         return sizing
     shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len, block)
+    distributed.open_communicators(dist.device)  # their memory is in use before it is measured
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     room = budget - sum(fixed_working_bytes(shape).values())
     sizing = group_least(gpu_sizing(settings, shape, room), dist)

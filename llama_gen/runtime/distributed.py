@@ -302,6 +302,14 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def open_communicators(device: torch.device) -> None:
+    """Make the model-parallel group's communicators now, so that memory measured next counts
+    them: NCCL creates a communicator (and its buffers, hundreds of MiB) at a group's first
+    collective."""
+    if dist.get_world_size(model_parallel_group()) > 1:
+        all_reduce(torch.zeros(1, device=device))
+
+
 def all_gather_last_dim(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """The group's `x`s side by side along the last dimension, in rank order."""
     parts = [torch.empty_like(x) for _ in range(world_size)]
