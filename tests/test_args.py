@@ -121,3 +121,84 @@ def test_a_llama31_shape_near_llama32_s_is_not_taken_for_it():
     for changed in ({"n_layers": 17}, {"n_kv_heads": 4}, {"use_scaled_rope": False}):
         args = ModelArgs.from_params({**LLAMA32_1B, **changed})
         assert args.llama_32_model is None and args.rope_scaling()[0] in (8, None)
+
+
+# Llama 3.3 70B's params.json is Llama 3.1 70B's (llama-models' sku_list.py lists both so).
+LLAMA33_70B = {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
+               "ffn_dim_multiplier": 1.3, "multiple_of": 4096, "norm_eps": 1e-05,
+               "rope_theta": 500000.0, "use_scaled_rope": True}
+
+
+def test_llama33_70b_loads_as_llama31_70b():
+    args = ModelArgs.from_params(LLAMA33_70B)
+    assert (args.family, args.context_length, args.rope_scaling()[0]) == ("Llama 3.1", 131072, 8)
+    assert (args.ffn_hidden_dim, args.kv_heads, args.head_dim) == (28672, 8, 128)
+
+
+# Meta's params.json for what is not a text-only Llama (llama-models' sku_list.py and
+# models/llama4/args.py; Scout's as its reference code reads it).
+LLAMA31_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+              "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-05,
+              "rope_theta": 500000.0, "use_scaled_rope": True}
+LLAMA32_11B_VISION = {**LLAMA31_8B, "vision_chunk_size": 448, "vision_max_num_chunks": 4,
+                      "vision_num_cross_attention_layers": 8}
+LLAMA32_1B_QLORA = {**LLAMA32_1B, "quantization_args": {"group_size": 256},
+                    "lora_args": {"rank": 16, "scale": 2.0}}
+LLAMA32_1B_SPINQUANT = {**LLAMA32_1B, "quantization_args": {"group_size": 256}}
+LLAMA4_SCOUT = {"dim": 5120, "n_layers": 48, "n_heads": 40, "n_kv_heads": 8, "vocab_size": 202048,
+                "multiple_of": 2048, "ffn_dim_multiplier": 1.2, "ffn_exp": 4.0,
+                "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+                "nope_layer_interval": 4, "attention_chunk_size": 8192, "use_qk_norm": True,
+                "vision_args": {"image_size": {"height": 336, "width": 336},
+                                "patch_size": {"height": 14, "width": 14}, "dim": 1408,
+                                "n_layers": 34, "n_heads": 16, "mlp_ratio": 4.0,
+                                "output_dim": 4096, "pixel_shuffle_ratio": 0.5},
+                "moe_args": {"num_experts": 16, "capacity_factor": 1.0, "auto_scale_F": True,
+                             "top_k": 1, "interleave_moe_layer_step": 1},
+                "quantization_args": None, "lora_args": None}
+
+
+@pytest.mark.parametrize("params, says", [
+    (LLAMA32_11B_VISION, "a Llama 3.2 Vision checkpoint (vision_chunk_size, vision_max_num_chunks,"
+                         " vision_num_cross_attention_layers): llama-gen runs text-only Llama"),
+    ({**LLAMA31_8B, "vision_chunk_size": 560}, "a Llama 3.2 Vision checkpoint (vision_chunk_size)"),
+    (LLAMA32_1B_QLORA, "a quantized checkpoint (Meta's int4 QLoRA or SpinQuant) "
+                       "(quantization_args): llama-gen runs unquantized weights"),
+    (LLAMA32_1B_SPINQUANT, "(quantization_args): llama-gen runs unquantized weights"),
+    ({**LLAMA32_1B, "lora_args": {"rank": 16, "scale": 2.0}}, "a LoRA checkpoint (lora_args)"),
+    (LLAMA4_SCOUT, "a Llama 4 checkpoint (moe_args, use_qk_norm, nope_layer_interval, "
+                   "attention_chunk_size, ffn_exp, vision_args): llama-gen runs Llama 1 to 3.3"),
+    ({"model": LLAMA4_SCOUT}, "a Llama 4 checkpoint (moe_args"),
+    ({**LLAMA31_8B, "num_experts": 16}, "a Llama 4 checkpoint (num_experts)"),
+], ids=["vision-11b", "vision-key", "qlora", "spinquant", "lora", "llama4-scout",
+        "llama4-nested", "llama4-key"])
+def test_meta_checkpoints_that_are_not_a_text_llama_are_refused_by_name(params, says):
+    with pytest.raises(UserError) as refused:
+        ModelArgs.from_params(params, "ckpt/params.json")
+    assert str(refused.value).startswith("ckpt/params.json: ") and says in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_meta_s_off_values_of_those_keys_are_a_text_llama(caplog):
+    """Meta's ModelArgs defaults (vision_chunk_size -1: no vision; nulls; use_qk_norm false)."""
+    off = {"vision_chunk_size": -1, "vision_num_cross_attention_layers": -1,
+           "quantization_args": None, "lora_args": None, "moe_args": None, "use_qk_norm": False}
+    with caplog.at_level(logging.WARNING):
+        assert ModelArgs.from_params({**LLAMA31_8B, **off}) == ModelArgs.from_params(LLAMA31_8B)
+    assert "vision_chunk_size" in caplog.text  # unknown to us, so it still warns
+
+
+def test_an_explicit_ffn_width_and_rope_bands_override_meta_s():
+    """The fields a config.json sets; params.json's own computation stays the default."""
+    args = ModelArgs.from_params({**LLAMA31_8B, "intermediate_size": 8640,
+                                  "rope_low_freq_factor": 2.0, "rope_high_freq_factor": 8.0,
+                                  "rope_original_context": 4096, "trained_context": 2048})
+    assert (args.ffn_hidden_dim, args.context_length) == (8640, 2048)
+    default = ModelArgs.from_params(LLAMA31_8B)
+    assert (default.ffn_hidden_dim, default.rope_low_freq_factor, default.rope_high_freq_factor,
+            default.rope_original_context, default.tie_word_embeddings) == (
+        14336, 1.0, 4.0, 8192, False)
+    with pytest.raises(UserError, match="low_freq_factor 4 must be positive and below"):
+        ModelArgs.from_params({**LLAMA31_8B, "rope_low_freq_factor": 4.0})
+    with pytest.raises(UserError, match="intermediate_size must be positive"):
+        ModelArgs.from_params({**LLAMA31_8B, "intermediate_size": 0})

@@ -1,4 +1,5 @@
-"""The model's shape, read once from Meta's params.json and frozen."""
+"""The model's shape, read once from Meta's params.json (or, by `hf_config`, from a Hugging Face
+config.json) and frozen."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,7 @@ from ..values import BadValue, Rule
 
 log = logging.getLogger(__name__)
 
+# Llama 3.1's RoPE scaling bands, which Meta's reference hard-codes (a config.json may say others).
 LLAMA_3_ROPE_LOW_FREQ_FACTOR = 1.0
 LLAMA_3_ROPE_HIGH_FREQ_FACTOR = 4.0
 LLAMA_3_ROPE_ORIGINAL_CONTEXT = 8192
@@ -30,6 +32,81 @@ LLAMA_32_SHAPES = {(2048, 16, 32, 8): "Llama 3.2 1B", (3072, 28, 24, 8): "Llama 
 CONTEXT_LENGTHS = {"Llama 1": 2048, "Llama 2": 4096, "Code Llama": 16384, "Llama 3": 8192,
                    "Llama 3.1": 131072, "Llama 3.2": 131072}
 
+# params.json keys of Meta's checkpoints that are not a text-only Llama (llama-models'
+# models/llama3/args.py and models/llama4/args.py), first match wins: Llama 4's files carry
+# vision_args and quantization_args too. A key counts where set: not null, false, 0, or -1
+# (Meta's "off" for vision_chunk_size and vision_num_cross_attention_layers).
+OTHER_MODELS = (
+    ("a Llama 4 checkpoint", "llama-gen runs Llama 1 to 3.3, not Llama 4's mixture of experts",
+     ("moe_args", "num_experts", "interleave_moe_layer_step", "use_qk_norm",
+      "nope_layer_interval", "attention_chunk_size", "attn_temperature_tuning", "floor_scale",
+      "attn_scale", "ffn_exp", "vision_args")),
+    ("a Llama 3.2 Vision checkpoint", "llama-gen runs text-only Llama models",
+     ("vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers",
+      "vision_model")),
+    ("a quantized checkpoint (Meta's int4 QLoRA or SpinQuant)",
+     "llama-gen runs unquantized weights: use the bf16 release of this model",
+     ("quantization_args",)),
+    ("a LoRA checkpoint", "llama-gen runs plain weights: use the bf16 release of this model",
+     ("lora_args",)),
+)
+UNSET = (None, False, 0, -1)
+
+
+def read_json(path: Path, holds: str) -> Any:
+    """A checkpoint's JSON file; `holds` says, where it is missing, what the folder should hold."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; {holds}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def refuse_other_models(params: dict[str, Any], source: str) -> None:
+    """A params.json of a Llama 4, a Llama 3.2 Vision or a quantized Llama is refused by name
+    before its unknown keys could only warn and its weights fail to match later."""
+    inner = params.get("model") if isinstance(params.get("model"), dict) else {}
+    keys = {k: v for k, v in {**inner, **params}.items() if v not in UNSET}
+    for what, fix, markers in OTHER_MODELS:
+        if found := [k for k in markers if k in keys]:
+            raise UserError(f"{source}: {what} ({', '.join(found)}): {fix}")
+
+
+def shape_problems(args: ModelArgs) -> list[str]:
+    """What makes these sizes impossible for the model, in words (none: they fit)."""
+    problems = [f"{name} must be positive" for name in ("dim", "n_layers", "n_heads", "multiple_of")
+                if getattr(args, name) <= 0]
+    if args.vocab_size == 0 or args.vocab_size < -1:
+        problems.append("vocab_size must be positive or -1")
+    if args.n_heads > 0 and args.dim % args.n_heads:
+        problems.append(f"dim {args.dim} is not divisible by n_heads {args.n_heads}")
+    if args.n_heads > 0 and args.dim // args.n_heads % 2:
+        problems.append("head dimension must be even for rotary embeddings")
+    if args.kv_heads <= 0 or args.n_heads % args.kv_heads:
+        problems.append(f"n_heads {args.n_heads} is not a multiple of n_kv_heads {args.kv_heads}")
+    if args.intermediate_size is not None and args.intermediate_size <= 0:
+        problems.append("intermediate_size must be positive")
+    if args.trained_context is not None and args.trained_context <= 0:
+        problems.append("trained_context must be positive")
+    return problems + rope_problems(args)
+
+
+def rope_problems(args: ModelArgs) -> list[str]:
+    problems = []
+    if args.rope_theta <= 0:
+        problems.append("rope_theta must be positive")
+    if args.rope_scaling_factor is not None and args.rope_scaling_factor < 1:
+        problems.append("rope_scaling_factor must be at least 1")
+    if not 0 < args.rope_low_freq_factor < args.rope_high_freq_factor:
+        problems.append(f"RoPE's low_freq_factor {args.rope_low_freq_factor:g} must be positive "
+                        f"and below its high_freq_factor {args.rope_high_freq_factor:g}")
+    if args.rope_original_context <= 0:
+        problems.append("RoPE's original context must be positive")
+    return problems
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -44,6 +121,18 @@ class ModelArgs:
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False
     rope_scaling_factor: float | None = None  # None: the release's (see `rope_scaling`)
+    # Llama 3.1's scaling bands, which only a config.json changes (its rope_scaling's
+    # low_freq_factor, high_freq_factor and original_max_position_embeddings).
+    rope_low_freq_factor: float = LLAMA_3_ROPE_LOW_FREQ_FACTOR
+    rope_high_freq_factor: float = LLAMA_3_ROPE_HIGH_FREQ_FACTOR
+    rope_original_context: int = LLAMA_3_ROPE_ORIGINAL_CONTEXT
+    # The FFN width as a config.json gives it (intermediate_size: fine-tunes and open_llama
+    # do not follow Meta's rule); None: Meta's, from dim, multiple_of and ffn_dim_multiplier.
+    intermediate_size: int | None = None
+    # The context trained for where the config says it (max_position_embeddings); None: the
+    # release's, told from the shape (`family`).
+    trained_context: int | None = None
+    tie_word_embeddings: bool = False  # the output head is the embedding (Llama 3.2 1B, 3B)
 
     @property
     def kv_heads(self) -> int:
@@ -55,6 +144,8 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -84,8 +175,11 @@ class ModelArgs:
 
     @property
     def context_length(self) -> int | None:
-        """The context the model was trained for (None for a shape no release of Meta's has):
-        positions beyond it are untrained."""
+        """The context the model was trained for, positions beyond it untrained: the config's
+        where it says (config.json's max_position_embeddings), else the release's from the shape
+        (None for a shape no release of Meta's has)."""
+        if self.trained_context is not None:
+            return self.trained_context
         return CONTEXT_LENGTHS.get(self.family)
 
     def rope_scaling(self) -> tuple[float | None, str]:
@@ -113,9 +207,11 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
-        """Validate a params.json dict strictly: unknown keys warn, missing or mistyped keys fail."""
+        """Validate a params.json dict strictly: unknown keys warn, missing or mistyped keys fail,
+        and a model that is no text-only Llama is refused by name (`refuse_other_models`)."""
         if not isinstance(params, dict):
             raise UserError(f"{source}: expected a JSON object, got {type(params).__name__}")
+        refuse_other_models(params, source)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in sorted(set(params) - set(fields)):
             log.warning("%s: ignoring unknown field %r", source, key)
@@ -132,21 +228,12 @@ class ModelArgs:
                 values[name] = Rule(kinds[name]).check(params[name])
             except BadValue as e:
                 raise UserError(f"{source}: field {name!r} {e}") from None
-        args = cls(**values)
-        args._check_shape(source)
-        return args
+        return cls(**values).checked(source)
 
     @classmethod
     def from_file(cls, path: Path) -> ModelArgs:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"{path}: not found; a Meta checkpoint directory holds params.json "
-                            "and consolidated.NN.pth shards") from None
-        try:
-            params = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        params = read_json(path, "a Meta checkpoint directory holds params.json and "
+                                 "consolidated.NN.pth shards")
         return cls.from_params(params, source=str(path))
 
     def with_vocab_size(self, tokenizer_vocab: int, source: str = "params.json") -> ModelArgs:
@@ -160,20 +247,8 @@ class ModelArgs:
                 "with --tokenizer_path")
         return self
 
-    def _check_shape(self, source: str) -> None:
-        problems = []
-        for name in ("dim", "n_layers", "n_heads", "multiple_of"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        if self.vocab_size == 0 or self.vocab_size < -1:
-            problems.append("vocab_size must be positive or -1")
-        if self.n_heads > 0 and self.dim % self.n_heads:
-            problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads > 0 and self.dim // self.n_heads % 2:
-            problems.append("head dimension must be even for rotary embeddings")
-        if self.rope_scaling_factor is not None and self.rope_scaling_factor < 1:
-            problems.append("rope_scaling_factor must be at least 1")
-        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
-            problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
-        if problems:
+    def checked(self, source: str) -> ModelArgs:
+        """These args, or a UserError naming `source` where their sizes cannot make a model."""
+        if problems := shape_problems(self):
             raise UserError(f"{source}: {'; '.join(problems)}")
+        return self

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .args import (LLAMA_3_ROPE_HIGH_FREQ_FACTOR, LLAMA_3_ROPE_LOW_FREQ_FACTOR,
-                   LLAMA_3_ROPE_ORIGINAL_CONTEXT, ModelArgs)
+from .args import ModelArgs
 from .attention import attention, paged_attention, paged_block_mask
 from .cache import BlockTable, KVCache, Segment, Step
 from .layers import ParallelLayers
@@ -39,8 +38,8 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     factor, _ = args.rope_scaling()
     if factor is None:
         return freqs
-    low, high = LLAMA_3_ROPE_LOW_FREQ_FACTOR, LLAMA_3_ROPE_HIGH_FREQ_FACTOR
-    context = LLAMA_3_ROPE_ORIGINAL_CONTEXT
+    low, high = args.rope_low_freq_factor, args.rope_high_freq_factor
+    context = args.rope_original_context
     wavelen = 2 * math.pi / freqs
     smooth = (context / wavelen - low) / (high - low)
     between = (1 - smooth) * freqs / factor + smooth * freqs
