@@ -9,7 +9,9 @@ With `--baseline` (another copy of `llama_gen/engine/sampling.py`, loaded from i
 run in alternating pairs (baseline then this tree, then this tree then baseline, ...) on the
 same logits, and the script prints each one's median over the pairs, the median of the
 per-pair ratios, and whether every draw gave the same tokens. Each timing is the median of
-`calls` calls after one warm-up call. On CUDA each call is timed between two synchronisations.
+`calls` calls after one warm-up call. On the CPU the clock is the process's CPU time by default
+(`--clock cpu`): on a shared machine, time spent waiting for a core is not the sampler's. On
+CUDA it is wall time, each call between two synchronisations.
 
 Logits are random normal times `scale` (3 by default: a few hundred tokens hold most of the
 mass at 32000, as a language model's next-token distribution does), temperature 0.8, top-p
@@ -21,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import time
+from collections.abc import Callable
 from types import ModuleType
 
 import fire
@@ -47,7 +50,8 @@ def inputs(batch: int, vocab: int, top_k: bool, scale: float, device: str) -> tu
     return logits, temperature, top_p, uniform.to(device), k
 
 
-def milliseconds(module: ModuleType, args: tuple, calls: int) -> tuple[float, torch.Tensor]:
+def milliseconds(module: ModuleType, args: tuple, calls: int, clock: Callable[[], float]
+                 ) -> tuple[float, torch.Tensor]:
     """The median time of `calls` calls, after a warm-up call, and the tokens drawn."""
     cuda = args[0].device.type == "cuda"
     tokens = module.sample(*args)
@@ -55,11 +59,11 @@ def milliseconds(module: ModuleType, args: tuple, calls: int) -> tuple[float, to
     for _ in range(calls):
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         module.sample(*args)
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times) * 1e3, tokens.cpu()
 
 
@@ -72,17 +76,20 @@ def numbers(value: int | str | tuple) -> list[int]:
 
 def main(baseline: str | None = None, batches: str = "1,32,64", vocabs: str = "32000,128256",
          pairs: int = 5, calls: int = 5, scale: float = 3.0, device: str = "cpu",
-         threads: int | None = None) -> None:
+         threads: int | None = None, clock: str | None = None) -> None:
     """`batches`, `vocabs`: comma-separated; `pairs`: alternating pairs with a baseline (one
-    run without)."""
+    run without); `clock`: "cpu" (the process's CPU time, the default on the CPU) or "wall"
+    (the default on CUDA)."""
     if threads:
         torch.set_num_threads(threads)
+    clock = clock or ("wall" if device == "cuda" else "cpu")
+    timer = {"cpu": time.process_time, "wall": time.perf_counter}[clock]
     samplers = {"this tree": sampling}
     if baseline:
         samplers = {"baseline": load(baseline), **samplers}
     names = list(samplers)
-    print(f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, logits "
-          f"randn x {scale}, temperature 0.8; median of {calls} calls per run, "
+    print(f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, {clock} "
+          f"time, logits randn x {scale}, temperature 0.8; median of {calls} calls per run, "
           f"{pairs if baseline else 1} run(s) each" + (", alternating" if baseline else ""))
     header = f"{'batch':>5} {'vocab':>6} {'filters':<14}" + "".join(f"{n + ' ms':>15}"
                                                                       for n in names)
@@ -95,7 +102,7 @@ def main(baseline: str | None = None, batches: str = "1,32,64", vocabs: str = "3
                 drawn = {}
                 for pair in range(pairs if baseline else 1):
                     for name in (names if pair % 2 == 0 else names[::-1]):
-                        ms, drawn[name] = milliseconds(samplers[name], args, calls)
+                        ms, drawn[name] = milliseconds(samplers[name], args, calls, timer)
                         times[name].append(ms)
                 filters = "top-k + top-p" if top_k else "top-p"
                 line = f"{batch:5d} {vocab:6d} {filters:<14}" + "".join(

@@ -171,7 +171,10 @@ def _largest_reaching(bits: torch.Tensor, weights: torch.Tensor | None, target: 
     for shift in _DIGITS[1:]:
         if shift != _DIGITS[1]:  # index holds the previous digits
             inside.mul_(torch.eq(index, chosen, out=index))
-        torch.bitwise_right_shift(bits, shift, out=index).bitwise_and_(size - 1)
+        if shift:
+            torch.bitwise_right_shift(bits, shift, out=index).bitwise_and_(size - 1)
+        else:
+            torch.bitwise_and(bits, size - 1, out=index)
         counts = bits.new_zeros(rows, size).scatter_add_(1, _scatter_index(index), inside)
         chosen, below_prefix = _choose(counts, below_prefix, spare)
         prefix = (prefix << RADIX_BITS) | chosen
