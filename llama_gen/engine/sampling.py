@@ -13,8 +13,8 @@ min-p before top-k and top-p, so a row with both min-p and top-p < 1 may keep fe
 Each filter keeps the tokens at or above a probability threshold, so a tie group at a boundary
 is kept whole, and the kept set is drawn from by inverting its CDF in token-id order. `sample`
 finds the thresholds by radix selects and sums masses in whole units: no sort, no host read, a
-fixed number of passes over the logits, and a draw that depends only on its own row, on any
-device.
+fixed number of passes over the logits, no atomic adds piled on one bucket, and a draw that
+depends only on its own row, on any device.
 """
 from __future__ import annotations
 
