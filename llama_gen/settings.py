@@ -107,8 +107,9 @@ class JobSettings:
         "shortened "
         "to what fits in memory); raise it on resume to answer prompts that were too long")
     max_batch_size: int | None = setting(
-        None, low=1, auto=True, help="sequences decoded at once, or auto (the default): on a "
-        "GPU as many as the KV cache that fits beside the model allows (up to 256), on the CPU 8")
+        None, low=1, auto=True, help="most sequences decoded at once (vLLM's max_num_seqs), or "
+        "auto (the default): on a GPU as many as the KV cache holds at 512 tokens each (up to "
+        "256), on the CPU 8. On a GPU the KV cache takes the memory the model leaves either way")
     gpu_memory_utilization: float = setting(
         0.9, low=0, low_open=True, high=1, help="share of each GPU's memory the run may use: "
         "the KV cache takes what the weights and working memory leave of it")
@@ -286,8 +287,12 @@ class Settings(JobSettings):
     scheduler: Literal["continuous", "static"] = setting(
         "continuous", help="continuous (a finished sequence's slot takes the next prompt at "
         "once) or static (Meta's reference batching, for comparison)")
-    compile: bool = setting(False, help="compile the decode step with torch.compile (CUDA "
-                            "graphs on GPUs; the first steps wait for the compiler)")
+    compile: bool | None = setting(
+        None, auto=True, help="compile the decode step with torch.compile, at a few batch sizes "
+        "padded to, replayed as CUDA graphs on GPUs (compiled and recorded at start-up), or "
+        "auto (the default): on GPUs for the continuous scheduler, off on the CPU (where it is "
+        "not faster) and for --scheduler static; false runs every step eagerly, as vLLM's "
+        "--enforce-eager")
     kv_cache_tokens: int | None = setting(
         None, low=1, auto=True, help="advanced: positions the KV cache holds across all "
         "sequences, or auto (the default): on a GPU what fits beside the model (see "
@@ -316,7 +321,7 @@ class Settings(JobSettings):
         if self.top_logprobs and not self.logprobs:  # OpenAI's rule too
             raise UserError(f"--top_logprobs {self.top_logprobs} lists each token's alternatives "
                             "beside its own logprob: add --logprobs")
-        if self.compile and self.scheduler == "static":
+        if self.compile is True and self.scheduler == "static":
             raise UserError("--compile compiles the continuous scheduler's decode step; the "
                             "static one is the uncompiled baseline: drop one of the two")
         if self.kv_block_size is not None and self.scheduler == "static":

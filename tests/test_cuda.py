@@ -14,7 +14,7 @@ import pytest
 import torch
 from near_ties import NEAR_TIE, assert_same_but_near_ties
 
-from llama_gen.engine import runner as runner_module
+from llama_gen.engine import limits
 from llama_gen.engine.baseline import StaticEngine
 from llama_gen.engine.blocks import BlockAllocator
 from llama_gen.engine.engine import Engine
@@ -340,36 +340,186 @@ def test_no_math_attention_on_the_gpu(models):
                                        rtol=0)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 24: the block table's write (torch.tensor(rows).to(device)) and the prefill "
-    "step's tokens and last positions (torch.tensor(list, device=cuda)) are copies from "
-    "pageable host memory, which synchronise"))
-def test_decode_steps_make_no_unexpected_syncs(models, monkeypatch):
+def strict_syncs(method, calls: list[str]):
+    """`method` run under torch.cuda.set_sync_debug_mode("error"): any wait for the device
+    fails it (nested calls stay strict)."""
+    def wrapped(*args, **kwargs):
+        calls.append(method.__name__)
+        outer = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(outer)
+    return wrapped
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_whole_step_makes_no_unexpected_syncs(models, monkeypatch, compile):
     """With torch.cuda.set_sync_debug_mode("error") around everything a step does on the
-    device before its one copy of tokens to the host (`RowState.records`, after the draw): the
-    block table's write, the prefill step (a prompt's chunks too), the forward pass and the
-    draw, nothing waits for the device: not the block table, not the block mask, not the
-    prefill's inputs, not the sampler."""
-    engine = Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN)
+    device before its one copy of tokens to the host (`RowState.records`, after the draw):
+    rows moved and loaded, the block table's write (pinned, non_blocking), the prefill step (a
+    long prompt's chunks too, with a small prefill budget), the decode rows padded to their
+    bucket, eager or compiled, the forward pass and the draw, nothing waits for the device."""
+    monkeypatch.setattr(limits, "PREFILL_TOKENS", 64)
+    engine = Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN, compile=compile)
     assert isinstance(engine.blocks, BlockAllocator)  # blocks of 128: a block table to write
+    engine.runner.warm_up()
     reqs = requests(models["cuda"].args.vocab_size)
     run(engine, reqs)  # compiles flex attention first: compiling may wait for the device
-    strict_calls = []
-    def strict(method):
-        def wrapped(*args, **kwargs):  # nested calls stay strict
-            strict_calls.append(method.__name__)
-            outer = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return method(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode(outer)
-        return wrapped
-    monkeypatch.setattr(runner_module, "write_table", strict(runner_module.write_table))
-    for name in ("_prefill_step", "_chunked_prefill", "_forward"):
-        setattr(engine.runner, name, strict(getattr(engine.runner, name)))
-    engine.runner.rows.draw = strict(engine.runner.rows.draw)
+    calls: list[str] = []
+    engine.runner._prepare = strict_syncs(engine.runner._prepare, calls)
+    engine.runner._forward = strict_syncs(engine.runner._forward, calls)
+    engine.runner.rows.draw = strict_syncs(engine.runner.rows.draw, calls)
     got = run(engine, reqs)
-    assert {"write_table", "_prefill_step", "_forward", "draw"} <= set(strict_calls)
+    assert {"_prepare", "_forward", "draw"} <= set(calls)
     want = run(Engine(models["cpu"], (), SLOTS, MAX_SEQ_LEN), reqs)
     assert_same_but_near_ties_on(models["cpu"], got, want, reqs)
+
+
+# --- issue 24: compiled decode by default, buckets, the decode kernel ---------------------------
+
+FRESH_PROCESS_COMPILE = """
+import dataclasses, sys, torch
+from pathlib import Path
+from llama_gen.engine.engine import Engine
+from llama_gen.engine.requests import Request, SamplingParams
+from llama_gen.job.build import load_model
+from llama_gen.runtime import distributed
+from llama_gen.text.tokenizer import load_tokenizer
+ckpt = Path(sys.argv[1])
+dist = dataclasses.replace(distributed.init_distributed(1, device="cpu"),
+                           device=torch.device("cuda"))
+model = load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), dist, torch.float32)
+engine = Engine(model, (), 4, 200, compile=True)  # paged: flex attention inside the graph
+engine.runner.warm_up()
+gen = torch.Generator().manual_seed(0)
+reqs = [Request(torch.randint(model.args.vocab_size, (5 + 7 * i,), generator=gen).tolist(),
+                SamplingParams(temperature=0.0, max_gen_len=6 + 3 * i), tag=i) for i in range(6)]
+for c in engine.generate(reqs):
+    print(c.request.tag, *c.tokens)
+"""
+
+
+def test_compiled_decode_runs_in_a_fresh_process(tiny_checkpoints, tmp_path):
+    """A process whose first flex attention call is inside the compiled decode step (no eager
+    engine ran first to create a compiled flex wrapper): it compiles whole, and gives the CPU's
+    greedy tokens (near ties aside: compared by count)."""
+    import subprocess
+    import sys
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_PROCESS_COMPILE)
+    done = subprocess.run([sys.executable, str(script), str(ckpt)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.splitlines()) == 6, done.stdout
+
+
+def test_decode_takes_flex_attention_s_decode_kernel(models):
+    """The compiled flex wrapper for decode rows generates the decode template's kernel (where
+    torch lets the backend be chosen, a fallback would fail instead)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from llama_gen.model.attention import compiled_flex
+    engine = Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN)
+    torch._dynamo.reset()
+    compiled_flex.cache_clear()
+    reqs = requests(models["cuda"].args.vocab_size)[:3]
+    _, code = run_and_get_code(lambda: run(engine, reqs))
+    assert any("flex_decoding" in c for c in code), [c[:200] for c in code]
+
+
+def test_compilations_are_bounded_as_the_rows_change(models, record_property):
+    """A compiled run whose running rows shrink and grow through every size: the decode step
+    compiles once per batch bucket (flex attention's decode kernel needs a static batch) and
+    no more, and the eager prefill's flex wrapper a bounded few times."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    engine = Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN, compile=True)
+    record_property("warm_up_seconds", round(engine.runner.warm_up(), 1))
+    after_warm_up = counters["stats"]["unique_graphs"]
+    record_property("graphs_at_warm_up", after_warm_up)
+    assert after_warm_up >= len(engine.runner.decoder.buckets)
+    reqs = requests(models["cuda"].args.vocab_size) + long_requests(models["cuda"].args.vocab_size)
+    run(engine, reqs)
+    record_property("graphs_after_run", counters["stats"]["unique_graphs"])
+    # decode: one per bucket, all at warm-up; prefill's flex wrapper: symbolic shapes, <= 3
+    assert counters["stats"]["unique_graphs"] <= after_warm_up + 3, dict(counters["stats"])
+
+
+def test_compiled_decode_with_chunked_prefill_matches_eager(models, monkeypatch):
+    """--compile with prompts prefilled in chunks (a small prefill budget): padding rows of the
+    compiled step write only into the sink, so a long prompt keeps its first chunk."""
+    monkeypatch.setattr(limits, "PREFILL_TOKENS", 32)
+    reqs = requests(models["cuda"].args.vocab_size) + long_requests(models["cuda"].args.vocab_size)
+    eager = run(Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN), reqs)
+    compiled = run(Engine(models["cuda"], (), SLOTS, MAX_SEQ_LEN, compile=True), reqs)
+    assert_same_but_near_ties_on(models["cpu"], compiled, eager, reqs)
+
+
+# --- memory and teardown -------------------------------------------------------------------------
+
+def test_the_samplers_cuda_peak_per_logit_is_within_the_memory_model():
+    """SAMPLER_BYTES_PER_LOGIT was measured on the CPU (scripts/sampler_memory.py); on CUDA the
+    caching allocator rounds each block up, so hold the draw's and the records' peaks to it
+    there too: every control on, 64 rows of a Llama 3 vocabulary."""
+    from llama_gen.engine.memory import SAMPLER_BYTES_PER_LOGIT
+    from llama_gen.engine.rows import RowState
+    device, rows, vocab = torch.device("cuda"), 64, 128256
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.05,
+                            repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.5,
+                            logprobs=True, top_logprobs=20, seed=1)
+    state = RowState(rows, vocab, frozenset({1, 2}), device)
+    for row in range(rows):
+        state.load(row, Request(list(range(100)), params))
+    logits = torch.randn(rows, vocab, device=device)
+    tokens = state.draw(logits, held=[0, 1], forced={2: 5})  # the counts made, kernels warm
+    for name, step in (("draw", lambda: state.draw(logits, held=[0, 1], forced={2: 5})),
+                       ("records", lambda: state.records(logits, tokens, {}))):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        per_logit = (torch.cuda.max_memory_allocated(device) - before) / (rows * vocab)
+        assert per_logit <= SAMPLER_BYTES_PER_LOGIT, (name, per_logit)
+
+
+PEER_LOST = """
+import os, signal, sys, time
+import torch, torch.distributed as dist
+from llama_gen.runtime import distributed
+joined = distributed.init_distributed(1, sys.argv[1])
+dist.all_reduce(torch.ones(1, device=joined.device))  # the communicators exist and work
+if joined.rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)  # a lost node
+time.sleep(2)
+start = time.monotonic()
+distributed.abort(seconds=30)
+print(f"abort returned in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+distributed.exit_now(3)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per process: two")
+def test_a_rank_whose_nccl_peer_died_aborts_and_exits_with_its_status():
+    """After a peer died, NCCL's abort (not its graceful destroy, which can wait forever:
+    pytorch #141510, #180611) returns, and the hard exit keeps the status."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", PEER_LOST, "cuda"], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": str(port)})
+        for rank in (0, 1)]
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].wait(timeout=10)
+    assert procs[0].returncode == 3, err
+    assert "abort returned in" in err, err

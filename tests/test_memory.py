@@ -72,3 +72,19 @@ def test_the_job_builds_its_engine_without_the_command_line():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and result.stdout == "[]\n", result.stderr
+
+
+def test_the_sampler_allocates_no_more_than_the_memory_model_counts():
+    """scripts/sampler_memory.py's measurement (every control on, the whole batch at once)
+    stays within SAMPLER_BYTES_PER_LOGIT, the working memory a plan counts per logit."""
+    import json
+    from pathlib import Path
+
+    from llama_gen.engine.memory import SAMPLER_BYTES_PER_LOGIT
+    script = Path(__file__).parent.parent / "scripts" / "sampler_memory.py"
+    result = subprocess.run([sys.executable, str(script), "--rows", "8", "--vocab", "32000"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.splitlines()[-1])["bytes_per_logit"]
+    assert 20 <= measured["sample"] <= measured["draw"]  # a real measurement
+    assert max(measured.values()) <= SAMPLER_BYTES_PER_LOGIT, measured

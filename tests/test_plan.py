@@ -16,7 +16,7 @@ from llama_gen.engine.memory import (AUTO_MAX_BATCH, AUTO_TOKENS_PER_SEQUENCE, G
                                      kv_bytes_per_token, weight_bytes)
 from llama_gen.errors import UserError
 from llama_gen.model.args import ModelArgs
-from llama_gen.settings import JobSettings, rules
+from llama_gen.settings import Settings, rules
 
 LLAMA_GEN = str(Path(sys.executable).parent / "llama-gen")
 # Published params.json files (vocab_size written out where Meta's file has -1).
@@ -88,7 +88,7 @@ def test_llama_2_7b_in_bf16_does_not_fit_a_12gb_card_and_two_would(tmp_path):
     assert plan.parameters == pytest.approx(6.74e9, rel=2e-3)
     assert plan.memory["weights"] == pytest.approx(6.74e9 * 2, rel=2e-3)  # ~12.6 GiB
     assert plan.kv_bytes_per_token == 2 * 32 * 32 * 128 * 2
-    assert not plan.fits and plan.largest_batch == 0
+    assert not plan.fits and plan.full_length_sequences == 0 and plan.kv_cache_tokens is None
     assert "weights alone" in plan.verdict
     assert any("--model_parallel_size 2" in line for line in plan.advice)
     assert not any(line.startswith("--max_seq_len") for line in plan.advice)
@@ -102,7 +102,7 @@ def test_llama_2_13b_fits_on_two_24gb_cards(tmp_path):
     assert plan.parameters == pytest.approx(13.0e9, rel=5e-3)
     assert plan.advice == [] and plan.needed <= plan.usable
     assert planned(tmp_path / "ckpt", gpu_memory="24GB", nproc=2, max_seq_len=1024,
-                   max_batch_size=8).largest_batch >= 8
+                   max_batch_size=8).full_length_sequences >= 8
     assert not planned(tmp_path / "ckpt", gpu_memory="24GB").fits  # one card is too small
 
 
@@ -113,24 +113,25 @@ def test_llama_3_70b_on_eight_80gb_cards_at_8192_tokens(tmp_path):
     assert plan.model_parallel_size == 8 and plan.fits
     assert plan.parameters == pytest.approx(70.6e9, rel=2e-3)
     assert plan.kv_bytes_per_token == kv_bytes_per_token(args, 8, 2) == 2 * 80 * 1 * 128 * 2
-    most = plan.largest_batch
+    most = plan.full_length_sequences
     assert 100 < most < (plan.usable - plan.memory["weights"]) // (8192 * 40960)
-    assert planned(ckpt, gpu_memory="80GB", nproc=8, max_seq_len=8192, max_batch_size=most).fits
-    over = planned(ckpt, gpu_memory="80GB", nproc=8, max_seq_len=8192, max_batch_size=most + 1)
-    assert not over.fits and over.advice[0] == (f"--max_batch_size {most}: the most that fits "
-                                                 "at --max_seq_len 8192")
+    assert plan.max_batch_size == 256  # auto: at most 256, the cache holds more at 512 tokens
+    # an explicit batch caps the sequences: 256 of them fit too, in a cache of the same size
+    given = planned(ckpt, gpu_memory="80GB", nproc=8, max_seq_len=8192, max_batch_size=256)
+    assert given.fits and given.kv_cache_tokens == plan.kv_cache_tokens
 
 
 def test_advice_names_a_16_bit_dtype_and_a_shorter_max_seq_len(tmp_path):
     ckpt = params_dir(tmp_path, LLAMA_2_7B)
-    fp32 = planned(ckpt, gpu_memory="40GB", dtype="fp32", max_batch_size=32, max_seq_len=4096)
+    fp32 = planned(ckpt, gpu_memory="32GB", dtype="fp32", max_batch_size=32, max_seq_len=4096)
     assert not fp32.fits and fp32.memory["weights"] == 2 * weight_bytes(
         ModelArgs.from_params(LLAMA_2_7B), 1, 2)
-    assert any(line.startswith("--dtype bf16") for line in fp32.advice)
+    assert "--dtype bf16 (fp16 on GPUs without bf16) halves the weights and the cache: it " \
+           "fits" in fp32.advice
     shorter = [line for line in fp32.advice if line.startswith("--max_seq_len")]
     assert shorter
     seq_len = int(shorter[0].split()[1].rstrip(":"))
-    assert seq_len < 4096 and planned(ckpt, gpu_memory="40GB", dtype="fp32", max_batch_size=32,
+    assert seq_len < 4096 and planned(ckpt, gpu_memory="32GB", dtype="fp32", max_batch_size=32,
                                       max_seq_len=seq_len).fits
 
 
@@ -178,9 +179,9 @@ def test_help_lists_plan_and_its_flags():
 def test_plan_takes_the_runs_memory_settings_as_the_run_defines_them():
     """Type, default, bounds and help: each defined once, in the run's settings."""
     plan_fields = {f.name: f for f in dataclasses.fields(PlanSettings)}
-    run_fields = {f.name: f for f in dataclasses.fields(JobSettings)}
+    run_fields = {f.name: f for f in dataclasses.fields(Settings)}
     for name in RUN_MEMORY_SETTINGS:
-        assert rules(PlanSettings)[name] == rules(JobSettings)[name]
+        assert rules(PlanSettings)[name] == rules(Settings)[name]
         assert plan_fields[name].default == run_fields[name].default
         assert plan_fields[name].metadata == run_fields[name].metadata
     with pytest.raises(UserError, match="--max_seq_len must be an integer >= 1"):
@@ -228,10 +229,13 @@ def test_a_context_too_long_for_the_gpu_is_shortened_to_what_fits(tmp_path):
                for note in plan.notes)
     assert any("shortened to what fits, 2 sequences of it" in note for note in plan.notes)
     assert plan.max_batch_size >= 32  # one sequence of that length leaves room for others
-    longer = planned(ckpt, gpu_memory="24GB", max_seq_len=plan.max_seq_len + 256,
-                     max_batch_size=2)
-    assert not longer.fits and planned(ckpt, gpu_memory="24GB", max_seq_len=plan.max_seq_len,
-                                       max_batch_size=2).fits
+    # --max_batch_size 16's default: two full-length sequences beside 16 sequences' working
+    # memory, not 16 full-length ones
+    given = planned(ckpt, gpu_memory="24GB", max_batch_size=16)
+    assert given.max_seq_len > 8192 and given.full_length_sequences == 2
+    longer = planned(ckpt, gpu_memory="24GB", max_batch_size=16,
+                     max_seq_len=given.max_seq_len + 256)
+    assert longer.fits and longer.full_length_sequences == 1
 
 
 def test_a_max_seq_len_past_the_models_context_is_refused(tmp_path):
@@ -275,6 +279,69 @@ def test_plan_takes_max_batch_size_auto_as_a_run_does(tmp_path):
     assert got == planned(ckpt, gpu_memory="24GB").as_dict()
     assert got["auto_batch"] and got["kv_cache_tokens"] >= 4096
     text = run_plan("--ckpt_dir", str(ckpt), "--gpu_memory", "24GB").stdout
-    assert (f"--max_batch_size auto ({got['max_batch_size']}, {got['kv_cache_tokens']} KV "
-            "tokens) x --max_seq_len 4096") in text
+    assert (f"--max_batch_size auto ({got['max_batch_size']}) x --max_seq_len 4096; KV cache "
+            f"512.0 KiB per token per GPU, {got['kv_cache_tokens']} KV tokens") in text
     assert "fits: --max_batch_size auto picks" in text
+
+
+def test_model_parallel_size_alone_plans_one_model_copy_on_that_many_gpus(tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_13B)
+    plan = planned(ckpt, gpu_memory="24GB", model_parallel_size=2)
+    assert (plan.nproc, plan.model_parallel_size) == (2, 2) and plan.fits
+    assert plan.as_dict() == planned(ckpt, gpu_memory="24GB", nproc=2,
+                                     model_parallel_size=2).as_dict()
+    result = run_plan("--ckpt_dir", str(ckpt), "--gpu_memory", "24GB", "--model_parallel_size",
+                      "2", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["nproc"] == 2
+
+
+def test_an_explicit_batch_caps_the_sequences_of_a_cache_sized_from_memory(tmp_path):
+    """vLLM's max_num_seqs: --max_batch_size 16 at 2048 tokens fits where 16 full-length slots
+    (30 GiB) would not, with the cache --max_batch_size auto would have, and the run sizes it
+    alike."""
+    ckpt = params_dir(tmp_path, LLAMA_2_7B)
+    auto = planned(ckpt, gpu_memory="24GB", max_seq_len=2048)
+    given = planned(ckpt, gpu_memory="24GB", max_seq_len=2048, max_batch_size=16)
+    assert given.fits and not given.auto_batch and given.max_batch_size == 16
+    assert given.needed <= given.usable and given.advice == []
+    assert 2048 < given.kv_cache_tokens < 16 * 2048 and given.kv_cache_tokens % KV_BLOCK_TOKENS == 0
+    assert given.memory["KV cache"] == given.kv_cache_tokens * given.kv_bytes_per_token
+    # the room the 13 fewer slots' working memory leaves, in whole blocks
+    assert 0 <= given.kv_cache_tokens - auto.kv_cache_tokens < 2 * KV_BLOCK_TOKENS
+    assert given.full_length_sequences == given.kv_cache_tokens // 2048
+    assert "fits: --max_batch_size 16" in given.verdict
+
+
+def test_the_plan_and_the_run_size_the_cache_with_one_function(tmp_path):
+    from llama_gen.cli.flags import parse
+    from llama_gen.engine.memory import Shape, cache_room
+    from llama_gen.job import build
+    from llama_gen.settings import Settings
+    ckpt = params_dir(tmp_path, LLAMA_2_7B)
+    shape = Shape(ModelArgs.from_params(LLAMA_2_7B), 1, 2, 2048)
+    room = cache_room(shape, int(24 * GIB * 0.9))
+    for words in ((), ("--max_batch_size", "16"), ("--max_batch_size", "200"),
+                  ("--kv_cache_tokens", "8192")):
+        plan = make_plan(PlanSettings(ckpt_dir=ckpt, gpu_memory="24GB", max_seq_len=2048,
+                                      **{w[2:]: int(v) for w, v in zip(words[::2],
+                                                                       words[1::2])}))
+        run = build.gpu_sizing(parse(Settings, ["--ckpt_dir", str(ckpt), "--prompt_path", "p",
+                                                "--out_path", "o", "--max_seq_len", "2048",
+                                                *words], "llama-gen"), shape, room)
+        assert (plan.max_batch_size, plan.kv_cache_tokens) == (run.max_batch_size,
+                                                               run.kv_cache_tokens), words
+
+
+def test_an_explicit_batch_is_refused_only_where_one_full_length_sequence_does_not_fit(
+        tmp_path):
+    ckpt = params_dir(tmp_path, LLAMA_2_7B)
+    tight = planned(ckpt, gpu_memory="16GB", max_seq_len=4096, max_batch_size=16)
+    assert not tight.fits and tight.kv_cache_tokens is None and tight.full_length_sequences == 0
+    assert "no room for one sequence of --max_seq_len 4096" in tight.verdict
+    shorter = [line for line in tight.advice if line.startswith("--max_seq_len")]
+    seq_len = int(shorter[0].split()[1].rstrip(":"))
+    assert planned(ckpt, gpu_memory="16GB", max_seq_len=seq_len, max_batch_size=16).fits
+    assert not planned(ckpt, gpu_memory="16GB", max_seq_len=seq_len + 256,
+                       max_batch_size=16).fits
+    assert any("--model_parallel_size 2" in line for line in tight.advice)

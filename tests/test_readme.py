@@ -30,7 +30,7 @@ OTHER_TOOLS = {
     "pip": {"index-url"},
     "slurm": {"signal", "no-requeue", "dependency", "cpus-per-task", "gpus-per-node", "gres",
               "no-kill"},
-    "vllm": {"block-size"},
+    "vllm": {"block-size", "enforce-eager"},
     "scripts/make_tiny_model.py": {"family", "n_shards"},
     "llama-gen itself": {"help", "name"},  # --help, and `--name value` as the form of a flag
 }

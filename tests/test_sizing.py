@@ -14,7 +14,7 @@ import torch
 from llama_gen.cli.flags import parse
 from llama_gen.engine import blocks, limits, memory
 from llama_gen.engine.memory import (CPU_AUTO_BATCH, Shape, Sizing, auto_sizing, full_slots,
-                                     largest_batch, slot_working_bytes)
+                                     holds, slot_working_bytes)
 from llama_gen.errors import UserError
 from llama_gen.job import build
 from llama_gen.model.args import ModelArgs
@@ -149,8 +149,8 @@ def test_on_the_cpu_the_default_context_is_shortened_to_what_the_ram_holds(
     monkeypatch.setattr(build, "available_ram", lambda: free)
     length = build.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
     assert 256 <= length < 131072 and length % 256 == 0
-    assert largest_batch(dataclasses.replace(shape, max_seq_len=length), free) >= 8
-    assert largest_batch(dataclasses.replace(shape, max_seq_len=length + 256), free) < 8
+    assert holds(dataclasses.replace(shape, max_seq_len=length), free, 8, 8)
+    assert not holds(dataclasses.replace(shape, max_seq_len=length + 256), free, 8, 8)
     monkeypatch.setattr(build, "available_ram", lambda: 2**20)  # 1 MiB: not even the weights
     with pytest.raises(UserError, match="leaves no room for 8 sequences of it"):
         build.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
@@ -169,6 +169,13 @@ def test_on_a_gpu_auto_a_given_batch_and_scoring_size_the_cache_from_the_room(tm
     assert full_slots(shape, room) == room // (4096 * per_token + slot)
     assert build.gpu_sizing(job(tmp_path, ScoreSettings, "--max_batch_size", "3"), shape,
                             room) == Sizing(3)
+    # a batch larger than fits: generation pages the cache the room holds, scoring's
+    # full-length slots are as many as fit (--max_batch_size caps them, as vLLM's max_num_seqs)
+    left = (room - 200 * slot) // per_token // 128 * 128
+    assert left > 4096 and build.gpu_sizing(job(tmp_path, Settings, "--max_batch_size", "200"),
+                                            shape, room) == Sizing(200, left)
+    assert build.gpu_sizing(job(tmp_path, ScoreSettings, "--max_batch_size", "200"), shape,
+                            room) == scoring
     small = 4095 * per_token
     for words in ((), ("--max_batch_size", "4")):
         assert build.gpu_sizing(job(tmp_path, Settings, *words), shape, small) is None
@@ -194,5 +201,5 @@ def test_an_unknown_family_defaults_to_a_guess_it_says_is_one():
     params = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
               "vocab_size": 32000, "rope_theta": 250000.0}
     shape = Shape(ModelArgs.from_params(params), 1, 2, 1)
-    length, why = build.context_default(shape, 80 * 2**30, 1)
+    length, why = build.context_default(shape, 80 * 2**30, 1, 1)
     assert length == 4096 and "a guess" in why and "pass --max_seq_len" in why

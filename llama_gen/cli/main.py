@@ -104,8 +104,25 @@ def _setup_logging(rank: int) -> None:
                         level=logging.INFO if rank == 0 else logging.WARNING)
 
 
-@distributed.record_errors
 def main(argv: list[str] | None = None) -> None:
+    """`llama-gen`. Under torchrun, a rank that fails ends with a hard exit once its line (or a
+    crash's traceback) is said: its files are closed and its process group aborted by then,
+    and the interpreter's own teardown could still wait there for a lost peer."""
+    try:
+        _run(argv)
+    except SystemExit as e:
+        if e.code and distributed.has_peers():
+            distributed.exit_now(e.code if isinstance(e.code, int) else 1)
+        raise
+    except BaseException:  # a crash: `record` wrote its traceback for torchrun's report
+        if distributed.has_peers():
+            sys.excepthook(*sys.exc_info())
+            distributed.exit_now(1)
+        raise
+
+
+@distributed.record_errors
+def _run(argv: list[str] | None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     rank = distributed.launch_env().rank
     _setup_logging(rank)

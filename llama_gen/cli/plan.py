@@ -12,29 +12,31 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..engine.memory import (DTYPES, GPU_AUTO_CONTEXT_SEQUENCES, Shape, Sizing, auto_sizing,
-                             cache_room, gib, largest_batch, longest_seq_len, memory_at,
-                             parameter_count, valid_mp_sizes, weight_bytes)
+from ..engine.memory import (DTYPES, GPU_AUTO_CONTEXT_SEQUENCES, Shape, Sizing, cache_room,
+                             context_slots, gib, longest_seq_len, memory_at, parameter_count,
+                             run_sizing, slot_working_bytes, valid_mp_sizes, weight_bytes,
+                             whole_blocks)
 from ..errors import UserError
 from ..job.build import check_seq_len, context_default, default_model_parallel_size, read_params
 from ..model.args import ModelArgs
 from ..model.checkpoint import SHARD_NAME, find_shards
-from ..settings import JobSettings, Settings, check_fields, rules, setting, settings_part
+from ..settings import Settings, check_fields, rules, setting, settings_part
 from ..values import FALSE_WORDS, TRUE_WORDS
 
 DEFAULT_DTYPE = "bf16"  # a run's default on GPUs that have bf16
 MEMORY_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 # The run's settings that decide its memory, as the run defines them.
 RUN_MEMORY_SETTINGS = ("ckpt_dir", "tokenizer_path", "max_seq_len", "max_batch_size", "dtype",
-                       "model_parallel_size", "gpu_memory_utilization")
+                       "model_parallel_size", "gpu_memory_utilization", "kv_cache_tokens")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PlanSettings(settings_part(JobSettings, *RUN_MEMORY_SETTINGS)):
+class PlanSettings(settings_part(Settings, *RUN_MEMORY_SETTINGS)):
     """The flags of a run that decide its memory, and the GPU to plan for."""
 
-    nproc: int = setting(1, low=1, help="processes the run would launch (torchrun's "
-                         "--nproc_per_node x nodes), one GPU each")
+    nproc: int | None = setting(None, low=1, help="processes the run would launch (torchrun's "
+                                "--nproc_per_node x nodes), one GPU each (default: "
+                                "--model_parallel_size, or 1)")
     gpu_memory: str | None = setting(None, help="memory of one GPU: 24GB, 80GiB, 80G or a "
                                      "number of bytes; GB means GiB, as GPU makers use it "
                                      "(default: this machine's first GPU)")
@@ -48,12 +50,13 @@ PLAN_USAGE = ("llama-gen plan --ckpt_dir DIR [--nproc N] [--gpu_memory 24GB] [--
               "flags: those that do not change its memory are ignored]")
 PLAN_SUMMARY = f"""\
 Tell whether a run fits on its GPUs before starting it: per GPU, the bytes of weights, the KV
-cache's bytes per token and working memory; the largest --max_batch_size that fits at
---max_seq_len, or what --max_batch_size auto picks; and a verdict with advice (more GPUs, a
-shorter --max_seq_len, --dtype). Flags left out take a run's defaults on a GPU: --max_seq_len
-the model's context where it fits, --dtype {DEFAULT_DTYPE}, --model_parallel_size from --nproc
-and the shard count. Reads params.json and the shard files' sizes only (the tokenizer only
-where params.json's vocab_size is -1): it runs in seconds, on any machine."""
+cache's bytes per token and working memory; the KV cache that fits beside them for at most
+--max_batch_size sequences at once (auto: as many as it holds, up to 256), as the run sizes it;
+and a verdict with advice (more GPUs, a shorter --max_seq_len, --dtype). Flags left out take a
+run's defaults on a GPU: --max_seq_len the model's context where it fits, --dtype
+{DEFAULT_DTYPE}, --model_parallel_size from --nproc and the shard count, --nproc one model copy.
+Reads params.json and the shard files' sizes only (the tokenizer only where params.json's
+vocab_size is -1): it runs in seconds, on any machine."""
 
 
 def without_run_only_flags(words: list[str]) -> list[str]:
@@ -120,12 +123,12 @@ class Plan:
     gpu_memory: int
     usable: int  # gpu_memory x gpu_memory_utilization
     max_seq_len: int
-    max_batch_size: int  # what --max_batch_size auto picks, where auto_batch
+    max_batch_size: int  # at most this many sequences at once: as given, or what auto picks
     auto_batch: bool
-    kv_cache_tokens: int | None  # auto's KV cache; None: max_seq_len per slot
+    kv_cache_tokens: int | None  # the KV cache, as the run sizes it; None: it does not fit
+    full_length_sequences: int  # sequences of max_seq_len the KV cache holds at once
     kv_bytes_per_token: int
-    memory: dict[str, int]  # per rank at max_batch_size, term by term
-    largest_batch: int
+    memory: dict[str, int]  # per rank, term by term (where it does not fit: the least it needs)
     fits: bool
     verdict: str
     advice: list[str]
@@ -140,18 +143,21 @@ class Plan:
         return {**asdict(self), "needed": self.needed}
 
 
-def resolved_mp_size(settings: PlanSettings, args: ModelArgs, n_shards: int) -> int:
-    """--model_parallel_size or a run's default for --nproc, checked as a run checks it."""
+def resolved_mp_size(settings: PlanSettings, args: ModelArgs,
+                     n_shards: int) -> tuple[int, int]:
+    """--nproc and --model_parallel_size, or a run's defaults (one model copy; the shard count
+    where --nproc allows), checked as a run checks them."""
+    nproc = settings.nproc or settings.model_parallel_size or 1
     mp = settings.model_parallel_size or (
-        default_model_parallel_size(settings.nproc, n_shards) if n_shards else settings.nproc)
+        default_model_parallel_size(nproc, n_shards) if n_shards else nproc)
     if mp not in (sizes := valid_mp_sizes(args)):
         raise UserError(f"model-parallel size {mp} does not divide this model's heads "
                         f"({args.n_heads}, {args.kv_heads} KV), FFN width, dim and vocabulary: "
                         f"use one of {', '.join(map(str, sizes))} (--model_parallel_size)")
-    if settings.nproc % mp:
-        raise UserError(f"--nproc {settings.nproc} is not a multiple of the model-parallel size "
+    if nproc % mp:
+        raise UserError(f"--nproc {nproc} is not a multiple of the model-parallel size "
                         f"{mp}: each model copy takes {mp} processes")
-    return mp
+    return nproc, mp
 
 
 def checkpoint_notes(args: ModelArgs, sizes: list[int]) -> tuple[dict[str, Any] | None,
@@ -173,59 +179,67 @@ def checkpoint_notes(args: ModelArgs, sizes: list[int]) -> tuple[dict[str, Any] 
                   f"{params:,} parameters in {8 * stored} bits, as expected"]
 
 
-def advice(shape: Shape, usable: int, batch: int, nproc: int) -> list[str]:
-    """What would make `batch` slots fit: a smaller batch, more GPUs, a shorter max_seq_len,
-    a 16-bit dtype."""
-    most = largest_batch(shape, usable)
-    if most >= batch:
-        return []
-    out = [f"--max_batch_size {most}: the most that fits at --max_seq_len "
-           f"{shape.max_seq_len}"] if most else []
+def sized(shape: Shape, usable: int, batch: int | None,
+          kv_cache_tokens: int | None) -> Sizing | None:
+    """The run's sizing on a GPU of `usable` bytes (`memory.run_sizing`); None where it does
+    not fit."""
+    return run_sizing(shape, cache_room(shape, usable), batch, kv_cache_tokens)
+
+
+def advice(shape: Shape, usable: int, batch: int | None, kv_cache_tokens: int | None,
+           nproc: int) -> list[str]:
+    """What would make the run fit: fewer sequences, more GPUs, a shorter max_seq_len, a 16-bit
+    dtype."""
+    def fits(candidate: Shape) -> bool:
+        return sized(candidate, usable, batch, kv_cache_tokens) is not None
+    out, longest = [], whole_blocks(shape.max_seq_len, shape.block_size)
+    if batch and batch > 1 and kv_cache_tokens is None and sized(shape, usable, 1, None):
+        most = ((cache_room(shape, usable) - longest * shape.kv_bytes_per_token)
+                // slot_working_bytes(shape))
+        out.append(f"--max_batch_size {most}: the most sequences whose working memory fits "
+                   f"beside one of --max_seq_len {shape.max_seq_len}")
     copies = nproc // shape.mp_size
     for size in (s for s in valid_mp_sizes(shape.args) if s > shape.mp_size):
-        if (more := largest_batch(replace(shape, mp_size=size), usable)) >= batch:
+        if fits(replace(shape, mp_size=size)):
             out.append(f"more GPUs: --nproc {size * copies} --model_parallel_size {size} "
-                       f"({size} GPUs per model copy) fits --max_batch_size {batch} (up to "
-                       f"{more})")
+                       f"({size} GPUs per model copy) fits")
             break
     else:
         out.append(f"more GPUs of this size: no model-parallel size this model allows (up to "
-                   f"{shape.args.kv_heads}, its KV heads) fits --max_batch_size {batch}")
-    if seq_len := longest_seq_len(shape, usable, batch):
-        out.append(f"--max_seq_len {seq_len}: the longest at which --max_batch_size {batch} fits")
+                   f"{shape.args.kv_heads}, its KV heads) fits")
+    if seq_len := longest_seq_len(shape, fits):
+        out.append(f"--max_seq_len {seq_len}: the longest that fits")
     else:
-        out.append(f"no shorter --max_seq_len makes --max_batch_size {batch} fit on "
-                   f"{shape.mp_size} GPU(s) per model copy")
+        out.append(f"no shorter --max_seq_len fits on {shape.mp_size} GPU(s) per model copy")
     if shape.dtype_bytes == 4:
-        half = largest_batch(replace(shape, dtype_bytes=2), usable)
-        out.append(f"--dtype bf16 (fp16 on GPUs without bf16) halves the weights and the cache: "
-                   f"up to --max_batch_size {half} fits" + ("" if half >= batch else
-                                                            ", not enough alone"))
+        half = fits(replace(shape, dtype_bytes=2))
+        out.append("--dtype bf16 (fp16 on GPUs without bf16) halves the weights and the cache"
+                   + (": it fits" if half else ", not enough alone"))
     return out
 
 
-def verdict(shape: Shape, memory: dict[str, int], usable: int, most: int, batch: int,
-            auto: Sizing | None = None) -> str:
-    """Whether the plan fits, in words; `auto`: what --max_batch_size auto picked (batch is 1
-    where it found no room)."""
+def verdict(shape: Shape, memory: dict[str, int], usable: int, batch: int | None,
+            sizing: Sizing | None) -> str:
+    """Whether the plan fits, in words: the run's sizing (None where it does not fit) for at
+    most `batch` sequences (None: auto)."""
     needed, per_gpu = sum(memory.values()), f"{gib(usable)} GiB usable per GPU"
-    if auto is not None:
-        return (f"fits: --max_batch_size auto picks {auto.max_batch_size} sequences decoding at "
-                f"once over a KV cache of {auto.kv_cache_tokens} tokens "
-                f"({gib(memory['KV cache'])} GiB) at --max_seq_len {shape.max_seq_len}; it all "
+    if sizing is not None:
+        tokens = sizing.kv_cache_tokens
+        whole = tokens // whole_blocks(shape.max_seq_len, shape.block_size)
+        who = ("--max_batch_size auto picks" if batch is None else
+               f"--max_batch_size {batch}: at most")
+        return (f"fits: {who} {sizing.max_batch_size} sequences decoding at once over a KV "
+                f"cache of {tokens} tokens ({gib(memory['KV cache'])} GiB; {whole} sequence(s) "
+                f"of --max_seq_len {shape.max_seq_len} at once, more where shorter); it all "
                 f"needs {gib(needed)} of the {per_gpu}")
-    if most >= batch:
-        return (f"fits: --max_batch_size {batch} at --max_seq_len {shape.max_seq_len} needs "
-                f"{gib(needed)} of the {per_gpu}; up to --max_batch_size {most} fits")
-    if most:
-        return (f"does not fit at --max_batch_size {batch}: it needs {gib(needed)} of the "
-                f"{per_gpu}; at most {most} sequences of --max_seq_len {shape.max_seq_len} fit")
     weights = memory["weights"]
     if weights + shape.overhead > usable:
         return (f"does not fit: the weights alone take {gib(weights)} GiB per GPU; with the "
                 f"CUDA context that is more than the {per_gpu}")
+    beside = f" beside {batch} sequences' working memory" if batch and batch > 1 else ""
     return (f"does not fit: weights and working memory leave no room for one sequence of "
-            f"--max_seq_len {shape.max_seq_len} in the {per_gpu}")
+            f"--max_seq_len {shape.max_seq_len}{beside}: it needs {gib(needed)} of the "
+            f"{per_gpu}")
 
 
 def planned_seq_len(settings: PlanSettings, shape: Shape, usable: int, notes: list[str]) -> int:
@@ -233,10 +247,21 @@ def planned_seq_len(settings: PlanSettings, shape: Shape, usable: int, notes: li
     if settings.max_seq_len is not None:
         check_seq_len(shape.args, settings.max_seq_len)
         return settings.max_seq_len
-    length, why = context_default(shape, usable,
-                                  settings.max_batch_size or GPU_AUTO_CONTEXT_SEQUENCES)
+    slots, sequences = context_slots(settings.max_batch_size, GPU_AUTO_CONTEXT_SEQUENCES,
+                                     paged=True)
+    length, why = context_default(shape, usable, slots, sequences)
     notes.append(f"--max_seq_len not given: {why}")
     return length or shape.args.context_length
+
+
+def check_cache_tokens(tokens: int | None, shape: Shape) -> None:
+    """--kv_cache_tokens holds one sequence of --max_seq_len in whole blocks, as a run checks
+    it."""
+    need = whole_blocks(shape.max_seq_len, shape.block_size)
+    if tokens is not None and tokens // shape.block_size * shape.block_size < need:
+        raise UserError(f"--kv_cache_tokens {tokens} cannot hold one sequence of --max_seq_len "
+                        f"{shape.max_seq_len} in whole blocks of {shape.block_size} positions: "
+                        f"give at least {need}, or a shorter --max_seq_len")
 
 
 def make_plan(settings: PlanSettings) -> Plan:
@@ -246,30 +271,34 @@ def make_plan(settings: PlanSettings) -> Plan:
                         "params.json)")
     args = read_params(settings.ckpt_dir, tokenizer_path=settings.tokenizer_path)
     sizes = shard_sizes(settings.ckpt_dir)
-    mp = resolved_mp_size(settings, args, len(sizes))
+    nproc, mp = resolved_mp_size(settings, args, len(sizes))
     dtype = settings.dtype or DEFAULT_DTYPE
     gpu_memory = gpu_memory_bytes(settings)
     usable = int(gpu_memory * settings.gpu_memory_utilization)
     checkpoint, notes = checkpoint_notes(args, sizes)
     shape = Shape(args, mp, DTYPES[dtype][1], 1)
     shape = replace(shape, max_seq_len=planned_seq_len(settings, shape, usable, notes))
-    auto = settings.max_batch_size is None and auto_sizing(shape, cache_room(shape, usable))
-    batch = auto.max_batch_size if auto else settings.max_batch_size or 1
-    most = largest_batch(shape, usable)
-    memory = memory_at(shape, batch, auto.kv_cache_tokens if auto else None)
+    batch, given_tokens = settings.max_batch_size, settings.kv_cache_tokens
+    check_cache_tokens(given_tokens, shape)
+    sizing = sized(shape, usable, batch, given_tokens)
+    least = given_tokens or whole_blocks(shape.max_seq_len, shape.block_size)
+    memory = (memory_at(shape, sizing.max_batch_size, sizing.kv_cache_tokens) if sizing
+              else memory_at(shape, batch or 1, least))
     if settings.dtype is None:
         notes.append(f"--dtype not given: planned for {DEFAULT_DTYPE}, a run's default on GPUs "
                      "that have it")
+    tokens = sizing.kv_cache_tokens if sizing else None
     return Plan(ckpt_dir=str(settings.ckpt_dir), parameters=parameter_count(args), dtype=dtype,
-                nproc=settings.nproc, model_parallel_size=mp, gpu_memory=gpu_memory,
-                usable=usable, max_seq_len=shape.max_seq_len, max_batch_size=batch,
-                auto_batch=settings.max_batch_size is None,
-                kv_cache_tokens=auto.kv_cache_tokens if auto else None,
-                kv_bytes_per_token=shape.kv_bytes_per_token,
-                memory=memory, largest_batch=most, fits=bool(auto) or most >= batch,
-                verdict=verdict(shape, memory, usable, most, batch, auto or None),
-                advice=[] if auto else advice(shape, usable, batch, settings.nproc), notes=notes,
-                checkpoint=checkpoint)
+                nproc=nproc, model_parallel_size=mp, gpu_memory=gpu_memory, usable=usable,
+                max_seq_len=shape.max_seq_len,
+                max_batch_size=sizing.max_batch_size if sizing else batch or 1,
+                auto_batch=batch is None, kv_cache_tokens=tokens,
+                full_length_sequences=(tokens or 0) // whole_blocks(shape.max_seq_len,
+                                                                    shape.block_size),
+                kv_bytes_per_token=shape.kv_bytes_per_token, memory=memory, fits=bool(sizing),
+                verdict=verdict(shape, memory, usable, batch, sizing),
+                advice=[] if sizing else advice(shape, usable, batch, given_tokens, nproc),
+                notes=notes, checkpoint=checkpoint)
 
 
 def batch_words(plan: Plan) -> str:
@@ -277,7 +306,7 @@ def batch_words(plan: Plan) -> str:
         return str(plan.max_batch_size)
     if plan.kv_cache_tokens is None:
         return "auto (no room for one sequence)"
-    return f"auto ({plan.max_batch_size}, {plan.kv_cache_tokens} KV tokens)"
+    return f"auto ({plan.max_batch_size})"
 
 
 def plan_text(plan: Plan) -> str:
@@ -287,13 +316,13 @@ def plan_text(plan: Plan) -> str:
              f"{plan.nproc} GPU(s) of {gib(plan.gpu_memory)} GiB, model parallel "
              f"{plan.model_parallel_size} ({copies} model cop{'y' if copies == 1 else 'ies'})",
              f"--max_batch_size {batch_words(plan)} x --max_seq_len {plan.max_seq_len}; KV "
-             f"cache {plan.kv_bytes_per_token / 2**10:.1f} KiB per token per GPU", "",
+             f"cache {plan.kv_bytes_per_token / 2**10:.1f} KiB per token per GPU"
+             + (f", {plan.kv_cache_tokens} KV tokens" if plan.kv_cache_tokens else ""), "",
              f"  {'per GPU':<34}{'GiB':>8}"]
     lines += [f"  {name:<34}{gib(size):>8}" for name, size in plan.memory.items()]
     lines += [f"  {'total':<34}{gib(plan.needed):>8}",
               f"  {'usable (x gpu_memory_utilization)':<34}{gib(plan.usable):>8}", "",
-              f"largest --max_batch_size at --max_seq_len {plan.max_seq_len}: "
-              f"{plan.largest_batch}", plan.verdict]
+              plan.verdict]
     lines += ["advice:"] + [f"  - {line}" for line in plan.advice] if plan.advice else []
     lines += [f"note: {note}" for note in plan.notes]
     lines.append("note: working memory and the CUDA context are estimates; weights and the "

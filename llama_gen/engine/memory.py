@@ -17,6 +17,7 @@ what is counted here are one number.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..errors import UserError
@@ -32,9 +33,14 @@ DTYPES = {"bf16": ("bfloat16", 2), "fp16": ("float16", 2), "fp32": ("float32", 4
 # CUDA context, cuBLAS workspaces and the allocator's slack, which torch's own counters do not
 # show: typically 0.5-1 GiB on current GPUs and drivers. An allowance, not a measurement.
 CUDA_CONTEXT_BYTES = 3 * GIB // 4
-# Per logit of a decode step's (batch, vocab) float32 logits, the sampler's temporaries: the
-# probabilities, their sorted copy (fp32) with its int64 indices and its cumulative sum.
-SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4
+# Per logit of a decode step's (batch, vocab) float32 logits, the most the draw allocates
+# beside them at once, every control on (scripts/sampler_memory.py measures it with torch's CPU
+# memory profiler over the whole batch, as a GPU draws it: 24.1-24.4 bytes in `RowState.draw`,
+# 20.1-20.4 of them in `sample`, the penalised copy the other 4; 28.1-29.0 in
+# `RowState.records`, whose top logprobs hold a float32 log-softmax and three int64 sort keys
+# (4 + 3 x 8)). Rounded up to 32 for the CUDA allocator's rounding; tests/test_memory.py holds
+# the measurement to it.
+SAMPLER_BYTES_PER_LOGIT = 32
 LOGIT_BYTES = 4  # logits are float32
 PENALTY_BYTES_PER_LOGIT = 5  # TokenCounts: in_prompt (bool) and generated (int32), per slot
 # --max_batch_size auto: at most this many sequences decode at once (vLLM's max_num_seqs), and
@@ -171,10 +177,22 @@ def cache_room(shape: Shape, usable: int) -> int:
             - sum(fixed_working_bytes(shape).values()))
 
 
-def largest_batch(shape: Shape, usable: int) -> int:
-    """The most full-length batch slots whose cache and transients fit in `usable` bytes beside
-    the device's overhead, the weights and the fixed working memory; 0 where not one does."""
-    return max(0, cache_room(shape, usable) // sum(per_slot_bytes(shape).values()))
+def holds(shape: Shape, usable: int, slots: int, sequences: int) -> bool:
+    """Whether `usable` bytes hold, beside the device's overhead, the weights and the fixed
+    working memory, `slots` slots' working memory and a KV cache of `sequences` sequences of
+    max_seq_len."""
+    longest = whole_blocks(shape.max_seq_len, shape.block_size)
+    return (cache_room(shape, usable) - slots * slot_working_bytes(shape)
+            >= sequences * longest * shape.kv_bytes_per_token)
+
+
+def context_slots(max_batch_size: int | None, auto_slots: int, paged: bool) -> tuple[int, int]:
+    """What --max_seq_len's default must leave room for: (slots, full-length sequences). A
+    cache sized from memory (a GPU's paged one) needs GPU_AUTO_CONTEXT_SEQUENCES full-length
+    sequences, or --max_batch_size where fewer, beside --max_batch_size slots' working memory
+    (`auto_slots` for auto); full-length slots (the CPU's, scoring's) a full length each."""
+    slots = max_batch_size or auto_slots
+    return slots, min(slots, GPU_AUTO_CONTEXT_SEQUENCES) if paged else slots
 
 
 def whole_blocks(tokens: int, block_size: int = KV_BLOCK_TOKENS) -> int:
@@ -229,13 +247,33 @@ def full_slots(shape: Shape, room: int) -> int:
     return min(AUTO_MAX_BATCH, max(0, room) // sum(per_slot_bytes(shape).values()))
 
 
-def longest_seq_len(shape: Shape, usable: int, batch: int) -> int | None:
-    """The longest --max_seq_len below the asked one at which `batch` slots fit (a multiple of
-    256 from 256 on), or None where none does."""
+def run_sizing(shape: Shape, room: int, batch: int | None, kv_cache_tokens: int | None = None,
+               full_length_slots: bool = False) -> Sizing | None:
+    """A run's sequences at once and KV cache in `room` bytes (see `cache_room`): as a run on a
+    GPU sizes itself and as `llama-gen plan` shows it, so that the two cannot disagree.
+    --max_batch_size (`batch`; None: auto) caps the sequences decoding at once, as vLLM's
+    max_num_seqs: the cache holds what the room leaves beside their working memory
+    (`auto_sizing`, `sized_slots`), or --kv_cache_tokens (`given_cache`). Scoring keeps a
+    full-length slot per text (it reads whole rows), as many as fit up to `batch`. None where
+    not one full-length sequence fits, or the given cache does not."""
+    if full_length_slots:
+        most = full_slots(shape, room)
+        return Sizing(min(batch or most, most)) if most else None
+    if kv_cache_tokens is not None:
+        return given_cache(shape, room, batch, kv_cache_tokens)
+    if batch is None:
+        return auto_sizing(shape, room)
+    return sized_slots(shape, room, batch)
+
+
+def longest_seq_len(shape: Shape, fits: Callable[[Shape], bool]) -> int | None:
+    """The longest --max_seq_len below `shape`'s at which `fits` holds (a multiple of 256 from
+    256 on), or None where none does; `fits` must hold at every length below one where it
+    does."""
     low, high = 0, shape.max_seq_len - 1
     while low < high:
         middle = (low + high + 1) // 2
-        if largest_batch(replace(shape, max_seq_len=middle), usable) >= batch:
+        if fits(replace(shape, max_seq_len=middle)):
             low = middle
         else:
             high = middle - 1
@@ -244,13 +282,13 @@ def longest_seq_len(shape: Shape, usable: int, batch: int) -> int | None:
     return low // 256 * 256 if low >= 256 else low
 
 
-def default_seq_len(shape: Shape, usable: int, slots: int) -> int | None:
-    """--max_seq_len's default: `shape`'s (the model's context) where `slots` full-length
-    sequences fit in `usable` bytes, else the longest that does (see `longest_seq_len`); None
-    where none does."""
-    if largest_batch(shape, usable) >= slots:
-        return shape.max_seq_len
-    return longest_seq_len(shape, usable, slots)
+def default_seq_len(shape: Shape, usable: int, slots: int, sequences: int) -> int | None:
+    """--max_seq_len's default: `shape`'s (the model's context) where `usable` bytes hold
+    `slots` slots and `sequences` full-length sequences (`holds`, `context_slots`), else the
+    longest that does (see `longest_seq_len`); None where none does."""
+    def fits(candidate: Shape) -> bool:
+        return holds(candidate, usable, slots, sequences)
+    return shape.max_seq_len if fits(shape) else longest_seq_len(shape, fits)
 
 
 def gib(size: int) -> str:

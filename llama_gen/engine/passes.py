@@ -15,6 +15,7 @@ import torch
 from ..model.transformer import BlockTable, Transformer
 from . import limits
 from .sampling import token_logprobs
+from .transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def prompt_logprobs(model: Transformer, tokens: list[int], slot: int,
     blocks of a paged cache's one-row `table` (scratch: the caller's next prefill overwrites
     it)."""
     device = model.output.weight.device
-    ids = torch.tensor(tokens, device=device)
+    ids = to_device(tokens, device)
     chunk = limits.prefill_chunk(len(tokens), masked=table is None or model.paged_reads != "flex")
     out = []
     for start in range(0, len(tokens) - 1, chunk):
@@ -58,15 +59,17 @@ def decode_kv_bucket(kv_len: int, max_seq_len: int) -> int:
     return min(bucket, max_seq_len)
 
 
-def compile_decode(model: Transformer) -> Callable[..., torch.Tensor]:
+def compile_decode(model: Transformer, static_batch: bool) -> Callable[..., torch.Tensor]:
     """`model.decode` compiled whole (`torch.compile`, no graph breaks allowed); on CUDA
     replayed as CUDA graphs, one launch per step instead of several per layer, one graph per
-    cache length. The first call compiles for its shapes, a second cache length recompiles with
-    the length symbolic, and reading the whole cache may compile once more. The KV cache, a
-    tensor attribute of the model's modules, is taken to keep its address, so its in-place
-    writes do not stop CUDA graphs."""
+    batch size and cache length. With `static_batch` (flex attention's decode kernel needs one)
+    each batch size compiles once. Otherwise the first call compiles for its shapes, and a
+    second batch size or cache length recompiles with it symbolic; reading the whole cache may
+    compile once more. The KV cache, a tensor attribute of the model's modules, is taken to
+    keep its address, so its in-place writes do not stop CUDA graphs."""
     mode = "reduce-overhead" if model.output.weight.device.type == "cuda" else None
-    return torch.compile(model.decode, mode=mode, fullgraph=True)
+    return torch.compile(model.decode, mode=mode, fullgraph=True,
+                         dynamic=False if static_batch else None)
 
 
 class CompileFailed(RuntimeError):
@@ -105,9 +108,8 @@ def write_table(table: BlockTable, changes: dict[int, list[int]], sink: int) -> 
     if not changes:
         return
     width = table.blocks.shape[1]
-    rows = torch.tensor([[row, *blocks] + [sink] * (width - len(blocks))
-                         for row, blocks in changes.items()], dtype=torch.long)
-    rows = rows.to(table.blocks.device)
+    rows = to_device([[row, *blocks] + [sink] * (width - len(blocks))
+                      for row, blocks in changes.items()], table.blocks.device)
     blocks = rows[:, 1:]
     table.blocks[rows[:, 0]] = blocks
     table.place[blocks] = torch.arange(width, device=blocks.device).expand_as(blocks)

@@ -12,6 +12,7 @@ import torch
 
 from .requests import Draw, Request, SamplingParams
 from .sampling import apply_penalties, argmax, counter_uniform, sample, token_logprobs, top_logprobs
+from .transfer import to_device
 
 
 @dataclass
@@ -30,7 +31,7 @@ class TokenCounts:
 
     def restart(self, row: int, prompt: list[int]) -> None:
         self.in_prompt[row] = False
-        self.in_prompt[row, torch.tensor(prompt, device=self.in_prompt.device)] = True
+        self.in_prompt[row, to_device(prompt, self.in_prompt.device)] = True
         self.generated[row] = 0
 
     def add(self, tokens: torch.Tensor, taken: torch.Tensor | None = None) -> None:
@@ -98,8 +99,8 @@ class RowState:
                                      self.counts.generated[rows], self.repetition[rows],
                                      self.presence[rows], self.frequency[rows])
         if held:
-            logits = logits.index_put((torch.tensor(held, device=self.device)[:, None],
-                                       self._stop_ids), torch.tensor(float("-inf")))
+            logits = logits.index_put((to_device(held, self.device)[:, None], self._stop_ids),
+                                      logits.new_full((), float("-inf")))
         if all(p.temperature == 0 for p in params):
             tokens = argmax(logits)
         else:
@@ -110,8 +111,8 @@ class RowState:
         self.counter[rows] += 1
         taken = None
         if forced:
-            taken = torch.tensor([i not in forced for i in range(n)], device=self.device)
-            given = torch.tensor([forced.get(i, 0) for i in range(n)], device=self.device)
+            taken = to_device([i not in forced for i in range(n)], self.device, torch.bool)
+            given = to_device([forced.get(i, 0) for i in range(n)], self.device)
             self.counter[rows] -= (~taken).long()
         if self.counts is not None:
             self.counts.add(tokens, taken)

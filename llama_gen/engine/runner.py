@@ -19,12 +19,13 @@ import torch
 from ..model.transformer import BlockTable, Step, Transformer
 from . import limits
 from .blocks import BlockAllocator, OneBlockPerRow
-from .passes import (CPU_ATTENTION_CHUNK, ForwardTimer, attention_chunks, compile_decode,
-                     compile_failure, decode_kv_bucket, move_cache_row, prompt_logprobs,
-                     write_table)
+from .decode import Decoder
+from .passes import (CPU_ATTENTION_CHUNK, ForwardTimer, attention_chunks, move_cache_row,
+                     prompt_logprobs, write_table)
 from .requests import Draw, EngineStats
 from .rows import RowState
 from .scheduler import Prefill, StepPlan
+from .transfer import to_device
 
 
 class Runner:
@@ -40,6 +41,7 @@ class Runner:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.forward_timer: ForwardTimer | None = None  # set one to time forward passes
         self.table: BlockTable | None = None
+        self.sink = -1
         if blocks.moves_data:
             model.setup_cache(max_batch_size, max_seq_len)
         else:  # + the sink
@@ -52,7 +54,13 @@ class Runner:
                 place=torch.full((blocks.n_blocks + 1,), -1, dtype=torch.long,
                                  device=self.device))
         self.rows = RowState(max_batch_size, model.args.vocab_size, stop_ids, self.device)
-        self._compiled_decode = compile_decode(model) if compile else None
+        self.decoder = Decoder(model, self.rows, self.table, self.sink, max_seq_len, stats,
+                               compile)
+
+    def warm_up(self) -> float:
+        """Compile the decode step at every batch size it will take (and on CUDA record its
+        graphs) before the first request; the seconds it took."""
+        return self.decoder.warm_up() if self.decoder.compiled is not None else 0.0
 
     def run(self, plan: StepPlan) -> list[Draw]:
         """Do the plan's step: a `Draw` for each of its decoding and prefilled rows, in order."""
@@ -97,16 +105,14 @@ class Runner:
         n = len(kv_lens)
         if n:
             self.stats.decode_steps += 1
-            self.stats.slot_steps += n
-        if n and self._compiled_decode is not None:
-            parts.append(self._decode_compiled(n, max(kv_lens)))
+        if n and self.decoder.compiled is not None:
+            parts.append(self._timed(self.decoder.compiled_logits, n, max(kv_lens)))
         elif n:
             chunks = (attention_chunks(kv_lens, self.attention_rows)
                       if self.device.type == "cpu" and self.attention_rows else None)
-            steps.insert(0, self.model.make_step(self.rows.position[:n, None], slice(0, n),
-                                                 max(kv_lens), chunks=chunks,
-                                                 table=self._table(0, n)))
-            tokens.insert(0, self.rows.next_token[:n])
+            step, decode_tokens = self.decoder.eager_step(n, max(kv_lens), chunks)
+            steps.insert(0, step)
+            tokens.insert(0, decode_tokens)
         if steps:
             parts.append(self._timed(self.model, torch.cat(tokens) if len(tokens) > 1
                                      else tokens[0], Step.join(steps)))
@@ -123,9 +129,9 @@ class Runner:
         n, longest = len(prompts), max(map(len, prompts))
         if n == 1 and longest > limits.PREFILL_TOKENS:
             return self._chunked_prefill(prompts[0], slot)
-        tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.device)
+        tokens = to_device([p + [0] * (longest - len(p)) for p in prompts], self.device)
         positions = torch.arange(longest, device=self.device).expand(n, longest)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        last = to_device([len(p) - 1 for p in prompts], self.device)
         step = self.model.make_step(positions, slice(slot, slot + n), longest, fresh=True,
                                     last=last, table=self._table(slot, slot + n))
         self.rows.position[slot:slot + n] = last + 1
@@ -136,7 +142,7 @@ class Runner:
         table = self._table(slot, slot + 1)
         chunk = limits.prefill_chunk(len(prompt),
                                      masked=table is None or self.model.paged_reads != "flex")
-        tokens = torch.tensor(prompt, device=self.device)
+        tokens = to_device(prompt, self.device)
         for start in range(0, len(prompt), chunk):
             stop = min(start + chunk, len(prompt))
             step = self.model.make_step(torch.arange(start, stop, device=self.device)[None],
@@ -148,30 +154,6 @@ class Runner:
         self.rows.position[slot] = len(prompt)
         self.stats.prefills += 1
         return step, tokens[start:]
-
-    def _decode_compiled(self, n: int, kv_len: int) -> torch.Tensor:
-        """Logits (n, vocab) of the compiled decode step for rows 0..n-1, over every row (padding
-        rows, wasted, write at max_seq_len - 1: no prompt reaches it, a sequence writes it before
-        reading it, and a paged row holding no block there names the sink). Reads of an unpaged
-        cache are rounded up to `decode_kv_bucket`: a few shapes serve the whole run."""
-        tokens, positions = self.rows.next_token[:n], self.rows.position[:n]
-        if padding := self.max_batch_size - n:
-            tokens = torch.cat((tokens, tokens.new_zeros(padding)))
-            positions = torch.cat((positions, positions.new_full((padding,), self.max_seq_len - 1)))
-        self.stats.slot_steps += padding
-        self.stats.wasted_slot_steps += padding
-        if self.table is not None and self.model.paged_reads == "flex":
-            kv_len = self.max_seq_len  # unused: flex's block mask bounds each row's reads
-        else:
-            kv_len = decode_kv_bucket(kv_len, self.max_seq_len)
-        blocks = () if self.table is None else (self.table.blocks, self.table.place)
-        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        try:
-            return self._timed(self._compiled_decode, tokens, positions, kv_len, *blocks)[:n]
-        except Exception as e:
-            if (failed := compile_failure(e)) is None:
-                raise
-            raise failed from None
 
     def _timed(self, compute, *args):
         with self.forward_timer or contextlib.nullcontext():

@@ -13,9 +13,8 @@ from ..engine import memory
 from ..engine.blocks import default_block_size
 from ..engine.engine import Engine
 from ..engine.memory import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS,
-                             UNKNOWN_CONTEXT, Shape, Sizing, auto_sizing, default_seq_len,
-                             fixed_working_bytes, full_slots, gib, given_cache, sized_slots,
-                             whole_blocks)
+                             UNKNOWN_CONTEXT, Shape, Sizing, context_slots, default_seq_len,
+                             fixed_working_bytes, gib, run_sizing, whole_blocks)
 from ..errors import UserError
 from ..model.args import ModelArgs
 from ..model.checkpoint import Checkpoint, check_model_parallel_size, find_shards, vocabulary_rows
@@ -179,16 +178,20 @@ def resolve_max_seq_len(settings: JobSettings, args: ModelArgs, dist: Dist,
                         dtype: torch.dtype) -> int:
     """--max_seq_len as given (no longer than the model's context), or by default the model's
     context, shortened to what fits in global rank 0's memory (the plan's estimate before the
-    weights load: --max_batch_size full-length sequences, or for auto two on a GPU and eight
-    on the CPU) and shared with every rank: their prompt checks must agree."""
+    weights load, `memory.context_slots`: on a GPU two full-length sequences beside
+    --max_batch_size slots, a full length for each where slots are full-length: the CPU's
+    (eight for auto) and scoring's) and shared with every rank: their prompt checks must
+    agree."""
     if settings.max_seq_len is not None:
         check_seq_len(args, settings.max_seq_len)
         return settings.max_seq_len
     on_gpu = dist.device.type == "cuda"
-    slots = settings.max_batch_size or (GPU_AUTO_CONTEXT_SEQUENCES if on_gpu else CPU_AUTO_BATCH)
+    slots, sequences = context_slots(
+        settings.max_batch_size, GPU_AUTO_CONTEXT_SEQUENCES if on_gpu else CPU_AUTO_BATCH,
+        paged=on_gpu and not settings.full_length_slots)
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     length, why = distributed.broadcast_from_rank0(
-        context_default(run_shape(args, dist, dtype, 1), budget, slots))
+        context_default(run_shape(args, dist, dtype, 1), budget, slots, sequences))
     if length is None:
         raise UserError(f"{why} (`llama-gen plan` shows the memory per GPU): pass a "
                         "--max_seq_len that fits, use more GPUs or a 16-bit --dtype")
@@ -199,9 +202,9 @@ def resolve_max_seq_len(settings: JobSettings, args: ModelArgs, dist: Dist,
 
 def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
     """Sequences decoding at once and the KV cache's tokens, after the weights are loaded. On a
-    GPU the cache takes what the measured memory budget leaves beside the working memory
-    (`--max_batch_size auto`: `memory.auto_sizing`; a given one: `memory.sized_slots`; scoring
-    keeps full-length slots), the least of its model-parallel group's ranks; on the CPU a full
+    GPU the cache takes what the measured memory budget leaves beside the working memory of
+    at most --max_batch_size sequences (`gpu_sizing`; scoring keeps full-length slots), the
+    least of its model-parallel group's ranks; on the CPU a full
     --max_seq_len per sequence (in whole blocks of --kv_block_size), 8 of them for auto.
     --kv_cache_tokens, where given, is the cache's size."""
     block = kv_block_size(settings, dist.device)
@@ -214,6 +217,7 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
         log_sizing(settings, model, dist, sizing, None, block)
         return sizing
     shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len, block)
+    distributed.open_communicators(dist.device)  # their memory is in use before it is measured
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     room = budget - sum(fixed_working_bytes(shape).values())
     sizing = group_least(gpu_sizing(settings, shape, room), dist)
@@ -238,17 +242,12 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
 
 
 def gpu_sizing(settings: JobSettings, shape: Shape, room: int) -> Sizing | None:
-    """The cache in `room` bytes for KV and slots: --max_batch_size auto or as given; scoring
-    keeps a full-length slot per text (as many as fit for auto). None where not one
+    """The sequences at once and the cache in `room` bytes for KV and slots, as `llama-gen
+    plan` sizes them (`memory.run_sizing`): --max_batch_size caps the sequences, the cache
+    takes what is left; scoring keeps a full-length slot per text. None where not one
     full-length sequence fits."""
-    if settings.full_length_slots:
-        most = full_slots(shape, room)
-        return Sizing(settings.max_batch_size or most) if most else None
-    if settings.kv_cache_tokens is not None:
-        return given_cache(shape, room, settings.max_batch_size, settings.kv_cache_tokens)
-    if settings.max_batch_size is None:
-        return auto_sizing(shape, room)
-    return sized_slots(shape, room, settings.max_batch_size)
+    return run_sizing(shape, room, settings.max_batch_size, settings.kv_cache_tokens,
+                      settings.full_length_slots)
 
 
 def group_least(sizing: Sizing | None, dist: Dist) -> Sizing | None:
@@ -289,13 +288,21 @@ def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, di
         from ..engine.baseline import StaticEngine
         return StaticEngine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
                             tokenizer, kv_cache_tokens=sizing.kv_cache_tokens)
-    if settings.compile and dist.rank == 0:
-        log.info("--compile: the first decode steps compile the model (a minute or more for "
-                 "large models)%s", "" if dist.device.type == "cuda" else
-                 "; on the CPU the compiled step is not faster than the eager one")
-    return Engine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
-                  tokenizer=tokenizer, compile=settings.compile,
-                  kv_cache_tokens=sizing.kv_cache_tokens, kv_block_size=settings.kv_block_size)
+    compile = settings.compile
+    if compile is None:  # auto
+        compile = dist.device.type == "cuda"
+    engine = Engine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
+                    tokenizer=tokenizer, compile=compile,
+                    kv_cache_tokens=sizing.kv_cache_tokens, kv_block_size=settings.kv_block_size)
+    if compile:
+        seconds = engine.runner.warm_up()
+        if dist.rank == 0:
+            kind = "compiled and recorded as CUDA graphs" if dist.device.type == "cuda" else \
+                "compiled (on the CPU not faster than eager)"
+            log.info("decode step %s for batch sizes %s in %.1f s%s", kind,
+                     ", ".join(map(str, engine.runner.decoder.buckets)), seconds,
+                     "" if settings.compile else " (--compile auto; false turns it off)")
+    return engine
 
 
 def check_seq_len(args: ModelArgs, max_seq_len: int) -> None:
@@ -307,19 +314,20 @@ def check_seq_len(args: ModelArgs, max_seq_len: int) -> None:
                         f"{args.context_length}, or leave it out")
 
 
-def context_default(shape: Shape, usable: int, slots: int) -> tuple[int | None, str]:
+def context_default(shape: Shape, usable: int, slots: int,
+                    sequences: int) -> tuple[int | None, str]:
     """--max_seq_len's default and why, in words: the model's context (`shape.args`), or the
-    longest part of it at which `slots` full-length sequences fit in `usable` bytes; None where
-    not even a short one fits."""
+    longest part of it at which `usable` bytes hold `slots` slots and `sequences` full-length
+    sequences (`memory.context_slots`); None where not even a short one fits."""
     args = shape.args
     context = args.context_length
     if context is None:
         return UNKNOWN_CONTEXT, (f"{UNKNOWN_CONTEXT}, a guess: params.json is none of "
                                  "Meta's releases, whose contexts are known; pass --max_seq_len")
-    fitting = default_seq_len(replace(shape, max_seq_len=context), usable, slots)
+    fitting = default_seq_len(replace(shape, max_seq_len=context), usable, slots, sequences)
     if fitting == context:
         return context, f"{context}, {args.family}'s context"
-    room = f"{slots} sequences of it" if slots > 1 else "one sequence of it"
+    room = f"{sequences} sequences of it" if sequences > 1 else "one sequence of it"
     if fitting is None:
         return None, (f"{args.family}'s context of {context} tokens leaves no room for {room} "
                       f"beside the weights in {gib(usable)} GiB")

@@ -51,6 +51,7 @@ def run_job(settings: JobSettings) -> None:
     stop = StopRequested()
     lock = OutputLock(settings.lock_path, settings.out_path, settings.lock)
     results = feed = None
+    ended = False  # this rank's run ended cleanly
     try:
         dtype = resolve_dtype(settings.dtype, dist.device)
         task = with_settings(task, dataclasses.replace(
@@ -73,12 +74,26 @@ def run_job(settings: JobSettings) -> None:
             for result in task.run(model, sizing, dist, feed.requests(), feed.should_stop):
                 results.finished(result)
         results.end(stop, feed.stopped(), feed.claimed, feed.chunks)
+        ended = True
     except BaseException as e:
         if results is not None:
             results.abandon(e, *((feed.claimed, feed.chunks) if feed else ()))
         raise
     finally:
+        _close(results, lock, ended)
+
+
+def _close(results: Results | None, lock: OutputLock, ended: bool) -> None:
+    """This rank's files closed (synced) and its lock released, then its process group torn
+    down: gracefully after a clean end; aborted after an error or a lost peer, where a graceful
+    teardown can wait forever (and `main` then exits hard). Files first, so that neither costs
+    a written line."""
+    try:
         if results is not None:
             results.close()
         lock.release()
-        distributed.shutdown()
+    finally:
+        if ended:
+            distributed.shutdown()
+        else:
+            distributed.abort()

@@ -12,10 +12,12 @@ import io
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -148,10 +150,76 @@ def init_distributed(model_parallel_size: int | None, device: str | None = None,
 
 
 def shutdown() -> None:
+    """The clean end, every rank done: the graceful teardown, which waits for every peer."""
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+ABORT_SECONDS = 10.0
+
+
+def abort(seconds: float = ABORT_SECONDS) -> None:
+    """The end after an error or a lost peer: drop the communicators without the graceful
+    teardown. NCCL's graceful destroy waits for every peer, forever for one that is gone
+    (pytorch #141510, #180611); its abort does not, though it too has hung (NCCL #1777), so it
+    runs in a thread, given `seconds`. torch 2.7 and later abort every backend, 2.6 only NCCL's,
+    2.5 none: what is not aborted is left to the process's hard exit (`exit_now`), which `main`
+    makes once this rank's files are closed and its line is said."""
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() == 1:  # no peer to wait for
+        dist.destroy_process_group()
+        return
+    c10d, rank = dist.distributed_c10d, dist.get_rank()
+    if not hasattr(c10d, "_abort_process_group") or not (
+            hasattr(dist.ProcessGroup, "abort") or "nccl" in dist.get_backend()):
+        log.info("process group left to the exit: torch %s cannot abort %s", torch.__version__,
+                 dist.get_backend())
+        return
+    failed: list[BaseException] = []
+    ended = threading.Event()
+
+    def run() -> None:
+        try:
+            c10d._abort_process_group(dist.group.WORLD)  # every group (2.6 needs it named)
+        except Exception as e:  # reported below; the exit follows either way
+            failed.append(e)
+        ended.set()
+
+    threading.Thread(target=run, name="abort", daemon=True).start()
+    if not ended.wait(seconds):
+        log.warning("rank %d: aborting the process group took over %g s; exiting without it",
+                    rank, seconds)
+    elif failed:
+        log.warning("rank %d: could not abort the process group (%s); exiting without it",
+                    rank, failed[0])
+    else:
+        log.info("process group aborted, not destroyed: after an error a peer may be gone, "
+                 "and the graceful teardown would wait for it")
+
+
+def has_peers() -> bool:
+    """Whether torchrun started this process among others (its WORLD_SIZE above 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process with `code` at once: no interpreter teardown, whose destructors would
+    finalise whatever communicator `abort` could not drop, and wait there for a lost peer. Only
+    once the job's files are closed and its line is said: standard streams are flushed here,
+    nothing else."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a pipe with no reader left, or closed
+            stream.flush()
+    os._exit(code)
 
 
 def key_value_store(timeout: timedelta) -> dist.Store:
@@ -232,6 +300,14 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum of `x` over the model-parallel group, in place."""
     dist.all_reduce(x, group=model_parallel_group())
     return x
+
+
+def open_communicators(device: torch.device) -> None:
+    """Make the model-parallel group's communicators now, so that memory measured next counts
+    them: NCCL creates a communicator (and its buffers, hundreds of MiB) at a group's first
+    collective."""
+    if dist.get_world_size(model_parallel_group()) > 1:
+        all_reduce(torch.zeros(1, device=device))
 
 
 def all_gather_last_dim(x: torch.Tensor, world_size: int) -> torch.Tensor:
