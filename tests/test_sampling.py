@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_runs import HostReads
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from llama_gen.engine.sampling import (ARGMAX_BLOCK, CPU_SAMPLE_CHUNK, apply_penalties, argmax,
-                                       counter_uniform, derive_seed, filtered_probs, sample,
-                                       token_logprobs, top_logprobs)
+from llama_gen.engine.sampling import (ARGMAX_BLOCK, CPU_SAMPLE_CHUNK, _largest_reaching,
+                                       apply_penalties, argmax, counter_uniform, derive_seed,
+                                       filtered_probs, sample, token_logprobs, top_logprobs)
 
 NEG_INF = float("-inf")
 U_MIN = 0.5 / 2**32  # the extremes counter_uniform can return
@@ -605,3 +606,133 @@ def test_top_logprobs_are_the_most_likely_first_ties_by_lower_id():
     small = torch.tensor([[0.0, NEG_INF, -1.0]])
     assert top_logprobs(small, 3)[1].tolist() == [[0, 2, 1]]
     assert top_logprobs(small, 3)[0][0, 2] == NEG_INF
+
+
+def radix_select_with_outside_buckets(bits, weights, target):
+    """`_largest_reaching` as it was before issue 24, the reference: per digit, one histogram of
+    every entry, with a bucket for those below the row's prefix and one for those above."""
+    rows, size = len(bits), 1024
+    prefix = torch.zeros(rows, 1, dtype=torch.int32)
+    for shift in (20, 10, 0):
+        bucket = ((bits >> shift) - ((prefix << 10) - 1)).clamp(0, size + 1).long()
+        histogram = torch.zeros(rows, size + 2, dtype=weights.dtype)
+        below = histogram.scatter_add_(1, bucket, weights.expand_as(bits)).cumsum(dim=-1)
+        spare = below[:, -1:] - target.unsqueeze(-1)
+        chosen = (below[:, :size] <= spare).sum(dim=-1, keepdim=True) - 1
+        prefix = (prefix << 10) | chosen.clamp_min(0).int()
+    return prefix.squeeze(-1)
+
+
+def largest_reaching_by_sort(bits, weights, target):
+    """The definition, for weights >= 0: the largest t in [0, 2**30) with
+    sum(weights[bits >= t]) >= target, or 0 where none; by a sort of each row."""
+    found = []
+    for row_bits, row_weights, row_target in zip(bits, weights.expand_as(bits), target.tolist()):
+        values, order = row_bits.sort(descending=True, stable=True)
+        groups, sizes = values.unique_consecutive(return_counts=True)
+        reach = row_weights[order].long().cumsum(dim=0)[sizes.cumsum(dim=0) - 1]
+        reaching = groups[reach.double() >= row_target]
+        found.append(2**30 - 1 if row_target <= 0 else
+                     min(max(reaching.max().item(), 0), 2**30 - 1) if len(reaching) else 0)
+    return torch.tensor(found, dtype=torch.int32)
+
+
+def select_cases(vocab):
+    """Probabilities' bits (24, vocab): peaked, flat and nearly uniform rows (whose entries
+    share their first 20 bits, so every pass counts), bf16 ties, zeros; and for each row its
+    masses, a count target (1 to past the vocabulary) and a mass target, some of them exactly
+    the mass at or above a tie group, 0, negative or past the total."""
+    gen = torch.Generator().manual_seed(vocab)
+    scales = torch.tensor([1e-4, 0.01, 0.3, 1.0, 3.0, 8.0]).repeat(4).unsqueeze(-1)
+    logits = torch.randn(24, vocab, generator=gen) * scales
+    logits[6:12] = logits[6:12].bfloat16().float()
+    logits[12, vocab // 2:] = NEG_INF
+    probs = torch.softmax(logits, dim=-1)
+    bits = probs.view(torch.int32)
+    masses = (probs * 2.0**30 + 0.5).int()
+    total = masses.sum(dim=-1).double()
+    mass_target = torch.rand(24, generator=gen, dtype=torch.float64) * total
+    ranked = masses.sort(dim=-1, descending=True).values.long().cumsum(dim=-1)
+    place = torch.randint(0, vocab, (24,), generator=gen)
+    mass_target[::3] = ranked.gather(1, place.unsqueeze(-1)).squeeze(-1)[::3].double()
+    mass_target[1:5] = torch.tensor([0.0, -3.0, 1.0]).repeat(2)[:4]
+    mass_target[5] = total[5] + 1
+    count_target = torch.randint(1, vocab + 10, (24,), generator=gen).double()
+    count_target[:6] = torch.tensor([1.0, 2.0, vocab, vocab + 1, 0.0, 40.0])
+    return bits, masses, mass_target, count_target
+
+
+@pytest.mark.parametrize("vocab", [3000, 128256])
+def test_the_radix_select_finds_the_largest_threshold_reaching_its_target(vocab):
+    """Exactly the threshold a sort finds, and the one that one histogram per pass found."""
+    bits, masses, mass_target, count_target = select_cases(vocab)
+    index, inside = torch.empty_like(bits), torch.empty_like(bits)
+    ones = torch.ones(1, 1, dtype=torch.int32)
+    for weights, target in ((masses, mass_target), (None, count_target)):
+        got = _largest_reaching(bits, weights, target, index, inside)
+        weights = ones if weights is None else weights
+        assert torch.equal(got, largest_reaching_by_sort(bits, weights, target))
+        assert torch.equal(got, radix_select_with_outside_buckets(bits, weights, target))
+
+
+def test_the_radix_select_on_nan_rows_is_as_before_and_negatives_lie_below_it_all():
+    """Rows of NaN probabilities, of either sign (the softmax of no finite logit, or of a NaN or
+    +inf one), weighed by the masses the integer conversion makes of a NaN: the thresholds one
+    histogram per pass gave, so the same tokens. Negative probabilities, which a softmax never
+    makes, lie below every threshold (one histogram per pass overflowed int32 on -0.0's in its
+    last pass and counted them above)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(8, 3000, generator=gen) * 3
+    logits[0] = NEG_INF
+    logits[1, 7] = float("nan")
+    logits[2, [3, 9, 11]] = float("inf")
+    logits[3, 5] = float("inf")
+    probs = torch.softmax(logits, dim=-1)
+    probs[4] = float("nan")
+    probs[5] = -probs[4]
+    probs[6] = -probs[6]
+    probs[7, ::2] = -0.0
+    bits = probs.view(torch.int32)
+    masses = (probs * 2.0**30 + 0.5).int()
+    ones = torch.ones(1, 1, dtype=torch.int32)
+    index, inside = torch.empty_like(bits), torch.empty_like(bits)
+    for target in (torch.full((8,), 0.9), torch.full((8,), -1.0), torch.full((8,), 40.0),
+                   masses.sum(dim=-1).double() * 0.9):
+        target = target.double()
+        for weights in (masses, None):
+            got = _largest_reaching(bits, weights, target, index, inside)
+            want = radix_select_with_outside_buckets(bits, ones if weights is None else weights,
+                                                     target)
+            assert torch.equal(got[:6], want[:6])
+        got = _largest_reaching(bits, None, target, index, inside)
+        assert torch.equal(got[6:], largest_reaching_by_sort(bits[6:], ones, target[6:]))
+
+
+class Scatters(TorchDispatchMode):
+    """For each scatter_add, the largest share of a row's entries sent to one bucket."""
+
+    def __init__(self):
+        super().__init__()
+        self.shares: list[float] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.scatter_add_, torch.ops.aten.scatter_add):
+            index = args[2]
+            self.shares.append(max(row.bincount().max().item() / len(row) for row in index))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256])
+def test_no_radix_pass_piles_a_rows_entries_on_one_bucket(vocab):
+    """A GPU's scatter_add_ adds each entry atomically, and adds to one address run one at a
+    time. Only the first pass of a radix select takes every entry, spread by its leading bits;
+    the later ones add the entries outside the row's prefix, nearly all of them, as zeros to
+    their own digit's bucket, not to one bucket for below the prefix and one for above.
+    Language-model-like rows (a few hundred tokens hold most of the mass): three passes per
+    select, no bucket with more than 5% of a row."""
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(3)) * 3
+    temperature, top_p, top_k = torch.full((2,), 0.8), torch.full((2,), 0.95), torch.full((2,), 40)
+    uniform = counter_uniform(torch.arange(2), torch.zeros(2, dtype=torch.long))
+    with Scatters() as mode:
+        sample(logits, temperature, top_p, uniform, top_k)
+    assert len(mode.shares) == 6 and max(mode.shares) < 0.05, mode.shares

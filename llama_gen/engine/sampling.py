@@ -13,8 +13,8 @@ min-p before top-k and top-p, so a row with both min-p and top-p < 1 may keep fe
 Each filter keeps the tokens at or above a probability threshold, so a tie group at a boundary
 is kept whole, and the kept set is drawn from by inverting its CDF in token-id order. `sample`
 finds the thresholds by radix selects and sums masses in whole units: no sort, no host read, a
-fixed number of passes over the logits, and a draw that depends only on its own row, on any
-device.
+fixed number of passes over the logits, no atomic adds piled on one bucket, and a draw that
+depends only on its own row, on any device.
 """
 from __future__ import annotations
 
@@ -143,28 +143,62 @@ RADIX_BITS = 10
 _DIGITS = (2 * RADIX_BITS, RADIX_BITS, 0)
 
 
-def _largest_reaching(bits: torch.Tensor, weights: torch.Tensor, target: torch.Tensor,
-                      bucket: torch.Tensor) -> torch.Tensor:
+def _largest_reaching(bits: torch.Tensor, weights: torch.Tensor | None, target: torch.Tensor,
+                      index: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """The largest bit pattern t (int32, (B,)) whose entries' weight, sum(weights[bits >= t])
-    (int32), reaches `target` (float64, (B,)); 0 where no t does. A radix select: per digit,
-    one histogram of the weights of the entries that share the digits chosen so far (the
-    row's prefix), bucket 1 + digit, with bucket 0 for the entries below the prefix and the
-    last for those above it (NaN's clamped in). No sort, no host reads; the int32 buffer
-    `bucket` holds each digit's buckets in turn."""
-    rows, buckets = len(bits), 1 << RADIX_BITS
-    prefix = torch.zeros(rows, 1, dtype=torch.int32, device=bits.device)
-    for shift in _DIGITS:
-        torch.bitwise_right_shift(bits, shift, out=bucket)
-        bucket.sub_((prefix << RADIX_BITS) - 1).clamp_(0, buckets + 1)
-        histogram = torch.zeros(rows, buckets + 2, dtype=weights.dtype, device=bits.device)
-        histogram.scatter_add_(1, bucket, weights)
-        # below[:, d]: the weight under digit d (the entries below the prefix included), so
-        # digit d and those above it reach the target where below[:, d] <= total - target
-        below = histogram.cumsum(dim=-1)
-        spare = below[:, -1:] - target.unsqueeze(-1)
-        chosen = (below[:, :buckets] <= spare).sum(dim=-1, keepdim=True) - 1
-        prefix = (prefix << RADIX_BITS) | chosen.clamp_min(0).int()
+    (int32; None: each entry weighs 1), reaches `target` (float64, (B,)); 0 where no t does.
+
+    A radix select, a digit per pass. The first pass histograms every entry, with a bucket
+    below the first digit and one above the last for the entries outside [0, 2**30) (NaN's,
+    negatives). After it nearly every entry lies outside the digits chosen so far (the row's
+    prefix), so the weight below the prefix is carried from the pass before (the sum below
+    its chosen digit), and the histogram takes only the entries inside the prefix: the others
+    add 0 to their own digit's bucket. A GPU's atomic adds are then spread over the buckets,
+    not piled on a bucket for below and one for above. The sums are exact integers over the
+    same groups as such a bucket would hold: the same t, on any device. No sort, no host
+    reads; `index` and `inside` are int32 buffers of bits' shape."""
+    rows, size = len(bits), 1 << RADIX_BITS
+    torch.bitwise_right_shift(bits, _DIGITS[0], out=index).clamp_(-1, size).add_(1)
+    ones = torch.ones(1, 1, dtype=torch.int32, device=bits.device).expand_as(bits)
+    histogram = bits.new_zeros(rows, size + 2).scatter_add_(
+        1, _scatter_index(index), ones if weights is None else weights)
+    spare = histogram.sum(dim=-1, keepdim=True) - target.unsqueeze(-1)
+    chosen, below_prefix = _choose(histogram[:, 1:-1], histogram[:, :1], spare)
+    prefix = chosen
+    torch.eq(index, chosen + 1, out=inside)  # the first pass's buckets are 1 + digit
+    if weights is not None:
+        inside.mul_(weights)
+    for shift in _DIGITS[1:]:
+        if shift != _DIGITS[1]:  # index holds the previous digits
+            inside.mul_(torch.eq(index, chosen, out=index))
+        if shift:
+            torch.bitwise_right_shift(bits, shift, out=index).bitwise_and_(size - 1)
+        else:
+            torch.bitwise_and(bits, size - 1, out=index)
+        counts = bits.new_zeros(rows, size).scatter_add_(1, _scatter_index(index), inside)
+        chosen, below_prefix = _choose(counts, below_prefix, spare)
+        prefix = (prefix << RADIX_BITS) | chosen
     return prefix.squeeze(-1)
+
+
+# torch 2.8 and later take int32 indices in scatter_add_, which saves a copy in int64
+_INT32_INDEX = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def _scatter_index(index: torch.Tensor) -> torch.Tensor:
+    return index if _INT32_INDEX else index.long()
+
+
+def _choose(counts: torch.Tensor, below_prefix: torch.Tensor, spare: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest digit (int32, (B, 1); 0 where none) whose entries and those above it still
+    reach the target, from the weight of each digit within the prefix (`counts`, (B, size))
+    and the weight below the prefix; and the weight below the chosen digit."""
+    # below[:, d]: the weight under digit d (the entries below the prefix included), so
+    # digit d and those above it reach the target where below[:, d] <= total - target
+    below = counts.cumsum(dim=-1).sub_(counts).add_(below_prefix)
+    chosen = ((below <= spare).sum(dim=-1, keepdim=True) - 1).clamp_min_(0)
+    return chosen.int(), below.gather(1, chosen)
 
 
 def _thresholds(probs: torch.Tensor, masses: torch.Tensor, f: Filters, scratch: torch.Tensor
@@ -177,13 +211,13 @@ def _thresholds(probs: torch.Tensor, masses: torch.Tensor, f: Filters, scratch: 
     bits = probs.view(torch.int32)
     threshold = torch.ones(len(probs), dtype=torch.int32, device=probs.device)
     top_k_mass = masses.sum(dim=-1)
+    inside = torch.empty_like(scratch)
     if f.top_k is not None:
-        counts = torch.ones(1, 1, dtype=masses.dtype, device=masses.device).expand_as(masses)
-        kth = _largest_reaching(bits, counts, f.top_k.double(), scratch)
+        kth = _largest_reaching(bits, None, f.top_k.double(), scratch, inside)
         threshold = torch.where(_limits_top_k(f.top_k, probs.shape[-1]), kth, threshold)
         kept = torch.ge(bits, threshold.unsqueeze(-1), out=scratch)
         top_k_mass = kept.mul_(masses).sum(dim=-1)
-    nucleus = _largest_reaching(bits, masses, f.top_p.double() * top_k_mass, scratch)
+    nucleus = _largest_reaching(bits, masses, f.top_p.double() * top_k_mass, scratch, inside)
     threshold = torch.where(f.top_p < 1, torch.maximum(nucleus, threshold), threshold)
     if f.min_p is not None:
         least = (f.min_p.float() * probs.amax(dim=-1)).view(torch.int32)
