@@ -35,11 +35,11 @@ DTYPES = {"bf16": ("bfloat16", 2), "fp16": ("float16", 2), "fp32": ("float32", 4
 CUDA_CONTEXT_BYTES = 3 * GIB // 4
 # Per logit of a decode step's (batch, vocab) float32 logits, the most the draw allocates
 # beside them at once, every control on (scripts/sampler_memory.py measures it with torch's CPU
-# memory profiler over the whole batch, as a GPU draws it: 24.1-24.4 bytes in `RowState.draw`,
-# 20.1-20.4 of them in `sample`, the penalised copy the other 4; 28.1-29.0 in
-# `RowState.records`, whose top logprobs hold a float32 log-softmax and three int64 sort keys
-# (4 + 3 x 8)). Rounded up to 32 for the CUDA allocator's rounding; tests/test_memory.py holds
-# the measurement to it.
+# memory profiler over the whole batch, as a GPU draws it: 28.1 bytes in `RowState.draw`, 24.1
+# of them in `sample` (its radix selects' int32 digits and counts of the entries inside the
+# prefix), the penalised copy the other 4; 28.1-29.0 in `RowState.records`, whose top logprobs
+# hold a float32 log-softmax and three int64 sort keys (4 + 3 x 8)). Rounded up to 32 for the
+# CUDA allocator's rounding; tests/test_memory.py holds the measurement to it.
 SAMPLER_BYTES_PER_LOGIT = 32
 LOGIT_BYTES = 4  # logits are float32
 PENALTY_BYTES_PER_LOGIT = 5  # TokenCounts: in_prompt (bool) and generated (int32), per slot
