@@ -37,6 +37,15 @@ the GPUs in `HBM_GBPS`).
 
     python scripts/bench.py --mode budget --temperature 0
 
+    python scripts/bench.py --mode context        # the model's whole context for short prompts
+    python scripts/bench.py --mode context --max_seq_len 456   # the same, a context just long enough
+
+`--mode context` is generation's run on issue 24's workload: 128 prompts of 4-328 tokens, batch
+32, each generating max_gen_len 128 tokens (as a job on random weights does, which never draws
+its end token), sampled, in a cache of `--max_seq_len` positions per row (default 4096, a Llama
+2's context: the CPU's default --max_seq_len is the model's). 456 is what the longest prompt
+needs. A run's wall time includes setting its engine up (its KV cache), as a job's does.
+
 `--mode budget` runs requests of mixed lengths (prompts of 32-1024 tokens, 64-512 generated)
 at `--max_seq_len 4096` in a fixed KV budget (`--kv_budget` tokens; by default what 16 full-length
 sequences take), per-slot (one `max_seq_len` block per slot, `kv_budget / max_seq_len` slots)
@@ -91,8 +100,12 @@ EOS = 2
 # Each mode's model, workload and engines, unless flags say otherwise.
 MODE_DEFAULTS = {
     "generate": {"preset": "stories15m", "dtype": "fp32", "batch": 32, "n_prompts": 256,
-                 "min_len": 8, "max_len": 200, "max_gen_len": 256,
+                 "min_len": 8, "max_len": 200, "max_gen_len": 256, "stop_rate": 0.02,
                  "schedulers": "continuous,static"},
+    # generation with short prompts in a long context (`--max_seq_len`, CONTEXT_MAX_SEQ_LEN)
+    "context": {"preset": "stories15m", "dtype": "fp32", "batch": 32, "n_prompts": 128,
+                "min_len": 4, "max_len": 328, "max_gen_len": 128, "stop_rate": 0.0,
+                "schedulers": "continuous"},
     "score": {"preset": "stories15m", "dtype": "fp32", "batch": 32, "n_prompts": 128,
               "min_len": 32, "max_len": 2048, "max_gen_len": 0, "schedulers": "batched,single"},
     # `batch` requests at each batch size, every one generating exactly max_gen_len tokens
@@ -101,6 +114,7 @@ MODE_DEFAULTS = {
     "budget": {"preset": "stories15m", "dtype": "fp32", "batch": 256, "n_prompts": 128,
                "min_len": 32, "max_len": 1024, "max_gen_len": 512, "schedulers": "continuous"},
 }
+CONTEXT_MAX_SEQ_LEN = 4096
 # Datasheet HBM bandwidths in GB/s, by what the device's name holds and does not hold.
 HBM_GBPS = (
     (("H200",), (), 4800),
@@ -123,13 +137,16 @@ class Workload:
 def make_workload(args: ModelArgs, n_prompts: int, min_len: int, max_len: int, max_gen_len: int,
                   stop_rate: float, temperature: float, top_p: float, seed: int) -> Workload:
     """Random prompts; each record's max_gen_len is drawn so that about `stop_rate` of the steps
-    end a sequence (a geometric length, capped at max_gen_len), as real completions vary."""
+    end a sequence (a geometric length, capped at max_gen_len), as real completions vary; with
+    `stop_rate` 0 every record's is max_gen_len."""
     rng = random.Random(seed)
     requests = []
     for i in range(n_prompts):
         n = rng.randint(min_len, max_len)
         prompt = [1] + [rng.randrange(3, args.vocab_size) for _ in range(n - 1)]
-        length = min(max_gen_len, 1 + int(math.log(1 - rng.random()) / math.log(1 - stop_rate)))
+        draw = rng.random()
+        length = max_gen_len if stop_rate == 0 else min(
+            max_gen_len, 1 + int(math.log(1 - draw) / math.log(1 - stop_rate)))
         params = SamplingParams(temperature=temperature, top_p=top_p, max_gen_len=length, seed=i)
         requests.append(Request(prompt, params, tag=i))
     return Workload(requests)
@@ -320,14 +337,21 @@ def make_engine(model: Transformer, name: str, batch: int, max_seq_len: int,
 
 def run_scheduler(model: Transformer, work: Workload, name: str, batch: int,
                   max_seq_len: int) -> dict:
-    """`name`: continuous, static, or compiled (see `make_engine`)."""
+    """`name`: continuous, static, or compiled (see `make_engine`). The wall time includes
+    setting the engine up (`setup`: its KV cache, allocated afresh as a job's is), not compiling
+    it (`compile_seconds`)."""
+    for layer in model.layers:  # else an engine would keep the last one's cache, written before
+        layer.attention.cache = None
+    start = time.perf_counter()
     engine, compile_seconds = make_engine(model, name, batch, max_seq_len)
+    setup = time.perf_counter() - start - compile_seconds
     engine.forward_timer = ForwardTimer(model.output.weight.device)
     start = time.perf_counter()
     completions = sorted(engine.generate(work.requests), key=lambda c: c.request.tag)
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start + setup
     s = engine.stats
-    return {"name": name, "wall": wall, "tokens": [c.tokens for c in completions],
+    return {"name": name, "wall": wall, "setup": f"{setup:.2f}",
+            "tokens": [c.tokens for c in completions],
             "in_forward": f"{engine.forward_timer.seconds() / wall:.0%}",
             "wasted": f"{s.wasted_share:.0%}",
             "decode_steps": s.decode_steps, "refills": s.refills,
@@ -404,7 +428,8 @@ def run_ctranslate2(model: Transformer, work: Workload, batch: int, directory: s
         max_length=max(budgets), include_prompt_in_result=False, sampling_topk=1,
         end_token=names[EOS], callback=stop_at_budget)
     wall = time.perf_counter() - start
-    return {"name": "ctranslate2", "wall": wall, "tokens": [r.sequences_ids[0] for r in results],
+    return {"name": "ctranslate2", "wall": wall, "setup": "-",
+            "tokens": [r.sequences_ids[0] for r in results],
             "in_forward": "-", "wasted": "-", "decode_steps": "-", "refills": "-",
             "peak_mib": "-"}
 
@@ -703,14 +728,15 @@ def listed(value: object, kind: type = str) -> list:
 
 def main(mode: str | None = None, preset: str | None = None, n_prompts: int | None = None,
          min_len: int | None = None, max_len: int | None = None, max_gen_len: int | None = None,
-         min_gen_len: int = 64, stop_rate: float = 0.02, batch: int | str | None = None,
+         min_gen_len: int = 64, stop_rate: float | None = None, batch: int | str | None = None,
          temperature: float = 0.8, top_p: float = 0.95, dtype: str | None = None,
          device: str = "cpu", schedulers: str | None = None, ctranslate2: bool | None = None,
          seed: int = 0, hbm_gbps: float | None = None, max_seq_len: int | None = None,
          kv_budget: int | None = None, block_sizes: str = "16,128") -> None:
-    """`mode`: generate (the default on the CPU), score, roofline (the default on CUDA) or
-    budget. `preset`, `dtype`, `batch`, `n_prompts`, `min_len`, `max_len` (prompt lengths),
-    `max_gen_len` and `schedulers` default to the mode's (MODE_DEFAULTS). Generation's
+    """`mode`: generate (the default on the CPU), context, score, roofline (the default on
+    CUDA) or budget. `preset`, `dtype`, `batch`, `n_prompts`, `min_len`, `max_len` (prompt
+    lengths), `max_gen_len`, `stop_rate` and `schedulers` default to the mode's
+    (MODE_DEFAULTS). Generation's `max_seq_len`: max_len + max_gen_len (context: 4096). Its
     `schedulers`: any of continuous, static and compiled (continuous with `--compile`'s
     decode step); scoring's: batched and single. `ctranslate2`: add a CTranslate2 run of the
     same weights to greedy generation (default: if it is installed). `--temperature 0`:
@@ -719,10 +745,11 @@ def main(mode: str | None = None, preset: str | None = None, n_prompts: int | No
     paged, `min_gen_len` to `max_gen_len` generated."""
     mode = mode or ("roofline" if str(device).startswith("cuda") else "generate")
     if mode not in MODE_DEFAULTS:
-        raise SystemExit(f"unknown mode {mode!r}: generate, score, roofline or budget")
+        raise SystemExit(f"unknown mode {mode!r}: generate, context, score, roofline or "
+                         "budget")
     given = {"preset": preset, "dtype": dtype, "batch": batch, "n_prompts": n_prompts,
              "min_len": min_len, "max_len": max_len, "max_gen_len": max_gen_len,
-             "schedulers": schedulers}
+             "schedulers": schedulers, "stop_rate": stop_rate}
     w = {**MODE_DEFAULTS[mode], **{k: v for k, v in given.items() if v is not None}}
     if w["preset"] not in PRESETS:
         raise SystemExit(f"unknown preset {w['preset']!r}: one of {', '.join(PRESETS)}")
@@ -735,7 +762,7 @@ def main(mode: str | None = None, preset: str | None = None, n_prompts: int | No
           f"params, {w['dtype']}) on {dist.device} with {torch.get_num_threads()} threads; "
           f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f}"
           " MiB")
-    flags = {"min_gen_len": min_gen_len, "stop_rate": stop_rate, "temperature": temperature,
+    flags = {"min_gen_len": min_gen_len, "temperature": temperature,
              "top_p": top_p, "ctranslate2": ctranslate2, "seed": seed, "bandwidth": bandwidth,
              "max_seq_len": max_seq_len, "kv_budget": kv_budget,
              "block_sizes": listed(block_sizes, int)}
@@ -766,11 +793,12 @@ def run_mode(mode: str, model: Transformer, w: dict, flags: dict) -> None:
                     flags["block_sizes"], w["batch"])
     else:
         work = make_workload(args, w["n_prompts"], w["min_len"], w["max_len"],
-                             w["max_gen_len"], flags["stop_rate"], *sampling, seed)
-        generate_main(model, work, names, w["batch"],
-                      flags["max_seq_len"] or w["max_len"] + w["max_gen_len"],
+                             w["max_gen_len"], w["stop_rate"], *sampling, seed)
+        tight = w["max_len"] + w["max_gen_len"]
+        generate_main(model, work, names, w["batch"], flags["max_seq_len"] or (
+                          CONTEXT_MAX_SEQ_LEN if mode == "context" else tight),
                       flags["ctranslate2"], f"{w['min_len']}-{w['max_len']}", w["max_gen_len"],
-                      flags["stop_rate"], sampling)
+                      w["stop_rate"], sampling)
 
 
 def generate_main(model: Transformer, work: Workload, names: list[str], batch: int,
@@ -785,7 +813,7 @@ def generate_main(model: Transformer, work: Workload, names: list[str], batch: i
     decoding = "greedy" if temperature == 0 else f"temperature {temperature}, top-p {top_p}"
     print(f"{len(work.requests)} prompts of {lengths} tokens ({work.prompt_tokens} in all), "
           f"max_gen_len {max_gen_len}, ~{stop_rate:.0%} of steps end a sequence, batch {batch}, "
-          f"{decoding}; KV cache {cache_mib:.0f} MiB")
+          f"{decoding}; KV cache {cache_mib:.0f} MiB (max_seq_len {max_seq_len})")
     if ctranslate2 is None:
         ctranslate2 = temperature == 0 and ctranslate2_available()
     elif ctranslate2 and temperature != 0:
@@ -831,7 +859,8 @@ def report(results: list[dict], model: Transformer, work: Workload, batch: int,
           f"attention {flops['attention'] / 1e9:.0f} GFLOP); decode reads at least "
           f"{decode_bytes(model, work, generated, batch) / 1e9:.1f} GB at "
           f"{bandwidth / 1e9:.0f} GB/s (a large copy's rate here)")
-    print(f"{'engine':<11} {'tok/s':>7} {'wall s':>7} {'in forward':>10} {'wasted':>7} "
+    print(f"{'engine':<11} {'tok/s':>7} {'wall s':>7} {'setup s':>7} {'in forward':>10} "
+          f"{'wasted':>7} "
           f"{'decode steps':>12} {'refills':>7} {'peak MiB':>8} {'ceiling tok/s':>13} "
           f"{'of ceiling':>10} {'roofline tok/s':>14} {'of roofline':>11} {'same tokens':>11}")
     for r in results:
@@ -840,8 +869,8 @@ def report(results: list[dict], model: Transformer, work: Workload, batch: int,
         ceiling = sum(lengths) / ceiling_seconds(workload_flops(args, work, lengths), r["rates"])
         roofline = sum(lengths) / (decode_bytes(model, work, lengths, batch) / bandwidth)
         same = sum(a == b for a, b in zip(r["tokens"], reference["tokens"])) / len(work.requests)
-        print(f"{r['name']:<11} {r['tokens_per_s']:7.0f} {r['wall']:7.2f} {r['in_forward']:>10} "
-              f"{r['wasted']:>7} {r['decode_steps']:>12} {r['refills']:>7} {r['peak_mib']:>8} "
+        print(f"{r['name']:<11} {r['tokens_per_s']:7.0f} {r['wall']:7.2f} {r['setup']:>7} "
+              f"{r['in_forward']:>10} {r['wasted']:>7} {r['decode_steps']:>12} {r['refills']:>7} {r['peak_mib']:>8} "
               f"{ceiling:13.0f} {r['tokens_per_s'] / ceiling:10.0%} {roofline:14.0f} "
               f"{r['tokens_per_s'] / roofline:11.0%} {same:11.0%}")
     for r in results[1:]:

@@ -50,7 +50,24 @@ def test_bench_runs_every_scheduler_and_they_agree():
                      "--temperature", "0")
     assert set(rows) == {"continuous", "compiled", "static"}
     assert rows["static"][-1] == rows["compiled"][-1] == "100%"  # the continuous run's tokens
-    assert rows["continuous"][4] == "0%"  # no wasted slot-steps
+    assert rows["continuous"][5] == "0%"  # no wasted slot-steps
+
+
+def test_context_mode_runs_short_prompts_in_the_whole_context():
+    output = bench_output("--mode", "context", "--preset", "tiny", "--n_prompts", "6",
+                          "--max_len", "20", "--max_gen_len", "8")
+    assert "6 prompts of 4-20 tokens" in output and "(max_seq_len 4096)" in output
+    [row] = table(output, "engine")
+    assert row[0] == "continuous" and float(row[3]) >= 0  # its setup seconds
+
+
+def test_a_zero_stop_rate_generates_max_gen_len_from_the_same_prompts():
+    args = bench.ModelArgs.from_params(bench.PRESETS["tiny"])
+    never = bench.make_workload(args, 20, 4, 30, 16, 0.0, 0.8, 0.95, seed=0).requests
+    often = bench.make_workload(args, 20, 4, 30, 16, 0.2, 0.8, 0.95, seed=0).requests
+    assert {r.params.max_gen_len for r in never} == {16}
+    assert len({r.params.max_gen_len for r in often}) > 1
+    assert [r.prompt_tokens for r in never] == [r.prompt_tokens for r in often]
 
 
 def test_bench_ctranslate2_column_computes_the_same_model():
