@@ -69,12 +69,12 @@ class FusedColumns(nn.Module):
         super().__init__()
         self.register_buffer("fused", None, persistent=False)
         self.fused_sizes: tuple[int, ...] = ()
-        self.register_load_state_dict_post_hook(lambda block, _: block.fuse()
-                                                if block.fused is not None else None)
+        self.register_load_state_dict_post_hook(_fuse_again)
 
     def fuse(self) -> None:
         columns = [getattr(self, name) for name in self.COLUMNS]
-        self.fused = None  # the old copy (loading again) goes before the new one comes
+        assert not any(column.gather_output for column in columns), "outputs stay split"
+        self.fused = None  # a stale copy (loading again) is freed before the new one is made
         self.fused = torch.cat([column.weight for column in columns])  # (sum of outs, in)
         self.fused_sizes = tuple(column.weight.shape[0] for column in columns)
         self._share()
@@ -90,7 +90,7 @@ class FusedColumns(nn.Module):
         """Each column layer's output for x, in `COLUMNS` order (views of one product once
         fused). Column layers here never gather their output."""
         if self.fused is None:
-            return tuple(getattr(self, name)(x) for name in self.COLUMNS)
+            return tuple([getattr(self, name)(x) for name in self.COLUMNS])
         return linear(x, self.fused).split(self.fused_sizes, dim=-1)
 
     def _apply(self, fn, recurse=True):
@@ -100,6 +100,12 @@ class FusedColumns(nn.Module):
         if self.fused is not None:
             self._share()
         return out
+
+
+def _fuse_again(block: FusedColumns, _incompatible_keys) -> None:
+    """Loading into a fused block replaced or wrote its separate weights: stack them again."""
+    if block.fused is not None:
+        block.fuse()
 
 
 class RowParallelLinear(nn.Module):
