@@ -144,7 +144,7 @@ class FeedForward(FusedColumns):
         self.w3 = layers.column(args.dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.products(x)  # in place: one FFN-wide tensor beside the product's two
+        gate, up = self.products(x)  # silu and product in place: no FFN-wide temporaries
         return self.w2(F.silu(gate, inplace=True).mul_(up))
 
 
