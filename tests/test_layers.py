@@ -104,7 +104,8 @@ from llama_gen.runtime import distributed
 from llama_gen.text.tokenizer import load_tokenizer
 
 dist = distributed.init_distributed(2, device="cpu")
-for ckpt in map(Path, sys.argv[1:]):
+out = Path(sys.argv[1])
+for ckpt in map(Path, sys.argv[2:]):
     tokenizer = load_tokenizer(ckpt / "tokenizer.model")
     fused = load_model(ckpt, tokenizer, dist, torch.float32)
     checkpoint = Checkpoint.open(ckpt, fused.args, tokenizer.kind == "tiktoken")
@@ -119,23 +120,22 @@ for ckpt in map(Path, sys.argv[1:]):
                                fresh=True, every_token=True)
         with torch.inference_mode():
             logits.append(model(tokens[None], step))
-    print(json.dumps({"ckpt": ckpt.name, "rank": dist.rank,
-                      "diff": (logits[0] - logits[1]).abs().max().item(),
-                      "sizes": [fused.layers[0].attention.fused_sizes,
-                                fused.layers[0].feed_forward.fused_sizes]}))
+    (out / f"{ckpt.name}-{dist.rank}.json").write_text(json.dumps({
+        "ckpt": ckpt.name, "rank": dist.rank, "diff": (logits[0] - logits[1]).abs().max().item(),
+        "sizes": [fused.layers[0].attention.fused_sizes, fused.layers[0].feed_forward.fused_sizes]}))
 distributed.shutdown()
 """
 
 
-def test_each_rank_fuses_its_own_shards_under_torchrun(tiny_checkpoints):
+def test_each_rank_fuses_its_own_shards_under_torchrun(tiny_checkpoints, tmp_path):
     """Model parallel 2 under torchrun, from two shards and resharded from one: each rank
     stacks its own rows of wq, wk, wv (and w1, w3), and the logits, gathered across the ranks,
     are the separate products' to fp32 rounding."""
     ckpts = [tiny_checkpoints[("llama3", 2)], tiny_checkpoints[("llama2", 1)]]
-    proc = launch([str(c) for c in ckpts], nproc=2, code=EACH_RANK_FUSES)
-    out, err = proc.communicate(timeout=300)
+    proc = launch([str(tmp_path), *map(str, ckpts)], nproc=2, code=EACH_RANK_FUSES)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    lines = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
     assert sorted((r["ckpt"], r["rank"]) for r in lines) == sorted(
         (c.name, rank) for c in ckpts for rank in (0, 1))
     llama3 = ModelArgs.from_params({**TINY_LLAMA3, "vocab_size": 96})
