@@ -177,6 +177,8 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype,
     else:
         weights = {k: v.to(device=device, dtype=dtype) for k, v in random_weights(args).items()}
     model.load_state_dict(weights, strict=True, assign=True)
+    del weights
+    model.fuse()
     return model.requires_grad_(False).eval()
 
 

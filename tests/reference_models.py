@@ -31,9 +31,13 @@ CONFIGS = {
 }
 
 
-def build(args: ModelArgs, vocab_parallel: bool, seed: int = 0) -> Transformer:
+def build(args: ModelArgs, vocab_parallel: bool, seed: int = 0, fuse: bool = True
+          ) -> Transformer:
+    """`random_weights(args, seed)` in our model, its projections fused as the loader's are."""
     model = Transformer(args, ParallelLayers(vocab_parallel))
     model.load_state_dict(random_weights(args, seed), strict=True, assign=True)
+    if fuse:
+        model.fuse()
     return model.requires_grad_(False).eval()
 
 

@@ -298,3 +298,29 @@ def test_packed_head_computes_the_product_and_follows_weight_changes(single_proc
         torch.testing.assert_close(got, x @ head.weight.T, atol=1e-5, rtol=1e-5)
     # The packed product ran, not the fallback after a failure.
     assert head.packed.enabled == torch.backends.mkldnn.is_available()
+
+
+# --- fused projections ----------------------------------------------------------------------------
+
+FUSED_ATOL = 1e-5  # fp32 rounding: one product of stacked weights sums as the separate ones do
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_projections_give_the_unfused_logits(single_process, name):
+    """wq/wk/wv and w1/w3 stacked into one product each (`Transformer.fuse`) give the separate
+    products' logits, in a prefill over a fresh cache and in cached decode steps after it."""
+    args, vocab_parallel = config(name)
+    fused, separate = build(args, vocab_parallel), build(args, vocab_parallel, fuse=False)
+    assert fused.layers[0].attention.fused is not None and separate.layers[0].attention.fused is None
+    seq = random_tokens(args.vocab_size, n=24, seed=5).tolist()
+    logits = []
+    for model in (fused, separate):
+        model.setup_cache(2, 48)
+        with torch.inference_mode():
+            prompt = model(torch.tensor([seq]), model.make_step(
+                torch.arange(len(seq))[None], slice(0, 1), len(seq), fresh=True,
+                every_token=True))
+            steps = [model.decode(torch.tensor([token]), torch.tensor([len(seq) + i]),
+                                  len(seq) + i + 1) for i, token in enumerate(seq[:8])]
+        logits.append(torch.cat([prompt, *steps]))
+    torch.testing.assert_close(logits[0], logits[1], atol=FUSED_ATOL, rtol=0)

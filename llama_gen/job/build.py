@@ -112,6 +112,8 @@ def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dt
     state = checkpoint.state_dict_for(dist.model_parallel_rank, dist.model_parallel_size,
                                       dist.device, dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the weights now: fusing frees each separate one
+    model.fuse()
     model.requires_grad_(False).eval()
     if dist.rank == 0:
         log.info("loaded %s (%d shard(s), model parallel %d, %s) in %.1fs", ckpt_dir, n_shards,

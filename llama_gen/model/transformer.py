@@ -16,7 +16,7 @@ from torch import nn
 from .args import ModelArgs
 from .attention import attention, paged_attention, paged_block_mask
 from .cache import BlockTable, KVCache, Segment, Step
-from .layers import ParallelLayers
+from .layers import FusedColumns, ParallelLayers
 
 
 class RMSNorm(nn.Module):
@@ -72,7 +72,9 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
-class Attention(nn.Module):
+class Attention(FusedColumns):
+    COLUMNS = ("wq", "wk", "wv")
+
     def __init__(self, args: ModelArgs, layers: ParallelLayers):
         super().__init__()
         if args.n_heads % layers.world_size or args.kv_heads % layers.world_size:
@@ -88,9 +90,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         n = x.shape[0]  # x: (N, dim), the step's tokens end to end
-        q = apply_rope(self.wq(x).view(n, self.n_local_heads, self.head_dim), step.rotation)
-        k = apply_rope(self.wk(x).view(n, self.n_local_kv_heads, self.head_dim), step.rotation)
-        v = self.wv(x).view(n, self.n_local_kv_heads, self.head_dim)
+        q, k, v = self.products(x)
+        q = apply_rope(q.view(n, self.n_local_heads, self.head_dim), step.rotation)
+        k = apply_rope(k.view(n, self.n_local_kv_heads, self.head_dim), step.rotation)
+        v = v.view(n, self.n_local_kv_heads, self.head_dim)
         out, start = [], 0
         for seg in step.segments:
             stop = start + seg.n_tokens
@@ -129,7 +132,9 @@ class Attention(nn.Module):
         return (cache.k[0][:, index].transpose(0, 1), cache.v[0][:, index].transpose(0, 1))
 
 
-class FeedForward(nn.Module):
+class FeedForward(FusedColumns):
+    COLUMNS = ("w1", "w3")
+
     def __init__(self, args: ModelArgs, layers: ParallelLayers):
         super().__init__()
         hidden = args.ffn_hidden_dim
@@ -138,7 +143,8 @@ class FeedForward(nn.Module):
         self.w3 = layers.column(args.dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.products(x)  # silu and product in place: no FFN-wide temporaries
+        return self.w2(F.silu(gate, inplace=True).mul_(up))
 
 
 class TransformerBlock(nn.Module):
@@ -162,6 +168,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, layers) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = layers.column(args.dim, args.vocab_size, gather_output=True, packed=True)
+
+    def fuse(self) -> None:
+        """Stack each block's q, k, v and its FFN's w1, w3 weights into one per block
+        (`FusedColumns`), after a strict load by Meta's key names; each rank stacks its own
+        shards. Block by block: the separate weights are freed as each fused one is made,
+        provided the loader holds no other reference to them."""
+        for block in self.layers:
+            block.attention.fuse()
+            block.feed_forward.fuse()
 
     def setup_cache(self, slots: int, max_seq_len: int, *, blocks: int | None = None,
                     block_size: int | None = None) -> None:
