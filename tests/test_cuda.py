@@ -544,3 +544,44 @@ def test_the_samplers_thresholds_on_the_gpu_are_the_cpus():
         got = _largest_reaching(*on_gpu, torch.empty_like(on_gpu[0]),
                                 torch.empty_like(on_gpu[0]))
         assert torch.equal(got.cpu(), want)
+
+
+def test_fused_projections_on_the_gpu_give_the_separate_logits_and_no_second_copy(
+        single_process, tiny_checkpoints):
+    """On CUDA (cuBLAS, F.linear) the fused products give the separate ones' logits to float32
+    rounding, and fusing after the load allocates at most one block's fused weights beyond the
+    loaded model, which holds no more memory after than before."""
+    from llama_gen.job.build import read_model_args
+    from llama_gen.model.checkpoint import Checkpoint
+    from llama_gen.model.layers import ParallelLayers
+    from llama_gen.model.transformer import Transformer
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    args = read_model_args(ckpt, tokenizer)
+    checkpoint = Checkpoint.open(ckpt, args, vocab_parallel_if_unsplit=True)
+    device = torch.device("cuda")
+
+    def loaded() -> Transformer:
+        model = Transformer(args, ParallelLayers(checkpoint.embedding_split_dim == 0))
+        model.load_state_dict(checkpoint.state_dict_for(0, 1, device, torch.float32),
+                              strict=True, assign=True)
+        return model.requires_grad_(False).eval()
+
+    separate, fused = loaded(), loaded()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fused.fuse()
+    largest = max(p.nbytes for block in fused.layers
+                  for p in (block.attention.fused, block.feed_forward.fused))
+    assert torch.cuda.memory_allocated() <= before
+    assert torch.cuda.max_memory_allocated() - before <= largest
+    tokens = torch.arange(3, 40, device=device)
+    logits = []
+    for model in (fused, separate):
+        model.setup_cache(1, len(tokens))
+        step = model.make_step(torch.arange(len(tokens), device=device)[None], slice(0, 1),
+                               len(tokens), fresh=True, every_token=True)
+        with torch.inference_mode():
+            logits.append(model(tokens[None], step))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
