@@ -36,6 +36,9 @@ KEY = "llama-gen"
 BEAT_SECONDS = 2.0  # a leader's heartbeat thread beats, and reads the run's stop, this often
 REPORT_SECONDS = 1.0  # and adds its finished samples to the shared counters as often
 POLL_SECONDS = 0.5  # how often a waiting process reads the store
+# How long rank 0 waits for the replicas still there to read its verdict: its exit ends node 0's
+# torchrun, whose store goes with it, so a replica still waiting would never hear the verdict.
+VERDICT_READ_SECONDS = 10.0
 # A store call gives up after this long: a vanished machine would otherwise hold it for the
 # process group's timeout (30 minutes).
 STORE_TIMEOUT = timedelta(seconds=60)
@@ -223,9 +226,15 @@ class Replicas:
                     ends[r] = End.from_json(self._store.get(f"{KEY}/end/{r}"))
         return ends, [r for r in others if r not in ends]
 
-    def give_verdict(self, verdict: Verdict) -> None:
+    def give_verdict(self, verdict: Verdict, readers: int = 0) -> None:
+        """Say the verdict, then wait (at most VERDICT_READ_SECONDS) until `readers` replicas
+        have read it."""
+        deadline = time.monotonic() + VERDICT_READ_SECONDS
         with _store_errors():
             self._store.set(f"{KEY}/verdict", json.dumps(asdict(verdict)))
+            while (self._store.add(f"{KEY}/verdict-read", 0) < readers
+                   and time.monotonic() < deadline):
+                time.sleep(POLL_SECONDS / 5)
 
     def wait_for_verdict(self, timeout: float, should_stop: Callable[[], bool]
                          ) -> Verdict | None:
@@ -236,7 +245,9 @@ class Replicas:
         while not should_stop():
             with _store_errors():
                 if self._store.check([f"{KEY}/verdict"]):
-                    return Verdict(**json.loads(self._store.get(f"{KEY}/verdict")))
+                    verdict = Verdict(**json.loads(self._store.get(f"{KEY}/verdict")))
+                    self._store.add(f"{KEY}/verdict-read", 1)
+                    return verdict
                 beats = self._store.add(f"{KEY}/beat/0", 0)
             now = time.monotonic()
             if beats != seen[0]:

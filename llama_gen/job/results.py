@@ -96,9 +96,11 @@ class Results:
                 self.replicas.stop_run(why_the_run_stops(0, reason))
                 self.give_verdict(Verdict(-1, why_the_run_stops(0, reason)))
 
-    def give_verdict(self, verdict: Verdict) -> None:
+    def give_verdict(self, verdict: Verdict, readers: int = 0) -> None:
+        """Tell the replicas whether the run is complete; wait for `readers` of them (those still
+        there) to have heard it."""
         self._verdict_given = True
-        self.replicas.give_verdict(verdict)
+        self.replicas.give_verdict(verdict, readers)
 
     def _claimed(self, claimed: int | None) -> int:
         """The samples this replica took: all announced with one replica, none known without a

@@ -126,7 +126,8 @@ def end_rank0(results: Results, stop: StopRequested, own: End) -> None:
              replicas.progress_seconds, merge_seconds, merged)
     causes = [f"replica {r} was lost" for r in lost] + [
         f"replica {r} stopped ({end.stopped})" for r, end in ends.items() if end.stopped]
-    results.give_verdict(Verdict(missing, missing_message(missing, causes)))
+    waiting = sum(not end.stopped for end in ends.values())  # a stopped replica does not wait
+    results.give_verdict(Verdict(missing, missing_message(missing, causes)), readers=waiting)
     report(results, stop, None, missing, causes)
 
 
