@@ -15,9 +15,9 @@ cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-gpu_check.json}")
 WHEELS=${2:-${WHEELS:-../shared/wheels}}
 PY=${PYTHON:-python3}
-TESTS_LIMIT=${TESTS_LIMIT:-210}
+TESTS_LIMIT=${TESTS_LIMIT:-280}
 BENCH_LIMIT=${BENCH_LIMIT:-60}  # eager decode
-COMPILED_LIMIT=${COMPILED_LIMIT:-150}  # compiled decode: a 7B compiled at each batch bucket
+COMPILED_LIMIT=${COMPILED_LIMIT:-120}  # compiled decode: a 7B compiled at each batch bucket
 
 if ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
     echo "gpu_check: torch sees no CUDA GPU here" >&2

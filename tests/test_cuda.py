@@ -585,3 +585,40 @@ def test_fused_projections_on_the_gpu_give_the_separate_logits_and_no_second_cop
         with torch.inference_mode():
             logits.append(model(tokens[None], step))
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
+
+
+AUTO_SIZED_RUN = """
+import sys, torch
+from llama_gen.cli.main import main
+try:
+    main(sys.argv[1:])
+finally:
+    free, total = torch.cuda.mem_get_info()
+    print("peak", torch.cuda.max_memory_reserved(), "total", total, file=sys.stderr, flush=True)
+"""
+
+
+def test_peak_memory_after_auto_sizing_stays_within_the_utilization(tiny_checkpoints, tmp_path):
+    """A whole run on the GPU with --max_batch_size auto, --compile auto (CUDA graphs) and every
+    sampler control: torch's peak reserved memory stays within --gpu_memory_utilization of the
+    GPU (less what the CUDA context and other processes hold, which the plan also leaves out)."""
+    import json
+    import subprocess
+    import sys
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "word " * (3 + 17 * i)}) + "\n"
+                               for i in range(40)))
+    script = tmp_path / "run.py"
+    script.write_text(AUTO_SIZED_RUN)
+    utilization = 0.3
+    done = subprocess.run(
+        [sys.executable, str(script), "--ckpt_dir", str(ckpt), "--prompt_path", str(prompts),
+         "--out_path", str(tmp_path / "out.jsonl"), "--device", "cuda", "--max_gen_len", "40",
+         "--gpu_memory_utilization", str(utilization), "--temperature", "0.8", "--top_k", "40",
+         "--repetition_penalty", "1.2", "--logprobs", "--top_logprobs", "5"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [x for x in done.stderr.splitlines() if x.startswith("peak ")][-1].split()
+    peak, total = int(line[1]), int(line[3])
+    assert peak <= utilization * total, (peak / 2**30, total / 2**30)
