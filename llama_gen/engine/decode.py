@@ -70,10 +70,11 @@ class Decoder:
         if self.flex:
             raise_recompile_limit(2 * len(self.buckets))  # decode's wrapper and the model's
             attention = model.layers[0].attention
-            if not decode_kernel_takes(attention.n_local_heads // attention.n_local_kv_heads):
+            groups = attention.n_local_heads // attention.n_local_kv_heads
+            if not decode_kernel_takes(groups):
                 log.info("flex attention: %d query heads per key head is not a power of two, "
                          "which its decode kernel needs: decode takes its general kernel",
-                         attention.n_local_heads // attention.n_local_kv_heads)
+                         groups)
         self._compiled = None
 
     @property
