@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -64,3 +65,27 @@ def run_to_completion(job_args: list[str], nnodes: int = 2, nproc: int = 1) -> l
 def last_start_count(out: Path) -> int:
     """The samples the latest run set out to write, from its progress log."""
     return int(re.findall(r"start: (\d+) sample\(s\)", Path(f"{out}.log").read_text())[-1])
+
+
+# --replica_timeout, a heartbeat period, the merge, torchrun's shutdown
+SURVIVOR_BOUND_S = 60
+
+
+def kill_one_node(job: list[str], out: Path, rank: int) -> Node:
+    """Two nodes; once each replica has written a line, SIGKILL to the node of global `rank`.
+    Returns the other node, which must have exited, workers and all, within the bound."""
+    nodes = start_nodes(job)
+    try:
+        wait_for_lines_of_every_replica(nodes, out, replicas=2)
+        dead = node_of_rank(nodes, rank)
+        [survivor] = [node for node in nodes if node is not dead]
+        dead.kill()
+        try:
+            survivor.wait(timeout=SURVIVOR_BOUND_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the surviving node still runs {SURVIVOR_BOUND_S} s after the kill:\n"
+                        + survivor.stderr[-3000:])
+        assert survivor.live_workers() == [], "a surviving worker outlived its launcher"
+        return survivor
+    finally:
+        stop_all(nodes)

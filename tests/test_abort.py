@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from nodes import start_nodes, start_standalone, stop_all
-from replica_runs import done_keys, node_of_rank, part_lines, wait_for_lines_of_every_replica
+from nodes import start_standalone, stop_all
+from replica_runs import done_keys, kill_one_node, part_lines
 from runs import write_prompts
 
-SURVIVOR_BOUND_S = 60  # --replica_timeout, a heartbeat period, the merge, torchrun's shutdown
 RECORDS = [{"prompt": f"Prompt {i}: " + "la " * (i % 5)} for i in range(32)]
 ARGS = ["--temperature", "0", "--max_gen_len", "32", "--ignore_eos", "--num_samples", "2",
         "--max_batch_size", "2", "--max_seq_len", "80", "--model_parallel_size", "1"]
@@ -74,20 +73,7 @@ def test_a_survivor_of_a_lost_node_aborts_and_exits_with_its_lines_and_one_error
     out = tmp_path / "o.jsonl"
     job = ["--ckpt_dir", str(tiny_checkpoints[("llama3", 1)]), "--prompt_path", str(prompts),
            "--out_path", str(out), *ARGS, "--replica_timeout", "5"]
-    nodes = start_nodes(job)
-    try:
-        wait_for_lines_of_every_replica(nodes, out, replicas=2)
-        survivor = node_of_rank(nodes, 0)
-        [dead] = [node for node in nodes if node is not survivor]
-        dead.kill()
-        try:
-            survivor.wait(timeout=SURVIVOR_BOUND_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the surviving node still runs {SURVIVOR_BOUND_S} s after the kill:\n"
-                        + survivor.stderr[-3000:])
-        assert survivor.live_workers() == [], "a surviving worker outlived its launcher"
-    finally:
-        stop_all(nodes)
+    survivor = kill_one_node(job, out, rank=1)  # the node of rank 0 survives
     err = survivor.stderr
     assert GRACEFUL not in err, err
     assert "process group aborted, not destroyed" in err, err

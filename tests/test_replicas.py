@@ -10,15 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from nodes import LLAMA_GEN, Node, start_nodes, stop_all
-from replica_runs import (done_keys, last_start_count, node_of_rank, part_lines, run_to_completion,
-                          wait_for_lines_of_every_replica)
+from nodes import LLAMA_GEN
+from replica_runs import (done_keys, kill_one_node, last_start_count,
+                          part_lines, run_to_completion)
 from runs import read_output, write_prompts
 
 from llama_gen.engine.scheduler import ADMISSION_WINDOW_BATCHES
 
 REPLICA_TIMEOUT_S = 5
-SURVIVOR_BOUND_S = 60  # --replica_timeout, a heartbeat period, the merge, torchrun's shutdown
 TWO_NODE_RECORDS = [{"prompt": f"Prompt {i}: " + "la " * (i % 5)} for i in range(48)]
 TWO_NODE_ARGS = ["--temperature", "0", "--max_gen_len", "32", "--ignore_eos", "--num_samples",
                  "2", "--max_batch_size", "2", "--max_seq_len", "80"]
@@ -40,26 +39,6 @@ def two_node_job(tiny_checkpoints, tmp_path_factory):
     prompts = write_prompts(folder / "p.jsonl", TWO_NODE_RECORDS)
     args = ["--ckpt_dir", str(tiny_checkpoints[("llama3", 1)]), *TWO_NODE_ARGS]
     return prompts, args, one_process(prompts, folder / "uninterrupted.jsonl", args)
-
-
-def kill_one_node(job: list[str], out: Path, rank: int) -> Node:
-    """Two nodes; once each replica has written a line, SIGKILL to the node of global `rank`.
-    Returns the other node, which must have exited, workers and all, within the bound."""
-    nodes = start_nodes(job)
-    try:
-        wait_for_lines_of_every_replica(nodes, out, replicas=2)
-        dead = node_of_rank(nodes, rank)
-        [survivor] = [node for node in nodes if node is not dead]
-        dead.kill()
-        try:
-            survivor.wait(timeout=SURVIVOR_BOUND_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the surviving node still runs {SURVIVOR_BOUND_S} s after the kill:\n"
-                        + survivor.stderr[-3000:])
-        assert survivor.live_workers() == [], "a surviving worker outlived its launcher"
-        return survivor
-    finally:
-        stop_all(nodes)
 
 
 def assert_same_lines(out: Path, want: dict[tuple, dict]) -> None:

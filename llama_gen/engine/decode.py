@@ -108,7 +108,7 @@ class Decoder:
         b = self.bucket(n) if b is None else b
         self.stats.slot_steps += b
         self.stats.wasted_slot_steps += b - n
-        if b == n and not self.pads:
+        if b == n and not self.compile:  # no padding, and no fixed addresses needed: views
             table = None if self.table is None else BlockTable(self.table.blocks[:n],
                                                                self.table.place)
             return self.rows.next_token[:n], self.rows.position[:n], table
