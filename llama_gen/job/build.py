@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..model.args import ModelArgs
 from ..model.checkpoint import Checkpoint, check_model_parallel_size, find_shards, vocabulary_rows
 from ..model.layers import ParallelLayers
+from ..model.quantize import quantized_state
 from ..model.transformer import Transformer
 from ..runtime import distributed
 from ..runtime.distributed import Dist
@@ -99,26 +100,30 @@ def check_tokenizer_fits(ckpt_dir: Path, tokenizer: Tokenizer) -> None:
 
 
 def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dtype,
-               args: ModelArgs | None = None) -> Transformer:
+               args: ModelArgs | None = None, quantize: str | None = None,
+               quantize_head: bool = False) -> Transformer:
     """This rank's slice of the checkpoint's weights in a model on its device; `args` as
-    `read_model_args` gives them (read again where not given)."""
+    `read_model_args` gives them (read again where not given). --quantize int8 quantizes the
+    blocks' linear layers (and with --quantize_head the head) slice by slice as they load."""
     start = time.perf_counter()
     args = args or read_model_args(ckpt_dir, tokenizer)
     n_shards = len(find_shards(ckpt_dir))
     check_model_parallel_size(args, dist.model_parallel_size, n_shards)
     checkpoint = Checkpoint.open(ckpt_dir, args,
                                  vocab_parallel_if_unsplit=tokenizer.kind == "tiktoken")
-    model = Transformer(args, ParallelLayers(checkpoint.embedding_split_dim == 0))
-    state = checkpoint.state_dict_for(dist.model_parallel_rank, dist.model_parallel_size,
-                                      dist.device, dtype)
+    int8 = quantize == "int8"
+    model = Transformer(args, ParallelLayers(checkpoint.embedding_split_dim == 0, int8=int8,
+                                             int8_head=int8 and quantize_head))
+    state = quantized_state(model, checkpoint.slices(dist.model_parallel_rank,
+                                                     dist.model_parallel_size), dist.device, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the weights now: fusing frees each separate one
     model.fuse()
     model.requires_grad_(False).eval()
     if dist.rank == 0:
-        log.info("loaded %s (%d shard(s), model parallel %d, %s) in %.1fs", ckpt_dir, n_shards,
-                 dist.model_parallel_size, str(dtype).removeprefix("torch."),
-                 time.perf_counter() - start)
+        log.info("loaded %s (%d shard(s), model parallel %d, %s%s) in %.1fs", ckpt_dir,
+                 n_shards, dist.model_parallel_size, str(dtype).removeprefix("torch."),
+                 f", {quantize} weights" if quantize else "", time.perf_counter() - start)
     return model
 
 
@@ -218,7 +223,8 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
         sizing = Sizing(batch, tokens)
         log_sizing(settings, model, dist, sizing, None, block)
         return sizing
-    shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len, block)
+    shape = run_shape(model.args, dist, model.tok_embeddings.weight.dtype, settings.max_seq_len,
+                      block)
     distributed.open_communicators(dist.device)  # their memory is in use before it is measured
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     room = budget - sum(fixed_working_bytes(shape).values())
@@ -270,7 +276,7 @@ def log_sizing(settings: JobSettings, model: Transformer, dist: Dist, sizing: Si
     from."""
     if dist.rank != 0:
         return
-    shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len)
+    shape = run_shape(model.args, dist, model.tok_embeddings.weight.dtype, settings.max_seq_len)
     tokens = sizing.kv_cache_tokens or sizing.max_batch_size * settings.max_seq_len
     source = ("--kv_cache_tokens" if settings.kv_cache_tokens is not None else
               "a full --max_seq_len each" if budget is None else

@@ -7,6 +7,7 @@ so a checkpoint of n shards runs at any model-parallel size whose slices fall on
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,20 +130,25 @@ class Checkpoint:
             _check_shard(path, shard, expected, embedding_dim, n)
         return cls(shards, embedding_dim)
 
-    def state_dict_for(self, mp_rank: int, mp_size: int, device: torch.device,
-                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """This rank's slice of every weight, resharded from however many shards there are."""
-        state = {}
+    def slices(self, mp_rank: int, mp_size: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, this rank's CPU slice) for every weight, one at a time, resharded from however
+        many shards there are: a loader may convert or quantize each and drop it before the
+        next is read."""
         for key in self.shards[0]:
             if key in IGNORED_KEYS:
                 continue
             dim = split_dim(key, self.embedding_split_dim)
             if dim is None:
-                tensor = self.shards[0][key]
+                yield key, self.shards[0][key]
             else:
-                tensor = _slice_across_shards([s[key] for s in self.shards], dim, mp_rank, mp_size)
-            state[key] = tensor.to(device=device, dtype=dtype)
-        return state
+                yield key, _slice_across_shards([s[key] for s in self.shards], dim, mp_rank,
+                                                mp_size)
+
+    def state_dict_for(self, mp_rank: int, mp_size: int, device: torch.device,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """This rank's slice of every weight on `device` in `dtype`."""
+        return {key: tensor.to(device=device, dtype=dtype)
+                for key, tensor in self.slices(mp_rank, mp_size)}
 
 
 def _slice_across_shards(pieces: list[torch.Tensor], dim: int, rank: int, size: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 Measured speeds are in docs/benchmarks.md; these docstrings keep the reasons."""
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -60,3 +61,48 @@ class PackedWeight:
                         type(e).__name__, e)
             self.enabled = False
             return linear(x, weight)
+
+
+# Rows of x up to which eager CUDA takes torch's int8 kernel, where it has one: it computes in
+# float32 on CUDA cores, one output at a time, which suits a decode step's few rows; a prefill's
+# many rows multiply dequantized row blocks of the weight on the tensor cores instead.
+INT8_KERNEL_ROWS = 16
+DEQUANTIZED_BLOCK_ELEMENTS = 2**22  # at most this much of a weight in full precision at once
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (weight * scales[:, None]).T for an int8 `weight` (out, in) with one scale per output
+    row, in x's dtype, without a full-precision copy of the weight: on the CPU torch's kernel
+    (`torch._weight_int8pack_mm`, every dtype); compiled, the pattern inductor fuses (it casts
+    inside its product, or lowers the pattern to the same kernel); eagerly elsewhere the
+    kernel for a few rows where torch has one, else blocks of dequantized rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    shape = (*x.shape[:-1], weight.shape[0])
+    if x.device.type == "cpu":
+        return torch._weight_int8pack_mm(rows.contiguous(), weight, scales).view(shape)
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight.to(x.dtype)) * scales
+    if rows.shape[0] <= INT8_KERNEL_ROWS and has_int8_kernel(x.device.type):
+        return torch._weight_int8pack_mm(rows.contiguous(), weight, scales).view(shape)
+    return dequantized_blocks_linear(rows, weight, scales).view(shape)
+
+
+def dequantized_blocks_linear(rows: torch.Tensor, weight: torch.Tensor,
+                              scales: torch.Tensor) -> torch.Tensor:
+    """`int8_linear` of 2-D `rows` by blocks of the weight's rows, each dequantized to the
+    rows' dtype for one full-precision product: the weight is never whole in full precision."""
+    out = rows.new_empty(rows.shape[0], weight.shape[0])
+    step = max(1, DEQUANTIZED_BLOCK_ELEMENTS // weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        block = slice(start, start + step)
+        torch.mul(F.linear(rows, weight[block].to(rows.dtype)), scales[block],
+                  out=out[:, block])
+    return out
+
+
+@functools.cache
+def has_int8_kernel(device_type: str) -> bool:
+    """Whether this torch has `_weight_int8pack_mm` for the device (CUDA's came after 2.8)."""
+    key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "aten::_weight_int8pack_mm", key)

@@ -167,7 +167,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = layers.embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, layers) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = layers.column(args.dim, args.vocab_size, gather_output=True, packed=True)
+        self.output = layers.head(args.dim, args.vocab_size)
 
     def fuse(self) -> None:
         """Stack each block's q, k, v and its FFN's w1, w3 weights into one per block
@@ -187,7 +187,7 @@ class Transformer(nn.Module):
         graphs of a compiled decode step, recorded with its address, need not be recorded
         again. Paged reads take flex attention on GPUs and gather blocks on the CPU
         (`paged_reads`)."""
-        weight = self.output.weight
+        weight = self.tok_embeddings.weight  # in the model's dtype, whatever --quantize does
         blocks, block_size = (slots, max_seq_len) if blocks is None else (blocks, block_size)
         for layer in self.layers:
             attn = layer.attention
@@ -228,7 +228,7 @@ class Transformer(nn.Module):
         else:
             key_positions = torch.arange(kv_len, device=device)
             mask = torch.zeros(positions.shape + (kv_len,), device=device,
-                               dtype=self.output.weight.dtype)  # (B, T, L)
+                               dtype=self.tok_embeddings.weight.dtype)  # (B, T, L)
             mask.masked_fill_(key_positions > positions[:, :, None], float("-inf"))
             mask = mask.unsqueeze(1)
         if every_token:

@@ -302,6 +302,12 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of `x` over the model-parallel group, in place."""
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=model_parallel_group())
+    return x
+
+
 def open_communicators(device: torch.device) -> None:
     """Make the model-parallel group's communicators now, so that memory measured next counts
     them: NCCL creates a communicator (and its buffers, hundreds of MiB) at a group's first
