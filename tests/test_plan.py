@@ -173,7 +173,7 @@ def test_help_lists_plan_and_its_flags():
     assert "plan" in main.split("commands:")[1]
     text = run_plan("--help").stdout
     assert "--gpu_memory STR" in text and "--nproc INT" in text and "--prompt_path" not in text
-    assert all(f"--{name} " in text for name in RUN_MEMORY_SETTINGS)
+    assert all(f"--{name} " in text or f"--{name}\n" in text for name in RUN_MEMORY_SETTINGS)
 
 
 def test_plan_takes_the_runs_memory_settings_as_the_run_defines_them():

@@ -146,7 +146,7 @@ def test_per_record_settings():
 def test_output_defining_holds_exactly_the_settings_that_change_a_finished_line(tmp_path):
     assert set(OUTPUT_DEFINING) == {*PER_RECORD, "prompt_key", "id_key", "completion_key",
                                     "logprobs", "top_logprobs", "echo", "keep_special_tokens",
-                                    "chat", "chat_format"}
+                                    "chat", "chat_format", "quantize", "quantize_head"}
     for runtime in ("max_seq_len", "max_batch_size", "device", "scheduler", "compile",
                     "model_parallel_size", "logging_path"):
         assert runtime not in OUTPUT_DEFINING

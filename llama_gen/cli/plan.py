@@ -27,7 +27,8 @@ DEFAULT_DTYPE = "bf16"  # a run's default on GPUs that have bf16
 MEMORY_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 # The run's settings that decide its memory, as the run defines them.
 RUN_MEMORY_SETTINGS = ("ckpt_dir", "tokenizer_path", "max_seq_len", "max_batch_size", "dtype",
-                       "model_parallel_size", "gpu_memory_utilization", "kv_cache_tokens")
+                       "model_parallel_size", "gpu_memory_utilization", "kv_cache_tokens",
+                       "quantize", "quantize_head")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +119,7 @@ class Plan:
     ckpt_dir: str
     parameters: int
     dtype: str
+    quantize: str | None  # --quantize: the blocks' weights in int8
     nproc: int
     model_parallel_size: int
     gpu_memory: int
@@ -215,6 +217,10 @@ def advice(shape: Shape, usable: int, batch: int | None, kv_cache_tokens: int | 
         half = fits(replace(shape, dtype_bytes=2))
         out.append("--dtype bf16 (fp16 on GPUs without bf16) halves the weights and the cache"
                    + (": it fits" if half else ", not enough alone"))
+    if shape.quantize is None:
+        int8 = fits(replace(shape, quantize="int8"))
+        out.append("--quantize int8 stores the blocks' weights in a byte per parameter"
+                   + (": it fits" if int8 else ", not enough alone"))
     return out
 
 
@@ -276,7 +282,8 @@ def make_plan(settings: PlanSettings) -> Plan:
     gpu_memory = gpu_memory_bytes(settings)
     usable = int(gpu_memory * settings.gpu_memory_utilization)
     checkpoint, notes = checkpoint_notes(args, sizes)
-    shape = Shape(args, mp, DTYPES[dtype][1], 1)
+    shape = Shape(args, mp, DTYPES[dtype][1], 1, quantize=settings.quantize,
+                  quantize_head=settings.quantize_head)
     shape = replace(shape, max_seq_len=planned_seq_len(settings, shape, usable, notes))
     batch, given_tokens = settings.max_batch_size, settings.kv_cache_tokens
     check_cache_tokens(given_tokens, shape)
@@ -289,7 +296,7 @@ def make_plan(settings: PlanSettings) -> Plan:
                      "that have it")
     tokens = sizing.kv_cache_tokens if sizing else None
     return Plan(ckpt_dir=str(settings.ckpt_dir), parameters=parameter_count(args), dtype=dtype,
-                nproc=nproc, model_parallel_size=mp, gpu_memory=gpu_memory, usable=usable,
+                quantize=settings.quantize, nproc=nproc, model_parallel_size=mp, gpu_memory=gpu_memory, usable=usable,
                 max_seq_len=shape.max_seq_len,
                 max_batch_size=sizing.max_batch_size if sizing else batch or 1,
                 auto_batch=batch is None, kv_cache_tokens=tokens,
@@ -312,7 +319,8 @@ def batch_words(plan: Plan) -> str:
 def plan_text(plan: Plan) -> str:
     """The plan as a small table for people."""
     copies = plan.nproc // plan.model_parallel_size
-    lines = [f"{plan.ckpt_dir}: {plan.parameters / 1e9:.2f}B parameters, {plan.dtype}, "
+    weights = f"{plan.dtype} ({plan.quantize} weights)" if plan.quantize else plan.dtype
+    lines = [f"{plan.ckpt_dir}: {plan.parameters / 1e9:.2f}B parameters, {weights}, "
              f"{plan.nproc} GPU(s) of {gib(plan.gpu_memory)} GiB, model parallel "
              f"{plan.model_parallel_size} ({copies} model cop{'y' if copies == 1 else 'ies'})",
              f"--max_batch_size {batch_words(plan)} x --max_seq_len {plan.max_seq_len}; KV "

@@ -69,11 +69,27 @@ def parameter_count(args: ModelArgs) -> int:
     return sum(numel for numel, _ in weight_sizes(args))
 
 
-def weight_bytes(args: ModelArgs, mp_size: int, dtype_bytes: int) -> int:
+def weight_bytes(args: ModelArgs, mp_size: int, dtype_bytes: int, quantize: str | None = None,
+                 quantize_head: bool = False) -> int:
     """One rank's weights: 1/mp_size of every split weight, and the whole of the replicated
-    ones."""
-    return sum(numel // mp_size if split else numel
-               for numel, split in weight_sizes(args)) * dtype_bytes
+    ones. With --quantize int8 the blocks' linear weights (and the head's, with
+    --quantize_head) take a byte per element and a scale in the model's dtype per row this
+    rank holds: a column-parallel layer's 1/mp_size of the rows, a row-parallel layer's all."""
+    if quantize is None:
+        return sum(numel // mp_size if split else numel
+                   for numel, split in weight_sizes(args)) * dtype_bytes
+    from ..model.checkpoint import full_shapes, split_dim
+    from ..model.quantize import quantized_key
+    total = 0
+    for key, shape in full_shapes(args).items():
+        dim = split_dim(key, 0)
+        elements = math.prod(shape) // (1 if dim is None else mp_size)
+        if not quantized_key(key, quantize_head):
+            total += elements * dtype_bytes
+            continue
+        rows = shape[0] // mp_size if dim == 0 else shape[0]
+        total += elements + rows * dtype_bytes
+    return total
 
 
 def kv_bytes_per_token(args: ModelArgs, mp_size: int, dtype_bytes: int) -> int:
@@ -105,6 +121,13 @@ class Shape:
     max_seq_len: int
     overhead: int = CUDA_CONTEXT_BYTES  # the device's own (the CUDA context); 0 on the CPU
     block_size: int = KV_BLOCK_TOKENS  # positions per KV block: the cache is whole blocks
+    quantize: str | None = None  # --quantize: int8 weights (`weight_bytes`)
+    quantize_head: bool = False
+
+    @property
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.args, self.mp_size, self.dtype_bytes, self.quantize,
+                            self.quantize_head)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -165,7 +188,7 @@ def memory_at(shape: Shape, batch: int, kv_cache_tokens: int | None = None) -> d
     if kv_cache_tokens is not None:
         slots["KV cache"] = kv_cache_tokens * shape.kv_bytes_per_token
     return {"CUDA context (allowance)": shape.overhead,
-            "weights": weight_bytes(shape.args, shape.mp_size, shape.dtype_bytes),
+            "weights": shape.weight_bytes,
             **fixed_working_bytes(shape), **slots}
 
 
@@ -173,7 +196,7 @@ def cache_room(shape: Shape, usable: int) -> int:
     """Bytes of `usable` left for the KV cache and the slots' working memory, beside the
     device's overhead, the weights and the fixed working memory (negative where they do not
     fit)."""
-    return (usable - shape.overhead - weight_bytes(shape.args, shape.mp_size, shape.dtype_bytes)
+    return (usable - shape.overhead - shape.weight_bytes
             - sum(fixed_working_bytes(shape).values()))
 
 

@@ -198,7 +198,8 @@ def resolve_max_seq_len(settings: JobSettings, args: ModelArgs, dist: Dist,
         paged=on_gpu and not settings.full_length_slots)
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     length, why = distributed.broadcast_from_rank0(
-        context_default(run_shape(args, dist, dtype, 1), budget, slots, sequences))
+        context_default(replace(run_shape(args, dist, dtype, 1), quantize=settings.quantize,
+                                quantize_head=settings.quantize_head), budget, slots, sequences))
     if length is None:
         raise UserError(f"{why} (`llama-gen plan` shows the memory per GPU): pass a "
                         "--max_seq_len that fits, use more GPUs or a 16-bit --dtype")

@@ -62,7 +62,8 @@ def run_job(settings: JobSettings) -> None:
                           args.context_length)
         model = sizing = None
         if prepared.runs_model:
-            model = load_model(settings.ckpt_dir, tokenizer, dist, dtype, args)
+            model = load_model(settings.ckpt_dir, tokenizer, dist, dtype, args,
+                               settings.quantize, settings.quantize_head)
             sizing = size_cache(task.settings, model, dist)
         feed = RequestFeed(task, prepared.done, dist, results.writer, stop,
                            results.replicas if dist.is_model_parallel_leader else None,

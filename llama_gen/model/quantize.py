@@ -22,6 +22,13 @@ BLOCK_LAYERS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
 HEAD = "output"
 
 
+def quantized_key(key: str, quantize_head: bool) -> bool:
+    """Whether --quantize int8 stores the checkpoint's weight `key` in int8."""
+    layer = key.removesuffix(".weight")
+    return layer.endswith(BLOCK_LAYERS) if layer.startswith("layers.") else (
+        quantize_head and layer == HEAD)
+
+
 def quantize_rows(weight: torch.Tensor, row_absmax: torch.Tensor,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, scales in `dtype`) for `weight` (out, in) with each row's max|w| over the
