@@ -36,17 +36,18 @@ def quantize_rows(weight: torch.Tensor, row_absmax: torch.Tensor,
 
     The scale is rounded to `dtype` before dividing, so q * scale is what the product computes.
     bf16 rounds a scale by at most 2^-9 of itself, so |w| / scale stays under 127.5 and round()
-    never passes 127: the clamp only guards. An all-zero row gets the smallest scale, and
-    zeros."""
+    never passes 127: the clamp only guards. A scale is at least the dtype's smallest normal
+    number (fp16: 6.1e-5, so rows whose max|w| is under 0.0078 round coarser, within the same
+    bound), and an all-zero row is zeros."""
     scales = (row_absmax.float() / INT8_MAX).clamp_min(torch.finfo(dtype).tiny).to(dtype)
     quantized = weight.to(torch.float32, copy=True).div_(scales.float()[:, None]).round_()
     return quantized.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scales
 
 
 def dequantize(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The full-precision weight an int8 one stands for (tests and checks; never on the hot
-    path)."""
-    return weight.to(scales.dtype) * scales[:, None]
+    """The float32 weight an int8 one stands for, exactly (a 7-bit integer times a 16-bit
+    scale fits float32's mantissa); for tests and checks, never on the hot path."""
+    return weight.float() * scales.float()[:, None]
 
 
 def int8_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -73,7 +74,7 @@ def _loaded(layers: dict[str, nn.Module], slices: Iterable[tuple[str, torch.Tens
         if layer is None:
             yield key, tensor.to(device=device, dtype=dtype)
             continue
-        weight = tensor.to(device=device)  # in the checkpoint's dtype; float32 row by row
+        weight = tensor.to(device=device)  # in the checkpoint's dtype: no float32 copy yet
         quantized, scales = quantize_rows(weight, layer.row_absmax(weight), dtype)
         del weight
         yield key, quantized
