@@ -75,6 +75,7 @@ from llama_gen.model import kernels
 from llama_gen.model.args import ModelArgs
 from llama_gen.model.checkpoint import EMBEDDING_KEY, full_shapes
 from llama_gen.model.layers import ParallelLayers
+from llama_gen.model.quantize import quantized_state
 from llama_gen.model.transformer import Transformer
 from llama_gen.runtime import distributed
 from llama_gen.testing.tiny import random_weights
@@ -168,16 +169,18 @@ def device_random_weights(args: ModelArgs, device: torch.device, dtype: torch.dt
 
 
 def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype,
-                on_device: bool = False) -> Transformer:
+                on_device: bool = False, quantize: str | None = None) -> Transformer:
     """A random-weight model: with `on_device` its weights are drawn on the device; else drawn
-    on the CPU in float32 (`random_weights`, whose tokens earlier runs recorded) and copied."""
-    model = Transformer(args, ParallelLayers())  # its weights wait on the meta device
+    on the CPU in float32 (`random_weights`, whose tokens earlier runs recorded) and copied.
+    `quantize` int8: the blocks' linear weights quantized as `llama-gen --quantize int8` does,
+    one at a time as they are handed over."""
+    model = Transformer(args, ParallelLayers(int8=quantize == "int8"))  # weights on meta
     if on_device:
         weights = device_random_weights(args, device, dtype)
     else:
         weights = {k: v.to(device=device, dtype=dtype) for k, v in random_weights(args).items()}
-    model.load_state_dict(weights, strict=True, assign=True)
-    del weights
+    handed = ((key, weights.pop(key)) for key in list(weights))
+    model.load_state_dict(quantized_state(model, handed, device, dtype), strict=True, assign=True)
     model.fuse()
     return model.requires_grad_(False).eval()
 
@@ -734,7 +737,8 @@ def main(mode: str | None = None, preset: str | None = None, n_prompts: int | No
          temperature: float = 0.8, top_p: float = 0.95, dtype: str | None = None,
          device: str = "cpu", schedulers: str | None = None, ctranslate2: bool | None = None,
          seed: int = 0, hbm_gbps: float | None = None, max_seq_len: int | None = None,
-         kv_budget: int | None = None, block_sizes: str = "16,128") -> None:
+         kv_budget: int | None = None, block_sizes: str = "16,128",
+         quantize: str = "none") -> None:
     """`mode`: generate (the default on the CPU), context, score, roofline (the default on
     CUDA) or budget. `preset`, `dtype`, `batch`, `n_prompts`, `min_len`, `max_len` (prompt
     lengths), `max_gen_len`, `stop_rate` and `schedulers` default to the mode's
@@ -744,7 +748,8 @@ def main(mode: str | None = None, preset: str | None = None, n_prompts: int | No
     same weights to greedy generation (default: if it is installed). `--temperature 0`:
     greedy. Roofline: `batch` lists the batch sizes, `hbm_gbps` the device's memory bandwidth.
     Budget: `max_seq_len` (4096), `kv_budget` in tokens (16 x max_seq_len), `block_sizes`
-    paged, `min_gen_len` to `max_gen_len` generated."""
+    paged, `min_gen_len` to `max_gen_len` generated. `quantize`: none, int8 (the blocks' weights,
+    as `--quantize int8`), or none,int8 to run the mode on each, one after the other."""
     mode = mode or ("roofline" if str(device).startswith("cuda") else "generate")
     if mode not in MODE_DEFAULTS:
         raise SystemExit(f"unknown mode {mode!r}: generate, context, score, roofline or "
@@ -758,17 +763,19 @@ def main(mode: str | None = None, preset: str | None = None, n_prompts: int | No
     dist = distributed.init_distributed(1, device=device)
     bandwidth = hbm_bandwidth(dist.device, hbm_gbps) if mode == "roofline" else None
     on_device = mode == "roofline" or dist.device.type != "cpu"
-    model = build_model(ModelArgs.from_params(PRESETS[w["preset"]]), dist.device,
-                        DTYPES[w["dtype"]], on_device)
-    print(f"model {w['preset']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"params, {w['dtype']}) on {dist.device} with {torch.get_num_threads()} threads; "
-          f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f}"
-          " MiB")
     flags = {"min_gen_len": min_gen_len, "temperature": temperature,
              "top_p": top_p, "ctranslate2": ctranslate2, "seed": seed, "bandwidth": bandwidth,
              "max_seq_len": max_seq_len, "kv_budget": kv_budget,
              "block_sizes": listed(block_sizes, int)}
-    run_mode(mode, model, w, flags)
+    for kind in listed(quantize):
+        model = build_model(ModelArgs.from_params(PRESETS[w["preset"]]), dist.device,
+                            DTYPES[w["dtype"]], on_device, None if kind == "none" else kind)
+        print(f"model {w['preset']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+              f"params, {w['dtype']}{'' if kind == 'none' else f', {kind} blocks'}) on "
+              f"{dist.device} with {torch.get_num_threads()} threads; weights "
+              f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.0f} MiB")
+        run_mode(mode, model, w, flags)
+        del model
     distributed.shutdown()
 
 

@@ -74,16 +74,18 @@ def test_each_weight_rounds_to_within_half_its_rows_scale():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_int8_product_is_the_dequantized_product(dtype, monkeypatch):
-    """torch's int8 kernel on the CPU, and the dequantized row blocks eager CUDA takes for a
-    prefill (here in blocks of 16 rows), equal x @ dequantized.T to the dtype's rounding; for
-    a 3-D x and a transposed view too (the CPU's `linear` returns those)."""
+    """`int8_linear` (torch's int8 kernel for bf16 and a few float32 rows, dequantized row
+    blocks for more float32 rows) and the dequantized row blocks alone (here 16 rows a block)
+    equal x @ dequantized.T to the dtype's rounding; for a 3-D x and a transposed view too
+    (the CPU's `linear` returns those)."""
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(80, 96, generator=gen) / 10
     q, scales = quantize_rows(weight, weight.abs().amax(dim=1), dtype)
     want_weight = dequantize(q, scales)
     monkeypatch.setattr(kernels, "DEQUANTIZED_BLOCK_ELEMENTS", 16 * 96)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    for x in (torch.randn(2, 5, 96, generator=gen), torch.randn(96, 7, generator=gen).T):
+    for x in (torch.randn(1, 96, generator=gen), torch.randn(2, 5, 96, generator=gen),
+              torch.randn(96, 7, generator=gen).T):
         x = x.to(dtype)
         want = (x.float() @ want_weight.T)
         got = int8_linear(x, q, scales)

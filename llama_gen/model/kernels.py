@@ -63,26 +63,29 @@ class PackedWeight:
             return linear(x, weight)
 
 
-# Rows of x up to which eager CUDA takes torch's int8 kernel, where it has one: it computes in
-# float32 on CUDA cores, one output at a time, which suits a decode step's few rows; a prefill's
-# many rows multiply dequantized row blocks of the weight on the tensor cores instead.
-INT8_KERNEL_ROWS = 16
+# Rows of x up to which torch's int8 kernel is the fastest product where it loops over rows:
+# in float32 on the CPU (torch 2.13: a 7B FFN weight takes it 70 ms a row, dequantized blocks
+# 100-250 ms for 1-16 rows; scripts/bench_int8.py), and on CUDA, whose kernel computes in
+# float32 on CUDA cores (not measured: a GPU check should). Beyond them, dequantized row blocks
+# multiply on the full-precision product's kernel. The CPU's bf16 and fp16 kernel is the fastest
+# at every row count measured (1 and 32), faster than bf16's own product.
+INT8_KERNEL_ROWS = 4
 DEQUANTIZED_BLOCK_ELEMENTS = 2**22  # at most this much of a weight in full precision at once
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x @ (weight * scales[:, None]).T for an int8 `weight` (out, in) with one scale per output
-    row, in x's dtype, without a full-precision copy of the weight: on the CPU torch's kernel
-    (`torch._weight_int8pack_mm`, every dtype); compiled, the pattern inductor fuses (it casts
-    inside its product, or lowers the pattern to the same kernel); eagerly elsewhere the
-    kernel for a few rows where torch has one, else blocks of dequantized rows."""
+    row, in x's dtype, without a full-precision copy of the weight: torch's kernel
+    (`torch._weight_int8pack_mm`) where it is the fastest (`INT8_KERNEL_ROWS`); compiled on a
+    GPU, the pattern inductor fuses (it casts inside its product, or lowers the pattern to the
+    same kernel); else blocks of dequantized rows."""
     rows = x.reshape(-1, x.shape[-1])
     shape = (*x.shape[:-1], weight.shape[0])
-    if x.device.type == "cpu":
-        return torch._weight_int8pack_mm(rows.contiguous(), weight, scales).view(shape)
-    if torch.compiler.is_compiling():
+    cpu = x.device.type == "cpu"
+    if torch.compiler.is_compiling() and not cpu:
         return F.linear(x, weight.to(x.dtype)) * scales
-    if rows.shape[0] <= INT8_KERNEL_ROWS and has_int8_kernel(x.device.type):
+    if (cpu and x.dtype != torch.float32) or (
+            rows.shape[0] <= INT8_KERNEL_ROWS and has_int8_kernel(x.device.type)):
         return torch._weight_int8pack_mm(rows.contiguous(), weight, scales).view(shape)
     return dequantized_blocks_linear(rows, weight, scales).view(shape)
 
