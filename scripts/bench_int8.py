@@ -6,15 +6,17 @@
 `--part products` times one layer's product x @ W.T at `rows` rows of x (1 and 32: a decode
 step's batch) for each way of multiplying by an int8 weight, at stories15M's shapes and a 7B's
 FFN: the model dtype's product (`kernels.linear`), torch's int8 kernel
-(`torch._weight_int8pack_mm`, what `int8_linear` runs on the CPU), the dequantize-then-multiply
-pattern eagerly (`F.linear(x, w.to(dtype)) * s`, a full-precision copy of W per call) and
-compiled (what inductor makes of it), and the dequantized row blocks eager CUDA takes for a
-prefill (`dequantized_blocks_linear`), and `int8_linear`'s choice among them. Microseconds per product, medians of `repeats` timings.
+(`torch._weight_int8pack_mm`), the dequantize-then-multiply pattern eagerly
+(`F.linear(x, w.to(dtype)) * s`, a full-precision copy of W per call) and compiled (what
+inductor makes of it), the dequantized row blocks (`dequantized_blocks_linear`), and
+`int8_linear`, which picks among them (`kernels.INT8_KERNEL_ROWS`). Microseconds
+per product, medians of `repeats` timings.
 
 `--part decode` runs a stories15M-shaped model through the engine (bench.py's `decode_timing`:
 `batch` prompts of 32-64 tokens, 64 tokens generated each) in the model dtype and with int8
-blocks, as ABBA pairs (dtype, int8, int8, dtype, ...), and prints decode tok/s for each run and
-the medians, with their ratio.
+blocks, as ABBA pairs (dtype, int8, int8, dtype, ...), and prints each run's generated tok/s
+(over its whole run, prefill included: a difference of two timings is too noisy on a shared
+machine) and the medians, with their ratio.
 """
 from __future__ import annotations
 
@@ -86,10 +88,9 @@ def decode(dtypes: list[str], batches: list[int], pairs: int, preset: str) -> No
             for i in range(pairs):
                 for kind in ((None, "int8") if i % 2 == 0 else ("int8", None)):
                     r = decode_timing(models[kind], "continuous", requests)
-                    seconds = max(r["whole"] - r["first"], 1e-9)
-                    rates[kind].append(batch * (r["gen_len"] - 1) / seconds)
+                    rates[kind].append(batch * r["gen_len"] / r["whole"])
             base, int8 = (statistics.median(rates[k]) for k in (None, "int8"))
-            print(f"{preset} {dtype_name} batch {batch}: decode tok/s {dtype_name} "
+            print(f"{preset} {dtype_name} batch {batch}: tok/s {dtype_name} "
                   f"{[round(v, 1) for v in rates[None]]} median {base:.1f}; int8 "
                   f"{[round(v, 1) for v in rates['int8']]} median {int8:.1f}; "
                   f"int8 / {dtype_name} {int8 / base:.2f}x", flush=True)

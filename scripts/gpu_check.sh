@@ -2,8 +2,9 @@
 # llama-gen's GPU check, for anyone with a CUDA GPU for a few minutes: the CUDA tests (compiled
 # decode in a fresh process, the decode kernel, compile counts, whole-step syncs, GPU against
 # CPU), then the decode benchmark (a 7B-shaped bf16 model at batch 1 and 64, eager and
-# compiled, against the HBM roofline). Every result goes into one JSON file. Under 8 minutes
-# on one H100: each phase has its own time limit.
+# compiled, against the HBM roofline; then the same with --quantize int8's weights). Every
+# result goes into one JSON file. Under 11 minutes on one H100: each phase has its own time
+# limit.
 #
 #   scripts/gpu_check.sh [OUT.json] [WHEELS_DIR]
 #
@@ -18,6 +19,7 @@ PY=${PYTHON:-python3}
 TESTS_LIMIT=${TESTS_LIMIT:-280}
 BENCH_LIMIT=${BENCH_LIMIT:-60}  # eager decode
 COMPILED_LIMIT=${COMPILED_LIMIT:-120}  # compiled decode: a 7B compiled at each batch bucket
+INT8_LIMIT=${INT8_LIMIT:-180}  # int8 weights, eager and compiled
 
 if ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
     echo "gpu_check: torch sees no CUDA GPU here" >&2
@@ -41,13 +43,16 @@ timeout "$TESTS_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_c
 tests_rc=$?
 tests_s=$(( $(date +%s) - start ))
 
-bench() {  # name, time limit, scheduler
-    local start=$(date +%s)
-    timeout "$2" "$PY" scripts/bench.py --device cuda --schedulers "$3" >"$WORK/$1.txt" 2>&1
-    echo "$? $(( $(date +%s) - start ))" >"$WORK/$1.rc"
+bench() {  # name, time limit, schedulers, bench.py's other flags
+    local name=$1 limit=$2 schedulers=$3 start=$(date +%s)
+    shift 3
+    timeout "$limit" "$PY" scripts/bench.py --device cuda --schedulers "$schedulers" "$@" \
+        >"$WORK/$name.txt" 2>&1
+    echo "$? $(( $(date +%s) - start ))" >"$WORK/$name.rc"
 }
 bench eager "$BENCH_LIMIT" continuous
 bench compiled "$COMPILED_LIMIT" compiled
+bench int8 "$INT8_LIMIT" continuous,compiled --quantize int8
 
 "$PY" - "$OUT" "$WORK" "$tests_rc" "$tests_s" <<'EOF'
 """Gather the phases' results into one JSON file."""
@@ -84,7 +89,7 @@ report = {
               "cases": tests,
               "output_tail": (work / "tests.txt").read_text(errors="replace")[-6000:]},
 }
-for name in ("eager", "compiled"):
+for name in ("eager", "compiled", "int8"):
     rc, seconds = map(int, (work / f"{name}.rc").read_text().split())
     report[f"bench_{name}"] = {"exit_code": rc, "timed_out": rc == 124, "seconds": seconds,
                                "output": (work / f"{name}.txt").read_text(errors="replace")[-8000:]}
@@ -92,5 +97,6 @@ for name in ("eager", "compiled"):
 out.write_text(json.dumps(report, indent=1))
 print(f"gpu_check: {report['device']}, torch {report['torch']}: tests {report['tests']['counts']} "
       f"in {tests_s} s (exit {tests_rc}); bench exits "
-      f"{report['bench_eager']['exit_code']}, {report['bench_compiled']['exit_code']} -> {out}")
+      f"{report['bench_eager']['exit_code']}, {report['bench_compiled']['exit_code']}, "
+      f"{report['bench_int8']['exit_code']} -> {out}")
 EOF

@@ -24,6 +24,17 @@ def test_layers_hold_this_rank_slice_in_meta_layout():
     assert (vocab.vocab_start_index, vocab.vocab_end_index) == (48, 96)
 
 
+def test_int8_layers_hold_int8_weights_and_a_scale_per_row_they_hold():
+    """Rank 1 of 2 in int8: a column layer holds half the rows and their scales; a row layer
+    holds every row, half of each, and every row's scale (scales come from whole rows)."""
+    column = ColumnParallelLinear(64, 32, parts=2, int8=True)
+    row = RowParallelLinear(32, 64, parts=2, int8=True)
+    assert (column.weight.shape, column.scales.shape) == ((16, 64), (16,))
+    assert (row.weight.shape, row.scales.shape) == ((64, 16), (64,))
+    assert column.weight.dtype == row.weight.dtype == torch.int8
+    assert ColumnParallelLinear(64, 32, parts=2).scales is None
+
+
 def test_a_built_model_takes_no_memory_until_the_checkpoint_fills_it(single_process):
     """Every weight a checkpoint holds but the norms' starts on the meta device (no memory, no
     time however large the model), so loading never holds two copies."""

@@ -296,7 +296,8 @@ def make_plan(settings: PlanSettings) -> Plan:
                      "that have it")
     tokens = sizing.kv_cache_tokens if sizing else None
     return Plan(ckpt_dir=str(settings.ckpt_dir), parameters=parameter_count(args), dtype=dtype,
-                quantize=settings.quantize, nproc=nproc, model_parallel_size=mp, gpu_memory=gpu_memory, usable=usable,
+                quantize=settings.quantize, nproc=nproc, model_parallel_size=mp,
+                gpu_memory=gpu_memory, usable=usable,
                 max_seq_len=shape.max_seq_len,
                 max_batch_size=sizing.max_batch_size if sizing else batch or 1,
                 auto_batch=batch is None, kv_cache_tokens=tokens,

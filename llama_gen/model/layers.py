@@ -29,7 +29,7 @@ def part_size(size: int, parts: int) -> int:
     return size // parts
 
 
-class Linear(nn.Module):
+class ParallelLinear(nn.Module):
     """A linear layer's weight (rows, cols) on this rank, in the model's dtype or, with `int8`,
     in int8 with a scale per row (`quantize.py`; the scales load under the key
     `<layer>.scales`)."""
@@ -53,7 +53,7 @@ class Linear(nn.Module):
         return weight.abs().amax(dim=1)
 
 
-class ColumnParallelLinear(Linear):
+class ColumnParallelLinear(ParallelLinear):
     """x @ W.T with W (out, in) split along its outputs: rank r of `parts` holds rows
     r * out / parts onwards. With `gather_output` every rank gets the whole output; with
     `packed`, the product uses a `PackedWeight` (float32 only)."""
@@ -140,7 +140,7 @@ def _fuse_again(block: FusedColumns, _incompatible_keys) -> None:
         block.fuse()
 
 
-class RowParallelLinear(Linear):
+class RowParallelLinear(ParallelLinear):
     """x @ W.T with W (out, in) split along its inputs; `x` comes split the same way (a column
     layer's output), and the group sums the partial products. In int8 every rank scales its
     partial product by the same whole-row scales before the sum."""

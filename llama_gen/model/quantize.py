@@ -5,8 +5,8 @@ A weight row w becomes q = round(w / s) in int8 with s = max|w| / 127 over the w
 |w - q s| <= s / 2 element by element. The scale is taken over the whole row before any
 model-parallel split: a column-parallel layer holds whole rows, and a row-parallel layer's
 ranks agree on each row's maximum (`RowParallelLinear.row_absmax`), so every model-parallel
-size quantizes to the same numbers. The int8 layers are ours (`layers.py`), not torchao's,
-whose int8 path swaps only `nn.Linear`.
+size quantizes to the same numbers. The int8 layers are ours (`layers.py`, their product
+`kernels.int8_linear`), not torchao's, whose int8 path swaps only `nn.Linear`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 INT8_MAX = 127
-# The settings' names: the linear layers of every block, and the output head besides.
+# What --quantize int8 stores in int8: every block's linear layers; with --quantize_head the
+# output head too. (`ParallelLayers` builds them so; `engine.memory` counts them by these.)
 BLOCK_LAYERS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 HEAD = "output"
