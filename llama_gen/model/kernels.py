@@ -3,7 +3,6 @@
 Measured speeds are in docs/benchmarks.md; these docstrings keep the reasons."""
 from __future__ import annotations
 
-import functools
 import logging
 import weakref
 
@@ -85,7 +84,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     if torch.compiler.is_compiling() and not cpu:
         return F.linear(x, weight.to(x.dtype)) * scales
     if (cpu and x.dtype != torch.float32) or (
-            rows.shape[0] <= INT8_KERNEL_ROWS and has_int8_kernel(x.device.type)):
+            rows.shape[0] <= INT8_KERNEL_ROWS and x.device.type in INT8_KERNEL_DEVICES):
         return torch._weight_int8pack_mm(rows.contiguous(), weight, scales).view(shape)
     return dequantized_blocks_linear(rows, weight, scales).view(shape)
 
@@ -103,9 +102,8 @@ def dequantized_blocks_linear(rows: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-@functools.cache
-def has_int8_kernel(device_type: str) -> bool:
-    """Whether this torch has `_weight_int8pack_mm` for the device (CUDA's came after 2.8)."""
-    key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "aten::_weight_int8pack_mm", key)
+# The device types this torch has `_weight_int8pack_mm` for (CUDA only in recent ones), looked
+# up once: a compiled step cannot ask the dispatcher.
+INT8_KERNEL_DEVICES = frozenset(
+    device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"), ("mps", "MPS"))
+    if torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", key))
