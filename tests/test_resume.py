@@ -298,7 +298,8 @@ OUTPUT_CHANGES = {"max_gen_len": 7, "temperature": 0.0, "top_p": 0.5, "seed": 3,
                   "min_p": 0.1, "repetition_penalty": 1.2, "presence_penalty": 0.5,
                   "frequency_penalty": 0.5, "stop": ["###"], "min_tokens": 2,
                   "ignore_eos": True, "top_logprobs": 3, "keep_special_tokens": True,
-                  "chat": True, "chat_format": "llama2", "system": "Be brief."}
+                  "chat": True, "chat_format": "llama2", "system": "Be brief.",
+                  "quantize": "int8", "quantize_head": True}
 
 
 def test_every_setting_is_either_runtime_or_output_defining_here():
@@ -308,7 +309,8 @@ def test_every_setting_is_either_runtime_or_output_defining_here():
 
 @pytest.mark.parametrize("name", sorted(OUTPUT_CHANGES))
 def test_an_output_defining_setting_changed_on_resume_is_refused(tmp_path, tokenizer, name):
-    both = {"logprobs": True} if name == "top_logprobs" else {}  # it takes --logprobs
+    # --top_logprobs takes --logprobs, --quantize_head --quantize
+    both = {"top_logprobs": {"logprobs": True}, "quantize_head": {"quantize": "int8"}}.get(name, {})
     s = Settings(ckpt_dir=checkpoint(tmp_path), prompt_path=job(tmp_path).prompt_path,
                  out_path=tmp_path / "out.jsonl", **both)
     prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32"))
