@@ -74,8 +74,8 @@ def test_each_weight_rounds_to_within_half_its_rows_scale():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_int8_product_is_the_dequantized_product(dtype, monkeypatch):
-    """`int8_linear` (torch's int8 kernel for bf16 and a few float32 rows, dequantized row
-    blocks for more float32 rows) and the dequantized row blocks alone (here 16 rows a block)
+    """`int8_linear` (on the CPU torch's int8 kernel for bf16, dequantized row blocks for
+    float32) and the dequantized row blocks alone (here 16 rows a block)
     equal x @ dequantized.T to the dtype's rounding; for a 3-D x and a transposed view too
     (the CPU's `linear` returns those)."""
     gen = torch.Generator().manual_seed(1)

@@ -62,12 +62,13 @@ class PackedWeight:
             return linear(x, weight)
 
 
-# Rows of x up to which torch's int8 kernel is the fastest product where it loops over rows:
-# in float32 on the CPU (torch 2.13: a 7B FFN weight takes it 70 ms a row, dequantized blocks
-# 100-250 ms for 1-16 rows; scripts/bench_int8.py), and on CUDA, whose kernel computes in
-# float32 on CUDA cores (not measured: a GPU check should). Beyond them, dequantized row blocks
-# multiply on the full-precision product's kernel. The CPU's bf16 and fp16 kernel is the fastest
-# at every row count measured (1 and 32), faster than bf16's own product.
+# How `int8_linear` multiplies, as measured on the CPU (torch 2.13, 2 cores; a 7B's w1 at 1 and
+# 32 rows, scripts/bench_int8.py): in bf16 torch's int8 kernel, 2.3 and 35 ms, where bf16's own
+# product takes 4.6 and 145 ms; in float32 the kernel takes 23 and 754 ms and dequantized row
+# blocks 6.7 and 39 ms (float32's own product: 7.7 and 28 ms), so float32 takes the blocks.
+# CUDA's kernel (in recent torch only) computes in float32 on CUDA cores, one output at a time:
+# eagerly it takes up to INT8_KERNEL_ROWS rows (a decode step; not measured: a GPU check
+# should), dequantized blocks on the tensor cores beyond.
 INT8_KERNEL_ROWS = 4
 DEQUANTIZED_BLOCK_ELEMENTS = 2**22  # at most this much of a weight in full precision at once
 
@@ -75,15 +76,15 @@ DEQUANTIZED_BLOCK_ELEMENTS = 2**22  # at most this much of a weight in full prec
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x @ (weight * scales[:, None]).T for an int8 `weight` (out, in) with one scale per output
     row, in x's dtype, without a full-precision copy of the weight: torch's kernel
-    (`torch._weight_int8pack_mm`) where it is the fastest (`INT8_KERNEL_ROWS`); compiled on a
-    GPU, the pattern inductor fuses (it casts inside its product, or lowers the pattern to the
-    same kernel); else blocks of dequantized rows."""
+    (`torch._weight_int8pack_mm`) or blocks of dequantized rows, whichever is faster (see
+    above); compiled on a GPU, the pattern inductor fuses (it casts inside its product, or
+    lowers the pattern to the same kernel)."""
     rows = x.reshape(-1, x.shape[-1])
     shape = (*x.shape[:-1], weight.shape[0])
     cpu = x.device.type == "cpu"
     if torch.compiler.is_compiling() and not cpu:
         return F.linear(x, weight.to(x.dtype)) * scales
-    if (cpu and x.dtype != torch.float32) or (
+    if (x.dtype != torch.float32 if cpu else
             rows.shape[0] <= INT8_KERNEL_ROWS and x.device.type in INT8_KERNEL_DEVICES):
         return torch._weight_int8pack_mm(rows.contiguous(), weight, scales).view(shape)
     return dequantized_blocks_linear(rows, weight, scales).view(shape)
