@@ -598,7 +598,8 @@ finally:
 """
 
 
-def test_peak_memory_after_auto_sizing_stays_within_the_utilization(tiny_checkpoints, tmp_path):
+def test_peak_memory_after_auto_sizing_stays_within_the_utilization(tiny_checkpoints, tmp_path,
+                                                                     record_property):
     """A whole run on the GPU with --max_batch_size auto, --compile auto (CUDA graphs) and every
     sampler control: torch's peak reserved memory stays within --gpu_memory_utilization of the
     GPU (less what the CUDA context and other processes hold, which the plan also leaves out)."""
@@ -621,4 +622,8 @@ def test_peak_memory_after_auto_sizing_stays_within_the_utilization(tiny_checkpo
     assert done.returncode == 0, done.stderr[-3000:]
     line = [x for x in done.stderr.splitlines() if x.startswith("peak ")][-1].split()
     peak, total = int(line[1]), int(line[3])
+    profiled = [x for x in done.stderr.splitlines() if "profiling step:" in x]
+    assert profiled, "the cache was sized without a profiling step"
+    record_property("profiling_step", profiled[0].split("profiling step: ")[1])
+    record_property("peak_over_total", round(peak / total, 4))
     assert peak <= utilization * total, (peak / 2**30, total / 2**30)

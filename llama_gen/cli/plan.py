@@ -27,7 +27,8 @@ DEFAULT_DTYPE = "bf16"  # a run's default on GPUs that have bf16
 MEMORY_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 # The run's settings that decide its memory, as the run defines them.
 RUN_MEMORY_SETTINGS = ("ckpt_dir", "tokenizer_path", "max_seq_len", "max_batch_size", "dtype",
-                       "model_parallel_size", "gpu_memory_utilization", "kv_cache_tokens")
+                       "model_parallel_size", "gpu_memory_utilization", "kv_cache_tokens",
+                       "scheduler", "compile")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,7 +277,9 @@ def make_plan(settings: PlanSettings) -> Plan:
     gpu_memory = gpu_memory_bytes(settings)
     usable = int(gpu_memory * settings.gpu_memory_utilization)
     checkpoint, notes = checkpoint_notes(args, sizes)
-    shape = Shape(args, mp, DTYPES[dtype][1], 1)
+    # a run's decode step on a GPU: CUDA graphs, unless --compile false or the static baseline
+    graphs = settings.scheduler == "continuous" and settings.compile is not False
+    shape = Shape(args, mp, DTYPES[dtype][1], 1, decode_graphs=graphs)
     shape = replace(shape, max_seq_len=planned_seq_len(settings, shape, usable, notes))
     batch, given_tokens = settings.max_batch_size, settings.kv_cache_tokens
     check_cache_tokens(given_tokens, shape)

@@ -12,9 +12,12 @@ import torch
 from ..engine import memory
 from ..engine.blocks import default_block_size
 from ..engine.engine import Engine
+from ..engine import limits
 from ..engine.memory import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS,
-                             UNKNOWN_CONTEXT, Shape, Sizing, context_slots, default_seq_len,
-                             fixed_working_bytes, gib, run_sizing, whole_blocks)
+                             UNKNOWN_CONTEXT, Shape, Sizing, context_slots, context_table_bytes,
+                             default_seq_len, fixed_working_bytes, gib, graph_pool_per_slot,
+                             profiled_room, run_sizing, slot_working_bytes, whole_blocks)
+from ..engine.profile import measure_working_memory
 from ..errors import UserError
 from ..model.args import ModelArgs
 from ..model.checkpoint import Checkpoint, check_model_parallel_size, find_shards, vocabulary_rows
@@ -218,11 +221,14 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
         sizing = Sizing(batch, tokens)
         log_sizing(settings, model, dist, sizing, None, block)
         return sizing
-    shape = run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len, block)
+    shape = replace(run_shape(model.args, dist, model.output.weight.dtype, settings.max_seq_len,
+                              block), decode_graphs=compiles_decode(settings, dist.device))
     distributed.open_communicators(dist.device)  # their memory is in use before it is measured
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     room = budget - sum(fixed_working_bytes(shape).values())
     sizing = group_least(gpu_sizing(settings, shape, room), dist)
+    if sizing is not None and runs_continuous(settings):
+        sizing = profiled_sizing(settings, model, dist, shape, budget, sizing.max_batch_size)
     if sizing is None and settings.kv_cache_tokens is not None:
         raise UserError(f"--kv_cache_tokens {settings.kv_cache_tokens} "
                         f"({settings.kv_cache_tokens * shape.kv_bytes_per_token / GIB:.2f} GiB) "
@@ -241,6 +247,41 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
                         "or use more GPUs")
     log_sizing(settings, model, dist, sizing, budget, block)
     return sizing
+
+
+def profiled_sizing(settings: JobSettings, model: Transformer, dist: Dist, shape: Shape,
+                    budget: int, batch: int) -> Sizing | None:
+    """The continuous engine's sizing from a profiling step (`engine.profile`): `batch`
+    sequences at once, as the estimates chose them, and a KV cache of what `budget` leaves
+    beside the working memory its worst-case step measured, the tables of the whole context and
+    the CUDA graphs' pool (`memory.profiled_room`); the least of the group's ranks."""
+    start = time.perf_counter()
+    measured = (measure_working_memory(model, batch, settings.max_seq_len, shape.block_size)
+                + context_table_bytes(shape, batch))
+    room = profiled_room(shape, budget, batch, measured)
+    sizing = group_least(run_sizing(shape, room, batch, settings.kv_cache_tokens), dist)
+    if dist.rank == 0:
+        log.info("profiling step: %d sequences with every sampler control beside a %d-token "
+                 "prefill take %.2f GiB of working memory (the estimate: %.2f) in %.1f s",
+                 batch, min(limits.PREFILL_TOKENS, settings.max_seq_len), measured / GIB,
+                 (sum(fixed_working_bytes(shape).values())
+                  + batch * (slot_working_bytes(shape) - graph_pool_per_slot(shape))) / GIB,
+                 time.perf_counter() - start)
+    return sizing
+
+
+def runs_continuous(settings: JobSettings) -> bool:
+    """Whether the run's engine is the continuous one (not the static baseline, not
+    scoring's), which the profiling step measures."""
+    return not settings.full_length_slots and getattr(settings, "scheduler", None) == "continuous"
+
+
+def compiles_decode(settings: JobSettings, device: torch.device) -> bool:
+    """--compile, where auto: on for the continuous engine on CUDA."""
+    if not runs_continuous(settings):
+        return False
+    compile = getattr(settings, "compile", None)
+    return device.type == "cuda" if compile is None else compile
 
 
 def gpu_sizing(settings: JobSettings, shape: Shape, room: int) -> Sizing | None:
@@ -290,9 +331,7 @@ def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, di
         from ..engine.baseline import StaticEngine
         return StaticEngine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
                             tokenizer, kv_cache_tokens=sizing.kv_cache_tokens)
-    compile = settings.compile
-    if compile is None:  # auto
-        compile = dist.device.type == "cuda"
+    compile = compiles_decode(settings, dist.device)
     engine = Engine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
                     tokenizer=tokenizer, compile=compile,
                     kv_cache_tokens=sizing.kv_cache_tokens, kv_block_size=settings.kv_block_size)
