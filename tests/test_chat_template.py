@@ -42,6 +42,19 @@ LLAMA3_TEMPLATE = (
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     "{% endif %}")
+# Zephyr's, written over lines as most templates are: trim_blocks and lstrip_blocks matter.
+ZEPHYR = """{% for message in messages %}
+    {% if message['role'] == 'user' %}
+{{ '<|user|>\n' + message['content'] + eos_token }}
+    {% elif message['role'] == 'system' %}
+{{ '<|system|>\n' + message['content'] + eos_token }}
+    {% elif message['role'] == 'assistant' %}
+{{ '<|assistant|>\n'  + message['content'] + eos_token }}
+    {% endif %}
+    {% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+    {% endif %}
+{% endfor %}"""
 # Llama 3's header tokens in a template that is not Meta's: 3.1's dated system header, shortened.
 LLAMA31_TEMPLATE = LLAMA3_TEMPLATE.replace(
     "{% set loop_messages = messages %}",
@@ -159,6 +172,16 @@ def test_a_sentencepiece_llama2_template_renders_to_transformers_ids(tmp_path, s
     for dialog in DIALOGS[:2]:
         assert template.dialog_tokens(dialog) == hf_ids(hf, dialog)
         assert template.dialog_tokens(dialog) == dialog_tokens(dialog, "llama2", spm)
+
+
+def test_a_sentencepiece_fine_tune_s_template_renders_to_transformers_ids(tmp_path, spm_path,
+                                                                         spm):
+    template = load_chat_template(folder(tmp_path, ZEPHYR, bos_token="<s>", eos_token="</s>"),
+                                  spm)
+    hf = hf_sentencepiece(spm_path, ZEPHYR)
+    for dialog in DIALOGS[:2]:
+        assert template.dialog_tokens(dialog) == hf_ids(hf, dialog)
+    assert chat_format_for(spm, 1e-5, None, template) is template
 
 
 # --- which format a run uses -------------------------------------------------------------------

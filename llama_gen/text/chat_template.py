@@ -48,11 +48,16 @@ class ChatTemplate:
     specials: dict[str, int]  # special-token text -> id, matched in the rendered text
     compiled: Any = field(repr=False, compare=False)
     special_pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    # eos_token's id, and the ids of the usual end-of-turn tokens that the template writes
+    end_of_turn_ids: frozenset[int] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         # Longest first where they overlap, as transformers' added-token matching does.
         ordered = sorted(self.specials, key=len, reverse=True)
         object.__setattr__(self, "special_pattern", re.compile("|".join(map(re.escape, ordered))))
+        ends = {t for t in TURN_ENDS if t in self.text} | {self.named_tokens.get("eos_token")}
+        object.__setattr__(self, "end_of_turn_ids",
+                           frozenset(self.specials[t] for t in ends if t in self.specials))
 
     def render(self, messages: list[Any], add_generation_prompt: bool) -> str:
         """The template's text for `messages`; DialogError where the template rejects them
@@ -101,13 +106,6 @@ class ChatTemplate:
         reply = finished[len(context):]
         ends = [i for i, token in enumerate(reply) if token in self.end_of_turn_ids]
         return context, reply[: ends[0] + 1] if ends else reply
-
-    @property
-    def end_of_turn_ids(self) -> frozenset[int]:
-        """eos_token's id, and the ids of the usual end-of-turn tokens the template writes."""
-        ends = {self.specials[t] for t in TURN_ENDS if t in self.text and t in self.specials}
-        eos = self.named_tokens.get("eos_token")
-        return frozenset(ends | ({self.specials[eos]} if eos in self.specials else set()))
 
     def _encoded(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=False) if text else []
