@@ -127,6 +127,9 @@ class Prompting:
             return cls(tokenizer, None, str(e), args.context_length)
         if isinstance(chat, ChatTemplate):
             log.info("chat format: the checkpoint's chat template (%s)", chat.source)
+        elif template is not None:
+            log.info("chat format: Meta's %s, which the checkpoint's chat template (%s) renders "
+                     "alike", chat, template.source)
         return cls(tokenizer, chat, context_length=args.context_length)
 
     @property
