@@ -121,9 +121,10 @@ class JobSettings:
                                  "id (default: id if present, else the line number)")
     logprobs: bool = setting(False, role=DEFINES_OUTPUT,
                              help="write each token's id and log-probability")
-    chat_format: Literal["llama2", "llama3"] | None = setting(
-        None, role=DEFINES_OUTPUT, help="chat format (default: llama3 for a tiktoken tokenizer, "
-        "llama2 for SentencePiece; Llama 1 has none)")
+    chat_format: Literal["llama2", "llama3", "template"] | None = setting(
+        None, role=DEFINES_OUTPUT, help="chat format: Meta's llama2 or llama3, or the checkpoint "
+        "folder's own chat template (default: the folder's template where it is not Meta's "
+        "format, else llama3 for a tiktoken tokenizer, llama2 for SentencePiece; Llama 1 has none)")
     system: str | None = setting(None, role=DEFINES_OUTPUT, per_record=True,
                                  help="system message for chat prompts")
     strict: bool = setting(False, help="stop at the first bad input line instead of recording "

@@ -22,8 +22,9 @@ from ..model.args import ModelArgs
 from ..model.transformer import Transformer
 from ..runtime.distributed import Dist
 from ..settings import JobSettings, ScoreSettings, Settings
-from ..text.chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, dialog_tokens,
-                         reply_tokens, with_system)
+from ..text.chat import (TEMPLATE, Chat, DialogError, chat_format_for, end_of_turn_ids,
+                         dialog_tokens, reply_tokens, with_system)
+from ..text.chat_template import ChatTemplate, load_chat_template
 from ..text.tokenizer import Tokenizer
 from .lines import BatchAnswers, completion_text, shown_ids
 from .output import Tally
@@ -105,7 +106,7 @@ class Prompting:
     as one user message with --chat) in the checkpoint's chat format."""
 
     tokenizer: Tokenizer
-    chat_format: ChatFormat | None
+    chat_format: Chat | None
     no_chat_format: str | None = None  # why there is none (a Llama 1 checkpoint)
     context_length: int | None = None  # the model's, where known: how far --max_seq_len goes
 
@@ -113,14 +114,23 @@ class Prompting:
     def for_run(cls, settings: JobSettings, tokenizer: Tokenizer, args: ModelArgs
                 ) -> Prompting:
         """The run's chat format; a checkpoint without one is an error at once where the
-        flags ask for chat, else for each record that brings a dialog."""
+        flags ask for chat, else for each record that brings a dialog. The folder's chat
+        template is read unless a Meta format is asked for: one that does not parse is an error
+        at once."""
+        template = (load_chat_template(settings.ckpt_dir, tokenizer)
+                    if settings.chat_format in (None, TEMPLATE) else None)
         try:
-            return cls(tokenizer, chat_format_for(tokenizer, args.norm_eps, settings.chat_format),
-                       context_length=args.context_length)
+            chat = chat_format_for(tokenizer, args.norm_eps, settings.chat_format, template)
         except UserError as e:
             if settings.wants_chat:
                 raise
             return cls(tokenizer, None, str(e), args.context_length)
+        if isinstance(chat, ChatTemplate):
+            log.info("chat format: the checkpoint's chat template (%s)", chat.source)
+        elif template is not None:
+            log.info("chat format: Meta's %s, which the checkpoint's chat template (%s) renders "
+                     "alike", chat, template.source)
+        return cls(tokenizer, chat, context_length=args.context_length)
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -129,7 +139,7 @@ class Prompting:
         turn_ends = end_of_turn_ids(self.chat_format, self.tokenizer) if self.chat_format else ()
         return self.tokenizer.stop_ids | frozenset(turn_ends)
 
-    def format(self) -> ChatFormat:
+    def format(self) -> Chat:
         """The chat format a dialog needs; DialogError where the checkpoint has none."""
         if self.chat_format is None:
             raise DialogError(self.no_chat_format)
