@@ -20,7 +20,10 @@ from ..engine.memory import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV
 from ..engine.profile import measure_working_memory
 from ..errors import UserError
 from ..model.args import ModelArgs
-from ..model.checkpoint import Checkpoint, check_model_parallel_size, find_shards, vocabulary_rows
+from ..model import checkpoint, hf_checkpoint
+from ..model.checkpoint import Checkpoint, check_model_parallel_size, find_shards
+from ..model.hf_checkpoint import HFCheckpoint, is_hf_folder
+from ..model.hf_config import read_config
 from ..model.layers import ParallelLayers
 from ..model.transformer import Transformer
 from ..runtime import distributed
@@ -56,49 +59,81 @@ def model_parallel_size(settings: Settings) -> int:
     if settings.model_parallel_size is not None:
         return settings.model_parallel_size
     world_size = distributed.launch_env().world_size
-    return default_model_parallel_size(world_size, len(find_shards(settings.ckpt_dir)))
+    return default_model_parallel_size(world_size, shard_count(settings.ckpt_dir))
+
+
+def shard_count(ckpt_dir: Path) -> int:
+    """Meta's shards, one per model-parallel rank of the release; a Hugging Face folder's
+    files, cut by size and not by rank, count as one."""
+    return 1 if is_hf_folder(ckpt_dir) else len(find_shards(ckpt_dir))
+
+
+def config_path(ckpt_dir: Path) -> Path:
+    """The model's config file, the folder's format told by it: Hugging Face's config.json,
+    else Meta's params.json."""
+    return ckpt_dir / ("config.json" if is_hf_folder(ckpt_dir) else "params.json")
 
 
 def read_params(ckpt_dir: Path, tokenizer: Tokenizer | None = None,
                 tokenizer_path: Path | None = None) -> ModelArgs:
-    """params.json's shape with its vocabulary: vocab_size -1 (Llama 1/2) is the tokenizer's,
-    and a given one must agree with it. `tokenizer`: the run's, which where params.json leaves
-    the vocabulary to it must have the checkpoint's output rows; without one (`llama-gen plan`,
-    which reads no weights) the tokenizer at `tokenizer_path` (default: in ckpt_dir or its
-    parent) is read only where the vocabulary needs it: vocab_size -1, or a path given."""
-    params_path = ckpt_dir / "params.json"
-    args = ModelArgs.from_file(params_path)
+    """The model's shape (params.json's, or config.json's in a Hugging Face folder) with its
+    vocabulary: vocab_size -1 (Llama 1/2) is the tokenizer's, and a given one must agree with
+    it. `tokenizer`: the run's, which where params.json leaves the vocabulary to it must have
+    the checkpoint's output rows; without one (`llama-gen plan`, which reads no weights) the
+    tokenizer at `tokenizer_path` (default: in ckpt_dir or its parent) is read only where the
+    vocabulary needs it: vocab_size -1, or a path given."""
+    path = config_path(ckpt_dir)
+    args = read_config(path) if path.name == "config.json" else ModelArgs.from_file(path)
     if tokenizer is not None and args.vocab_size == -1:
         check_tokenizer_fits(ckpt_dir, tokenizer)
     elif tokenizer is None and (args.vocab_size == -1 or tokenizer_path is not None):
         tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path))
-    return args if tokenizer is None else args.with_vocab_size(tokenizer.n_words,
-                                                               str(params_path))
+    return args if tokenizer is None else args.with_vocab_size(tokenizer.n_words, str(path))
 
 
 def read_model_args(ckpt_dir: Path, tokenizer: Tokenizer,
                     rope_scaling_factor: float | None = None) -> ModelArgs:
-    """A run's model: params.json's shape with the tokenizer's vocabulary (`read_params`) and
+    """A run's model: its config's shape with the tokenizer's vocabulary (`read_params`) and
     RoPE scaled by --rope_scaling_factor where given. Logs the RoPE scaling in use."""
     args = read_params(ckpt_dir, tokenizer)
     release_factor, why = args.rope_scaling()
-    args = args.with_rope_scaling(rope_scaling_factor, str(ckpt_dir / "params.json"))
+    path = config_path(ckpt_dir)
+    if path.name == "config.json":
+        why = "config.json's"
+    args = args.with_rope_scaling(rope_scaling_factor, str(path))
     if rope_scaling_factor is not None:
         log.info("RoPE scaled by %g (--rope_scaling_factor; without it: %g, %s)",
                  rope_scaling_factor, release_factor, why)
     elif release_factor is not None:
-        log.info("%s: RoPE scaled by %g, %s", args.family, release_factor, why)
+        log.info("%s: RoPE scaled by %g, %s", model_name(args, path), release_factor, why)
     return args
+
+
+def model_name(args: ModelArgs, config: Path) -> str:
+    """The release a params.json's shape tells (`ModelArgs.family`); a Hugging Face folder, or
+    a shape of no release, by its folder's name."""
+    if config.name == "params.json" and args.family is not None:
+        return args.family
+    return config.parent.resolve().name or str(config.parent)
 
 
 def check_tokenizer_fits(ckpt_dir: Path, tokenizer: Tokenizer) -> None:
     """The tokenizer's vocabulary is the checkpoint's output rows: else it is the wrong one."""
-    rows = vocabulary_rows(ckpt_dir)
+    rows = (hf_checkpoint if is_hf_folder(ckpt_dir) else checkpoint).vocabulary_rows(ckpt_dir)
     if rows is not None and rows != tokenizer.n_words:
         raise UserError(f"{tokenizer.path}: this tokenizer has {tokenizer.n_words} tokens, but "
                         f"the checkpoint in {ckpt_dir} was trained with {rows} (its output "
                         "layer's rows): pass the tokenizer that belongs to this checkpoint with "
                         "--tokenizer_path")
+
+
+def open_checkpoint(ckpt_dir: Path, args: ModelArgs, tokenizer: Tokenizer
+                    ) -> Checkpoint | HFCheckpoint:
+    """The folder's weights, Meta's shards or a Hugging Face folder's files, checked against
+    `args`; an unsplit embedding is split on the vocabulary for tiktoken tokenizers, as Meta's
+    Llama 3 shards split it."""
+    kind = HFCheckpoint if is_hf_folder(ckpt_dir) else Checkpoint
+    return kind.open(ckpt_dir, args, vocab_parallel_if_unsplit=tokenizer.kind == "tiktoken")
 
 
 def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dtype,
@@ -107,19 +142,20 @@ def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dt
     `read_model_args` gives them (read again where not given)."""
     start = time.perf_counter()
     args = args or read_model_args(ckpt_dir, tokenizer)
-    n_shards = len(find_shards(ckpt_dir))
+    n_shards = shard_count(ckpt_dir)
     check_model_parallel_size(args, dist.model_parallel_size, n_shards)
-    checkpoint = Checkpoint.open(ckpt_dir, args,
-                                 vocab_parallel_if_unsplit=tokenizer.kind == "tiktoken")
-    model = Transformer(args, ParallelLayers(checkpoint.embedding_split_dim == 0))
-    state = checkpoint.state_dict_for(dist.model_parallel_rank, dist.model_parallel_size,
-                                      dist.device, dtype)
+    weights = open_checkpoint(ckpt_dir, args, tokenizer)
+    model = Transformer(args, ParallelLayers(weights.embedding_split_dim == 0))
+    state = weights.state_dict_for(dist.model_parallel_rank, dist.model_parallel_size,
+                                   dist.device, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the weights now: fusing frees each separate one
     model.fuse()
     model.requires_grad_(False).eval()
     if dist.rank == 0:
-        log.info("loaded %s (%d shard(s), model parallel %d, %s) in %.1fs", ckpt_dir, n_shards,
+        files = (f"{len(weights.files)} weight file(s)" if isinstance(weights, HFCheckpoint)
+                 else f"{n_shards} shard(s)")
+        log.info("loaded %s (%s, model parallel %d, %s) in %.1fs", ckpt_dir, files,
                  dist.model_parallel_size, str(dtype).removeprefix("torch."),
                  time.perf_counter() - start)
     return model
@@ -350,8 +386,10 @@ def check_seq_len(args: ModelArgs, max_seq_len: int) -> None:
     """An explicit --max_seq_len may not pass the model's context (as vLLM refuses a longer
     max_model_len): its positions past it were never trained."""
     if args.context_length is not None and max_seq_len > args.context_length:
-        raise UserError(f"--max_seq_len {max_seq_len} is longer than the context {args.family} "
-                        f"was trained for ({args.context_length} tokens): use at most "
+        who, source = ((args.family, "") if args.trained_context is None else
+                       ("the model", ", config.json's max_position_embeddings"))
+        raise UserError(f"--max_seq_len {max_seq_len} is longer than the context {who} was "
+                        f"trained for ({args.context_length} tokens{source}): use at most "
                         f"{args.context_length}, or leave it out")
 
 
@@ -367,10 +405,17 @@ def context_default(shape: Shape, usable: int, slots: int,
                                  "Meta's releases, whose contexts are known; pass --max_seq_len")
     fitting = default_seq_len(replace(shape, max_seq_len=context), usable, slots, sequences)
     if fitting == context:
-        return context, f"{context}, {args.family}'s context"
+        return context, f"{context}, {context_words(args)}"
     room = f"{sequences} sequences of it" if sequences > 1 else "one sequence of it"
     if fitting is None:
-        return None, (f"{args.family}'s context of {context} tokens leaves no room for {room} "
+        return None, (f"{context_words(args)} of {context} tokens leaves no room for {room} "
                       f"beside the weights in {gib(usable)} GiB")
-    return fitting, (f"{fitting}: {args.family}'s context of {context} tokens shortened to "
+    return fitting, (f"{fitting}: {context_words(args)} of {context} tokens shortened to "
                      f"what fits, {room}, beside the weights in {gib(usable)} GiB")
+
+
+def context_words(args: ModelArgs) -> str:
+    """Whose context the model's is: the release's, or a config.json's."""
+    if args.trained_context is None:
+        return f"{args.family}'s context"
+    return "the model's context (config.json's max_position_embeddings)"
