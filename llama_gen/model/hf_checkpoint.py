@@ -62,29 +62,44 @@ def meta_key(name: str) -> str | None:
 
 
 def weight_paths(ckpt_dir: Path) -> list[Path]:
-    """The folder's weight files, in name order (the files an index lists, all present)."""
-    return sorted(set(tensor_files(ckpt_dir).values()))
+    """The folder's weight files, in name order (those its index lists, all present), from
+    the index alone."""
+    found = weights_entry(ckpt_dir)
+    if not found.name.endswith(".index.json"):
+        return [found]
+    return sorted(set(indexed_files(ckpt_dir, found).values()))
 
 
-def tensor_files(ckpt_dir: Path) -> dict[str, Path]:
-    """Each tensor's file: from the index where the folder has one, else the single file's own
-    names."""
+def weights_entry(ckpt_dir: Path) -> Path:
+    """Where the folder's weights begin: an index, else the one weight file."""
     found = next((ckpt_dir / name for name in WEIGHT_FILES if (ckpt_dir / name).is_file()), None)
     if found is None:
         raise UserError(f"{ckpt_dir}: no {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or "
                         f"{BIN_INDEX}: a Hugging Face Llama folder holds its weights in one of "
                         "them; copy them from the download into this folder")
-    if not found.name.endswith(".index.json"):
-        with open_weights(found) as weights:
-            return {name: found for name in weights.names()}
-    index = read_json(found, "")
+    return found
+
+
+def tensor_files(ckpt_dir: Path) -> dict[str, Path]:
+    """Each tensor's file: from the index where the folder has one, else the single file's own
+    names."""
+    found = weights_entry(ckpt_dir)
+    if found.name.endswith(".index.json"):
+        return indexed_files(ckpt_dir, found)
+    with open_weights(found) as weights:
+        return {name: found for name in weights.names()}
+
+
+def indexed_files(ckpt_dir: Path, index_path: Path) -> dict[str, Path]:
+    """The index's tensor names and their files, every file present."""
+    index = read_json(index_path, "")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise UserError(f"{found}: no \"weight_map\" of tensor names to file names: the index "
-                        "is damaged; download it again")
+        raise UserError(f"{index_path}: no \"weight_map\" of tensor names to file names: the "
+                        "index is damaged; download it again")
     files = {name: ckpt_dir / file for name, file in weight_map.items()}
     if missing := sorted({p.name for p in files.values() if not p.is_file()}):
-        raise UserError(f"{ckpt_dir}: {', '.join(missing)}, listed in {found.name}, "
+        raise UserError(f"{ckpt_dir}: {', '.join(missing)}, listed in {index_path.name}, "
                         f"{'is' if len(missing) == 1 else 'are'} missing: copy "
                         f"{'it' if len(missing) == 1 else 'them'} from the download into this "
                         "folder")
