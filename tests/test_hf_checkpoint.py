@@ -6,6 +6,8 @@ error."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -17,9 +19,11 @@ from llama_gen.engine.engine import Engine
 from llama_gen.engine.requests import Request, SamplingParams
 from llama_gen.errors import UserError
 from llama_gen.job.build import load_model, read_params
+from llama_gen.job.tasks import Prompting
 from llama_gen.model.args import ModelArgs
 from llama_gen.model.checkpoint import Checkpoint
 from llama_gen.model.hf_checkpoint import HFCheckpoint, generation_eos_ids, unpermute
+from llama_gen.settings import Settings
 from llama_gen.testing.tiny import TINY_LLAMA2
 from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
 from llama_gen.text.tokenizer import load_tokenizer
@@ -160,3 +164,76 @@ def test_unpermute_undoes_transformers_permutation():
     hf = meta.view(n, hd // 2, 2, dim).transpose(1, 2).reshape(n * hd, dim)
     assert torch.equal(unpermute(hf, hd), meta)
     assert not torch.equal(hf, meta)
+
+
+def test_generation_configs_eos_ids_join_the_stop_ids(folders, tmp_path):
+    folder = tmp_path / "b"
+    shutil.copytree(folders["llama32-tied"][0], folder)
+    tokenizer = load_tokenizer(folders["llama32-tied"][2])
+    settings = Settings(ckpt_dir=folder, prompt_path=tmp_path / "p.jsonl",
+                        out_path=tmp_path / "o.jsonl")
+    args = read_params(folder, tokenizer)
+    (folder / "generation_config.json").unlink()
+    assert generation_eos_ids(folder, tokenizer.n_words) == frozenset()
+    without = Prompting.for_run(settings, tokenizer, args).stop_ids
+    for eos, ids in ((7, {7}), ([5, 6, 9], {5, 6, 9}), (None, set())):
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+        assert generation_eos_ids(folder, tokenizer.n_words) == ids
+        assert Prompting.for_run(settings, tokenizer, args).stop_ids == without | ids
+    for eos, error in ((tokenizer.n_words, f"eos_token_id {tokenizer.n_words} is not among the "
+                                           f"tokenizer's {tokenizer.n_words} tokens"),
+                       ([1, -1], "eos_token_id -1 is not among"),
+                       ("2", 'eos_token_id "2" is neither a token id nor a list')):
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+        with pytest.raises(UserError, match=re.escape(error)):
+            Prompting.for_run(settings, tokenizer, args)
+
+
+def broken(folders, tmp_path, name: str):
+    """A copy of a folder, to break, its args and tokenizer."""
+    folder = tmp_path / name
+    shutil.copytree(folders[name][0], folder)
+    return folder, load_tokenizer(folders[name][2])
+
+
+def test_untied_folder_without_its_head_is_refused(folders, tmp_path):
+    folder, tokenizer = broken(folders, tmp_path, "llama32-tied")
+    edit_json(folder / "config.json", lambda c: {**c, "tie_word_embeddings": False})
+    with pytest.raises(UserError, match="no lm_head.weight in the weight files, and config.json's "
+                                        "tie_word_embeddings is false"):
+        HFCheckpoint.open(folder, read_params(folder, tokenizer), True)
+
+
+def test_a_shard_the_index_lists_but_the_folder_lacks_is_named(folders, tmp_path):
+    folder, tokenizer = broken(folders, tmp_path, "llama2-sharded")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(UserError, match=f"{shard.name}, listed in model.safetensors.index.json, "
+                                        "is missing: copy it from the download"):
+        HFCheckpoint.open(folder, read_params(folder, tokenizer), False)
+
+
+def test_a_weight_of_another_shape_is_named_with_its_file(folders, tmp_path):
+    folder, tokenizer = broken(folders, tmp_path, "llama32-tied")
+    edit_json(folder / "config.json", lambda c: {**c, "intermediate_size": 160})
+    with pytest.raises(UserError, match=r"model.safetensors: model.layers.0.mlp.gate_proj.weight "
+                                        r"has shape \(192, 64\), expected \(160, 64\)"):
+        HFCheckpoint.open(folder, read_params(folder, tokenizer), True)
+
+
+def test_missing_and_unexpected_tensors_are_listed(folders, tmp_path):
+    folder, tokenizer = broken(folders, tmp_path, "llama2-bin")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    state["model.layers.1.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # ignored
+    torch.save(state, folder / "pytorch_model.bin")
+    args = read_params(folder, tokenizer)
+    HFCheckpoint.open(folder, args, False)
+    state["model.layers.2.mlp.up_proj.weight"] = state.pop("model.layers.1.mlp.up_proj.weight")
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="do not match config.json \\(missing model.layers.1.mlp."
+                                        "up_proj.weight; unexpected model.layers.2.mlp.up_proj"):
+        HFCheckpoint.open(folder, args, False)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(UserError, match="no model.safetensors, model.safetensors.index.json, "
+                                        "pytorch_model.bin or pytorch_model.bin.index.json"):
+        HFCheckpoint.open(folder, args, False)

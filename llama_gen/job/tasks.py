@@ -19,6 +19,7 @@ from ..engine.sampling import derive_seed
 from ..engine.scoring import Scored, Scorer, ScoreRequest, has_scored_part
 from ..errors import UserError
 from ..model.args import ModelArgs
+from ..model.hf_checkpoint import generation_eos_ids
 from ..model.transformer import Transformer
 from ..runtime.distributed import Dist
 from ..settings import JobSettings, ScoreSettings, Settings
@@ -109,6 +110,7 @@ class Prompting:
     chat_format: Chat | None
     no_chat_format: str | None = None  # why there is none (a Llama 1 checkpoint)
     context_length: int | None = None  # the model's, where known: how far --max_seq_len goes
+    eos_ids: frozenset[int] = frozenset()  # a Hugging Face folder's generation_config.json's
 
     @classmethod
     def for_run(cls, settings: JobSettings, tokenizer: Tokenizer, args: ModelArgs
@@ -117,6 +119,7 @@ class Prompting:
         flags ask for chat, else for each record that brings a dialog. The folder's chat
         template is read unless a Meta format is asked for: one that does not parse is an error
         at once."""
+        eos_ids = generation_eos_ids(settings.ckpt_dir, tokenizer.n_words)
         template = (load_chat_template(settings.ckpt_dir, tokenizer)
                     if settings.chat_format in (None, TEMPLATE) else None)
         try:
@@ -124,20 +127,21 @@ class Prompting:
         except UserError as e:
             if settings.wants_chat:
                 raise
-            return cls(tokenizer, None, str(e), args.context_length)
+            return cls(tokenizer, None, str(e), args.context_length, eos_ids)
         if isinstance(chat, ChatTemplate):
             log.info("chat format: the checkpoint's chat template (%s)", chat.source)
         elif template is not None:
             log.info("chat format: Meta's %s, which the checkpoint's chat template (%s) renders "
                      "alike", chat, template.source)
-        return cls(tokenizer, chat, context_length=args.context_length)
+        return cls(tokenizer, chat, context_length=args.context_length, eos_ids=eos_ids)
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Where generation stops: the tokenizer's stop tokens and the chat format's ends of
-        turn."""
+        """Where generation stops: the tokenizer's stop tokens, the chat format's ends of turn
+        and the folder's generation_config.json's eos_token_id (Llama 3 instruct folders list
+        all three of their ends)."""
         turn_ends = end_of_turn_ids(self.chat_format, self.tokenizer) if self.chat_format else ()
-        return self.tokenizer.stop_ids | frozenset(turn_ends)
+        return self.tokenizer.stop_ids | frozenset(turn_ends) | self.eos_ids
 
     def format(self) -> Chat:
         """The chat format a dialog needs; DialogError where the checkpoint has none."""
