@@ -89,7 +89,8 @@ class JobSettings:
     # blocks of a paged cache its tokens fill (generation).
     full_length_slots: ClassVar[bool] = False
 
-    ckpt_dir: Path = setting(help="directory with params.json and consolidated.NN.pth shards")
+    ckpt_dir: Path = setting(help="directory with params.json and consolidated.NN.pth shards, "
+                             "or a Hugging Face Llama folder (config.json, *.safetensors)")
     prompt_path: Path = setting(help="JSONL file, one object per line with a prompt (or a "
                                 "dialog's messages)")
     out_path: Path = setting(help="JSONL output, appended to and resumed from")
@@ -203,7 +204,8 @@ class JobSettings:
         """Path errors, before any model loads."""
         if not self.ckpt_dir.is_dir():
             raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such directory (it holds "
-                            "params.json and consolidated.NN.pth)")
+                            "params.json and consolidated.NN.pth, or a Hugging Face folder's "
+                            "config.json and *.safetensors)")
         if not self.prompt_path.is_file():
             what = "a directory, not a file" if self.prompt_path.is_dir() else "no such file"
             raise UserError(f"--prompt_path {self.prompt_path}: {what}")

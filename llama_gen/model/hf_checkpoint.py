@@ -138,7 +138,11 @@ def open_weights(path: Path) -> Iterator[_Weights]:
     if path.suffix != ".safetensors":
         yield _Weights(path, load_shard(path, "a Hugging Face pytorch_model.bin"))
         return
-    from safetensors import safe_open  # a Hugging Face folder's need only
+    try:
+        from safetensors import safe_open  # a Hugging Face folder's need only
+    except ImportError:
+        raise UserError(f"{path}: reading .safetensors files needs the safetensors package: "
+                        "pip install safetensors") from None
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as e:  # truncated, not safetensors at all...
