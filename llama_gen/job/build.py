@@ -99,7 +99,7 @@ def read_model_args(ckpt_dir: Path, tokenizer: Tokenizer,
     release_factor, why = args.rope_scaling()
     path = config_path(ckpt_dir)
     if path.name == "config.json":
-        why = "config.json's"
+        why = "as config.json says"
     args = args.with_rope_scaling(rope_scaling_factor, str(path))
     if rope_scaling_factor is not None:
         log.info("RoPE scaled by %g (--rope_scaling_factor; without it: %g, %s)",
