@@ -97,10 +97,12 @@ def test_one_process_runs_as_transformers(folders, single_process, name):
         assert_matches_hf(reference, c.request.prompt_tokens, c.tokens, c.logprobs, stop)
 
 
-def test_model_parallel_2_under_torchrun_runs_as_transformers(folders, tmp_path):
-    """Folder (b): the tied head is the embedding's vocabulary slice on each rank, the GQA
-    heads are cut before they are un-permuted."""
-    folder, reference, tokenizer_path = folders["llama32-tied"]
+@pytest.mark.parametrize("name", ["llama2-sharded", "llama32-tied"])
+def test_model_parallel_2_under_torchrun_runs_as_transformers(folders, tmp_path, name):
+    """(a): the embedding split on dim across ranks, read shard file by shard file; (b): the
+    tied head is the embedding's vocabulary slice on each rank, the GQA heads are cut before
+    they are un-permuted."""
+    folder, reference, tokenizer_path = folders[name]
     tokenizer = load_tokenizer(tokenizer_path)
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
     out = tmp_path / "out.jsonl"
