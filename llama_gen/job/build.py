@@ -20,10 +20,10 @@ from ..engine.memory import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV
 from ..engine.profile import measure_working_memory
 from ..errors import UserError
 from ..model.args import ModelArgs
-from ..model import checkpoint, hf_checkpoint
-from ..model.checkpoint import Checkpoint, check_model_parallel_size, find_shards
-from ..model.hf_checkpoint import HFCheckpoint, is_hf_folder
-from ..model.hf_config import read_config
+from ..model.checkpoint import check_model_parallel_size
+from ..model.folder import (config_path, open_weights, read_model_config, shard_count,
+                            vocabulary_rows)
+from ..model.hf_checkpoint import HFCheckpoint
 from ..model.layers import ParallelLayers
 from ..model.transformer import Transformer
 from ..runtime import distributed
@@ -62,18 +62,6 @@ def model_parallel_size(settings: Settings) -> int:
     return default_model_parallel_size(world_size, shard_count(settings.ckpt_dir))
 
 
-def shard_count(ckpt_dir: Path) -> int:
-    """Meta's shards, one per model-parallel rank of the release; a Hugging Face folder's
-    files, cut by size and not by rank, count as one."""
-    return 1 if is_hf_folder(ckpt_dir) else len(find_shards(ckpt_dir))
-
-
-def config_path(ckpt_dir: Path) -> Path:
-    """The model's config file, the folder's format told by it: Hugging Face's config.json,
-    else Meta's params.json."""
-    return ckpt_dir / ("config.json" if is_hf_folder(ckpt_dir) else "params.json")
-
-
 def read_params(ckpt_dir: Path, tokenizer: Tokenizer | None = None,
                 tokenizer_path: Path | None = None) -> ModelArgs:
     """The model's shape (params.json's, or config.json's in a Hugging Face folder) with its
@@ -83,7 +71,7 @@ def read_params(ckpt_dir: Path, tokenizer: Tokenizer | None = None,
     tokenizer at `tokenizer_path` (default: in ckpt_dir or its parent) is read only where the
     vocabulary needs it: vocab_size -1, or a path given."""
     path = config_path(ckpt_dir)
-    args = read_config(path) if path.name == "config.json" else ModelArgs.from_file(path)
+    args = read_model_config(ckpt_dir)
     if tokenizer is not None and args.vocab_size == -1:
         check_tokenizer_fits(ckpt_dir, tokenizer)
     elif tokenizer is None and (args.vocab_size == -1 or tokenizer_path is not None):
@@ -98,42 +86,26 @@ def read_model_args(ckpt_dir: Path, tokenizer: Tokenizer,
     args = read_params(ckpt_dir, tokenizer)
     release_factor, why = args.rope_scaling()
     path = config_path(ckpt_dir)
-    if path.name == "config.json":
-        why = "as config.json says"
+    hf = path.name == "config.json"  # a Hugging Face folder, told by its name, not its shape
+    name = path.parent.resolve().name if hf or args.family is None else args.family
+    why = "as config.json says" if hf else why
     args = args.with_rope_scaling(rope_scaling_factor, str(path))
     if rope_scaling_factor is not None:
         log.info("RoPE scaled by %g (--rope_scaling_factor; without it: %g, %s)",
                  rope_scaling_factor, release_factor, why)
     elif release_factor is not None:
-        log.info("%s: RoPE scaled by %g, %s", model_name(args, path), release_factor, why)
+        log.info("%s: RoPE scaled by %g, %s", name, release_factor, why)
     return args
-
-
-def model_name(args: ModelArgs, config: Path) -> str:
-    """The release a params.json's shape tells (`ModelArgs.family`); a Hugging Face folder, or
-    a shape of no release, by its folder's name."""
-    if config.name == "params.json" and args.family is not None:
-        return args.family
-    return config.parent.resolve().name or str(config.parent)
 
 
 def check_tokenizer_fits(ckpt_dir: Path, tokenizer: Tokenizer) -> None:
     """The tokenizer's vocabulary is the checkpoint's output rows: else it is the wrong one."""
-    rows = (hf_checkpoint if is_hf_folder(ckpt_dir) else checkpoint).vocabulary_rows(ckpt_dir)
+    rows = vocabulary_rows(ckpt_dir)
     if rows is not None and rows != tokenizer.n_words:
         raise UserError(f"{tokenizer.path}: this tokenizer has {tokenizer.n_words} tokens, but "
                         f"the checkpoint in {ckpt_dir} was trained with {rows} (its output "
                         "layer's rows): pass the tokenizer that belongs to this checkpoint with "
                         "--tokenizer_path")
-
-
-def open_checkpoint(ckpt_dir: Path, args: ModelArgs, tokenizer: Tokenizer
-                    ) -> Checkpoint | HFCheckpoint:
-    """The folder's weights, Meta's shards or a Hugging Face folder's files, checked against
-    `args`; an unsplit embedding is split on the vocabulary for tiktoken tokenizers, as Meta's
-    Llama 3 shards split it."""
-    kind = HFCheckpoint if is_hf_folder(ckpt_dir) else Checkpoint
-    return kind.open(ckpt_dir, args, vocab_parallel_if_unsplit=tokenizer.kind == "tiktoken")
 
 
 def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dtype,
@@ -144,7 +116,8 @@ def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dt
     args = args or read_model_args(ckpt_dir, tokenizer)
     n_shards = shard_count(ckpt_dir)
     check_model_parallel_size(args, dist.model_parallel_size, n_shards)
-    weights = open_checkpoint(ckpt_dir, args, tokenizer)
+    # An unsplit embedding is split as Meta's shards split it: on the vocabulary for Llama 3.
+    weights = open_weights(ckpt_dir, args, vocab_parallel_if_unsplit=tokenizer.kind == "tiktoken")
     model = Transformer(args, ParallelLayers(weights.embedding_split_dim == 0))
     state = weights.state_dict_for(dist.model_parallel_rank, dist.model_parallel_size,
                                    dist.device, dtype)

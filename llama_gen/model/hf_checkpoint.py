@@ -170,7 +170,8 @@ def hf_names(args: ModelArgs) -> dict[str, str]:
     if not args.tie_word_embeddings:
         names[HEAD] = "output.weight"
     for i in range(args.n_layers):
-        names |= {f"model.layers.{i}.{hf}": f"layers.{i}.{meta}" for hf, meta in LAYER_NAMES.items()}
+        names |= {f"model.layers.{i}.{hf}": f"layers.{i}.{meta}"
+                  for hf, meta in LAYER_NAMES.items()}
     return names
 
 
@@ -292,6 +293,6 @@ def generation_eos_ids(ckpt_dir: Path, vocab_size: int) -> frozenset[int]:
                         "list of them")
     if outside := [i for i in ids if not 0 <= i < vocab_size]:
         raise UserError(f"{path}: eos_token_id {', '.join(map(str, outside))} is not among "
-                        f"the tokenizer's {vocab_size} tokens; does generation_config.json belong to "
-                        "this model, and the tokenizer (--tokenizer_path) to it?")
+                        f"the tokenizer's {vocab_size} tokens; does generation_config.json "
+                        "belong to this model, and the tokenizer (--tokenizer_path) to it?")
     return frozenset(ids)
