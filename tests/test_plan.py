@@ -387,6 +387,8 @@ def test_a_hugging_face_config_plans_as_its_params_json(tmp_path):
         (meta.parameters, meta.memory, meta.max_seq_len, meta.verdict)
     assert hf.notes[0] == "no weight files: weights counted from config.json alone"
     assert "4096, the model's context (config.json's max_position_embeddings)" in hf.notes[1]
+    # A run of two processes on a Hugging Face folder runs two model copies by default.
+    assert planned(tmp_path / "hf", gpu_memory="24GB", nproc=2).model_parallel_size == 1
 
 
 def test_hugging_face_weight_files_are_checked_against_config_json(tmp_path):

@@ -284,7 +284,7 @@ def make_plan(settings: PlanSettings) -> Plan:
                         "params.json, or a Hugging Face folder's config.json)")
     args = read_params(settings.ckpt_dir, tokenizer_path=settings.tokenizer_path)
     sizes, hf = shard_sizes(settings.ckpt_dir), is_hf_folder(settings.ckpt_dir)
-    nproc, mp = resolved_mp_size(settings, args, min(len(sizes), 1) if hf else len(sizes))
+    nproc, mp = resolved_mp_size(settings, args, 1 if hf else len(sizes))  # as a run counts
     dtype = settings.dtype or DEFAULT_DTYPE
     gpu_memory = gpu_memory_bytes(settings)
     usable = int(gpu_memory * settings.gpu_memory_utilization)
