@@ -35,7 +35,7 @@ def vocabulary_rows(ckpt_dir: Path) -> int | None:
     return (hf_checkpoint if is_hf_folder(ckpt_dir) else checkpoint).vocabulary_rows(ckpt_dir)
 
 
-def open_weights(ckpt_dir: Path, args: ModelArgs, vocab_parallel_if_unsplit: bool
+def open_checkpoint(ckpt_dir: Path, args: ModelArgs, vocab_parallel_if_unsplit: bool
                  ) -> Checkpoint | HFCheckpoint:
     """The folder's weights, checked against `args`: both kinds give this rank's slices one
     weight at a time (`slices`) and split the embedding as `embedding_split_dim` says."""
