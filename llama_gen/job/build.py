@@ -117,7 +117,7 @@ def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dt
     n_shards = shard_count(ckpt_dir)
     check_model_parallel_size(args, dist.model_parallel_size, n_shards)
     # An unsplit embedding is split as Meta's shards split it: on the vocabulary for Llama 3.
-    weights = open_checkpoint(ckpt_dir, args, vocab_parallel_if_unsplit=tokenizer.kind == "tiktoken")
+    weights = open_checkpoint(ckpt_dir, args, tokenizer.kind == "tiktoken")
     model = Transformer(args, ParallelLayers(weights.embedding_split_dim == 0))
     state = weights.state_dict_for(dist.model_parallel_rank, dist.model_parallel_size,
                                    dist.device, dtype)
