@@ -282,7 +282,10 @@ def test_a_run_uses_the_folder_s_template_and_sends_its_rejections_to_the_errors
     assert line["prompt_tokens"] == len(template.dialog_tokens([user("Hello world!")]))
     [error] = [json.loads(x) for x in out.with_name("o.jsonl.errors.jsonl").open()]
     assert error["line"] == 2 and "System role not supported" in error["reason"]
-
+    # the lines were rendered by this template: an edited one may not resume them
+    folder(ckpt, REJECTS_SYSTEM.replace("<|im_start|>", "<|im_start|> "), **chatml_config(tik))
+    again = run([*job_args(ckpt, prompts, out), "--max_gen_len", "4", "--max_seq_len", "64"])
+    assert again.returncode != 0 and "chat_template: " in again.stderr, again.stderr
 
 
 def test_without_jinja2_a_folder_s_template_is_a_one_line_error(tmp_path, tik, monkeypatch):

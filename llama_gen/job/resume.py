@@ -77,9 +77,11 @@ def changed_lines(old: bytes, new: bytes) -> set[int]:
 
 
 def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str,
-                    rope_scaling_factor: float | None = None) -> dict[str, Any]:
+                    rope_scaling_factor: float | None = None,
+                    chat_template: str | None = None) -> dict[str, Any]:
     """What a completion depends on; a resume must match it exactly. `rope_scaling_factor`
-    is the one in use (`ModelArgs.rope_scaling`), however it was chosen."""
+    is the one in use (`ModelArgs.rope_scaling`), however it was chosen; `chat_template` the
+    folder's template where dialogs are rendered with it (its digest is kept)."""
     prompt_bytes = settings.prompt_path.stat().st_size  # lines appended from now on come after
     return {
         "checkpoint": str(settings.ckpt_dir.resolve()),
@@ -89,6 +91,8 @@ def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str,
         "prompt_file_bytes": prompt_bytes,
         "dtype": dtype,
         "rope_scaling_factor": rope_scaling_factor,
+        "chat_template": (None if chat_template is None else
+                          hashlib.sha256(chat_template.encode()).hexdigest()),
         "command": settings.command,
         **settings.output_defining(),
     }

@@ -143,6 +143,12 @@ class Prompting:
         turn_ends = end_of_turn_ids(self.chat_format, self.tokenizer) if self.chat_format else ()
         return self.tokenizer.stop_ids | frozenset(turn_ends) | self.eos_ids
 
+    @property
+    def template_text(self) -> str | None:
+        """The folder's chat template where the run renders dialogs with it: a resume must
+        render them alike."""
+        return self.chat_format.text if isinstance(self.chat_format, ChatTemplate) else None
+
     def format(self) -> Chat:
         """The chat format a dialog needs; DialogError where the checkpoint has none."""
         if self.chat_format is None:
