@@ -2,6 +2,7 @@
 Hugging Face repos were made: transformers' own tiktoken converter (a test dependency only)."""
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,23 @@ from transformers.convert_slow_tokenizer import TikTokenConverter
 from llama_gen.text.tokenizer import LLAMA3_PAT_STR, LLAMA3_SPECIAL_TOKENS
 
 
+class RankFileConverter(TikTokenConverter):
+    @staticmethod
+    def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+        """Read the rank file itself: tiktoken's loader caches files by their path, in the system's
+        temporary folder, so a rewritten file at a reused path would be read stale."""
+        lines = Path(tiktoken_url).read_text().split()
+        return {base64.b64decode(token): int(rank) for token, rank in zip(lines[::2], lines[1::2])}
+
+
 def write_tokenizer_json(tiktoken_model_path: str | Path, folder: str | Path) -> Path:
     """Write `folder`/tokenizer.json (byte-level BPE with Llama 3's 256 special tokens after the
     ranks) and a tokenizer_config.json naming bos and eos, as Llama 3's repos have; return the
     tokenizer.json's path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    converter = TikTokenConverter(vocab_file=str(tiktoken_model_path), pattern=LLAMA3_PAT_STR,
-                                  extra_special_tokens=list(LLAMA3_SPECIAL_TOKENS))
+    converter = RankFileConverter(vocab_file=str(tiktoken_model_path), pattern=LLAMA3_PAT_STR,
+                                 extra_special_tokens=list(LLAMA3_SPECIAL_TOKENS))
     path = folder / "tokenizer.json"
     converter.converted().save(str(path))
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",

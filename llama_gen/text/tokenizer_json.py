@@ -40,6 +40,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+TO_LATIN1 = str.maketrans({c: chr(b) for c, b in UNICODE_TO_BYTE.items()})  # then encode latin-1
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,11 @@ def read_tokenizer_json(path: Path) -> ByteLevelVocab:
     if unfit:
         raise UserError(f"{path}: {unfit}; llama-gen reads only Llama 3-style byte-level BPE "
                         "tokenizer.json files (pass --tokenizer_path to another tokenizer)")
-    ranks = _ranks(path, model.get("vocab"), doc.get("added_tokens") or [])
-    specials = _specials(path, doc.get("added_tokens") or [], len(ranks))
-    _check_merges(path, ranks, model.get("merges"))
+    added = doc.get("added_tokens") or []
+    vocab = _byte_level_vocab(path, model.get("vocab"), added)
+    ranks = _ranks(path, vocab)
+    specials = _specials(path, added, len(ranks))
+    _check_merges(path, vocab, model.get("merges"))
     pat_str = _pattern(doc["pre_tokenizer"])
     if not model.get("ignore_merges", False):
         _check_tokens_rebuild(path, ranks, pat_str)
@@ -135,28 +138,23 @@ def _pattern(pre: Any) -> str | None:
     return pattern["Regex"] if fits else None
 
 
-def _token_bytes(text: str) -> bytes | None:
-    try:
-        return bytes(UNICODE_TO_BYTE[c] for c in text)
-    except KeyError:
-        return None
-
-
-def _ranks(path: Path, vocab: Any, added: list[dict[str, Any]]) -> dict[bytes, int]:
-    """Vocabulary ids as tiktoken ranks: bytes -> id, 0..N-1 each once, every byte among them.
-    An added token listed in the vocabulary too (GPT-2's <|endoftext|>) is left to the specials."""
+def _byte_level_vocab(path: Path, vocab: Any, added: list[dict[str, Any]]) -> dict[str, int]:
+    """The vocabulary as written (GPT-2's byte map), less any added token listed in it too (GPT-2's
+    <|endoftext|>), which is left to the specials."""
     if not isinstance(vocab, dict):
         raise UserError(f"{path}: its BPE model has no vocab; re-download tokenizer.json")
     added_ids = {a.get("id") for a in added}
-    ranks: dict[bytes, int] = {}
-    for text, rank in vocab.items():
-        if rank in added_ids:
-            continue
-        token = _token_bytes(text)
-        if token is None:
-            raise UserError(f"{path}: vocabulary entry {text!r} is not byte-level (GPT-2's byte "
-                            "map); a SentencePiece-style tokenizer.json is not read")
-        ranks[token] = rank
+    texts = {text: rank for text, rank in vocab.items() if rank not in added_ids}
+    if not set("".join(texts)) <= UNICODE_TO_BYTE.keys():
+        (text, *_) = (t for t in texts if not set(t) <= UNICODE_TO_BYTE.keys())
+        raise UserError(f"{path}: vocabulary entry {text!r} is not byte-level (GPT-2's byte "
+                        "map); a SentencePiece-style tokenizer.json is not read")
+    return texts
+
+
+def _ranks(path: Path, texts: dict[str, int]) -> dict[bytes, int]:
+    """Vocabulary ids as tiktoken ranks: bytes -> id, 0..N-1 each once, every byte among them."""
+    ranks = {text.translate(TO_LATIN1).encode("latin-1"): rank for text, rank in texts.items()}
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise UserError(f"{path}: vocabulary ids are not 0..N-1, each token once")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
@@ -181,32 +179,35 @@ def _specials(path: Path, added: list[dict[str, Any]], n_ranks: int) -> dict[str
     return specials
 
 
-def _check_merges(path: Path, ranks: dict[bytes, int], merges: Any) -> None:
+def _check_merges(path: Path, vocab: dict[str, int], merges: Any) -> None:
     """The merges are exactly the ways to join two vocabulary tokens into a third, listed by that
     third's id. Then tokenizers' BPE, which joins the listed pair that comes first, joins what
-    tiktoken's joins, the pair whose join has the lowest rank (see the report's argument)."""
+    tiktoken's joins, the pair whose join has the lowest rank (docs/tokenizers.md says why).
+    Checked on the byte-level text: the byte map is one character per byte, so joins agree."""
     if not isinstance(merges, list):
         raise UserError(f"{path}: its BPE model has no merges list; re-download tokenizer.json")
-    listed: set[tuple[bytes, bytes]] = set()
+    listed: set[str] = set()
     last = -1
     for i, merge in enumerate(merges):
         parts = merge.split(" ") if isinstance(merge, str) else merge
-        pair = tuple(_token_bytes(p) if isinstance(p, str) else None for p in parts)
-        if len(pair) != 2 or None in pair or pair[0] not in ranks or pair[1] not in ranks:
+        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab:
             raise UserError(f"{path}: merge {i} {merge!r} is not two vocabulary tokens")
-        joined = ranks.get(pair[0] + pair[1])
+        joined = vocab.get(parts[0] + parts[1])
         if joined is None or joined < last:
             what = "is not in the vocabulary" if joined is None else "comes before an earlier one's"
             raise UserError(f"{path}: merge {i} {merge!r}: its result {what}; the merges do not "
                             "follow the vocabulary's ranks as Llama 3's do")
         last = joined
-        listed.add(pair)  # type: ignore[arg-type]
-    for token in ranks:
-        for cut in range(1, len(token)):
-            pair = (token[:cut], token[cut:])
-            if pair[0] in ranks and pair[1] in ranks and pair not in listed:
-                raise UserError(f"{path}: no merge joins {pair[0]!r} and {pair[1]!r} although "
-                                f"token {token!r} is their join; tiktoken would join them")
+        listed.add(f"{parts[0]} {parts[1]}")  # byte-level text has no spaces
+    # Each listed merge is a split of a token into two tokens, so as many splits as merges is all.
+    splits = sum(1 for token in vocab for cut in range(1, len(token))
+                 if token[:cut] in vocab and token[cut:] in vocab)
+    if splits != len(listed):
+        left, right, token = next((t[:cut], t[cut:], t) for t in vocab for cut in range(1, len(t))
+                                  if t[:cut] in vocab and t[cut:] in vocab
+                                  and f"{t[:cut]} {t[cut:]}" not in listed)
+        raise UserError(f"{path}: no merge joins {left!r} and {right!r} although token "
+                        f"{token!r} is their join; tiktoken would join them")
 
 
 def _check_tokens_rebuild(path: Path, ranks: dict[bytes, int], pat_str: str) -> None:
