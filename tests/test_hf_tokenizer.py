@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import random
 from pathlib import Path
 from typing import Any, Callable
 
@@ -151,6 +152,30 @@ def test_ignore_merges_false_refused_when_a_token_is_not_rebuilt(tmp_path: Path)
     assert transformers_tokenizer(path).encode("abcd", add_special_tokens=False) == [
         ord("a"), 256, ord("d")]
     assert "token 259 ('abcd') is not rebuilt by its merges" in refusal(path)
+
+
+def random_vocabulary(rng: random.Random) -> list[bytes]:
+    """The bytes, then tokens over a, b and c, each joining two earlier ones in a random order, so
+    a token's rank may be below its parts' ("abc" before "bc"), as in real vocabularies."""
+    tokens, pool = [bytes([b]) for b in range(256)], [b"a", b"b", b"c"]
+    while len(pool) < 18:
+        joined = rng.choice(pool) + rng.choice(pool)
+        if joined not in pool and len(joined) <= 8:
+            tokens.append(joined)
+            pool.append(joined)
+    return tokens
+
+
+def test_random_vocabularies_agree_with_transformers(tmp_path: Path) -> None:
+    """The converter's files pass the merge checks, and then the ids are transformers'."""
+    rng = random.Random(0)
+    for i in range(30):
+        ranks = write_rank_file(tmp_path / f"{i}.model", random_vocabulary(rng))
+        path = write_tokenizer_json(ranks, tmp_path / str(i))
+        tok, hf = load_tokenizer(path), transformers_tokenizer(path)
+        for _ in range(100):
+            text = "".join(rng.choice("aabbcc ") for _ in range(rng.randint(1, 24)))
+            assert tok.encode(text, bos=False) == hf.encode(text, add_special_tokens=False), text
 
 
 def refusal(path: Path) -> str:

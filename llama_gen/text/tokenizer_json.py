@@ -180,10 +180,13 @@ def _specials(path: Path, added: list[dict[str, Any]], n_ranks: int) -> dict[str
 
 
 def _check_merges(path: Path, vocab: dict[str, int], merges: Any) -> None:
-    """The merges are exactly the ways to join two vocabulary tokens into a third, listed by that
-    third's id. Then tokenizers' BPE, which joins the listed pair that comes first, joins what
-    tiktoken's joins, the pair whose join has the lowest rank (docs/tokenizers.md says why).
-    Checked on the byte-level text: the byte map is one character per byte, so joins agree."""
+    """Check that tokenizers' BPE, joining the listed pair that comes first, joins as tiktoken
+    does, joining the pair whose join has the lowest rank: (1) each merge is two tokens whose join
+    is a token; (2) the merges come in the order of their join's id; (3) every split of a token
+    into two tokens is a merge. By (1) and (3) a pair may be joined in one exactly when it may in
+    the other; by (2) the first listed is the one of lowest rank. Only two different pairs making
+    the same token, adjacent at once, could still be taken in another order (tiktoken takes the
+    leftmost). Checked on the byte-level text: one character per byte, so joins agree."""
     if not isinstance(merges, list):
         raise UserError(f"{path}: its BPE model has no merges list; re-download tokenizer.json")
     listed: set[str] = set()
