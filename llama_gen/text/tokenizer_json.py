@@ -64,6 +64,7 @@ class TokenizerJsonTokenizer(TiktokenTokenizer):
 
 
 def read_tokenizer_json(path: Path) -> ByteLevelVocab:
+    """Check the file is Llama 3's shape, then read what tiktoken needs (one-line errors)."""
     doc = _load_json(path, _read(path))
     model = doc.get("model") or {}
     unfit = _shape_misfit(doc, model)
@@ -106,8 +107,9 @@ def _shape_misfit(doc: dict[str, Any], model: dict[str, Any]) -> str | None:
     if _pattern(doc.get("pre_tokenizer")) is None:
         return (f"its pre-tokenizer {_kind(doc.get('pre_tokenizer'))} is not Llama 3's "
                 "(Split by Meta's regex, then ByteLevel) nor GPT-2's ByteLevel")
-    if _kind(doc.get("decoder")) != repr("ByteLevel"):
-        return f"its decoder {_kind(doc.get('decoder'))} is not ByteLevel"
+    decoder = doc.get("decoder")
+    if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
+        return f"its decoder {_kind(decoder)} is not ByteLevel"
     return None
 
 
@@ -121,7 +123,7 @@ def _pattern(pre: Any) -> str | None:
     if not isinstance(pre, dict):
         return None
     if pre.get("type") == "ByteLevel":
-        plain = pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+        plain = pre.get("use_regex", True) and pre.get("add_prefix_space", True) is False
         return GPT2_PAT_STR if plain else None
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if not isinstance(steps, list) or len(steps) != 2:
@@ -254,8 +256,9 @@ def _bos_eos(path: Path, specials: dict[str, int]) -> tuple[str, str]:
         value = config.get(key)
         value = value.get("content") if isinstance(value, dict) else value
         if value not in specials:
-            found = f"{config_path.name}'s {key} is {value!r}" if config else f"no {config_path}"
-            raise UserError(f"{path}: no {names[i]} among its added tokens, and {found}, "
-                            "not a special token; pass --tokenizer_path to another tokenizer")
+            found = (f"{config_path.name}'s {key} is {value!r}, not one of them" if config
+                     else f"no {config_path.name} beside it names one")
+            raise UserError(f"{path}: no {names[i]} among its added tokens, and {found}; "
+                            "pass --tokenizer_path to another tokenizer")
         names[i] = value
     return names[0], names[1]
