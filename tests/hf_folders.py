@@ -51,10 +51,11 @@ def hf_llama(args: ModelArgs, tokenizer_path: Path, rope: dict, tied: bool,
 
 
 def save_folder(model: transformers.LlamaForCausalLM, folder: Path, tokenizer_path: Path,
-                tokenizer_at: str = "tokenizer.model", max_shard_size: str | None = None,
+                tokenizer_at: str | None = "tokenizer.model", max_shard_size: str | None = None,
                 bin_file: bool = False) -> Path:
     """`model` as transformers writes it (safetensors, sharded under `max_shard_size`), or as
-    older folders hold it (one pytorch_model.bin), with the tokenizer at `tokenizer_at`."""
+    older folders hold it (one pytorch_model.bin), with the tokenizer at `tokenizer_at` (None:
+    the caller writes one)."""
     folder.mkdir(parents=True, exist_ok=True)
     if bin_file:
         model.config.save_pretrained(folder)
@@ -64,8 +65,9 @@ def save_folder(model: transformers.LlamaForCausalLM, folder: Path, tokenizer_pa
     else:
         model.save_pretrained(folder, **({"max_shard_size": max_shard_size}
                                          if max_shard_size else {}))
-    (folder / tokenizer_at).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tokenizer_path, folder / tokenizer_at)
+    if tokenizer_at is not None:
+        (folder / tokenizer_at).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tokenizer_path, folder / tokenizer_at)
     return folder
 
 

@@ -11,8 +11,10 @@ import shutil
 
 import pytest
 import torch
-from hf_folders import (LLAMA2_ROPE, LLAMA32_ROPE, as_transformers_4, assert_matches_hf,
-                        edit_json, hf_llama, save_folder, save_meta_folder)
+from hf_folders import (LLAMA2_ROPE, LLAMA32_ROPE, as_transformers_4,
+                        assert_matches_hf, edit_json, hf_llama, save_folder,
+                        save_meta_folder)
+from hf_tokenizers import write_tokenizer_json
 from runs import job_args, read_output, run, write_prompts
 
 from llama_gen.engine.engine import Engine
@@ -22,10 +24,12 @@ from llama_gen.job.build import load_model, read_params
 from llama_gen.job.tasks import Prompting
 from llama_gen.model.args import ModelArgs
 from llama_gen.model.checkpoint import Checkpoint
-from llama_gen.model.hf_checkpoint import HFCheckpoint, generation_eos_ids, unpermute
+from llama_gen.model.hf_checkpoint import (HFCheckpoint, generation_eos_ids,
+                                           unpermute)
 from llama_gen.settings import Settings
 from llama_gen.testing.tiny import TINY_LLAMA2
-from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
+from llama_gen.testing.tiny_tokenizers import (build_sentencepiece_model,
+                                               build_tiktoken_model)
 from llama_gen.text.tokenizer import load_tokenizer
 
 PROMPTS = ["Hello world", "Guten Morgen, wie geht's?", "a", "The quick brown fox jumps"]
@@ -39,9 +43,9 @@ TINY_LLAMA32 = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multip
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """name -> (folder, transformers' model, tokenizer file): (a) Llama 2-style, SentencePiece,
-    safetensors in shards with an index; (b) Llama 3.2-style, one model.safetensors, the tiktoken
-    file at original/tokenizer.model; (c) b's config.json as transformers 4 spelled it; (d) a's
-    weights in one pytorch_model.bin."""
+    safetensors in shards with an index; (b) Llama 3.2-style, one model.safetensors, a
+    tokenizer.json only; (c) b's config.json as transformers 4 spelled it, the tiktoken file at
+    original/tokenizer.model; (d) a's weights in one pytorch_model.bin."""
     root = tmp_path_factory.mktemp("hf")
     sp = build_sentencepiece_model(root / "sp.model")
     tt = build_tiktoken_model(root / "tiktoken.model")
@@ -51,7 +55,8 @@ def folders(tmp_path_factory):
     b = hf_llama(llama32, tt, LLAMA32_ROPE, tied=True, seed=1)
     made = {
         "llama2-sharded": (save_folder(a, root / "a", sp, max_shard_size="60KB"), a, sp),
-        "llama32-tied": (save_folder(b, root / "b", tt, "original/tokenizer.model"), b, tt),
+        "llama32-tied": (save_folder(b, root / "b", tt, tokenizer_at=None), b,
+                         write_tokenizer_json(tt, root / "b")),
         "llama32-transformers4": (save_folder(b, root / "c", tt, "original/tokenizer.model"), b,
                                   tt),
         "llama2-bin": (save_folder(a, root / "d", sp, bin_file=True), a, sp),
@@ -106,7 +111,7 @@ def test_model_parallel_2_under_torchrun_runs_as_transformers(folders, tmp_path,
     tokenizer = load_tokenizer(tokenizer_path)
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
     out = tmp_path / "out.jsonl"
-    result = run([*job_args(folder, prompts, out), "--tokenizer_path", str(tokenizer_path),
+    result = run([*job_args(folder, prompts, out),  # the folder's own tokenizer, found
                   "--temperature", "0", "--max_gen_len", str(MAX_GEN_LEN), "--logprobs",
                   "--max_seq_len", "64", "--model_parallel_size", "2"], nproc=2)
     assert result.returncode == 0, result.stderr
