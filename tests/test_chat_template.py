@@ -293,3 +293,19 @@ def test_without_jinja2_a_folder_s_template_is_a_one_line_error(tmp_path, tik, m
     monkeypatch.setitem(sys.modules, "jinja2", None)
     with pytest.raises(UserError, match=r"needs jinja2 3\.1\.6 or later .* --chat_format llama2"):
         load_chat_template(folder(tmp_path, CHATML), tik)
+
+
+def test_a_byte_level_tokenizer_without_llama3_s_chat_tokens_has_no_llama3_format(tmp_path):
+    """A tokenizer.json of another model's vocabulary may lack Llama 3's header tokens: asking
+    for (or defaulting to) Llama 3's format is one line, not an assertion."""
+    from hf_tokenizers import write_tokenizer_json
+    path = write_tokenizer_json(build_tiktoken_model(tmp_path / "t.model"), tmp_path / "f")
+    data = json.loads(path.read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in
+                            ("<|begin_of_text|>", "<|end_of_text|>")]
+    path.write_text(json.dumps(data))
+    tokenizer = load_tokenizer(path)
+    for requested in (None, "llama3"):
+        with pytest.raises(UserError, match=r"has no <\|start_header_id\|>, <\|end_header_id\|>, "
+                                            r"<\|eot_id\|>, so Llama 3's chat format"):
+            chat_format_for(tokenizer, 1e-5, requested)

@@ -87,6 +87,9 @@ def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str,
         "checkpoint": str(settings.ckpt_dir.resolve()),
         **checkpoint_fingerprint(settings.ckpt_dir),
         "tokenizer": file_digest(tokenizer_path),
+        # a tokenizer.json may take its bos and eos from the tokenizer_config.json beside it
+        "tokenizer_config": (file_digest(config) if tokenizer_path.suffix == ".json" and (
+            config := tokenizer_path.with_name("tokenizer_config.json")).is_file() else None),
         "prompt_file": file_digest(settings.prompt_path, prompt_bytes),
         "prompt_file_bytes": prompt_bytes,
         "dtype": dtype,

@@ -125,8 +125,12 @@ def _renders_as(template: ChatTemplate, fmt: ChatFormat, tokenizer: Tokenizer) -
         return False
 
 
+LLAMA3_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
 def _family_format(tokenizer: Tokenizer, norm_eps: float) -> ChatFormat:
     if tokenizer.kind == "tiktoken":
+        _check_llama3_tokens(tokenizer)
         return "llama3"
     if math.isclose(norm_eps, LLAMA2_NORM_EPS):
         return "llama2"
@@ -145,11 +149,21 @@ def _checked_request(tokenizer: Tokenizer, requested: str) -> ChatFormat:
         raise UserError(f"--chat_format must be llama2, llama3 or template, got {shown(requested)}")
     fits: ChatFormat = "llama3" if tokenizer.kind == "tiktoken" else "llama2"
     if requested == fits:
+        if fits == "llama3":
+            _check_llama3_tokens(tokenizer)
         return fits
     family = "Llama 3's tiktoken" if fits == "llama3" else "Llama 1/2's SentencePiece"
     raise UserError(
         f"--chat_format {requested} does not fit this checkpoint's tokenizer ({family}; "
         f"its special tokens differ); pass --chat_format {fits} or leave the flag out")
+
+
+def _check_llama3_tokens(tokenizer: Tokenizer) -> None:
+    """A byte-level BPE tokenizer (a tokenizer.json) need not have Llama 3's chat tokens."""
+    if missing := [t for t in LLAMA3_CHAT_TOKENS if t not in tokenizer.special_tokens]:
+        raise UserError(f"{tokenizer.path}: has no {', '.join(missing)}, so Llama 3's chat "
+                        "format does not fit it; use a folder whose chat template fits it "
+                        "(--chat_format template)")
 
 
 def with_system(messages: list[Any], system: str | None) -> list[Any]:
