@@ -89,7 +89,8 @@ class JobSettings:
     # blocks of a paged cache its tokens fill (generation).
     full_length_slots: ClassVar[bool] = False
 
-    ckpt_dir: Path = setting(help="directory with params.json and consolidated.NN.pth shards")
+    ckpt_dir: Path = setting(help="directory with params.json and consolidated.NN.pth shards, "
+                             "or a Hugging Face Llama folder (config.json, *.safetensors)")
     prompt_path: Path = setting(help="JSONL file, one object per line with a prompt (or a "
                                 "dialog's messages)")
     out_path: Path = setting(help="JSONL output, appended to and resumed from")
@@ -116,18 +117,18 @@ class JobSettings:
     dtype: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] | None = setting(
         None, help="weights and activations (default bf16 on GPUs that have it, fp16 on other "
         "GPUs, fp32 on the CPU)")
-    quantize: Literal["int8"] | None = setting(None, role=DEFINES_OUTPUT, help=(
-        "int8: the blocks' linear weights in int8, one scale per row, quantized as they load: "
-        "half of bf16's memory, faster at small batches, slower at large ones"))
+    quantize: Literal["int8"] | None = setting(None, role=DEFINES_OUTPUT, help="int8: the "
+        "blocks' linear weights in int8, a scale per row: half of bf16's memory (see README)")
     quantize_head: bool = setting(False, role=DEFINES_OUTPUT, help="with --quantize, the head too")
     prompt_key: str = setting("prompt", role=DEFINES_OUTPUT, help="the field holding the prompt")
     id_key: str | None = setting(None, role=DEFINES_OUTPUT, help="the field holding a record's "
                                  "id (default: id if present, else the line number)")
     logprobs: bool = setting(False, role=DEFINES_OUTPUT,
                              help="write each token's id and log-probability")
-    chat_format: Literal["llama2", "llama3"] | None = setting(
-        None, role=DEFINES_OUTPUT, help="chat format (default: llama3 for a tiktoken tokenizer, "
-        "llama2 for SentencePiece; Llama 1 has none)")
+    chat_format: Literal["llama2", "llama3", "template"] | None = setting(
+        None, role=DEFINES_OUTPUT, help="chat format: Meta's llama2 or llama3, or the checkpoint "
+        "folder's own chat template (default: the folder's template where it is not Meta's "
+        "format, else llama3 for a tiktoken tokenizer, llama2 for SentencePiece; Llama 1 has none)")
     system: str | None = setting(None, role=DEFINES_OUTPUT, per_record=True,
                                  help="system message for chat prompts")
     strict: bool = setting(False, help="stop at the first bad input line instead of recording "
@@ -208,7 +209,8 @@ class JobSettings:
         """Path errors, before any model loads."""
         if not self.ckpt_dir.is_dir():
             raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such directory (it holds "
-                            "params.json and consolidated.NN.pth)")
+                            "params.json and consolidated.NN.pth, or a Hugging Face folder's "
+                            "config.json and *.safetensors)")
         if not self.prompt_path.is_file():
             what = "a directory, not a file" if self.prompt_path.is_dir() else "no such file"
             raise UserError(f"--prompt_path {self.prompt_path}: {what}")

@@ -107,7 +107,7 @@ def test_a_format_without_its_special_tokens_is_refused(request, kind, requested
 
 
 def test_an_unknown_requested_format_is_refused(tik):
-    with pytest.raises(UserError, match='must be llama2 or llama3, got "chatml"'):
+    with pytest.raises(UserError, match='must be llama2, llama3 or template, got "chatml"'):
         chat_format_for(tik, 1e-5, "chatml")
 
 

@@ -598,7 +598,8 @@ finally:
 """
 
 
-def test_peak_memory_after_auto_sizing_stays_within_the_utilization(tiny_checkpoints, tmp_path):
+def test_peak_memory_after_auto_sizing_stays_within_the_utilization(tiny_checkpoints, tmp_path,
+                                                                     record_property):
     """A whole run on the GPU with --max_batch_size auto, --compile auto (CUDA graphs) and every
     sampler control: torch's peak reserved memory stays within --gpu_memory_utilization of the
     GPU (less what the CUDA context and other processes hold, which the plan also leaves out)."""
@@ -621,4 +622,42 @@ def test_peak_memory_after_auto_sizing_stays_within_the_utilization(tiny_checkpo
     assert done.returncode == 0, done.stderr[-3000:]
     line = [x for x in done.stderr.splitlines() if x.startswith("peak ")][-1].split()
     peak, total = int(line[1]), int(line[3])
+    profiled = [x for x in done.stderr.splitlines() if "profiling step:" in x]
+    assert profiled, "the cache was sized without a profiling step"
+    record_property("profiling_step", profiled[0].split("profiling step: ")[1])
+    record_property("peak_over_total", round(peak / total, 4))
     assert peak <= utilization * total, (peak / 2**30, total / 2**30)
+
+
+# --- a Hugging Face folder on the GPU ------------------------------------------------------
+
+def test_a_hugging_face_folder_loads_on_the_gpu_as_on_the_cpu(single_process, tmp_path):
+    """A Llama 3.2-style folder (one bf16 model.safetensors, GQA, scaled RoPE, tied head)
+    loaded straight onto the GPU: every weight the CPU's, bit for bit (slices are read on the
+    CPU and moved; the tied head is the embedding's vocabulary rows), and the GPU's completions
+    the CPU's, near-ties aside."""
+    pytest.importorskip("transformers")  # writes the folder; not needed by a run
+    from hf_folders import LLAMA32_ROPE, hf_llama, save_folder
+
+    from llama_gen.model.args import ModelArgs
+    from llama_gen.testing.tiny_tokenizers import build_tiktoken_model
+
+    tiktoken_file = build_tiktoken_model(tmp_path / "tokenizer.model")
+    tokenizer = load_tokenizer(tiktoken_file)
+    args = ModelArgs.from_params({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                  "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 500000.0,
+                                  "vocab_size": tokenizer.n_words})
+    reference = hf_llama(args, tiktoken_file, LLAMA32_ROPE, tied=True).to(torch.bfloat16)
+    folder = save_folder(reference, tmp_path / "hf", tiktoken_file, "original/tokenizer.model")
+    on_gpu = dataclasses.replace(single_process, device=torch.device("cuda"))
+    cpu = load_model(folder, tokenizer, single_process, torch.float32)
+    gpu = load_model(folder, tokenizer, on_gpu, torch.float32)
+    cpu_state, gpu_state = cpu.state_dict(), gpu.state_dict()
+    assert cpu_state.keys() == gpu_state.keys()
+    for key, weight in cpu_state.items():
+        assert gpu_state[key].device.type == "cuda", key
+        assert torch.equal(gpu_state[key].cpu(), weight), key
+    reqs = requests(args.vocab_size)
+    want = run(Engine(cpu, (), SLOTS, MAX_SEQ_LEN), reqs)
+    got = run(Engine(gpu, (), SLOTS, MAX_SEQ_LEN), reqs)
+    assert_same_but_near_ties_on(cpu, got, want, reqs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,7 +174,7 @@ def test_help_lists_plan_and_its_flags():
     assert "plan" in main.split("commands:")[1]
     text = run_plan("--help").stdout
     assert "--gpu_memory STR" in text and "--nproc INT" in text and "--prompt_path" not in text
-    assert all(f"--{name} " in text or f"--{name}\n" in text for name in RUN_MEMORY_SETTINGS)
+    assert all(re.search(rf"--{name}\b(?!_)", text) for name in RUN_MEMORY_SETTINGS)
 
 
 def test_plan_takes_the_runs_memory_settings_as_the_run_defines_them():
@@ -319,7 +320,7 @@ def test_the_plan_and_the_run_size_the_cache_with_one_function(tmp_path):
     from llama_gen.job import build
     from llama_gen.settings import Settings
     ckpt = params_dir(tmp_path, LLAMA_2_7B)
-    shape = Shape(ModelArgs.from_params(LLAMA_2_7B), 1, 2, 2048)
+    shape = Shape(ModelArgs.from_params(LLAMA_2_7B), 1, 2, 2048, decode_graphs=True)
     room = cache_room(shape, int(24 * GIB * 0.9))
     for words in ((), ("--max_batch_size", "16"), ("--max_batch_size", "200"),
                   ("--kv_cache_tokens", "8192")):
@@ -345,3 +346,67 @@ def test_an_explicit_batch_is_refused_only_where_one_full_length_sequence_does_n
     assert not planned(ckpt, gpu_memory="16GB", max_seq_len=seq_len + 256,
                        max_batch_size=16).fits
     assert any("--model_parallel_size 2" in line for line in tight.advice)
+
+
+# Published config.json files (huggingface.co/<repo>/blob/main/config.json), the keys read.
+LLAMA_2_7B_HF = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                 "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
+                 "max_position_embeddings": 4096, "num_attention_heads": 32,
+                 "num_hidden_layers": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05,
+                 "rope_scaling": None, "tie_word_embeddings": False, "vocab_size": 32000}
+LLAMA_32_1B_HF = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "head_dim": 64,
+                  "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+                  "max_position_embeddings": 131072, "num_attention_heads": 32,
+                  "num_hidden_layers": 16, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+                  "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0,
+                                   "low_freq_factor": 1.0,
+                                   "original_max_position_embeddings": 8192,
+                                   "rope_type": "llama3"},
+                  "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256}
+
+
+def hf_dir(tmp_path: Path, config: dict, files: dict[str, int] | None = None) -> Path:
+    """A Hugging Face folder holding config.json and weight files of the given sizes (sparse:
+    only their sizes are read)."""
+    ckpt = tmp_path / "hf"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    for name, size in (files or {}).items():
+        with open(ckpt / name, "wb") as f:
+            f.truncate(size)
+    if files and len(files) > 1:
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {f"tensor{i}": name for i, name in enumerate(files)}}))
+    return ckpt
+
+
+def test_a_hugging_face_config_plans_as_its_params_json(tmp_path):
+    meta = planned(params_dir(tmp_path, LLAMA_2_7B), gpu_memory="24GB")
+    hf = planned(hf_dir(tmp_path, LLAMA_2_7B_HF), gpu_memory="24GB")
+    assert (hf.parameters, hf.memory, hf.max_seq_len, hf.verdict) == \
+        (meta.parameters, meta.memory, meta.max_seq_len, meta.verdict)
+    assert hf.notes[0] == "no weight files: weights counted from config.json alone"
+    assert "4096, the model's context (config.json's max_position_embeddings)" in hf.notes[1]
+    # A run of two processes on a Hugging Face folder runs two model copies by default.
+    assert planned(tmp_path / "hf", gpu_memory="24GB", nproc=2).model_parallel_size == 1
+
+
+def test_hugging_face_weight_files_are_checked_against_config_json(tmp_path):
+    """Llama 3.2 1B stores its tied head once: 1.24B parameters in bf16; the run holds the head
+    beside the embedding."""
+    stored = 1_235_814_400 * 2
+    one = planned(hf_dir(tmp_path / "1", LLAMA_32_1B_HF, {"model.safetensors": stored + 20_000}),
+                  gpu_memory="24GB")
+    assert one.checkpoint["shards"] == 1 and one.model_parallel_size == 1
+    assert one.notes[0] == (f"1 weight file(s), {stored / GIB:.2f} GiB: config.json's "
+                            "1,235,814,400 parameters in 16 bits, as expected")
+    assert one.memory["weights"] == stored + 128256 * 2048 * 2
+    assert one.max_seq_len == 131072
+    files = {"model-00001-of-00002.safetensors": stored * 2 // 3,
+             "model-00002-of-00002.safetensors": stored // 3}
+    two = planned(hf_dir(tmp_path / "2", LLAMA_32_1B_HF, files), gpu_memory="24GB", nproc=2)
+    assert "2 weight file(s)" in two.notes[0] and "as expected" in two.notes[0]
+    assert two.model_parallel_size == 1  # the files are no model-parallel split: two copies
+    half = planned(hf_dir(tmp_path / "3", LLAMA_32_1B_HF, {"model.safetensors": stored // 2}),
+                   gpu_memory="24GB")
+    assert half.notes[0].endswith("parameters: does config.json belong to this checkpoint?")

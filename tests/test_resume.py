@@ -334,6 +334,37 @@ def test_another_dtype_or_tokenizer_on_resume_is_refused(tmp_path, tokenizer):
         prepare_output(s, run_fingerprint(s, other, "torch.float32"))
 
 
+def test_a_hugging_face_folders_config_and_weight_files_bind_a_resume(tmp_path, tokenizer):
+    """config.json and generation_config.json by digest, the weight files by name and size, as
+    params.json and Meta's shards are."""
+    ckpt = tmp_path / "hf"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "llama"}')
+    (ckpt / "generation_config.json").write_text('{"eos_token_id": 2}')
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    for i in (1, 2):
+        (ckpt / f"model-0000{i}-of-00002.safetensors").write_bytes(b"x" * (i + 3))
+    s = Settings(ckpt_dir=ckpt, prompt_path=job(tmp_path).prompt_path,
+                 out_path=tmp_path / "out.jsonl")
+    fp = run_fingerprint(s, tokenizer.path, "torch.float32")
+    assert fp["shards"] == [["model-00001-of-00002.safetensors", 4],
+                            ["model-00002-of-00002.safetensors", 5]]
+    assert "params.json" not in fp
+    prepare_output(s, fp)
+    s.out_path.write_bytes(out_line(1, 0))
+    assert prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32")) == {(1, 0)}
+    for name, text, named in (
+            ("generation_config.json", '{"eos_token_id": [2, 3]}', "generation_config.json: "),
+            ("config.json", '{"model_type": "llama", "vocab_size": 9}', "config.json: "),
+            ("model-00002-of-00002.safetensors", "y" * 9, "shards: ")):
+        before = (ckpt / name).read_text()
+        (ckpt / name).write_text(text)
+        with pytest.raises(UserError, match=f"other settings \\({named}"):
+            prepare_output(s, run_fingerprint(s, tokenizer.path, "torch.float32"))
+        (ckpt / name).write_text(before)
+
+
 def test_an_old_run_settings_file_lacking_a_newer_key_resumes_with_its_default(tmp_path,
                                                                                 tokenizer):
     s = Settings(ckpt_dir=checkpoint(tmp_path), prompt_path=job(tmp_path).prompt_path,

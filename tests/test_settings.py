@@ -321,7 +321,8 @@ def test_the_run_sizes_its_cache_from_the_flags(tmp_path, single_process, tiny_c
     room for, or one line naming the flag where it does not fit."""
     import torch
 
-    from llama_gen.engine.memory import AUTO_TOKENS_PER_SEQUENCE, Sizing, slot_working_bytes
+    from llama_gen.engine.memory import (AUTO_TOKENS_PER_SEQUENCE, Sizing, context_table_bytes,
+                                         graph_pool_per_slot, slot_working_bytes)
     from llama_gen.job import build
     from llama_gen.text.tokenizer import load_tokenizer
     ckpt = tiny_checkpoints[("llama3", 1)]
@@ -337,12 +338,16 @@ def test_the_run_sizes_its_cache_from_the_flags(tmp_path, single_process, tiny_c
                                         kv_cache_tokens=150), model, None, dist, (),
                                Sizing(3, 150))
     assert (engine.blocks.n_blocks, engine.blocks.block_size) == (3, 48)
-    # On a GPU (only the arithmetic runs here: the budget is what the test says).
+    # On a GPU (only the arithmetic runs here: the budget is what the test says, and the
+    # profiling step measures what the estimates say; the graphs' pool stays an estimate).
     dist = dataclasses.replace(single_process, device=torch.device("cuda"))
-    shape = build.run_shape(model.args, dist, torch.float32, 100, 32)
+    shape = dataclasses.replace(build.run_shape(model.args, dist, torch.float32, 100, 32),
+                                decode_graphs=True)
     per_token, slot = shape.kv_bytes_per_token, slot_working_bytes(shape)
     fixed = sum(build.fixed_working_bytes(shape).values())
     monkeypatch.setattr(build, "memory_budget", lambda *_: fixed + 2048 * per_token + 3 * slot)
+    monkeypatch.setattr(build, "measure_working_memory", lambda _, batch, *__: (
+        fixed + batch * (slot - graph_pool_per_slot(shape)) - context_table_bytes(shape, batch)))
     assert size(kv_cache_tokens=2048, kv_block_size=32, max_batch_size=3) == Sizing(3, 2048)
     assert size(kv_cache_tokens=2048, kv_block_size=32) == Sizing(3, 2048)  # auto: what fits
     # auto, with room to spare: as many sequences as the cache holds at 100 tokens each (the

@@ -1,5 +1,6 @@
 """`llama-gen plan`: will a run fit on these GPUs, and with which batch size? From params.json
-(and the shard files' sizes, where present) alone: no weights are loaded, no GPU is needed.
+(or a Hugging Face folder's config.json) and the weight files' sizes, where present, alone: no
+weights are loaded, no GPU is needed.
 
 The bytes come from `engine.memory`, per rank (one GPU); this module reads the command line,
 resolves a run's defaults for the GPU it describes, and words the verdict and the advice.
@@ -20,6 +21,7 @@ from ..errors import UserError
 from ..job.build import check_seq_len, context_default, default_model_parallel_size, read_params
 from ..model.args import ModelArgs
 from ..model.checkpoint import SHARD_NAME, find_shards
+from ..model.hf_checkpoint import WEIGHT_FILES, is_hf_folder, weight_paths
 from ..settings import Settings, check_fields, rules, setting, settings_part
 from ..values import FALSE_WORDS, TRUE_WORDS
 
@@ -28,7 +30,7 @@ MEMORY_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 # The run's settings that decide its memory, as the run defines them.
 RUN_MEMORY_SETTINGS = ("ckpt_dir", "tokenizer_path", "max_seq_len", "max_batch_size", "dtype",
                        "model_parallel_size", "gpu_memory_utilization", "kv_cache_tokens",
-                       "quantize", "quantize_head")
+                       "scheduler", "compile", "quantize", "quantize_head")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +58,8 @@ cache's bytes per token and working memory; the KV cache that fits beside them f
 and a verdict with advice (more GPUs, a shorter --max_seq_len, --dtype). Flags left out take a
 run's defaults on a GPU: --max_seq_len the model's context where it fits, --dtype
 {DEFAULT_DTYPE}, --model_parallel_size from --nproc and the shard count, --nproc one model copy.
-Reads params.json and the shard files' sizes only (the tokenizer only where params.json's
-vocab_size is -1): it runs in seconds, on any machine."""
+Reads params.json (a Hugging Face folder's config.json) and the weight files' sizes only (the
+tokenizer only where params.json's vocab_size is -1): it runs in seconds, on any machine."""
 
 
 def without_run_only_flags(words: list[str]) -> list[str]:
@@ -105,7 +107,12 @@ def gpu_memory_bytes(settings: PlanSettings) -> int:
 
 
 def shard_sizes(ckpt_dir: Path) -> list[int]:
-    """The shard files' sizes in shard order; none where the directory holds no shards."""
+    """The weight files' sizes: Meta's shards in shard order, a Hugging Face folder's files in
+    name order; none where the directory holds no weights."""
+    if is_hf_folder(ckpt_dir):
+        if not any((ckpt_dir / name).is_file() for name in WEIGHT_FILES):
+            return []
+        return [path.stat().st_size for path in weight_paths(ckpt_dir)]
     if not any(SHARD_NAME.fullmatch(p.name) for p in ckpt_dir.iterdir()):
         return []
     return [path.stat().st_size for path in find_shards(ckpt_dir)]
@@ -162,22 +169,26 @@ def resolved_mp_size(settings: PlanSettings, args: ModelArgs,
     return nproc, mp
 
 
-def checkpoint_notes(args: ModelArgs, sizes: list[int]) -> tuple[dict[str, Any] | None,
-                                                                 list[str]]:
-    """The shard files against params.json: their sizes must be its parameters in 16 or 32 bits,
-    split evenly."""
+def checkpoint_notes(args: ModelArgs, sizes: list[int], hf: bool = False
+                     ) -> tuple[dict[str, Any] | None, list[str]]:
+    """The weight files against the model's config: their sizes must be its parameters in 16
+    or 32 bits (a tied head stored once), Meta's shards split evenly (a Hugging Face folder's
+    files are cut by size, not by rank)."""
+    config, files = ("config.json", "weight file") if hf else ("params.json", "shard file")
     if not sizes:
-        return None, ["no shard files: weights counted from params.json alone"]
-    params = parameter_count(args)
+        return None, [f"no {files}s: weights counted from {config} alone"]
+    params = parameter_count(args) - (args.vocab_size * args.dim if args.tie_word_embeddings
+                                      else 0)
     per_param = sum(sizes) / params
     info = {"shards": len(sizes), "bytes": sum(sizes), "bytes_per_parameter": round(per_param, 3)}
     stored = next((n for n in (2, 4) if abs(per_param - n) <= 0.05 * n), None)
     each = stored and weight_bytes(args, len(sizes), stored)
-    if stored is None or any(abs(size - each) > 0.05 * each for size in sizes):
-        return info, [f"the {len(sizes)} shard file(s) hold {gib(sum(sizes))} GiB, "
-                      f"{per_param:.2f} bytes for each of params.json's {params:,} parameters "
-                      "(or unevenly): does params.json belong to this checkpoint?"]
-    return info, [f"{len(sizes)} shard file(s), {gib(sum(sizes))} GiB: params.json's "
+    if stored is None or not hf and any(abs(size - each) > 0.05 * each for size in sizes):
+        uneven = "" if hf else " (or unevenly)"
+        return info, [f"the {len(sizes)} {files}(s) hold {gib(sum(sizes))} GiB, "
+                      f"{per_param:.2f} bytes for each of {config}'s {params:,} "
+                      f"parameters{uneven}: does {config} belong to this checkpoint?"]
+    return info, [f"{len(sizes)} {files}(s), {gib(sum(sizes))} GiB: {config}'s "
                   f"{params:,} parameters in {8 * stored} bits, as expected"]
 
 
@@ -271,19 +282,22 @@ def check_cache_tokens(tokens: int | None, shape: Shape) -> None:
 
 
 def make_plan(settings: PlanSettings) -> Plan:
-    """The plan for a run with these settings, from params.json and the shard files' sizes."""
+    """The plan for a run with these settings, from the model's config and the weight files'
+    sizes."""
     if not settings.ckpt_dir.is_dir():
         raise UserError(f"--ckpt_dir {settings.ckpt_dir}: no such directory (it holds "
-                        "params.json)")
+                        "params.json, or a Hugging Face folder's config.json)")
     args = read_params(settings.ckpt_dir, tokenizer_path=settings.tokenizer_path)
-    sizes = shard_sizes(settings.ckpt_dir)
-    nproc, mp = resolved_mp_size(settings, args, len(sizes))
+    sizes, hf = shard_sizes(settings.ckpt_dir), is_hf_folder(settings.ckpt_dir)
+    nproc, mp = resolved_mp_size(settings, args, 1 if hf else len(sizes))  # as a run counts
     dtype = settings.dtype or DEFAULT_DTYPE
     gpu_memory = gpu_memory_bytes(settings)
     usable = int(gpu_memory * settings.gpu_memory_utilization)
-    checkpoint, notes = checkpoint_notes(args, sizes)
-    shape = Shape(args, mp, DTYPES[dtype][1], 1, quantize=settings.quantize,
-                  quantize_head=settings.quantize_head)
+    checkpoint, notes = checkpoint_notes(args, sizes, hf)
+    # a run's decode step on a GPU: CUDA graphs, unless --compile false or the static baseline
+    graphs = settings.scheduler == "continuous" and settings.compile is not False
+    shape = Shape(args, mp, DTYPES[dtype][1], 1, decode_graphs=graphs,
+                  quantize=settings.quantize, quantize_head=settings.quantize_head)
     shape = replace(shape, max_seq_len=planned_seq_len(settings, shape, usable, notes))
     batch, given_tokens = settings.max_batch_size, settings.kv_cache_tokens
     check_cache_tokens(given_tokens, shape)

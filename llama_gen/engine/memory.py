@@ -121,6 +121,7 @@ class Shape:
     max_seq_len: int
     overhead: int = CUDA_CONTEXT_BYTES  # the device's own (the CUDA context); 0 on the CPU
     block_size: int = KV_BLOCK_TOKENS  # positions per KV block: the cache is whole blocks
+    decode_graphs: bool = False  # decode runs as CUDA graphs (compiled), with their own pool
     quantize: str | None = None  # --quantize: int8 weights (`weight_bytes`)
     quantize_head: bool = False
 
@@ -143,19 +144,23 @@ class Sizing:
     kv_cache_tokens: int | None = None
 
 
-def fixed_working_bytes(shape: Shape) -> dict[str, int]:
-    """Working memory that does not grow with the batch (estimates, per rank)."""
+def activation_bytes_per_token(shape: Shape) -> int:
+    """One layer's transients per token of a pass (the previous layer's are freed): the
+    residual stream, its norm and a block's output; q, k, v and the attention output; the FFN's
+    w1 and w3 outputs and their product; RoPE's float32 copies of q and k."""
     a, mp, b = shape.args, shape.mp_size, shape.dtype_bytes
     heads, kv_heads = a.n_heads // mp, a.kv_heads // mp
-    # A pass prefills at most PREFILL_TOKENS tokens: a group of prompts, or a chunk of a long
-    # one. One layer's transients in it (the previous layer's are freed): the residual stream,
-    # its norm and a block's output; q, k, v and the attention output; the FFN's w1 and w3
-    # outputs and their product; RoPE's float32 copies of q and k.
-    per_token = (b * (3 * a.dim + (2 * heads + 2 * kv_heads) * a.head_dim
-                      + 3 * a.ffn_hidden_dim // mp)
-                 + 2 * 4 * (heads + kv_heads) * a.head_dim)
+    return (b * (3 * a.dim + (2 * heads + 2 * kv_heads) * a.head_dim + 3 * a.ffn_hidden_dim // mp)
+            + 2 * 4 * (heads + kv_heads) * a.head_dim)
+
+
+def fixed_working_bytes(shape: Shape) -> dict[str, int]:
+    """Working memory that does not grow with the batch (estimates, per rank)."""
+    a = shape.args
     return {
-        "prefill activations": PREFILL_TOKENS * per_token,
+        # A pass prefills at most PREFILL_TOKENS tokens: a group of prompts, or a chunk of a
+        # long one.
+        "prefill activations": PREFILL_TOKENS * activation_bytes_per_token(shape),
         # a chunk's float32 attention mask where reads need one
         "prefill attention mask": PREFILL_MASK_ELEMENTS * 4,
         # prompt logprobs: LOGPROB_ROWS rows of float32 logits and their log-softmax
@@ -169,11 +174,41 @@ def per_slot_bytes(shape: Shape) -> dict[str, int]:
     transients (estimates). Logits are gathered whole on every rank, so they do not shrink
     with the model-parallel size."""
     a = shape.args
-    return {
+    slot = {
         "KV cache": shape.max_seq_len * shape.kv_bytes_per_token,
         "decode logits and sampler": a.vocab_size * (LOGIT_BYTES + SAMPLER_BYTES_PER_LOGIT),
         "penalty counts": a.vocab_size * PENALTY_BYTES_PER_LOGIT,
     }
+    if shape.decode_graphs:
+        slot["decode graph pool"] = graph_pool_per_slot(shape)
+    return slot
+
+
+def graph_pool_per_slot(shape: Shape) -> int:
+    """What each row adds to the CUDA graphs' own memory pool (0 without graphs): the graph of
+    the largest batch holds its output, the float32 logits gathered whole, and its layers'
+    transients, which the smaller batches' graphs share (one pool for them all). An estimate in
+    a run too: the graphs are recorded after the cache is allocated, at its address."""
+    if not shape.decode_graphs:
+        return 0
+    return shape.args.vocab_size * LOGIT_BYTES + activation_bytes_per_token(shape)
+
+
+def context_table_bytes(shape: Shape, batch: int) -> int:
+    """What grows with the context beside the KV cache, which the profiling step's shorter
+    context does not reach: the rotary table, and the block table with the decode step's copy
+    of it (int64, a row per sequence)."""
+    rotary = fixed_working_bytes(shape)["rotary table"]
+    return rotary + 2 * batch * -(-shape.max_seq_len // shape.block_size) * 8
+
+
+def profiled_room(shape: Shape, budget: int, batch: int, measured: int) -> int:
+    """The room `run_sizing` takes (see `cache_room`) where a run measured its working memory
+    (`engine.profile`): `measured` bytes at `batch` rows replace the estimates, the graph pool
+    stays one. `run_sizing` takes the slots' estimated working memory off the room, so it is
+    given back here."""
+    return budget - measured - batch * graph_pool_per_slot(shape) + \
+        batch * slot_working_bytes(shape)
 
 
 def slot_working_bytes(shape: Shape) -> int:

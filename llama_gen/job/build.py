@@ -12,12 +12,18 @@ import torch
 from ..engine import memory
 from ..engine.blocks import default_block_size
 from ..engine.engine import Engine
+from ..engine import limits
 from ..engine.memory import (CPU_AUTO_BATCH, GIB, GPU_AUTO_CONTEXT_SEQUENCES, KV_BLOCK_TOKENS,
-                             UNKNOWN_CONTEXT, Shape, Sizing, context_slots, default_seq_len,
-                             fixed_working_bytes, gib, run_sizing, whole_blocks)
+                             UNKNOWN_CONTEXT, Shape, Sizing, context_slots, context_table_bytes,
+                             default_seq_len, fixed_working_bytes, gib, graph_pool_per_slot,
+                             profiled_room, run_sizing, slot_working_bytes, whole_blocks)
+from ..engine.profile import measure_working_memory
 from ..errors import UserError
 from ..model.args import ModelArgs
-from ..model.checkpoint import Checkpoint, check_model_parallel_size, find_shards, vocabulary_rows
+from ..model.checkpoint import check_model_parallel_size
+from ..model.folder import (config_path, open_checkpoint, read_model_config, shard_count,
+                            vocabulary_rows)
+from ..model.hf_checkpoint import HFCheckpoint
 from ..model.layers import ParallelLayers
 from ..model.quantize import quantized_state
 from ..model.transformer import Transformer
@@ -54,38 +60,42 @@ def model_parallel_size(settings: Settings) -> int:
     if settings.model_parallel_size is not None:
         return settings.model_parallel_size
     world_size = distributed.launch_env().world_size
-    return default_model_parallel_size(world_size, len(find_shards(settings.ckpt_dir)))
+    return default_model_parallel_size(world_size, shard_count(settings.ckpt_dir))
 
 
 def read_params(ckpt_dir: Path, tokenizer: Tokenizer | None = None,
                 tokenizer_path: Path | None = None) -> ModelArgs:
-    """params.json's shape with its vocabulary: vocab_size -1 (Llama 1/2) is the tokenizer's,
-    and a given one must agree with it. `tokenizer`: the run's, which where params.json leaves
-    the vocabulary to it must have the checkpoint's output rows; without one (`llama-gen plan`,
-    which reads no weights) the tokenizer at `tokenizer_path` (default: in ckpt_dir or its
-    parent) is read only where the vocabulary needs it: vocab_size -1, or a path given."""
-    params_path = ckpt_dir / "params.json"
-    args = ModelArgs.from_file(params_path)
+    """The model's shape (params.json's, or config.json's in a Hugging Face folder) with its
+    vocabulary: vocab_size -1 (Llama 1/2) is the tokenizer's, and a given one must agree with
+    it. `tokenizer`: the run's, which where params.json leaves the vocabulary to it must have
+    the checkpoint's output rows; without one (`llama-gen plan`, which reads no weights) the
+    tokenizer at `tokenizer_path` (default: in ckpt_dir or its parent) is read only where the
+    vocabulary needs it: vocab_size -1, or a path given."""
+    path = config_path(ckpt_dir)
+    args = read_model_config(ckpt_dir)
     if tokenizer is not None and args.vocab_size == -1:
         check_tokenizer_fits(ckpt_dir, tokenizer)
     elif tokenizer is None and (args.vocab_size == -1 or tokenizer_path is not None):
         tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path))
-    return args if tokenizer is None else args.with_vocab_size(tokenizer.n_words,
-                                                               str(params_path))
+    return args if tokenizer is None else args.with_vocab_size(tokenizer.n_words, str(path))
 
 
 def read_model_args(ckpt_dir: Path, tokenizer: Tokenizer,
                     rope_scaling_factor: float | None = None) -> ModelArgs:
-    """A run's model: params.json's shape with the tokenizer's vocabulary (`read_params`) and
+    """A run's model: its config's shape with the tokenizer's vocabulary (`read_params`) and
     RoPE scaled by --rope_scaling_factor where given. Logs the RoPE scaling in use."""
     args = read_params(ckpt_dir, tokenizer)
     release_factor, why = args.rope_scaling()
-    args = args.with_rope_scaling(rope_scaling_factor, str(ckpt_dir / "params.json"))
+    path = config_path(ckpt_dir)
+    hf = path.name == "config.json"  # a Hugging Face folder, told by its name, not its shape
+    name = path.parent.resolve().name if hf or args.family is None else args.family
+    why = "as config.json says" if hf else why
+    args = args.with_rope_scaling(rope_scaling_factor, str(path))
     if rope_scaling_factor is not None:
         log.info("RoPE scaled by %g (--rope_scaling_factor; without it: %g, %s)",
                  rope_scaling_factor, release_factor, why)
     elif release_factor is not None:
-        log.info("%s: RoPE scaled by %g, %s", args.family, release_factor, why)
+        log.info("%s: RoPE scaled by %g, %s", name, release_factor, why)
     return args
 
 
@@ -107,22 +117,24 @@ def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dt
     blocks' linear layers (and with --quantize_head the head) slice by slice as they load."""
     start = time.perf_counter()
     args = args or read_model_args(ckpt_dir, tokenizer)
-    n_shards = len(find_shards(ckpt_dir))
+    n_shards = shard_count(ckpt_dir)
     check_model_parallel_size(args, dist.model_parallel_size, n_shards)
-    checkpoint = Checkpoint.open(ckpt_dir, args,
-                                 vocab_parallel_if_unsplit=tokenizer.kind == "tiktoken")
+    # An unsplit embedding is split as Meta's shards split it: on the vocabulary for Llama 3.
+    weights = open_checkpoint(ckpt_dir, args, tokenizer.kind == "tiktoken")
     int8 = quantize == "int8"
-    model = Transformer(args, ParallelLayers(checkpoint.embedding_split_dim == 0, int8=int8,
+    model = Transformer(args, ParallelLayers(weights.embedding_split_dim == 0, int8=int8,
                                              int8_head=int8 and quantize_head))
-    state = quantized_state(model, checkpoint.slices(dist.model_parallel_rank,
-                                                     dist.model_parallel_size), dist.device, dtype)
+    state = quantized_state(model, weights.slices(dist.model_parallel_rank,
+                                                  dist.model_parallel_size), dist.device, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the weights now: fusing frees each separate one
     model.fuse()
     model.requires_grad_(False).eval()
     if dist.rank == 0:
-        log.info("loaded %s (%d shard(s), model parallel %d, %s%s) in %.1fs", ckpt_dir,
-                 n_shards, dist.model_parallel_size, str(dtype).removeprefix("torch."),
+        files = (f"{len(weights.files)} weight file(s)" if isinstance(weights, HFCheckpoint)
+                 else f"{n_shards} shard(s)")
+        log.info("loaded %s (%s, model parallel %d, %s%s) in %.1fs", ckpt_dir, files,
+                 dist.model_parallel_size, str(dtype).removeprefix("torch."),
                  f", {quantize} weights" if quantize else "", time.perf_counter() - start)
     return model
 
@@ -224,12 +236,14 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
         sizing = Sizing(batch, tokens)
         log_sizing(settings, model, dist, sizing, None, block)
         return sizing
-    shape = run_shape(model.args, dist, model.tok_embeddings.weight.dtype, settings.max_seq_len,
-                      block)
+    shape = replace(run_shape(model.args, dist, model.tok_embeddings.weight.dtype, settings.max_seq_len,
+                              block), decode_graphs=compiles_decode(settings, dist.device))
     distributed.open_communicators(dist.device)  # their memory is in use before it is measured
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     room = budget - sum(fixed_working_bytes(shape).values())
     sizing = group_least(gpu_sizing(settings, shape, room), dist)
+    if sizing is not None and runs_continuous(settings):
+        sizing = profiled_sizing(settings, model, dist, shape, budget, sizing.max_batch_size)
     if sizing is None and settings.kv_cache_tokens is not None:
         raise UserError(f"--kv_cache_tokens {settings.kv_cache_tokens} "
                         f"({settings.kv_cache_tokens * shape.kv_bytes_per_token / GIB:.2f} GiB) "
@@ -248,6 +262,41 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
                         "or use more GPUs")
     log_sizing(settings, model, dist, sizing, budget, block)
     return sizing
+
+
+def profiled_sizing(settings: JobSettings, model: Transformer, dist: Dist, shape: Shape,
+                    budget: int, batch: int) -> Sizing | None:
+    """The continuous engine's sizing from a profiling step (`engine.profile`): `batch`
+    sequences at once, as the estimates chose them, and a KV cache of what `budget` leaves
+    beside the working memory its worst-case step measured, the tables of the whole context and
+    the CUDA graphs' pool (`memory.profiled_room`); the least of the group's ranks."""
+    start = time.perf_counter()
+    measured = (measure_working_memory(model, batch, settings.max_seq_len, shape.block_size)
+                + context_table_bytes(shape, batch))
+    room = profiled_room(shape, budget, batch, measured)
+    sizing = group_least(run_sizing(shape, room, batch, settings.kv_cache_tokens), dist)
+    if dist.rank == 0:
+        log.info("profiling step: %d sequences with every sampler control beside a %d-token "
+                 "prefill take %.2f GiB of working memory (the estimate: %.2f) in %.1f s",
+                 batch, min(limits.PREFILL_TOKENS, settings.max_seq_len), measured / GIB,
+                 (sum(fixed_working_bytes(shape).values())
+                  + batch * (slot_working_bytes(shape) - graph_pool_per_slot(shape))) / GIB,
+                 time.perf_counter() - start)
+    return sizing
+
+
+def runs_continuous(settings: JobSettings) -> bool:
+    """Whether the run's engine is the continuous one (not the static baseline, not
+    scoring's), which the profiling step measures."""
+    return not settings.full_length_slots and getattr(settings, "scheduler", None) == "continuous"
+
+
+def compiles_decode(settings: JobSettings, device: torch.device) -> bool:
+    """--compile, where auto: on for the continuous engine on CUDA."""
+    if not runs_continuous(settings):
+        return False
+    compile = getattr(settings, "compile", None)
+    return device.type == "cuda" if compile is None else compile
 
 
 def gpu_sizing(settings: JobSettings, shape: Shape, room: int) -> Sizing | None:
@@ -297,9 +346,7 @@ def make_engine(settings: Settings, model: Transformer, tokenizer: Tokenizer, di
         from ..engine.baseline import StaticEngine
         return StaticEngine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
                             tokenizer, kv_cache_tokens=sizing.kv_cache_tokens)
-    compile = settings.compile
-    if compile is None:  # auto
-        compile = dist.device.type == "cuda"
+    compile = compiles_decode(settings, dist.device)
     engine = Engine(model, stop_ids, sizing.max_batch_size, settings.max_seq_len,
                     tokenizer=tokenizer, compile=compile,
                     kv_cache_tokens=sizing.kv_cache_tokens, kv_block_size=settings.kv_block_size)
@@ -318,8 +365,10 @@ def check_seq_len(args: ModelArgs, max_seq_len: int) -> None:
     """An explicit --max_seq_len may not pass the model's context (as vLLM refuses a longer
     max_model_len): its positions past it were never trained."""
     if args.context_length is not None and max_seq_len > args.context_length:
-        raise UserError(f"--max_seq_len {max_seq_len} is longer than the context {args.family} "
-                        f"was trained for ({args.context_length} tokens): use at most "
+        who, source = ((args.family, "") if args.trained_context is None else
+                       ("the model", ", config.json's max_position_embeddings"))
+        raise UserError(f"--max_seq_len {max_seq_len} is longer than the context {who} was "
+                        f"trained for ({args.context_length} tokens{source}): use at most "
                         f"{args.context_length}, or leave it out")
 
 
@@ -335,10 +384,17 @@ def context_default(shape: Shape, usable: int, slots: int,
                                  "Meta's releases, whose contexts are known; pass --max_seq_len")
     fitting = default_seq_len(replace(shape, max_seq_len=context), usable, slots, sequences)
     if fitting == context:
-        return context, f"{context}, {args.family}'s context"
+        return context, f"{context}, {context_words(args)}"
     room = f"{sequences} sequences of it" if sequences > 1 else "one sequence of it"
     if fitting is None:
-        return None, (f"{args.family}'s context of {context} tokens leaves no room for {room} "
+        return None, (f"{context_words(args)} of {context} tokens leaves no room for {room} "
                       f"beside the weights in {gib(usable)} GiB")
-    return fitting, (f"{fitting}: {args.family}'s context of {context} tokens shortened to "
+    return fitting, (f"{fitting}: {context_words(args)} of {context} tokens shortened to "
                      f"what fits, {room}, beside the weights in {gib(usable)} GiB")
+
+
+def context_words(args: ModelArgs) -> str:
+    """Whose context the model's is: the release's, or a config.json's."""
+    if args.trained_context is None:
+        return f"{args.family}'s context"
+    return "the model's context (config.json's max_position_embeddings)"

@@ -48,7 +48,8 @@ def prepare(task: Task, dtype: str, dist: Dist, lock: OutputLock,
             if output_parts(settings.out_path) or parts_dir(settings.out_path).is_dir():
                 merge_parts(settings.out_path, settings.errors_path, prompt_order(task))
             done = prepare_output(settings, run_fingerprint(
-                settings, task.prompting.tokenizer.path, dtype, rope_scaling_factor),
+                settings, task.prompting.tokenizer.path, dtype, rope_scaling_factor,
+                task.prompting.template_text),
                 functools.partial(check_edited_lines, task))
             run = start_parts(settings) if dist.data_parallel_size > 1 else ""
             pending, written, aliases = count_samples(task, done)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..model.hf_checkpoint import GENERATION_CONFIG, is_hf_folder, weight_paths
 from ..settings import JobSettings, Settings
 from .output import cut_torn_last_line, recover_output, write_atomically
 
@@ -76,23 +77,42 @@ def changed_lines(old: bytes, new: bytes) -> set[int]:
 
 
 def run_fingerprint(settings: Settings, tokenizer_path: Path, dtype: str,
-                    rope_scaling_factor: float | None = None) -> dict[str, Any]:
+                    rope_scaling_factor: float | None = None,
+                    chat_template: str | None = None) -> dict[str, Any]:
     """What a completion depends on; a resume must match it exactly. `rope_scaling_factor`
-    is the one in use (`ModelArgs.rope_scaling`), however it was chosen."""
-    shards = sorted(settings.ckpt_dir.glob("consolidated.*.pth"))
+    is the one in use (`ModelArgs.rope_scaling`), however it was chosen; `chat_template` the
+    folder's template where dialogs are rendered with it (its digest is kept)."""
     prompt_bytes = settings.prompt_path.stat().st_size  # lines appended from now on come after
     return {
         "checkpoint": str(settings.ckpt_dir.resolve()),
-        "params.json": file_digest(settings.ckpt_dir / "params.json"),
-        "shards": [[p.name, p.stat().st_size] for p in shards],
+        **checkpoint_fingerprint(settings.ckpt_dir),
         "tokenizer": file_digest(tokenizer_path),
+        # a tokenizer.json may take its bos and eos from the tokenizer_config.json beside it
+        "tokenizer_config": (file_digest(config) if tokenizer_path.suffix == ".json" and (
+            config := tokenizer_path.with_name("tokenizer_config.json")).is_file() else None),
         "prompt_file": file_digest(settings.prompt_path, prompt_bytes),
         "prompt_file_bytes": prompt_bytes,
         "dtype": dtype,
         "rope_scaling_factor": rope_scaling_factor,
+        "chat_template": (None if chat_template is None else
+                          hashlib.sha256(chat_template.encode()).hexdigest()),
         "command": settings.command,
         **settings.output_defining(),
     }
+
+
+def checkpoint_fingerprint(ckpt_dir: Path) -> dict[str, Any]:
+    """The model's files: its config's digest (Meta's params.json; a Hugging Face folder's
+    config.json and generation_config.json, whose end-of-text ids stop a completion) and the
+    weight files' names and sizes (the weights are too large to digest at every start)."""
+    if is_hf_folder(ckpt_dir):
+        generation = ckpt_dir / GENERATION_CONFIG
+        return {"config.json": file_digest(ckpt_dir / "config.json"),
+                GENERATION_CONFIG: file_digest(generation) if generation.is_file() else None,
+                "shards": [[p.name, p.stat().st_size] for p in weight_paths(ckpt_dir)]}
+    shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    return {"params.json": file_digest(ckpt_dir / "params.json"),
+            "shards": [[p.name, p.stat().st_size] for p in shards]}
 
 
 def fingerprint_differences(old: dict[str, Any], new: dict[str, Any], prompt_path: Path,

@@ -19,11 +19,13 @@ from ..engine.sampling import derive_seed
 from ..engine.scoring import Scored, Scorer, ScoreRequest, has_scored_part
 from ..errors import UserError
 from ..model.args import ModelArgs
+from ..model.hf_checkpoint import generation_eos_ids
 from ..model.transformer import Transformer
 from ..runtime.distributed import Dist
 from ..settings import JobSettings, ScoreSettings, Settings
-from ..text.chat import (ChatFormat, DialogError, chat_format_for, end_of_turn_ids, dialog_tokens,
-                         reply_tokens, with_system)
+from ..text.chat import (TEMPLATE, Chat, DialogError, chat_format_for, end_of_turn_ids,
+                         dialog_tokens, reply_tokens, with_system)
+from ..text.chat_template import ChatTemplate, load_chat_template
 from ..text.tokenizer import Tokenizer
 from .lines import BatchAnswers, completion_text, shown_ids
 from .output import Tally
@@ -105,31 +107,49 @@ class Prompting:
     as one user message with --chat) in the checkpoint's chat format."""
 
     tokenizer: Tokenizer
-    chat_format: ChatFormat | None
+    chat_format: Chat | None
     no_chat_format: str | None = None  # why there is none (a Llama 1 checkpoint)
     context_length: int | None = None  # the model's, where known: how far --max_seq_len goes
+    eos_ids: frozenset[int] = frozenset()  # a Hugging Face folder's generation_config.json's
 
     @classmethod
     def for_run(cls, settings: JobSettings, tokenizer: Tokenizer, args: ModelArgs
                 ) -> Prompting:
         """The run's chat format; a checkpoint without one is an error at once where the
-        flags ask for chat, else for each record that brings a dialog."""
+        flags ask for chat, else for each record that brings a dialog. The folder's chat
+        template is read unless a Meta format is asked for: one that does not parse is an error
+        at once."""
+        eos_ids = generation_eos_ids(settings.ckpt_dir, tokenizer.n_words)
+        template = (load_chat_template(settings.ckpt_dir, tokenizer)
+                    if settings.chat_format in (None, TEMPLATE) else None)
         try:
-            return cls(tokenizer, chat_format_for(tokenizer, args.norm_eps, settings.chat_format),
-                       context_length=args.context_length)
+            chat = chat_format_for(tokenizer, args.norm_eps, settings.chat_format, template)
         except UserError as e:
             if settings.wants_chat:
                 raise
-            return cls(tokenizer, None, str(e), args.context_length)
+            return cls(tokenizer, None, str(e), args.context_length, eos_ids)
+        if isinstance(chat, ChatTemplate):
+            log.info("chat format: the checkpoint's chat template (%s)", chat.source)
+        elif template is not None:
+            log.info("chat format: Meta's %s, which the checkpoint's chat template (%s) renders "
+                     "alike", chat, template.source)
+        return cls(tokenizer, chat, context_length=args.context_length, eos_ids=eos_ids)
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Where generation stops: the tokenizer's stop tokens and the chat format's ends of
-        turn."""
+        """Where generation stops: the tokenizer's stop tokens, the chat format's ends of turn
+        and the folder's generation_config.json's eos_token_id (Llama 3 instruct folders list
+        all three of their ends)."""
         turn_ends = end_of_turn_ids(self.chat_format, self.tokenizer) if self.chat_format else ()
-        return self.tokenizer.stop_ids | frozenset(turn_ends)
+        return self.tokenizer.stop_ids | frozenset(turn_ends) | self.eos_ids
 
-    def format(self) -> ChatFormat:
+    @property
+    def template_text(self) -> str | None:
+        """The folder's chat template where the run renders dialogs with it: a resume must
+        render them alike."""
+        return self.chat_format.text if isinstance(self.chat_format, ChatTemplate) else None
+
+    def format(self) -> Chat:
         """The chat format a dialog needs; DialogError where the checkpoint has none."""
         if self.chat_format is None:
             raise DialogError(self.no_chat_format)

@@ -201,8 +201,10 @@ class ModelArgs:
         if factor is None:
             return self
         if not self.use_scaled_rope:
+            lacks = ("no rope_scaling of rope_type llama3" if source.endswith("config.json")
+                     else "no use_scaled_rope")
             raise UserError(f"--rope_scaling_factor {factor:g}: {source} does not scale RoPE "
-                            "(no use_scaled_rope): leave the flag out")
+                            f"({lacks}): leave the flag out")
         return dataclasses.replace(self, rope_scaling_factor=factor)
 
     @classmethod
@@ -233,7 +235,8 @@ class ModelArgs:
     @classmethod
     def from_file(cls, path: Path) -> ModelArgs:
         params = read_json(path, "a Meta checkpoint directory holds params.json and "
-                                 "consolidated.NN.pth shards")
+                                 "consolidated.NN.pth shards, a Hugging Face one config.json and "
+                                 "*.safetensors")
         return cls.from_params(params, source=str(path))
 
     def with_vocab_size(self, tokenizer_vocab: int, source: str = "params.json") -> ModelArgs:

@@ -7,7 +7,7 @@ so a checkpoint of n shards runs at any model-parallel size whose slices fall on
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +89,7 @@ def vocabulary_rows(ckpt_dir: Path) -> int | None:
     rows across shards), read from shard 0's index without its weights; None where shard 0
     has no 2-D output.weight (its checks say more)."""
     paths = find_shards(ckpt_dir)
-    weight = _load_shard(paths[0]).get("output.weight")
+    weight = load_shard(paths[0]).get("output.weight")
     return None if weight is None or weight.dim() != 2 else weight.shape[0] * len(paths)
 
 
@@ -118,7 +118,7 @@ class Checkpoint:
     @classmethod
     def open(cls, ckpt_dir: Path, args: ModelArgs, vocab_parallel_if_unsplit: bool) -> Checkpoint:
         paths = find_shards(ckpt_dir)
-        shards = [_load_shard(p) for p in paths]
+        shards = [load_shard(p) for p in paths]
         n = len(paths)
         _check_no_last_shards_missing(ckpt_dir, paths[0], shards[0], args, n)
         if n == 1:
@@ -131,9 +131,9 @@ class Checkpoint:
         return cls(shards, embedding_dim)
 
     def slices(self, mp_rank: int, mp_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, this rank's CPU slice) for every weight, one at a time, resharded from however
-        many shards there are: a loader may convert or quantize each and drop it before the
-        next is read."""
+        """(key, this rank's slice) for every weight, resharded from however many shards there
+        are: CPU tensors in the file's dtype, one at a time, so that a caller may convert (or
+        quantize) each before the next is read."""
         for key in self.shards[0]:
             if key in IGNORED_KEYS:
                 continue
@@ -146,9 +146,13 @@ class Checkpoint:
 
     def state_dict_for(self, mp_rank: int, mp_size: int, device: torch.device,
                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """This rank's slice of every weight on `device` in `dtype`."""
-        return {key: tensor.to(device=device, dtype=dtype)
-                for key, tensor in self.slices(mp_rank, mp_size)}
+        """This rank's slice of every weight, on `device` in `dtype`."""
+        return state_dict_from(self.slices(mp_rank, mp_size), device, dtype)
+
+
+def state_dict_from(slices: Iterable[tuple[str, torch.Tensor]], device: torch.device,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {key: tensor.to(device=device, dtype=dtype) for key, tensor in slices}
 
 
 def _slice_across_shards(pieces: list[torch.Tensor], dim: int, rank: int, size: int) -> torch.Tensor:
@@ -164,14 +168,14 @@ def _slice_across_shards(pieces: list[torch.Tensor], dim: int, rank: int, size: 
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+def load_shard(path: Path, what: str = "a Meta consolidated shard") -> dict[str, torch.Tensor]:
     try:
         shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # unpickling refused, truncated file, not a zip archive...
         raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(shard, dict) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
-        raise UserError(f"{path}: expected a dict of tensors (a Meta consolidated shard)")
+        raise UserError(f"{path}: expected a dict of tensors ({what})")
     return shard
 
 

@@ -14,19 +14,26 @@ silently dropped, since Meta's formats have no place for them.
   start_header {role} end_header "\\n\\n" {content} eot, then the assistant header and "\\n\\n"
   left open for the model. Contents are stripped, as in Meta's llama3 repo and Hugging Face's chat
   template (llama-models does not strip; the two differ only for content with outer whitespace).
+- A folder's own chat template (`chat_template.py`): what a fine-tune was trained on.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from ..errors import UserError
 from ..values import shown
 from .tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from .chat_template import ChatTemplate
+
 ChatFormat = Literal["llama2", "llama3"]
 CHAT_FORMATS: tuple[ChatFormat, ...] = ("llama2", "llama3")
+Chat = Union[ChatFormat, "ChatTemplate"]  # Meta's format, or the folder's template
+TEMPLATE = "template"  # --chat_format's word for the folder's template
+LOOKED_FOR = "chat_template.jinja, or chat_template in tokenizer_config.json"
 ROLES = ("system", "user", "assistant")
 LLAMA2_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 LLAMA2_SYS_OPEN, LLAMA2_SYS_CLOSE = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -73,13 +80,57 @@ def message_problem(value: Any) -> str | None:
     return None
 
 
-def chat_format_for(tokenizer: Tokenizer, norm_eps: float, requested: str | None) -> ChatFormat:
-    """The checkpoint family's chat format: `requested` if given (it must fit the tokenizer's
-    special tokens), else tiktoken -> llama3 and SentencePiece -> llama2 when params.json's
-    norm_eps is Llama 2's. Llama 1 (norm_eps 1e-6) has no chat format: a UserError."""
+def chat_format_for(tokenizer: Tokenizer, norm_eps: float, requested: str | None,
+                    template: ChatTemplate | None = None) -> Chat:
+    """The run's chat format: `requested` if given (llama2 or llama3 must fit the tokenizer's
+    special tokens; "template" needs the folder's `template`). Else the folder's template where
+    it has one that is not Meta's format, else the checkpoint family's Meta format: tiktoken ->
+    llama3 and SentencePiece -> llama2 when norm_eps is Llama 2's. Llama 1 (norm_eps 1e-6) has no
+    chat format: a UserError."""
+    if requested == TEMPLATE:
+        if template is None:
+            raise UserError(f"--chat_format template: the checkpoint folder has no chat template "
+                            f"(looked for {LOOKED_FOR}); pass --chat_format llama2 or llama3")
+        return template
     if requested is not None:
         return _checked_request(tokenizer, requested)
+    try:
+        meta = _family_format(tokenizer, norm_eps)
+    except UserError:
+        if template is None:
+            raise
+        return template
+    if template is None or _renders_as(template, meta, tokenizer):
+        return meta
+    return template
+
+
+# Meta's own Hugging Face folders carry Meta's format as a template. Whether a template is Meta's
+# is told by the ids it renders for these dialogs, not by its text: copies of Meta's templates
+# differ in whitespace and spelling between releases yet render the same ids, and one that renders
+# other ids (a fine-tune's, or Llama 3.1's, which adds dates to the system header) is what that
+# folder's model was tuned on, so it wins.
+PROBE_DIALOGS = (
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."}],
+)
+
+
+def _renders_as(template: ChatTemplate, fmt: ChatFormat, tokenizer: Tokenizer) -> bool:
+    try:
+        return all(template.dialog_tokens(dialog) == dialog_tokens(dialog, fmt, tokenizer)
+                   for dialog in PROBE_DIALOGS)
+    except DialogError:  # a template that refuses a plain dialog is not Meta's
+        return False
+
+
+LLAMA3_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def _family_format(tokenizer: Tokenizer, norm_eps: float) -> ChatFormat:
     if tokenizer.kind == "tiktoken":
+        _check_llama3_tokens(tokenizer)
         return "llama3"
     if math.isclose(norm_eps, LLAMA2_NORM_EPS):
         return "llama2"
@@ -95,14 +146,24 @@ def chat_format_for(tokenizer: Tokenizer, norm_eps: float, requested: str | None
 
 def _checked_request(tokenizer: Tokenizer, requested: str) -> ChatFormat:
     if requested not in CHAT_FORMATS:
-        raise UserError(f"--chat_format must be llama2 or llama3, got {shown(requested)}")
+        raise UserError(f"--chat_format must be llama2, llama3 or template, got {shown(requested)}")
     fits: ChatFormat = "llama3" if tokenizer.kind == "tiktoken" else "llama2"
     if requested == fits:
+        if fits == "llama3":
+            _check_llama3_tokens(tokenizer)
         return fits
     family = "Llama 3's tiktoken" if fits == "llama3" else "Llama 1/2's SentencePiece"
     raise UserError(
         f"--chat_format {requested} does not fit this checkpoint's tokenizer ({family}; "
         f"its special tokens differ); pass --chat_format {fits} or leave the flag out")
+
+
+def _check_llama3_tokens(tokenizer: Tokenizer) -> None:
+    """A byte-level BPE tokenizer (a tokenizer.json) need not have Llama 3's chat tokens."""
+    if missing := [t for t in LLAMA3_CHAT_TOKENS if t not in tokenizer.special_tokens]:
+        raise UserError(f"{tokenizer.path}: has no {', '.join(missing)}, so Llama 3's chat "
+                        "format does not fit it; use a folder whose chat template fits it "
+                        "(--chat_format template)")
 
 
 def with_system(messages: list[Any], system: str | None) -> list[Any]:
@@ -114,10 +175,12 @@ def with_system(messages: list[Any], system: str | None) -> list[Any]:
     return [AddedSystem(role="system", content=system), *messages]
 
 
-def dialog_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer) -> list[int]:
+def dialog_tokens(messages: list[Any], fmt: Chat, tokenizer: Tokenizer) -> list[int]:
     """The dialog, which must end with the user's message, encoded for the model to answer: Llama 2
-    ends with the open `[INST] {user} [/INST]`, Llama 3 with the assistant header and "\\n\\n".
-    Raises DialogError for a dialog the format cannot encode."""
+    ends with the open `[INST] {user} [/INST]`, Llama 3 with the assistant header and "\\n\\n", a
+    template with its generation prompt. Raises DialogError for a dialog the format cannot encode."""
+    if not isinstance(fmt, str):
+        return fmt.dialog_tokens(messages)
     _check_prompt_dialog(messages, fmt, "the dialog")
     if fmt == "llama2":
         return _llama2_ids(_llama2_turns(messages), tokenizer)
@@ -127,7 +190,7 @@ def dialog_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer) ->
     return ids + _llama3_header("assistant", tokenizer)
 
 
-def reply_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer
+def reply_tokens(messages: list[Any], fmt: Chat, tokenizer: Tokenizer
                  ) -> tuple[list[int], list[int]]:
     """(context, reply) for scoring a dialog that ends with the assistant's message: context is
     `dialog_tokens` of the dialog before it, reply what the model would generate, end-of-turn token
@@ -137,6 +200,8 @@ def reply_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer
     Llama 2 encodes a finished (user, assistant) pair as one string, so the reply is the pair's ids
     after the open prompt's; SentencePiece never merges across the space after `[/INST]`, so the
     open prompt's ids are a prefix. A tokenizer for which they are not gets a DialogError."""
+    if not isinstance(fmt, str):
+        return fmt.reply_tokens(messages)
     problem = message_problem(messages)
     if problem:
         raise DialogError(problem)
@@ -161,8 +226,11 @@ def reply_tokens(messages: list[Any], fmt: ChatFormat, tokenizer: Tokenizer
     return context, finished[len(context) :]
 
 
-def end_of_turn_ids(fmt: ChatFormat, tokenizer: Tokenizer) -> frozenset[int]:
-    """The ids that end the model's turn: Llama 3's eot, end_of_text and eom; Llama 2's eos."""
+def end_of_turn_ids(fmt: Chat, tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids that end the model's turn: Llama 3's eot, end_of_text and eom; Llama 2's eos; a
+    template's (`ChatTemplate.end_of_turn_ids`)."""
+    if not isinstance(fmt, str):
+        return fmt.end_of_turn_ids
     if fmt == "llama2":
         return frozenset({tokenizer.eos_id})
     return frozenset(_special(tokenizer, name) for name in LLAMA3_END_OF_TURN)
@@ -177,6 +245,11 @@ def _check_prompt_dialog(messages: list[Any], fmt: ChatFormat, what: str) -> Non
         _check_llama2(messages)
     else:
         _check_llama3(messages)
+    check_ends_with_user(messages, what)
+
+
+def check_ends_with_user(messages: list[Any], what: str) -> None:
+    """Raise DialogError unless the last message is the user's (the model answers it)."""
     last = len(messages) - 1
     if messages[last]["role"] != "user":
         raise DialogError(f"{what} ends with {_name(messages, last)} of role "

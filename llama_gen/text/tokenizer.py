@@ -38,6 +38,8 @@ LLAMA3_NAMED_SPECIAL_TOKENS = (
     "<|eot_id|>",
     "<|python_tag|>",
 )
+# Llama 3.1's ends of a turn: end of text, end of message (a tool call follows), end of turn.
+LLAMA3_STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 LLAMA3_SPECIAL_TOKENS = LLAMA3_NAMED_SPECIAL_TOKENS + tuple(
     f"<|reserved_special_token_{i}|>"
     for i in range(2, 2 + LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS))
@@ -183,19 +185,24 @@ class TiktokenTokenizer(Tokenizer):
         path = Path(path)
         ranks = _parse_rank_file(path, _read(path))
         specials = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self._open(path, ranks, specials, LLAMA3_PAT_STR, "<|begin_of_text|>", "<|end_of_text|>")
+
+    def _open(self, path: Path, ranks: dict[bytes, int], specials: dict[str, int], pat_str: str,
+              bos: str, eos: str) -> None:
+        """The encoder and the ids, for Meta's rank file and tokenizer.json's alike."""
         self._enc = tiktoken.Encoding(
             name=path.name,
-            pat_str=LLAMA3_PAT_STR,
+            pat_str=pat_str,
             mergeable_ranks=ranks,
             special_tokens=specials,
         )
-        stop = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+        stop = {specials[eos]} | {specials[t] for t in LLAMA3_STOP_TOKENS if t in specials}
         super().__init__(
             path,
-            n_words=len(ranks) + len(specials),
-            bos_id=specials["<|begin_of_text|>"],
-            eos_id=specials["<|end_of_text|>"],
-            stop_ids=frozenset(specials[t] for t in stop),
+            n_words=self._enc.n_vocab,
+            bos_id=specials[bos],
+            eos_id=specials[eos],
+            stop_ids=frozenset(stop),
             special_tokens=specials,
         )
 
@@ -270,10 +277,15 @@ def _looks_like_rank_file(data: bytes) -> bool:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Open a tokenizer, telling its kind from the contents: text `base64 rank` lines are a tiktoken
-    rank file (Llama 3); anything else must be a SentencePiece model protobuf (Llama 1/2)."""
+    """Open a tokenizer, telling its kind from the contents: a JSON object is a Hugging Face
+    tokenizer.json (read as Llama 3's byte-level BPE), text `base64 rank` lines are a tiktoken rank
+    file (Llama 3); anything else must be a SentencePiece model protobuf (Llama 1/2)."""
     path = Path(path)
     data = _read(path)
+    if data.lstrip()[:1] == b"{":
+        from .tokenizer_json import TokenizerJsonTokenizer  # it builds on this module
+
+        return TokenizerJsonTokenizer(path)
     if _looks_like_rank_file(data):
         return TiktokenTokenizer(path)
     try:
@@ -286,8 +298,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def find_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
-    """The explicit `tokenizer_path` if given, else tokenizer.model in `ckpt_dir`, else in its
-    parent (where Llama 1/2 downloads keep it, next to 7B/, 13B/, ...)."""
+    """The explicit `tokenizer_path` if given, else the first of: tokenizer.model in `ckpt_dir`
+    (SentencePiece, or tiktoken in Meta's Llama 3 folders); Llama 3's tiktoken file in a Hugging
+    Face folder's original/; its tokenizer.json; tokenizer.model in the parent (where Llama 1/2
+    downloads keep it, next to 7B/, 13B/, ...)."""
     if tokenizer_path is not None:
         path = Path(tokenizer_path)
         if not path.is_file():
@@ -295,11 +309,12 @@ def find_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None = Non
         return path
     ckpt_dir = Path(ckpt_dir)
     parent = Path(os.path.abspath(ckpt_dir)).parent  # abspath: keep symlinked dirs' own parent
-    candidates = [ckpt_dir / "tokenizer.model", parent / "tokenizer.model"]
+    candidates = [ckpt_dir / "tokenizer.model", ckpt_dir / "original" / "tokenizer.model",
+                  ckpt_dir / "tokenizer.json", parent / "tokenizer.model"]
     for path in candidates:
         if path.is_file():
             return path
     raise UserError(
-        f"no tokenizer.model in {candidates[0].parent} or {candidates[1].parent}; "
-        "pass --tokenizer_path PATH"
+        f"no tokenizer in {ckpt_dir} (tokenizer.model, original/tokenizer.model, tokenizer.json) "
+        f"or {parent} (tokenizer.model); pass --tokenizer_path PATH"
     )
