@@ -291,3 +291,28 @@ def test_scoring_in_int8_scores_with_the_int8_model(loaded, tiny_checkpoints, tm
     want = logprobs(loaded["int8"], tokens)[-len(line["token_logprobs"]):]
     torch.testing.assert_close(torch.tensor(line["token_logprobs"]), want, atol=1e-5, rtol=0)
     assert json.dumps(line)  # a plain JSON line
+
+
+def test_a_hugging_face_folder_quantizes_as_its_meta_layout(single_process, tmp_path):
+    """A Llama 3.2-style folder (tied head, Q/K in transformers' layout) with --quantize int8
+    --quantize_head holds, bit for bit, what the same weights in Meta's layout hold: the
+    quantization sees Meta's rows whatever the folder's format."""
+    from hf_folders import LLAMA32_ROPE, hf_llama, save_folder, save_meta_folder
+
+    from llama_gen.job.build import read_params
+    from llama_gen.model.args import ModelArgs
+    from llama_gen.testing.tiny_tokenizers import build_tiktoken_model
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32,
+              "norm_eps": 1e-5, "rope_theta": 500000.0}
+    tiktoken = build_tiktoken_model(tmp_path / "tiktoken.model")
+    tokenizer = load_tokenizer(tiktoken)
+    reference = hf_llama(ModelArgs.from_params({**params, "vocab_size": tokenizer.n_words}),
+                         tiktoken, LLAMA32_ROPE, tied=True, seed=1)
+    folder = save_folder(reference, tmp_path / "hf", tiktoken, "original/tokenizer.model")
+    args = read_params(folder, tokenizer)
+    meta = save_meta_folder(reference, tmp_path / "meta", {
+        **params, "vocab_size": args.vocab_size, "use_scaled_rope": True}, args, tiktoken, True)
+    hf, from_meta = (load_model(f, tokenizer, single_process, torch.float32, quantize="int8",
+                                quantize_head=True).state_dict() for f in (folder, meta))
+    assert hf.keys() == from_meta.keys() and hf["output.weight"].dtype == torch.int8
+    assert all(torch.equal(hf[key], from_meta[key]) for key in hf)
