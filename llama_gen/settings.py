@@ -126,9 +126,8 @@ class JobSettings:
     logprobs: bool = setting(False, role=DEFINES_OUTPUT,
                              help="write each token's id and log-probability")
     chat_format: Literal["llama2", "llama3", "template"] | None = setting(
-        None, role=DEFINES_OUTPUT, help="chat format: Meta's llama2 or llama3, or the checkpoint "
-        "folder's own chat template (default: the folder's template where it is not Meta's "
-        "format, else llama3 for a tiktoken tokenizer, llama2 for SentencePiece; Llama 1 has none)")
+        None, role=DEFINES_OUTPUT, help="Meta's llama2 or llama3, or the folder's chat template "
+        "(default: the template where it is not Meta's, else the tokenizer's; Llama 1 has none)")
     system: str | None = setting(None, role=DEFINES_OUTPUT, per_record=True,
                                  help="system message for chat prompts")
     strict: bool = setting(False, help="stop at the first bad input line instead of recording "
@@ -208,9 +207,8 @@ class JobSettings:
     def check_paths(self) -> None:
         """Path errors, before any model loads."""
         if not self.ckpt_dir.is_dir():
-            raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such directory (it holds "
-                            "params.json and consolidated.NN.pth, or a Hugging Face folder's "
-                            "config.json and *.safetensors)")
+            raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such directory (it holds params.json "
+                            "and consolidated.NN.pth, or config.json and *.safetensors)")
         if not self.prompt_path.is_file():
             what = "a directory, not a file" if self.prompt_path.is_dir() else "no such file"
             raise UserError(f"--prompt_path {self.prompt_path}: {what}")
