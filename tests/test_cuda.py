@@ -661,3 +661,57 @@ def test_a_hugging_face_folder_loads_on_the_gpu_as_on_the_cpu(single_process, tm
     want = run(Engine(cpu, (), SLOTS, MAX_SEQ_LEN), reqs)
     got = run(Engine(gpu, (), SLOTS, MAX_SEQ_LEN), reqs)
     assert_same_but_near_ties_on(cpu, got, want, reqs)
+
+
+# --- --quantize int8 on the GPU ------------------------------------------------------------
+
+def test_int8_product_on_cuda_bf16_is_the_dequantized_product_without_a_weight_copy():
+    """`int8_linear` in bf16 on the GPU, eager (torch's int8 kernel for a few rows where this
+    torch has one, dequantized row blocks beyond) and compiled (the pattern inductor fuses or
+    lowers to the int8 kernel), equals x @ dequantized.T to bf16's rounding, and allocates
+    less than a quarter of the weight's bf16 bytes beside its output: no full-precision copy
+    of the weight per call."""
+    from llama_gen.model.kernels import int8_linear
+    from llama_gen.model.quantize import dequantize, quantize_rows
+    device = torch.device("cuda")
+    gen = torch.Generator(device).manual_seed(0)
+    weight = torch.randn(8192, 4096, generator=gen, device=device) / 64
+    q, scales = quantize_rows(weight, weight.abs().amax(dim=1), torch.bfloat16)
+    dequantized = dequantize(q, scales)  # float32, exact
+    del weight
+    compiled = torch.compile(int8_linear, dynamic=False)
+    for rows in (1, 4, 64):
+        x = torch.randn(rows, 4096, generator=gen, device=device).to(torch.bfloat16)
+        want = x.float() @ dequantized.T
+        for name, product in (("eager", int8_linear), ("compiled", compiled)):
+            product(x, q, scales)  # kernels chosen, code compiled
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            got = product(x, q, scales)
+            torch.cuda.synchronize()
+            extra = (torch.cuda.max_memory_allocated() - before
+                     - got.numel() * got.element_size())
+            torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=2e-2,
+                                       msg=lambda m: f"{name}, {rows} rows: {m}")
+            assert extra < q.numel() * 2 // 4, (name, rows, extra)
+
+
+def test_int8_model_on_the_gpu_matches_the_cpu(single_process, tiny_checkpoints):
+    """--quantize int8 on the GPU quantizes to the CPU's numbers (float32 arithmetic on each
+    slice), and its engine, eager and compiled (CUDA graphs), gives the CPU's completions:
+    logprobs within LOGPROB_ATOL, tokens the same but at near-ties."""
+    ckpt = tiny_checkpoints[("llama3", 1)]
+    tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+    on_gpu = dataclasses.replace(single_process, device=torch.device("cuda"))
+    cpu = load_model(ckpt, tokenizer, single_process, torch.float32, quantize="int8")
+    gpu = load_model(ckpt, tokenizer, on_gpu, torch.float32, quantize="int8")
+    on_cpu = cpu.state_dict()
+    for key, value in gpu.state_dict().items():
+        assert torch.equal(value.cpu(), on_cpu[key]), key
+    reqs = requests(cpu.args.vocab_size)
+    want = run(Engine(cpu, (), SLOTS, MAX_SEQ_LEN), reqs)
+    for compile in (False, True):
+        torch._dynamo.reset()
+        got = run(Engine(gpu, (), SLOTS, MAX_SEQ_LEN, compile=compile), reqs)
+        assert_same_but_near_ties_on(cpu, got, want, reqs)
