@@ -349,7 +349,8 @@ def plan_text(plan: Plan) -> str:
     lines += ["advice:"] + [f"  - {line}" for line in plan.advice] if plan.advice else []
     lines += [f"note: {note}" for note in plan.notes]
     lines.append("note: working memory and the CUDA context are estimates; weights and the "
-                 "KV cache are exact")
+                 "KV cache are exact (a run measures its working memory before it sizes the "
+                 "cache, in a profiling step)")
     return "\n".join(lines) + "\n"
 
 
