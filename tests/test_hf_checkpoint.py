@@ -244,3 +244,18 @@ def test_missing_and_unexpected_tensors_are_listed(folders, tmp_path):
     with pytest.raises(UserError, match="no model.safetensors, model.safetensors.index.json, "
                                         "pytorch_model.bin or pytorch_model.bin.index.json"):
         HFCheckpoint.open(folder, args, False)
+
+
+def test_a_tied_head_is_the_embedding_s_own_tensor(folders, single_process):
+    """Llama 3.2's tied head holds no copy of the embedding (its vocabulary rows are the same
+    on every rank), and the plan counts it once; an untied head keeps its own weights."""
+    from llama_gen.engine.memory import weight_bytes
+    folder, _, tokenizer_path = folders["llama32-tied"]
+    tied = load_model(folder, load_tokenizer(tokenizer_path), single_process, torch.float32)
+    assert tied.output.weight is tied.tok_embeddings.weight
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tied.state_dict().values()}
+    assert weight_bytes(tied.args, 1, 4) == sum(storages.values())
+    folder, _, tokenizer_path = folders["llama2-sharded"]
+    untied = load_model(folder, load_tokenizer(tokenizer_path), single_process, torch.float32)
+    assert untied.output.weight.data_ptr() != untied.tok_embeddings.weight.data_ptr()

@@ -75,9 +75,13 @@ def weight_bytes(args: ModelArgs, mp_size: int, dtype_bytes: int, quantize: str 
     ones. With --quantize int8 the blocks' linear weights (and the head's, with
     --quantize_head) take a byte per element and a scale in the model's dtype per row this
     rank holds: a column-parallel layer's 1/mp_size of the rows, a row-parallel layer's all."""
+    # a tied head is the embedding's own tensor (`Transformer.tie_head`; the vocabulary-split
+    # embedding of Llama 3's tokenizer), unless the head is int8
+    shared = (args.vocab_size * args.dim // mp_size * dtype_bytes
+              if args.tie_word_embeddings and not (quantize and quantize_head) else 0)
     if quantize is None:
         return sum(numel // mp_size if split else numel
-                   for numel, split in weight_sizes(args)) * dtype_bytes
+                   for numel, split in weight_sizes(args)) * dtype_bytes - shared
     from ..model.checkpoint import full_shapes, split_dim
     from ..model.quantize import quantized_key
     total = 0
@@ -89,7 +93,7 @@ def weight_bytes(args: ModelArgs, mp_size: int, dtype_bytes: int, quantize: str 
             continue
         rows = shape[0] // mp_size if dim == 0 else shape[0]
         total += elements + rows * dtype_bytes
-    return total
+    return total - shared
 
 
 def kv_bytes_per_token(args: ModelArgs, mp_size: int, dtype_bytes: int) -> int:

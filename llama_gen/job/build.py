@@ -128,6 +128,7 @@ def load_model(ckpt_dir: Path, tokenizer: Tokenizer, dist: Dist, dtype: torch.dt
                                                   dist.model_parallel_size), dist.device, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the weights now: fusing frees each separate one
+    model.tie_head()
     model.fuse()
     model.requires_grad_(False).eval()
     if dist.rank == 0:
