@@ -99,9 +99,9 @@ class JobSettings:
     tokenizer_path: Path | None = setting(None, help="tokenizer.model (default: in ckpt_dir "
                                           "or its parent)")
     rope_scaling_factor: float | None = setting(
-        None, low=1, help="RoPE's long-context scaling factor, for a checkpoint whose params.json "
-        "sets use_scaled_rope (default: params.json's, else the release's: 32 for Llama 3.2 1B "
-        "and 3B, 8 for the other Llama 3.1-style ones)")
+        None, low=1, help="RoPE's long-context scaling factor, for a checkpoint that scales RoPE "
+        "(params.json's use_scaled_rope, config.json's llama3 rope_scaling; default: the file's, "
+        "else the release's: 32 for Llama 3.2 1B and 3B, 8 for the other Llama 3.1-style ones)")
     max_seq_len: int | None = setting(
         None, low=1, help="longest prompt + completion in tokens (default: the model's context, "
         "2048 for Llama 1, 4096 for Llama 2, 8192 for Llama 3, 131072 for Llama 3.1 and 3.2, "

@@ -44,7 +44,7 @@ def run_job(settings: JobSettings) -> None:
     distributed.stop_if_launcher_dies()
     settings.check_paths()
     tokenizer = load_tokenizer(find_tokenizer(settings.ckpt_dir, settings.tokenizer_path))
-    # A bad params.json, or chat flags the checkpoint cannot take, before any process group.
+    # A bad params.json or config.json, or chat flags the checkpoint cannot take, before any process group.
     args = read_model_args(settings.ckpt_dir, tokenizer, settings.rope_scaling_factor)
     task = task_for(settings, tokenizer, args)
     dist = distributed.init_distributed(model_parallel_size(settings), settings.device)
