@@ -18,7 +18,7 @@ from runs import job_args, launch, read_output, write_prompts
 
 from llama_gen.cli.flags import parse
 from llama_gen.engine.blocks import BlockAllocator
-from llama_gen.job import build
+from llama_gen.job import build, sizing
 from llama_gen.job.feed import pending_records
 from llama_gen.job.tasks import Generation, Prompting
 from llama_gen.settings import Settings
@@ -81,7 +81,7 @@ def in_process(runs, single_process):
     requests = {(r.tag.record.id, r.tag.sample): r
                 for work in pending_records(task, set()) for r in task.requests(work)}
     engine = build.make_engine(settings, model, tokenizer, single_process, prompting.stop_ids,
-                               build.size_cache(settings, model, single_process))
+                               sizing.size_cache(settings, model, single_process))
     return model, requests, prompting.stop_ids, engine
 
 

@@ -317,7 +317,7 @@ def test_an_explicit_batch_caps_the_sequences_of_a_cache_sized_from_memory(tmp_p
 def test_the_plan_and_the_run_size_the_cache_with_one_function(tmp_path):
     from llama_gen.cli.flags import parse
     from llama_gen.engine.memory import Shape, cache_room
-    from llama_gen.job import build
+    from llama_gen.job import sizing
     from llama_gen.settings import Settings
     ckpt = params_dir(tmp_path, LLAMA_2_7B)
     shape = Shape(ModelArgs.from_params(LLAMA_2_7B), 1, 2, 2048, decode_graphs=True)
@@ -327,7 +327,7 @@ def test_the_plan_and_the_run_size_the_cache_with_one_function(tmp_path):
         plan = make_plan(PlanSettings(ckpt_dir=ckpt, gpu_memory="24GB", max_seq_len=2048,
                                       **{w[2:]: int(v) for w, v in zip(words[::2],
                                                                        words[1::2])}))
-        run = build.gpu_sizing(parse(Settings, ["--ckpt_dir", str(ckpt), "--prompt_path", "p",
+        run = sizing.gpu_sizing(parse(Settings, ["--ckpt_dir", str(ckpt), "--prompt_path", "p",
                                                 "--out_path", "o", "--max_seq_len", "2048",
                                                 *words], "llama-gen"), shape, room)
         assert (plan.max_batch_size, plan.kv_cache_tokens) == (run.max_batch_size,
@@ -392,15 +392,15 @@ def test_a_hugging_face_config_plans_as_its_params_json(tmp_path):
 
 
 def test_hugging_face_weight_files_are_checked_against_config_json(tmp_path):
-    """Llama 3.2 1B stores its tied head once: 1.24B parameters in bf16; the run holds the head
-    beside the embedding."""
+    """Llama 3.2 1B stores its tied head once: 1.24B parameters in bf16; the run holds it once
+    too (the head is the embedding's tensor)."""
     stored = 1_235_814_400 * 2
     one = planned(hf_dir(tmp_path / "1", LLAMA_32_1B_HF, {"model.safetensors": stored + 20_000}),
                   gpu_memory="24GB")
     assert one.checkpoint["shards"] == 1 and one.model_parallel_size == 1
     assert one.notes[0] == (f"1 weight file(s), {stored / GIB:.2f} GiB: config.json's "
                             "1,235,814,400 parameters in 16 bits, as expected")
-    assert one.memory["weights"] == stored + 128256 * 2048 * 2
+    assert one.memory["weights"] == stored
     assert one.max_seq_len == 131072
     files = {"model-00001-of-00002.safetensors": stored * 2 // 3,
              "model-00002-of-00002.safetensors": stored // 3}

@@ -292,26 +292,26 @@ def test_the_block_size_for_the_device_and_the_cache_in_whole_blocks(tmp_path):
     --max_seq_len); a GPU's given block must suit flex attention's kernels."""
     import torch
 
-    from llama_gen.job import build
+    from llama_gen.job import sizing
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert build.kv_block_size(settings(tmp_path, max_seq_len=300), cpu) == 300
-    assert build.kv_block_size(settings(tmp_path, max_seq_len=300), gpu) == 128
-    assert build.kv_block_size(settings(tmp_path, max_seq_len=100), gpu) == 100
-    assert build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_block_size=8), cpu) == 8
-    assert build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_block_size=32), gpu) == 32
+    assert sizing.kv_block_size(settings(tmp_path, max_seq_len=300), cpu) == 300
+    assert sizing.kv_block_size(settings(tmp_path, max_seq_len=300), gpu) == 128
+    assert sizing.kv_block_size(settings(tmp_path, max_seq_len=100), gpu) == 100
+    assert sizing.kv_block_size(settings(tmp_path, max_seq_len=300, kv_block_size=8), cpu) == 8
+    assert sizing.kv_block_size(settings(tmp_path, max_seq_len=300, kv_block_size=32), gpu) == 32
     with pytest.raises(UserError, match=r"^--kv_block_size 8: on GPUs flex attention reads the "
                                         r"paged KV cache, and its kernels take a multiple of 16"):
-        build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_block_size=8), gpu)
+        sizing.kv_block_size(settings(tmp_path, max_seq_len=300, kv_block_size=8), gpu)
     # A GPU's default block of 128: 300 positions take 3 blocks.
     with pytest.raises(UserError, match="^--kv_cache_tokens 380 cannot hold one sequence of "
                                         "--max_seq_len 300 in whole blocks of 128 positions: "
                                         "give at least 384"):
-        build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_cache_tokens=380), gpu)
-    assert build.kv_block_size(settings(tmp_path, max_seq_len=300, kv_cache_tokens=380),
+        sizing.kv_block_size(settings(tmp_path, max_seq_len=300, kv_cache_tokens=380), gpu)
+    assert sizing.kv_block_size(settings(tmp_path, max_seq_len=300, kv_cache_tokens=380),
                                cpu) == 300
     scoring = ScoreSettings(ckpt_dir=tmp_path, prompt_path=tmp_path / "p",
                             out_path=tmp_path / "o", max_seq_len=300)
-    assert build.kv_block_size(scoring, gpu) == 300  # unpaged: a slot per text
+    assert sizing.kv_block_size(scoring, gpu) == 300  # unpaged: a slot per text
 
 
 def test_the_run_sizes_its_cache_from_the_flags(tmp_path, single_process, tiny_checkpoints,
@@ -323,13 +323,13 @@ def test_the_run_sizes_its_cache_from_the_flags(tmp_path, single_process, tiny_c
 
     from llama_gen.engine.memory import (AUTO_TOKENS_PER_SEQUENCE, Sizing, context_table_bytes,
                                          graph_pool_per_slot, slot_working_bytes)
-    from llama_gen.job import build
+    from llama_gen.job import build, sizing
     from llama_gen.text.tokenizer import load_tokenizer
     ckpt = tiny_checkpoints[("llama3", 1)]
     model = build.load_model(ckpt, load_tokenizer(ckpt / "tokenizer.model"), single_process,
                              torch.float32)
     def size(**kwargs):
-        return build.size_cache(settings(tmp_path, max_seq_len=100, **kwargs), model, dist)
+        return sizing.size_cache(settings(tmp_path, max_seq_len=100, **kwargs), model, dist)
     dist = single_process
     assert size() == Sizing(8)  # auto: 8 full-length slots
     assert size(kv_block_size=48) == Sizing(8, 8 * 144)  # 100 positions take 3 blocks of 48
@@ -341,12 +341,12 @@ def test_the_run_sizes_its_cache_from_the_flags(tmp_path, single_process, tiny_c
     # On a GPU (only the arithmetic runs here: the budget is what the test says, and the
     # profiling step measures what the estimates say; the graphs' pool stays an estimate).
     dist = dataclasses.replace(single_process, device=torch.device("cuda"))
-    shape = dataclasses.replace(build.run_shape(model.args, dist, torch.float32, 100, 32),
+    shape = dataclasses.replace(sizing.run_shape(model.args, dist, torch.float32, 100, 32),
                                 decode_graphs=True)
     per_token, slot = shape.kv_bytes_per_token, slot_working_bytes(shape)
-    fixed = sum(build.fixed_working_bytes(shape).values())
-    monkeypatch.setattr(build, "memory_budget", lambda *_: fixed + 2048 * per_token + 3 * slot)
-    monkeypatch.setattr(build, "measure_working_memory", lambda _, batch, *__: (
+    fixed = sum(sizing.fixed_working_bytes(shape).values())
+    monkeypatch.setattr(sizing, "memory_budget", lambda *_: fixed + 2048 * per_token + 3 * slot)
+    monkeypatch.setattr(sizing, "measure_working_memory", lambda _, batch, *__: (
         fixed + batch * (slot - graph_pool_per_slot(shape)) - context_table_bytes(shape, batch)))
     assert size(kv_cache_tokens=2048, kv_block_size=32, max_batch_size=3) == Sizing(3, 2048)
     assert size(kv_cache_tokens=2048, kv_block_size=32) == Sizing(3, 2048)  # auto: what fits

@@ -16,7 +16,7 @@ from llama_gen.engine import blocks, limits, memory
 from llama_gen.engine.memory import (CPU_AUTO_BATCH, Shape, Sizing, auto_sizing, full_slots,
                                      holds, slot_working_bytes)
 from llama_gen.errors import UserError
-from llama_gen.job import build
+from llama_gen.job import build, sizing
 from llama_gen.model.args import ModelArgs
 from llama_gen.settings import ScoreSettings, Settings
 from llama_gen.testing.tiny import TINY_LLAMA2, TINY_LLAMA3
@@ -107,14 +107,14 @@ def test_available_ram_is_memavailable_shared_by_the_local_processes(monkeypatch
         opened.append(path)
         return open(meminfo if path == "/proc/meminfo" else path, *args, **kwargs)
 
-    monkeypatch.setattr(build, "open", open_instead, raising=False)
-    assert build.available_ram() == 40960000 * 1024 and opened == ["/proc/meminfo"]
+    monkeypatch.setattr(sizing, "open", open_instead, raising=False)
+    assert sizing.available_ram() == 40960000 * 1024 and opened == ["/proc/meminfo"]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert build.memory_budget(torch.device("cpu"), 0.9) == 40960000 * 1024 // 4
+    assert sizing.memory_budget(torch.device("cpu"), 0.9) == 40960000 * 1024 // 4
     meminfo.unlink()  # no /proc
     pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
-    monkeypatch.setattr(build.os, "sysconf", pages.__getitem__)
-    assert build.available_ram() == 1000 * 4096
+    monkeypatch.setattr(sizing.os, "sysconf", pages.__getitem__)
+    assert sizing.available_ram() == 1000 * 4096
 
 
 def test_cpu_resolution_takes_the_context_then_8_full_length_slots(
@@ -124,19 +124,19 @@ def test_cpu_resolution_takes_the_context_then_8_full_length_slots(
     args = build.read_model_args(ckpt, tokenizer)
     s = job(tmp_path)
     with caplog.at_level("INFO", logger="llama_gen"):
-        length = build.resolve_max_seq_len(s, args, single_process, torch.float32)
+        length = sizing.resolve_max_seq_len(s, args, single_process, torch.float32)
         assert length == 4096 and "--max_seq_len 4096, Llama 2's context" in caplog.text
         s = dataclasses.replace(s, max_seq_len=length)
         model = build.load_model(ckpt, tokenizer, single_process, torch.float32)
-        assert build.size_cache(s, model, single_process) == Sizing(CPU_AUTO_BATCH)
+        assert sizing.size_cache(s, model, single_process) == Sizing(CPU_AUTO_BATCH)
     assert ("--max_batch_size auto: 8 sequences decoding at once, a KV cache of 32768 tokens"
             in caplog.text)
     given = dataclasses.replace(s, max_batch_size=3)
-    assert build.size_cache(given, model, single_process) == Sizing(3)
-    assert build.resolve_max_seq_len(dataclasses.replace(s, max_seq_len=77), args,
+    assert sizing.size_cache(given, model, single_process) == Sizing(3)
+    assert sizing.resolve_max_seq_len(dataclasses.replace(s, max_seq_len=77), args,
                                      single_process, torch.float32) == 77
     with pytest.raises(UserError, match="--max_seq_len 4097 is longer than the context Llama 2"):
-        build.resolve_max_seq_len(dataclasses.replace(s, max_seq_len=4097), args,
+        sizing.resolve_max_seq_len(dataclasses.replace(s, max_seq_len=4097), args,
                                   single_process, torch.float32)
 
 
@@ -146,40 +146,40 @@ def test_on_the_cpu_the_default_context_is_shortened_to_what_the_ram_holds(
     args = build.read_model_args(ckpt, load_tokenizer(ckpt / "tokenizer.model"))
     shape = Shape(args, 1, 4, 8192, overhead=0)
     free = 2**28  # a machine with 256 MiB free
-    monkeypatch.setattr(build, "available_ram", lambda: free)
-    length = build.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
+    monkeypatch.setattr(sizing, "available_ram", lambda: free)
+    length = sizing.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
     assert 256 <= length < 131072 and length % 256 == 0
     assert holds(dataclasses.replace(shape, max_seq_len=length), free, 8, 8)
     assert not holds(dataclasses.replace(shape, max_seq_len=length + 256), free, 8, 8)
-    monkeypatch.setattr(build, "available_ram", lambda: 2**20)  # 1 MiB: not even the weights
+    monkeypatch.setattr(sizing, "available_ram", lambda: 2**20)  # 1 MiB: not even the weights
     with pytest.raises(UserError, match="leaves no room for 8 sequences of it"):
-        build.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
+        sizing.resolve_max_seq_len(job(tmp_path), args, single_process, torch.float32)
 
 
 def test_on_a_gpu_auto_a_given_batch_and_scoring_size_the_cache_from_the_room(tmp_path):
     shape = shape_7b(4096)
     per_token, slot = shape.kv_bytes_per_token, slot_working_bytes(shape)
     room = 20 * 2**30
-    auto = build.gpu_sizing(job(tmp_path), shape, room)
+    auto = sizing.gpu_sizing(job(tmp_path), shape, room)
     assert auto == auto_sizing(shape, room) and auto.max_batch_size > 8
-    given = build.gpu_sizing(job(tmp_path, Settings, "--max_batch_size", "4"), shape, room)
+    given = sizing.gpu_sizing(job(tmp_path, Settings, "--max_batch_size", "4"), shape, room)
     assert given == Sizing(4, 4 * 4096)  # the room holds more: a full-length slot each
-    scoring = build.gpu_sizing(job(tmp_path, ScoreSettings), shape, room)
+    scoring = sizing.gpu_sizing(job(tmp_path, ScoreSettings), shape, room)
     assert scoring == Sizing(full_slots(shape, room)) and 1 < scoring.max_batch_size < 16
     assert full_slots(shape, room) == room // (4096 * per_token + slot)
-    assert build.gpu_sizing(job(tmp_path, ScoreSettings, "--max_batch_size", "3"), shape,
+    assert sizing.gpu_sizing(job(tmp_path, ScoreSettings, "--max_batch_size", "3"), shape,
                             room) == Sizing(3)
     # a batch larger than fits: generation pages the cache the room holds, scoring's
     # full-length slots are as many as fit (--max_batch_size caps them, as vLLM's max_num_seqs)
     left = (room - 200 * slot) // per_token // 128 * 128
-    assert left > 4096 and build.gpu_sizing(job(tmp_path, Settings, "--max_batch_size", "200"),
+    assert left > 4096 and sizing.gpu_sizing(job(tmp_path, Settings, "--max_batch_size", "200"),
                                             shape, room) == Sizing(200, left)
-    assert build.gpu_sizing(job(tmp_path, ScoreSettings, "--max_batch_size", "200"), shape,
+    assert sizing.gpu_sizing(job(tmp_path, ScoreSettings, "--max_batch_size", "200"), shape,
                             room) == scoring
     small = 4095 * per_token
     for words in ((), ("--max_batch_size", "4")):
-        assert build.gpu_sizing(job(tmp_path, Settings, *words), shape, small) is None
-        assert build.gpu_sizing(job(tmp_path, ScoreSettings, *words), shape, small) is None
+        assert sizing.gpu_sizing(job(tmp_path, Settings, *words), shape, small) is None
+        assert sizing.gpu_sizing(job(tmp_path, ScoreSettings, *words), shape, small) is None
 
 
 @pytest.mark.parametrize("scheduler, rows", [("continuous", 3), ("static", 2)])
@@ -201,5 +201,5 @@ def test_an_unknown_family_defaults_to_a_guess_it_says_is_one():
     params = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
               "vocab_size": 32000, "rope_theta": 250000.0}
     shape = Shape(ModelArgs.from_params(params), 1, 2, 1)
-    length, why = build.context_default(shape, 80 * 2**30, 1, 1)
+    length, why = sizing.context_default(shape, 80 * 2**30, 1, 1)
     assert length == 4096 and "a guess" in why and "pass --max_seq_len" in why

@@ -18,7 +18,8 @@ from ..engine.memory import (DTYPES, GPU_AUTO_CONTEXT_SEQUENCES, Shape, Sizing, 
                              run_sizing, slot_working_bytes, valid_mp_sizes, weight_bytes,
                              whole_blocks)
 from ..errors import UserError
-from ..job.build import check_seq_len, context_default, default_model_parallel_size, read_params
+from ..job.build import default_model_parallel_size, read_params
+from ..job.sizing import check_seq_len, context_default
 from ..model.args import ModelArgs
 from ..model.checkpoint import SHARD_NAME, find_shards
 from ..model.hf_checkpoint import WEIGHT_FILES, is_hf_folder, weight_paths

@@ -38,8 +38,8 @@ def run_job(settings: JobSettings) -> None:
     before the output is prepared (a resume retries the prompts too long for a shorter one),
     its --max_batch_size once the model is loaded."""
     from ..text.tokenizer import find_tokenizer, load_tokenizer
-    from .build import (load_model, model_parallel_size, read_model_args, resolve_dtype,
-                        resolve_max_seq_len, size_cache)
+    from .build import load_model, model_parallel_size, read_model_args, resolve_dtype
+    from .sizing import resolve_max_seq_len, size_cache
 
     distributed.stop_if_launcher_dies()
     settings.check_paths()
