@@ -9,7 +9,7 @@ FFN: the model dtype's product (`kernels.linear`), torch's int8 kernel
 (`torch._weight_int8pack_mm`), the dequantize-then-multiply pattern eagerly
 (`F.linear(x, w.to(dtype)) * s`, a full-precision copy of W per call) and compiled (what
 inductor makes of it), the dequantized row blocks (`dequantized_blocks_linear`), and
-`int8_linear`, which picks among them (`kernels.INT8_KERNEL_ROWS`). Microseconds
+`int8_linear`, which picks among them. Microseconds
 per product, medians of `repeats` timings.
 
 `--part decode` runs a stories15M-shaped model through the engine (bench.py's `decode_timing`:

@@ -170,7 +170,22 @@ def fixed_working_bytes(shape: Shape) -> dict[str, int]:
         # prompt logprobs: LOGPROB_ROWS rows of float32 logits and their log-softmax
         "prompt logprob rows": 2 * LOGPROB_ROWS * a.vocab_size * LOGIT_BYTES,
         "rotary table": shape.max_seq_len * a.head_dim // 2 * 2 * 4,
+        "int8 weight in full precision (graphs)": dequantized_weight_bytes(shape),
     }
+
+
+def dequantized_weight_bytes(shape: Shape) -> int:
+    """With int8 weights and CUDA graphs, the largest weight in the model's dtype, an allowance:
+    should inductor not fuse the compiled step's cast into its product, the graphs' pool holds
+    a full-precision copy of a weight, of the largest one at most (a GPU check is to tell). 0
+    otherwise (the eager product's blocks are small)."""
+    if not (shape.quantize and shape.decode_graphs):
+        return 0
+    a, mp = shape.args, shape.mp_size
+    fused_w1_w3, w2 = 2 * a.ffn_hidden_dim // mp * a.dim, a.dim * a.ffn_hidden_dim // mp
+    fused_qkv = (a.n_heads + 2 * a.kv_heads) * a.head_dim // mp * a.dim
+    head = a.vocab_size // mp * a.dim if shape.quantize_head else 0
+    return max(fused_w1_w3, w2, fused_qkv, head) * shape.dtype_bytes
 
 
 def per_slot_bytes(shape: Shape) -> dict[str, int]:
@@ -209,10 +224,10 @@ def context_table_bytes(shape: Shape, batch: int) -> int:
 def profiled_room(shape: Shape, budget: int, batch: int, measured: int) -> int:
     """The room `run_sizing` takes (see `cache_room`) where a run measured its working memory
     (`engine.profile`): `measured` bytes at `batch` rows replace the estimates, the graph pool
-    stays one. `run_sizing` takes the slots' estimated working memory off the room, so it is
+    and int8's full-precision weight (`dequantized_weight_bytes`) stay estimates. `run_sizing` takes the slots' estimated working memory off the room, so it is
     given back here."""
-    return budget - measured - batch * graph_pool_per_slot(shape) + \
-        batch * slot_working_bytes(shape)
+    return budget - measured - batch * graph_pool_per_slot(shape) - \
+        dequantized_weight_bytes(shape) + batch * slot_working_bytes(shape)
 
 
 def slot_working_bytes(shape: Shape) -> int:

@@ -125,8 +125,10 @@ def size_cache(settings: JobSettings, model: Transformer, dist: Dist) -> Sizing:
         sizing = Sizing(batch, tokens)
         log_sizing(settings, model, dist, sizing, None, block)
         return sizing
-    shape = replace(run_shape(model.args, dist, model.tok_embeddings.weight.dtype, settings.max_seq_len,
-                              block), decode_graphs=compiles_decode(settings, dist.device))
+    shape = replace(run_shape(model.args, dist, model.tok_embeddings.weight.dtype,
+                              settings.max_seq_len, block),
+                    decode_graphs=compiles_decode(settings, dist.device),
+                    quantize=settings.quantize, quantize_head=settings.quantize_head)
     distributed.open_communicators(dist.device)  # their memory is in use before it is measured
     budget = memory_budget(dist.device, settings.gpu_memory_utilization)
     room = budget - sum(fixed_working_bytes(shape).values())

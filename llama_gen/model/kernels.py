@@ -66,10 +66,10 @@ class PackedWeight:
 # 32 rows, scripts/bench_int8.py): in bf16 torch's int8 kernel, 2.3 and 35 ms, where bf16's own
 # product takes 4.6 and 145 ms; in float32 the kernel takes 23 and 754 ms and dequantized row
 # blocks 6.7 and 39 ms (float32's own product: 7.7 and 28 ms), so float32 takes the blocks.
-# CUDA's kernel (in recent torch only) computes in float32 on CUDA cores, one output at a time:
-# eagerly it takes up to INT8_KERNEL_ROWS rows (a decode step; not measured: a GPU check
-# should), dequantized blocks on the tensor cores beyond.
-INT8_KERNEL_ROWS = 4
+# CUDA's kernel (in recent torch only) computes one output per thread on CUDA cores, and some
+# releases return float32 whatever the input: eagerly a GPU takes dequantized blocks on its
+# tensor cores, and a compiled step the pattern inductor fuses (unmeasured: gpu_check.sh's int8
+# phase and tests/test_cuda.py's int8 cases are to tell).
 DEQUANTIZED_BLOCK_ELEMENTS = 2**22  # at most this much of a weight in full precision at once
 
 
@@ -84,8 +84,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     cpu = x.device.type == "cpu"
     if torch.compiler.is_compiling() and not cpu:
         return F.linear(x, weight.to(x.dtype)) * scales
-    if (x.dtype != torch.float32 if cpu else
-            rows.shape[0] <= INT8_KERNEL_ROWS and x.device.type in INT8_KERNEL_DEVICES):
+    if cpu and x.dtype != torch.float32 and "cpu" in INT8_KERNEL_DEVICES:
         return torch._weight_int8pack_mm(rows.contiguous(), weight, scales).view(shape)
     return dequantized_blocks_linear(rows, weight, scales).view(shape)
 
