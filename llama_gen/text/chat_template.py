@@ -33,6 +33,7 @@ NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                 "mask_token")
 # Tokens that end a turn in the chat formats templates write (Llama 3's, ChatML's, Phi's, ...):
 # where the template writes one, the model's turn ends there too.
+SHIELDS = 0x100000  # Unicode's supplementary private use area B: characters no text uses
 TURN_ENDS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "</s>")
 
 
@@ -50,6 +51,8 @@ class ChatTemplate:
     special_pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
     # eos_token's id, and the ids of the usual end-of-turn tokens that the template writes
     end_of_turn_ids: frozenset[int] = field(init=False, compare=False)
+    shields: dict[str, str] = field(init=False, repr=False, compare=False)
+    unshield: dict[int, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Longest first where they overlap, as transformers' added-token matching does.
@@ -58,11 +61,23 @@ class ChatTemplate:
         ends = {t for t in TURN_ENDS if t in self.text} | {self.named_tokens.get("eos_token")}
         object.__setattr__(self, "end_of_turn_ids",
                            frozenset(self.specials[t] for t in ends if t in self.specials))
+        # Special-token text typed in a message stays text, as in Meta's formats (transformers
+        # would make it the control token: a prompt could then end a turn or open a system
+        # one). It is rendered as a private-use character no template changes and no special
+        # token matches, and is put back before it is encoded.
+        shields = {text: chr(SHIELDS + i) for i, text in enumerate(ordered)}
+        object.__setattr__(self, "shields", shields)
+        object.__setattr__(self, "unshield", {ord(c): text for text, c in shields.items()})
+
+    def _shielded(self, content: str) -> str:
+        if not self.specials:
+            return content
+        return self.special_pattern.sub(lambda m: self.shields[m.group()], content)
 
     def render(self, messages: list[Any], add_generation_prompt: bool) -> str:
         """The template's text for `messages`; DialogError where the template rejects them
         (its raise_exception, or any error of its code on this dialog)."""
-        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        plain = [{"role": m["role"], "content": self._shielded(m["content"])} for m in messages]
         try:
             text: str = self.compiled.render(messages=plain, add_generation_prompt=
                                              add_generation_prompt, tools=None, documents=None,
@@ -78,10 +93,10 @@ class ChatTemplate:
         ids: list[int] = []
         start = 0
         for match in self.special_pattern.finditer(text) if self.specials else ():
-            ids += self._encoded(text[start:match.start()])
+            ids += self._encoded(text[start:match.start()].translate(self.unshield))
             ids.append(self.specials[match.group()])
             start = match.end()
-        return ids + self._encoded(text[start:])
+        return ids + self._encoded(text[start:].translate(self.unshield))
 
     def dialog_tokens(self, messages: list[Any]) -> list[int]:
         """The dialog, ending with the user's message, rendered with the generation prompt."""
