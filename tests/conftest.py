@@ -1,4 +1,5 @@
-"""Shared fixtures: one in-process model-parallel group of size 1, and tiny checkpoints on disk."""
+"""Shared fixtures: one in-process model-parallel group of size 1, tiny checkpoints on disk, and
+the tiny SentencePiece and tiktoken tokenizers."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,8 @@ import torch
 from llama_gen.job.driver import StopRequested
 from llama_gen.runtime import distributed
 from llama_gen.testing.tiny import make_tiny_model
+from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
+from llama_gen.text.tokenizer import Tokenizer, load_tokenizer
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
@@ -52,3 +55,23 @@ def stop():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@pytest.fixture(scope="session")
+def spm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sentencepiece_model(tmp_path_factory.mktemp("spm") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tik_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiktoken_model(tmp_path_factory.mktemp("tik") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def spm(spm_path: Path) -> Tokenizer:
+    return load_tokenizer(spm_path)
+
+
+@pytest.fixture(scope="session")
+def tik(tik_path: Path) -> Tokenizer:
+    return load_tokenizer(tik_path)

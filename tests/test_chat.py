@@ -1,15 +1,13 @@
 """Meta's chat formats, checked id by id against FACTS.md with the tiny real tokenizers."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from llama_gen.errors import UserError
-from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
 from llama_gen.text.chat import (DialogError, chat_format_for, dialog_tokens, end_of_turn_ids,
                                  message_problem, reply_tokens, with_system)
-from llama_gen.text.tokenizer import Tokenizer, load_tokenizer
+from llama_gen.text.tokenizer import Tokenizer
 
 BOS, EOS = 1, 2  # Llama 1/2's SentencePiece
 # Llama 3's special tokens, numbered from the rank count (128000 in Meta's file).
@@ -27,18 +25,6 @@ def assistant(text: str) -> dict[str, str]:
 
 def system(text: str) -> dict[str, str]:
     return {"role": "system", "content": text}
-
-
-@pytest.fixture(scope="module")
-def spm(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    path: Path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
-    return load_tokenizer(build_sentencepiece_model(path))
-
-
-@pytest.fixture(scope="module")
-def tik(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    path: Path = tmp_path_factory.mktemp("tik") / "tokenizer.model"
-    return load_tokenizer(build_tiktoken_model(path))
 
 
 def special(tik: Tokenizer, offset: int) -> int:

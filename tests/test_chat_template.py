@@ -12,7 +12,7 @@ from runs import job_args, read_output, run, write_prompts
 
 from llama_gen.errors import UserError
 from llama_gen.testing.tiny import make_tiny_model
-from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
+from llama_gen.testing.tiny_tokenizers import build_tiktoken_model
 from llama_gen.text.chat import DialogError, chat_format_for, dialog_tokens, end_of_turn_ids
 from llama_gen.text.chat_template import load_chat_template
 from llama_gen.text.tokenizer import LLAMA3_PAT_STR, LLAMA3_SPECIAL_TOKENS, Tokenizer, load_tokenizer
@@ -82,26 +82,6 @@ def folder(path: Path, template: str | None = None, jinja: str | None = None, **
     if jinja is not None:
         (path / "chat_template.jinja").write_text(jinja)
     return path
-
-
-@pytest.fixture(scope="module")
-def tik_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiktoken_model(tmp_path_factory.mktemp("tik") / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def spm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sentencepiece_model(tmp_path_factory.mktemp("spm") / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def tik(tik_path: Path) -> Tokenizer:
-    return load_tokenizer(tik_path)
-
-
-@pytest.fixture(scope="module")
-def spm(spm_path: Path) -> Tokenizer:
-    return load_tokenizer(spm_path)
 
 
 def chatml_config(tik: Tokenizer) -> dict:

@@ -13,7 +13,7 @@ from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
 
 from hf_tokenizers import read_json, write_json, write_tokenizer_json
 from llama_gen.errors import UserError
-from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
+from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model
 from llama_gen.text.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 from llama_gen.text.tokenizer_json import GPT2_PAT_STR, TokenizerJsonTokenizer
 
@@ -40,18 +40,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tik_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiktoken_model(tmp_path_factory.mktemp("tik") / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
 def json_path(tik_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tokenizer_json(tik_path, tmp_path_factory.mktemp("hf"))
-
-
-@pytest.fixture(scope="module")
-def tik(tik_path: Path) -> Tokenizer:
-    return load_tokenizer(tik_path)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from llama_gen.testing.tiny_tokenizers import build_sentencepiece_model, build_tiktoken_model
 from llama_gen.text.stopping import StopWatch, cut_at_stop
-from llama_gen.text.tokenizer import Tokenizer, load_tokenizer
+from llama_gen.text.tokenizer import Tokenizer
 
 TEXTS = (
     "Once upon a time, there was a llama who loved to read books.",
@@ -17,16 +16,6 @@ TEXTS = (
     "llamas 🦙 and emoji 👩‍👩‍👧 ✨ and  spaces\n\ttabs",
     "def add(a, b):\n    return a + b",
 )
-
-
-@pytest.fixture(scope="session")
-def spm(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return load_tokenizer(build_sentencepiece_model(tmp_path_factory.mktemp("spm") / "t.model"))
-
-
-@pytest.fixture(scope="session")
-def tik(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return load_tokenizer(build_tiktoken_model(tmp_path_factory.mktemp("tik") / "t.model"))
 
 
 @pytest.fixture(params=["spm", "tik"])

@@ -29,26 +29,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def spm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sentencepiece_model(tmp_path_factory.mktemp("spm") / "tokenizer.model")
-
-
-@pytest.fixture(scope="session")
-def tik_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiktoken_model(tmp_path_factory.mktemp("tik") / "tokenizer.model")
-
-
-@pytest.fixture(scope="session")
-def spm(spm_path: Path) -> Tokenizer:
-    return load_tokenizer(spm_path)
-
-
-@pytest.fixture(scope="session")
-def tik(tik_path: Path) -> Tokenizer:
-    return load_tokenizer(tik_path)
-
-
 @pytest.fixture(params=["spm", "tik"])
 def tok(request: pytest.FixtureRequest) -> Tokenizer:
     return request.getfixturevalue(request.param)
