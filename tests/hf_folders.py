@@ -15,7 +15,7 @@ from llama_gen.model.checkpoint import EMBEDDING_KEY
 from llama_gen.testing.tiny import random_weights, write_checkpoint
 from llama_gen.text.tokenizer import load_tokenizer
 from near_ties import NEAR_TIE
-from reference_models import PARITY_ATOL, meta_to_hf
+from reference_models import PARITY_ATOL, hf_names, meta_to_hf, rope_heads
 
 LLAMA2_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
@@ -92,24 +92,9 @@ def hf_to_meta(hf: dict[str, torch.Tensor], args: ModelArgs, tied: bool
         return (w.view(heads, 2, args.head_dim // 2, args.dim).transpose(1, 2)
                 .reshape(heads * args.head_dim, args.dim))
 
-    meta = {EMBEDDING_KEY: hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-            "output.weight": hf["model.embed_tokens.weight" if tied else "lm_head.weight"]}
-    for i in range(args.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        meta |= {
-            ours + "attention.wq.weight": to_pairs(hf[theirs + "self_attn.q_proj.weight"],
-                                                   args.n_heads),
-            ours + "attention.wk.weight": to_pairs(hf[theirs + "self_attn.k_proj.weight"],
-                                                   args.kv_heads),
-            ours + "attention.wv.weight": hf[theirs + "self_attn.v_proj.weight"],
-            ours + "attention.wo.weight": hf[theirs + "self_attn.o_proj.weight"],
-            ours + "feed_forward.w1.weight": hf[theirs + "mlp.gate_proj.weight"],
-            ours + "feed_forward.w3.weight": hf[theirs + "mlp.up_proj.weight"],
-            ours + "feed_forward.w2.weight": hf[theirs + "mlp.down_proj.weight"],
-            ours + "attention_norm.weight": hf[theirs + "input_layernorm.weight"],
-            ours + "ffn_norm.weight": hf[theirs + "post_attention_layernorm.weight"],
-        }
-    return meta
+    names = hf_names(args) | ({"output.weight": "model.embed_tokens.weight"} if tied else {})
+    return {ours: hf[theirs] if (heads := rope_heads(ours, args)) is None
+            else to_pairs(hf[theirs], heads) for ours, theirs in names.items()}
 
 
 def save_meta_folder(model: transformers.LlamaForCausalLM, folder: Path, params: dict,

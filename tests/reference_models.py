@@ -69,6 +69,37 @@ def hf_config(args: ModelArgs, rope_changes: dict | None = None, max_positions: 
                                     rope_scaling=None if rope["rope_type"] == "default" else rope)
 
 
+# Meta's key -> Hugging Face's, written here apart from the loader's table (an independent check)
+HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight",
+            "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+HF_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def hf_names(args: ModelArgs) -> dict[str, str]:
+    """Every Meta key of the model and its Hugging Face name."""
+    names = dict(HF_NAMES)
+    for i in range(args.n_layers):
+        names |= {f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}"
+                  for ours, theirs in HF_LAYER_NAMES.items()}
+    return names
+
+
+def rope_heads(key: str, args: ModelArgs) -> int | None:
+    """The heads whose q or k rows RoPE turns, for the key's weight (None: not q or k)."""
+    return {"attention.wq.weight": args.n_heads,
+            "attention.wk.weight": args.kv_heads}.get(key.split(".", 2)[-1])
+
+
 def meta_to_hf(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Rename Meta's keys to Hugging Face's, permuting q/k rows per head from interleaved pairs
     (x[2i], x[2i+1]) to halves (x[i], x[i + hd/2])."""
@@ -76,25 +107,8 @@ def meta_to_hf(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
         return (w.view(heads, args.head_dim // 2, 2, args.dim).transpose(1, 2)
                 .reshape(heads * args.head_dim, args.dim))
 
-    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"],
-          "model.norm.weight": state["norm.weight"],
-          "lm_head.weight": state["output.weight"]}
-    for i in range(args.n_layers):
-        meta, ours = f"layers.{i}.", f"model.layers.{i}."
-        hf |= {
-            ours + "self_attn.q_proj.weight": to_halves(state[meta + "attention.wq.weight"],
-                                                        args.n_heads),
-            ours + "self_attn.k_proj.weight": to_halves(state[meta + "attention.wk.weight"],
-                                                        args.kv_heads),
-            ours + "self_attn.v_proj.weight": state[meta + "attention.wv.weight"],
-            ours + "self_attn.o_proj.weight": state[meta + "attention.wo.weight"],
-            ours + "mlp.gate_proj.weight": state[meta + "feed_forward.w1.weight"],
-            ours + "mlp.up_proj.weight": state[meta + "feed_forward.w3.weight"],
-            ours + "mlp.down_proj.weight": state[meta + "feed_forward.w2.weight"],
-            ours + "input_layernorm.weight": state[meta + "attention_norm.weight"],
-            ours + "post_attention_layernorm.weight": state[meta + "ffn_norm.weight"],
-        }
-    return hf
+    return {theirs: state[ours] if (heads := rope_heads(ours, args)) is None
+            else to_halves(state[ours], heads) for ours, theirs in hf_names(args).items()}
 
 
 def hf_model(args: ModelArgs, seed: int = 0, rope_changes: dict | None = None):
