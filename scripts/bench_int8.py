@@ -76,14 +76,16 @@ def products(dtypes: list[str], rows: list[int], repeats: int) -> None:
                       + " ".join(f"{t:14.0f}" for t in times), flush=True)
 
 
-def decode(dtypes: list[str], batches: list[int], pairs: int, preset: str) -> None:
+def decode(dtypes: list[str], batches: list[int], pairs: int, preset: str,
+           temperature: float, top_p: float) -> None:
     args = ModelArgs.from_params(PRESETS[preset])
     cpu = torch.device("cpu")
     for dtype_name in dtypes:
         models = {kind: build_model(args, cpu, DTYPES[dtype_name], quantize=kind)
                   for kind in (None, "int8")}
         for batch in batches:
-            requests = mixed_requests(args, batch, (32, 64), (64, 64), 0.0, 1.0, seed=0)
+            requests = mixed_requests(args, batch, (32, 64), (64, 64), temperature, top_p,
+                                      seed=0)
             rates: dict[str | None, list[float]] = {None: [], "int8": []}
             for i in range(pairs):
                 for kind in ((None, "int8") if i % 2 == 0 else ("int8", None)):
@@ -98,16 +100,18 @@ def decode(dtypes: list[str], batches: list[int], pairs: int, preset: str) -> No
 
 def main(part: str = "products,decode", dtypes: str = "fp32,bf16", rows: str = "1,32",
          batches: str = "1,32", pairs: int = 3, repeats: int = 20,
-         preset: str = "stories15m") -> None:
+         preset: str = "stories15m", temperature: float = 0.8, top_p: float = 0.95) -> None:
     """`part`: products, decode or both; `dtypes`, `rows` and `batches` comma-separated;
-    `pairs` ABBA pairs of decode runs (at least 3 for a median)."""
+    `pairs` ABBA pairs of decode runs (at least 3 for a median), sampled as dataset jobs sample
+    (`--temperature 0` for greedy)."""
     listed = (lambda v: v.split(",") if isinstance(v, str) else [str(i) for i in v])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if "products" in part:
         products(listed(dtypes), [int(r) for r in listed(rows)], repeats)
     if "decode" in part:
         distributed.init_distributed(1, device="cpu")
-        decode(listed(dtypes), [int(b) for b in listed(batches)], pairs, preset)
+        decode(listed(dtypes), [int(b) for b in listed(batches)], pairs, preset, temperature,
+               top_p)
         distributed.shutdown()
 
 
